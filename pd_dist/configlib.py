@@ -1,0 +1,164 @@
+"""Typed-config machinery: YAML/dict -> nested dataclasses, validated, with `a.b=c` overrides.
+
+Each component owns its config dataclass (fields documented with ``metadata={"doc": ...}``) and an
+optional ``validate(self, prefix)`` method. This module turns plain dicts into those dataclasses,
+rejecting unknown keys and wrong types by their full dotted name, before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment config. The message is one line naming the key and what is allowed."""
+
+
+def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{key}' = {value!r}: {allowed}")
+
+
+def doc(text: str, **kw) -> dict:
+    """Field metadata helper: ``x: int = field(default=1, metadata=doc("..."))``."""
+    return {"doc": text, **kw}
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        fail(key, value, f"must not be null (expected {getattr(inner, '__name__', inner)})")
+    tp = inner
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            fail(key, value, f"must be a mapping of {tp.__name__} fields")
+        return build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (elem,) = typing.get_args(tp)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            fail(key, value, "must be a list")
+        out = [_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail(key, value, "must be a mapping")
+        return dict(value)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            fail(key, value, "must be one of " + ", ".join(repr(a) for a in allowed))
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(key, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(key, value, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(key, value, "must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail(key, value, "must be a string")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if k not in names:
+            full = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(
+                f"unknown config key '{full}'; allowed here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            full = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name])
+    obj = cls(**kwargs)
+    validate_tree(obj, prefix)
+    return obj
+
+
+def validate_tree(obj, prefix: str = "") -> None:
+    """Run ``validate(prefix)`` on obj; nested configs were validated when they were built."""
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings as needed."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad override key '{dotted}'")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', yaml value of c): numbers, booleans, null and lists parse as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e.__class__.__name__})")
+    return key.strip(), value
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def field_docs(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every leaf field, for documentation and `pd-dist config-keys`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        _, inner = _is_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            rows.extend(field_docs(inner, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        tname = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append((key, tname, default, f.metadata.get("doc", "")))
+    return rows
