@@ -159,6 +159,8 @@ def field_docs(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
-        tname = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        optional, _ = _is_optional(hints[f.name])
+        tname = getattr(inner, "__name__", None) if typing.get_origin(inner) is None else None
+        tname = (tname or str(inner).replace("typing.", "")) + (" or null" if optional else "")
         rows.append((key, tname, default, f.metadata.get("doc", "")))
     return rows

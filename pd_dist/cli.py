@@ -1,0 +1,96 @@
+"""`pd-dist` command line: train, prepare-data, config inspection. Thin: parse, build, run, close."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .configlib import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="experiment YAML (default launch/configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.top_k=20 (repeatable)")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/pretrain_pd.py (started by deepspeed, torchrun, srun or mpirun)."""
+    p = argparse.ArgumentParser(prog="pretrain_pd", description="pre-training distillation of a student LM")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from .config import load_config
+    from .topology import LaunchEnv
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = LaunchEnv.from_environ()
+        cfg.check_world(env.world_size)  # before any process group starts
+    except (ConfigError, ValueError) as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    from .topology import init_topology
+    from .trainer import run_experiment
+
+    topo = init_topology(env=env)
+    try:
+        run_experiment(cfg, topo, resume=args.resume)
+    finally:
+        topo.close()
+    return 0
+
+
+def prepare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist prepare-data",
+                                description="tokenize and pack the configured corpus (train a BPE if needed)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="output directory (default data.dir or <output_dir>/data)")
+    args = p.parse_args(argv)
+    from .config import load_config
+    from .data import prepare_data
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    out = args.out or cfg.data.dir or str(Path(cfg.output_dir) / "data")
+    prepare_data(cfg.data, out)
+    return 0
+
+
+def config_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist config", description="print the resolved config, or all keys")
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    args = p.parse_args(argv)
+    from .config import config_keys_markdown, dump_config, load_config
+
+    if args.keys:
+        print(config_keys_markdown())
+        return 0
+    try:
+        print(dump_config(load_config(args.config, args.overrides)), end="")
+    except ConfigError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: pd-dist {train,prepare-data,config} [options]\n"
+              "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
+              "  prepare-data  tokenize and pack the corpus\n"
+              "  config        print the resolved config (--keys: every key, documented)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

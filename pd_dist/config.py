@@ -1,0 +1,259 @@
+"""The experiment config: one YAML file -> nested typed dataclasses, validated before any process starts.
+
+Each section is owned by the component that uses it (data.DataConfig, models.ModelConfig,
+schedules.AlphaConfig, ...); this module composes them, adds the run-level sections, checks what
+spans sections, and derives the DeepSpeed JSON (one source of truth for batch sizes).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .configlib import ConfigError, build, doc, fail, field_docs, parse_override, set_path, to_dict
+from .data import DataConfig
+from .models import ModelConfig
+from .schedules import LR_DECAY_SHAPES, LR_SCHEDULES, AlphaConfig, LRConfig
+
+MODES = ("none", "colocated", "online", "offline")
+KD_LOSSES = ("nll", "kld", "mse", "reverse_kld", "jsd", "tvd")  # mirrors losses.KD_LOSSES (tested)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "launch" / "configs" / "default.yaml"
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher. With no `path`, a teacher of `preset` is first pre-trained on the run's data
+    (LM only, same trainer) and cached under <output_dir>/teacher."""
+    preset: Optional[str] = field(default="small-teacher", metadata=doc(
+        "architecture of the teacher pre-trained when `path` is null"))
+    pretrain_steps: int = field(default=300, metadata=doc(
+        "optimizer steps of the teacher's own LM pre-training (only when `path` is null)"))
+    pretrain_lr: float = field(default=1e-3, metadata=doc("peak LR of the teacher's pre-training"))
+    micro_batch_size: int = field(default=0, metadata=doc(
+        "samples per teacher forward (0 = the student's micro-batch size)"))
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.pretrain_steps < 1:
+            fail(f"{prefix}.pretrain_steps", self.pretrain_steps, "must be >= 1")
+        if not self.pretrain_lr > 0:
+            fail(f"{prefix}.pretrain_lr", self.pretrain_lr, "must be > 0")
+        if self.micro_batch_size < 0:
+            fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
+
+
+@dataclass
+class DistillConfig:
+    """How the teacher signal is produced, processed and mixed into the loss (the paper's design space)."""
+    mode: str = field(default="colocated", metadata=doc(
+        "none (LM only) | colocated (teacher in the student's process) | online (teacher ranks) | "
+        "offline (stored logits)"))
+    top_p: float = field(default=0.95, metadata=doc("top-p truncation of teacher logits, in (0, 1]"))
+    top_k: int = field(default=50, metadata=doc("top-k truncation after top-p, >= 1"))
+    temperature: float = field(default=1.0, metadata=doc(
+        "tau in p_t = softmax(kept_logits / tau), > 0"))
+    loss: str = field(default="nll", metadata=doc("KD loss: " + " | ".join(KD_LOSSES)))
+    alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
+        "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
+
+    def validate(self, prefix: str) -> None:
+        if self.mode not in MODES:
+            fail(f"{prefix}.mode", self.mode, "must be one of " + ", ".join(MODES))
+        if not 0.0 < self.top_p <= 1.0:
+            fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k < 1:
+            fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
+        if not self.temperature > 0:
+            fail(f"{prefix}.temperature", self.temperature, "must be > 0")
+        if self.loss not in KD_LOSSES:
+            fail(f"{prefix}.loss", self.loss, "must be one of " + ", ".join(KD_LOSSES))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the per-step learning-rate schedule."""
+    lr: float = field(default=1e-3, metadata=doc("peak learning rate"))
+    lr_schedule: str = field(default="wsd", metadata=doc("constant | cosine | wsd"))
+    min_lr_ratio: float = field(default=0.1, metadata=doc("final LR as a fraction of `lr`"))
+    warmup_steps: int = field(default=20, metadata=doc("linear LR warmup steps"))
+    decay_frac: float = field(default=0.2, metadata=doc("wsd: fraction of steps in the final decay"))
+    decay_shape: str = field(default="linear", metadata=doc("wsd decay: linear | cosine | sqrt"))
+    weight_decay: float = field(default=0.1, metadata=doc("AdamW weight decay (not on norms)"))
+    beta1: float = field(default=0.9, metadata=doc("AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=doc("AdamW beta2"))
+    eps: float = field(default=1e-8, metadata=doc("AdamW epsilon"))
+
+    def lr_config(self) -> LRConfig:
+        return LRConfig(schedule=self.lr_schedule, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
+                        warmup_steps=self.warmup_steps, decay_frac=self.decay_frac,
+                        decay_shape=self.decay_shape)
+
+    def validate(self, prefix: str) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            fail(f"{prefix}.lr_schedule", self.lr_schedule, "must be one of " + ", ".join(LR_SCHEDULES))
+        if self.decay_shape not in LR_DECAY_SHAPES:
+            fail(f"{prefix}.decay_shape", self.decay_shape, "must be one of " + ", ".join(LR_DECAY_SHAPES))
+        self.lr_config().validate(prefix)
+        if self.weight_decay < 0:
+            fail(f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{prefix}.{name}", getattr(self, name), "must be in [0, 1)")
+        if not self.eps > 0:
+            fail(f"{prefix}.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch sizes, precision, ZeRO and the logging / evaluation / checkpoint cadence."""
+    steps: int = field(default=300, metadata=doc("optimizer steps"))
+    global_batch_size: int = field(default=16, metadata=doc(
+        "samples per optimizer step over all data-parallel ranks"))
+    micro_batch_size: int = field(default=8, metadata=doc(
+        "samples per forward on one rank; accumulation = global / (micro * data-parallel size)"))
+    grad_clip: float = field(default=1.0, metadata=doc("global gradient-norm clip (0 = off)"))
+    seed: int = field(default=1234, metadata=doc("seed for initialisation and data order"))
+    precision: str = field(default="auto", metadata=doc("auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"))
+    zero_stage: int = field(default=1, metadata=doc("ZeRO stage 0-3"))
+    deepspeed_config: Optional[str] = field(default=None, metadata=doc(
+        "base DeepSpeed JSON (default ds_configs/zero<stage>.json); batch fields are derived here"))
+    loss_chunk_size: int = field(default=1024, metadata=doc(
+        "tokens per chunk of the fused LM-head + loss pass (bounds the [chunk, vocab] logits)"))
+    log_every: int = field(default=10, metadata=doc("console/TensorBoard line every N steps"))
+    eval_every: int = field(default=100, metadata=doc("evaluate every N steps (0 = only at the end)"))
+    save_every: int = field(default=100, metadata=doc("checkpoint every N steps (0 = only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=doc("newest checkpoints kept (0 = keep all)"))
+    threads: int = field(default=0, metadata=doc(
+        "torch CPU threads per rank (0 = the host's cores divided by the ranks on it)"))
+    exit_after_steps: int = field(default=0, metadata=doc(
+        "save a checkpoint and stop after this many steps of this launch (0 = run to the end); "
+        "for time-limited allocations: relaunch with --resume"))
+
+    def validate(self, prefix: str) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "loss_chunk_size", "log_every"):
+            if getattr(self, name) < 1:
+                fail(f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        for name in ("eval_every", "save_every", "keep_checkpoints", "threads", "exit_after_steps"):
+            if getattr(self, name) < 0:
+                fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+        if self.global_batch_size % self.micro_batch_size:
+            fail(f"{prefix}.global_batch_size", self.global_batch_size,
+                 f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
+        if self.grad_clip < 0:
+            fail(f"{prefix}.grad_clip", self.grad_clip, "must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            fail(f"{prefix}.precision", self.precision, "must be auto, fp32 or bf16")
+        if self.zero_stage not in (0, 1, 2, 3):
+            fail(f"{prefix}.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            fail(f"{prefix}.deepspeed_config", self.deepspeed_config, "file not found")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole pre-training-distillation run."""
+    output_dir: str = field(default="runs/default", metadata=doc(
+        "where checkpoints, TensorBoard logs, the export and the resolved config go"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the student"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=doc("the teacher"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.distill.mode in ("online", "offline"):
+            fail("distill.mode", self.distill.mode,
+                 "this build trains in modes none and colocated; online and offline are not available")
+
+    def check_world(self, dp_size: int) -> None:
+        """Batch sizes must divide over the data-parallel ranks (known from the launcher's env)."""
+        t = self.train
+        per_step = t.micro_batch_size * dp_size
+        if t.global_batch_size % per_step:
+            fail("train.global_batch_size", t.global_batch_size,
+                 f"must be a multiple of micro_batch_size x data-parallel size = "
+                 f"{t.micro_batch_size} x {dp_size} = {per_step}")
+
+    def grad_accum(self, dp_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """YAML file (default launch/configs/default.yaml) plus `a.b=c` overrides -> validated config."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for ov in overrides:
+        key, value = parse_override(ov)
+        set_path(data, key, value)
+    return build(ExperimentConfig, data)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    return build(ExperimentConfig, copy.deepcopy(data))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_keys_markdown() -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tname, default, text in field_docs(ExperimentConfig):
+        rows.append(f"| `{key}` | {tname} | `{default!r}` | {text} |")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------- DeepSpeed config
+DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+           "gradient_clipping")
+
+
+def deepspeed_config(cfg: ExperimentConfig, dp_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: the base file with batch sizes, clipping, ZeRO stage and
+    precision filled in from the experiment config. A base that sets them differently is an error
+    (values "auto" or absent are filled)."""
+    t = cfg.train
+    base_path = Path(t.deepspeed_config) if t.deepspeed_config else \
+        REPO_ROOT / "ds_configs" / f"zero{t.zero_stage}.json"
+    if base_path.is_file():
+        ds = json.loads(base_path.read_text())
+    elif t.deepspeed_config is None:
+        ds = {"zero_optimization": {"stage": t.zero_stage}}  # installed without the repo's ds_configs/
+    else:
+        raise ConfigError(f"config key 'train.deepspeed_config' = {str(base_path)!r}: file not found")
+    want = {"train_batch_size": t.global_batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum(dp_size),
+            "gradient_clipping": t.grad_clip}
+    for k, v in want.items():
+        have = ds.get(k, "auto")
+        if have != "auto" and have != v:
+            raise ConfigError(f"{base_path}: '{k}' = {have!r} but the experiment config gives {v!r}; "
+                              f"set it to \"auto\" (derived) or change the experiment config")
+        ds[k] = v
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", t.zero_stage)
+    if stage != t.zero_stage:
+        raise ConfigError(f"{base_path}: zero_optimization.stage = {stage} but train.zero_stage = "
+                          f"{t.zero_stage}")
+    zero["stage"] = t.zero_stage
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{base_path}: remove 'optimizer'/'scheduler'; pd-dist builds AdamW from "
+                          "the `optim` section and sets the LR per step")
+    ds["bf16"] = {"enabled": bool(bf16)}
+    ds.setdefault("steps_per_print", 10 ** 9)  # pd-dist prints its own progress lines
+    ds.setdefault("wall_clock_breakdown", False)
+    # Save/load on every rank without a world-wide tag all_reduce: tags are derived from the step.
+    ds.setdefault("checkpoint", {}).setdefault("tag_validation", "Ignore")
+    return ds

@@ -1,0 +1,133 @@
+"""Student and teacher models: Hugging Face causal LMs built from presets or loaded from local paths.
+
+Presets reproduce the paper's student shapes (Llama-style, grouped-query attention) plus tiny shapes for
+tests and CPU runs. The vocabulary always comes from the run's tokenizer, never from the preset, so
+teacher and student share it by construction; a model loaded from a path is checked against it.
+Nothing is ever fetched from a hub: paths are loaded with ``local_files_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .configlib import doc, fail
+
+# name: (hidden, ffn, layers, heads, kv_heads, tie_embeddings). Paper Table: 330M .. 6.8B students.
+PRESETS: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "pd-330m": (1024, 4096, 12, 16, 2, True),
+    "pd-670m": (1024, 4096, 24, 16, 2, False),
+    "pd-1.9b": (2048, 6912, 24, 16, 2, False),
+    "pd-3.8b": (3072, 8192, 28, 24, 8, False),
+    "pd-6.8b": (4096, 12800, 28, 32, 8, False),
+    # CPU-sized shapes: the embedded default run and the tests.
+    "small-teacher": (256, 768, 4, 8, 2, False),
+    "small-student": (128, 384, 2, 4, 2, False),
+    "tiny-teacher": (64, 128, 2, 4, 2, False),
+    "tiny-student": (32, 64, 2, 4, 2, False),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train (the student) or to distil from (the teacher)."""
+    preset: Optional[str] = field(default="small-student", metadata=doc(
+        "architecture preset (" + ", ".join(PRESETS) + "); ignored when `path` is set"))
+    path: Optional[str] = field(default=None, metadata=doc(
+        "local directory of a Hugging Face causal LM (save_pretrained format); overrides `preset`"))
+    max_position_embeddings: int = field(default=4096, metadata=doc(
+        "RoPE position limit for preset models (the paper trains at 4096)"))
+    rope_theta: float = field(default=10000.0, metadata=doc("RoPE base for preset models"))
+
+    def validate(self, prefix: str) -> None:
+        if self.path is None:
+            if self.preset not in PRESETS:
+                fail(f"{prefix}.preset", self.preset,
+                     "must be one of " + ", ".join(PRESETS) + " (or set `path`)")
+        if self.max_position_embeddings < 1:
+            fail(f"{prefix}.max_position_embeddings", self.max_position_embeddings, "must be >= 1")
+
+    def describe(self) -> str:
+        return f"path {self.path}" if self.path else f"preset {self.preset}"
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
+    """Build (preset, seeded init) or load (path) a causal LM whose vocabulary is ``vocab_size``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if cfg.path:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model path {path} has no config.json (expected a save_pretrained dir)")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"model at {path} has vocab_size {model.config.vocab_size} but the run's tokenizer has "
+                f"{vocab_size}: teacher, student and data must share one tokenizer")
+        return model
+    hidden, ffn, layers, heads, kv, tied = PRESETS[cfg.preset]
+    conf = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, initializer_range=0.02, use_cache=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    conf._attn_implementation = "sdpa"
+    # Seeded so every data-parallel rank (and a 1-rank reference) starts from the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    return model
+
+
+def count_params(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += getattr(p, "ds_numel", p.numel())
+    return n
+
+
+def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
+    """Hash of the tokenizer's vocabulary and merges: equal hashes mean identical token ids."""
+    p = Path(tokenizer_dir) / "tokenizer.json"
+    data = json.loads(p.read_text())
+    model = data.get("model", {})
+    blob = json.dumps({"vocab": model.get("vocab"), "merges": model.get("merges"),
+                       "added": data.get("added_tokens")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(model_path: str | os.PathLike, run_tokenizer_dir: str | os.PathLike,
+                         what: str) -> None:
+    """If a model directory ships a tokenizer, it must be the run's tokenizer."""
+    mp = Path(model_path)
+    if (mp / "tokenizer.json").is_file():
+        a, b = tokenizer_hash(mp), tokenizer_hash(run_tokenizer_dir)
+        if a != b:
+            raise ValueError(
+                f"{what} at {mp} was trained with a different tokenizer (hash {a}) than the run's "
+                f"({b} at {run_tokenizer_dir}): teacher and student must share vocabulary and tokenizer")
+
+
+def final_norm_and_head(model):
+    """(decoder body returning final hidden states, LM head Linear) of an HF causal LM."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError("pd-dist needs a causal LM with a bias-free linear LM head")
+    return body, head
+
+
+def preset_param_count(preset: str, vocab_size: int) -> int:
+    """Parameters of a preset at a vocabulary, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset=preset), vocab_size, seed=0)
+    return count_params(model)

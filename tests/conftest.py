@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny prepared dataset, a tiny saved teacher, and a runner for the real launcher."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "launch" / "configs" / "smoke.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    from pd_dist.config import load_config
+
+    return load_config(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory, smoke_cfg):
+    """The smoke config's corpus, tokenized and packed once per session."""
+    from pd_dist.data import PackedDataset, prepare_data
+
+    out = tmp_path_factory.mktemp("smoke_data")
+    prepare_data(smoke_cfg.data, out, log=lambda *_: None)
+    return PackedDataset(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, smoke_data):
+    """A tiny teacher saved with save_pretrained (+ the run's tokenizer), loaded back by path in tests."""
+    from pd_dist.data import load_tokenizer
+    from pd_dist.models import ModelConfig, build_model
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    model = build_model(ModelConfig(preset="tiny-teacher"), smoke_data.vocab_size, seed=7)
+    # Sharper than a fresh init so top-p truncation keeps few entries and top-1 is meaningful.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    model.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(smoke_data.tokenizer_dir).save_pretrained(str(out))
+    return out
+
+
+def deepspeed_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "deepspeed"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def launch(nprocs: int, overrides: list[str], cwd: Path, config: Path = SMOKE, extra_args=(),
+           timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N launch/pretrain_pd.py --config ... --set ...` as a user would run it."""
+    cmd = deepspeed_cmd() + ["--num_gpus", str(nprocs), "--master_port", str(free_port()),
+                             str(REPO / "launch" / "pretrain_pd.py"), "--config", str(config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    cmd += list(extra_args)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def read_summary(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def read_student(out_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / "student" / "model.safetensors"))

@@ -1,0 +1,122 @@
+"""Multi-rank training through the real `deepspeed` launcher on gloo, against single-rank references.
+
+ZeRO 1, 2 and 3 on 2 ranks must end with the parameters of a 1-rank run on the same global batches
+(DeepSpeed has had CPU/gloo bugs exactly there), in both LM-only and colocated-PD modes; a run stopped
+and resumed must continue with the same losses and end with the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import launch, read_student, read_summary
+
+pytestmark = pytest.mark.multiproc
+
+STEPS = 4
+COMMON = [f"train.steps={STEPS}", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+          "train.global_batch_size=8", "optim.warmup_steps=1",
+          "distill.alpha.schedule=constant", "distill.alpha.value=0.5"]
+
+
+def _common(out, data, teacher, mode):
+    return COMMON + [f"output_dir={out}", f"data.dir={data.path}", f"teacher.path={teacher}",
+                     f"distill.mode={mode}"]
+
+
+def _zero3_config(tmp_path):
+    # Persistence threshold 0: every tiny parameter really is partitioned and gathered.
+    p = tmp_path / "zero3_test.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3, "contiguous_gradients": True,
+                                                   "overlap_comm": False,
+                                                   "stage3_param_persistence_threshold": 0}}))
+    return p
+
+
+def _assert_same_params(a: dict, b: dict, init: dict, rel=1e-3):
+    """Per tensor, ||a - b|| must be tiny against how far training moved it, ||b - init||.
+
+    Adam turns fp32 summation-order noise in the near-zero gradients of rare embedding rows into
+    update noise (measured: 1e-4 of the movement); a skipped gradient all-reduce or a bad ZeRO-3
+    gather changes the update itself, i.e. O(1) of the movement, and NaN fails outright."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.isfinite(a[k]).all(), k
+        moved = (b[k] - init[k]).norm().item()
+        assert moved > 0, f"{k} did not train"
+        diff = (a[k] - b[k]).norm().item()
+        assert diff <= rel * moved, f"{k}: |diff| {diff:.3g} vs movement {moved:.3g}"
+
+
+@pytest.fixture(scope="module", params=["none", "colocated"])
+def reference(request, tmp_path_factory, smoke_data, tiny_teacher_dir):
+    """1 rank, ZeRO 0, micro 4 x accum 2, one big loss chunk: the reference run."""
+    mode = request.param
+    out = tmp_path_factory.mktemp(f"ref_{mode}")
+    launch(1, _common(out, smoke_data, tiny_teacher_dir, mode) +
+           ["train.zero_stage=0", "train.micro_batch_size=4", "train.loss_chunk_size=100000"], cwd=out)
+    return mode, read_summary(out), read_student(out)
+
+
+@pytest.mark.parametrize("zero,micro", [(1, 2), (2, 4), (3, 2)])
+def test_zero_two_ranks_match_single_rank(reference, zero, micro, tmp_path, smoke_data, tiny_teacher_dir):
+    mode, ref_summary, ref_params = reference
+    out = tmp_path / "run"
+    over = _common(out, smoke_data, tiny_teacher_dir, mode) + [
+        f"train.zero_stage={zero}", f"train.micro_batch_size={micro}", "train.loss_chunk_size=100"]
+    if zero == 3:
+        over.append(f"train.deepspeed_config={_zero3_config(tmp_path)}")
+    launch(2, over, cwd=tmp_path)
+    summary, params = read_summary(out), read_student(out)
+    assert len(summary["losses"]) == STEPS
+    assert summary["losses"] == pytest.approx(ref_summary["losses"], rel=1e-5, abs=1e-6)
+    assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], rel=1e-5)
+    _assert_same_params(params, ref_params, read_initial(smoke_data))
+    if mode == "colocated":
+        assert summary["teacher_top1_agreement"] is not None
+
+
+def read_initial(smoke_data):
+    """The student's initial weights (seeded preset init), to check that training moved them."""
+    from conftest import SMOKE
+    from pd_dist.config import load_config
+    from pd_dist.models import build_model
+
+    c = load_config(SMOKE)
+    model = build_model(c.model, smoke_data.vocab_size, seed=c.train.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_matches_uninterrupted(tmp_path, smoke_data, tiny_teacher_dir):
+    steps = 6
+    base = _common(tmp_path / "x", smoke_data, tiny_teacher_dir, "colocated")
+    base = [o for o in base if not o.startswith(("output_dir=", "train.steps="))] + [
+        f"train.steps={steps}", "train.zero_stage=2", "train.micro_batch_size=2", "train.save_every=2",
+        "distill.alpha.schedule=wsd", "distill.alpha.warmup_frac=0.3"]
+    full = tmp_path / "full"
+    launch(2, base + [f"output_dir={full}"], cwd=tmp_path)
+    part = tmp_path / "part"
+    launch(2, base + [f"output_dir={part}", "train.exit_after_steps=3"], cwd=tmp_path)
+    stopped = read_summary(part)
+    assert stopped["finished"] is False and len(stopped["losses"]) == 3
+    assert not (part / "student").exists()
+    # Without --resume the run refuses to overwrite the checkpoints it finds.
+    proc = launch(2, base + [f"output_dir={part}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "pass --resume" in proc.stdout + proc.stderr
+    launch(2, base + [f"output_dir={part}"], cwd=tmp_path, extra_args=["--resume"])
+    a, b = read_summary(full), read_summary(part)
+    assert b["finished"] is True
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+    _assert_same_params(read_student(part), read_student(full), read_initial(smoke_data), rel=1e-6)
+
+
+def test_bad_config_fails_before_any_process_group(tmp_path):
+    proc = launch(2, [f"output_dir={tmp_path / 'o'}", "distill.top_p=1.5"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "distill.top_p" in out and "(0, 1]" in out
+    assert "init_distributed" not in out and not (tmp_path / "o").exists()
