@@ -1,0 +1,216 @@
+"""Teacher-logit processing: top-p-k truncation into fixed-width sparse logits, and target probabilities.
+
+The paper (Peng et al. 2024, "Pre-training Distillation for LLMs") stores teacher outputs as
+F(z) = softmax(Truncate(z) / tau), where Truncate applies top-p first (on the full-vocabulary
+softmax at temperature 1) and then top-k. Storing only the truncated logits makes offline
+distillation feasible (k entries per token instead of the full vocabulary); the temperature is
+applied later, at training time, by :func:`target_probs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_NEG_INF = float("-inf")
+# Rows of the logsumexp are processed in blocks of about this many elements through one reusable
+# fp32 buffer: a full-size temporary would cost a fresh allocation (page faults) per call, which on
+# CPU takes longer than the exp itself. Blocks of >= 2 rows keep the per-row reduction order equal
+# to torch.logsumexp's, so truncate and truncate_reference agree bit-for-bit (tested).
+_LSE_BLOCK_ELEMS = 1 << 21
+
+
+@dataclass
+class SparseLogits:
+    """Top-p-k truncated teacher logits, fixed width k. Entries sorted by value descending.
+
+    Dropped entries (beyond the top-p prefix) have value -inf and index 0 (so gathers stay in range).
+    ``values`` are the raw (un-tempered) teacher logits, bit-identical to the input logits (as fp32).
+    """
+
+    indices: torch.Tensor  # int64 [..., k]
+    values: torch.Tensor  # float [..., k]; -inf where dropped
+
+    def __post_init__(self):
+        if self.indices.shape != self.values.shape:
+            raise ValueError(
+                f"SparseLogits: indices shape {tuple(self.indices.shape)} != values shape "
+                f"{tuple(self.values.shape)}")
+        if self.indices.dim() < 1:
+            raise ValueError("SparseLogits: tensors need at least one dimension (k)")
+        if self.indices.dtype != torch.int64:
+            raise ValueError(f"SparseLogits: indices must be int64, got {self.indices.dtype}")
+        if not self.values.is_floating_point():
+            raise ValueError(f"SparseLogits: values must be floating point, got {self.values.dtype}")
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Leading (token) shape, without k."""
+        return self.values.shape[:-1]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """True where the entry was kept by the truncation."""
+        return self.values > _NEG_INF
+
+    def counts(self) -> torch.Tensor:
+        """Number of kept entries per token (int64, leading shape)."""
+        return self.mask.sum(-1)
+
+    def to(self, device=None, dtype=None) -> "SparseLogits":
+        """Move to ``device``; ``dtype`` converts the values only (indices stay int64)."""
+        return SparseLogits(self.indices.to(device=device),
+                            self.values.to(device=device, dtype=dtype))
+
+    def reshape(self, *lead_shape) -> "SparseLogits":
+        """Reshape the leading dims; k stays the last dim. Accepts ``reshape(a, b)`` or ``reshape((a, b))``."""
+        if len(lead_shape) == 1 and isinstance(lead_shape[0], (tuple, list, torch.Size)):
+            lead_shape = tuple(lead_shape[0])
+        shape = (*lead_shape, self.k)
+        return SparseLogits(self.indices.reshape(shape), self.values.reshape(shape))
+
+    def __getitem__(self, idx) -> "SparseLogits":
+        """Index the leading dims (the same index is applied to indices and values)."""
+        out = SparseLogits(self.indices[idx], self.values[idx])
+        if out.k != self.k:
+            raise IndexError("SparseLogits indexing must not touch the last (k) dimension")
+        return out
+
+    @staticmethod
+    def cat(parts: list["SparseLogits"]) -> "SparseLogits":
+        """Concatenate along dim 0. All parts must have the same k."""
+        if not parts:
+            raise ValueError("SparseLogits.cat needs at least one part")
+        return SparseLogits(torch.cat([p.indices for p in parts], 0),
+                            torch.cat([p.values for p in parts], 0))
+
+
+def _check_truncate_args(logits: torch.Tensor, top_p: float, top_k: int) -> None:
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 logsumexp over the last dim of a 2-D tensor (any float dtype), without a full-size temporary."""
+    m = x.amax(-1).float()
+    # All -inf rows: shift by 0 so exp gives 0 and the result is -inf (like torch.logsumexp), not NaN.
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if x.device.type != "cpu":
+        # One fused kernel on accelerators; the blocking below only pays off on CPU.
+        return torch.logsumexp(x.float(), -1)
+    rows, vocab = x.shape
+    block = max(2, _LSE_BLOCK_ELEMS // vocab)
+    buf = torch.empty((min(block, rows), vocab), dtype=torch.float32)
+    s = torch.empty(rows, dtype=torch.float32)
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        b = buf[: r1 - r0]
+        torch.sub(x[r0:r1], m[r0:r1, None], out=b)
+        b.exp_()
+        torch.sum(b, -1, out=s[r0:r1])
+    return m + s.log()
+
+
+def _top_p_keep(sorted_vals: torch.Tensor, lse: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep mask over descending-sorted logits: entry j is kept iff the probability mass strictly before
+    it is < top_p (so the token that crosses the threshold is kept, as in HF's TopPLogitsWarper; the
+    first token always is). Probabilities and the cumsum are in float64 so the decision only depends on
+    fp32 rounding of the logits/normalizer, not on accumulation error over the prefix."""
+    finite = sorted_vals > _NEG_INF
+    if top_p >= 1.0:
+        # Special case: a float cumsum may never reach exactly 1.0.
+        return finite
+    probs = torch.exp(sorted_vals.double() - lse.double().unsqueeze(-1))
+    mass_before = F.pad(probs.cumsum(-1)[..., :-1], (1, 0))
+    return (mass_before < top_p) & finite
+
+
+def _pack(vals: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals = torch.where(keep, vals, torch.full_like(vals, _NEG_INF))
+    idx = torch.where(keep, idx, torch.zeros_like(idx))
+    return vals, idx
+
+
+def truncate(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
+    """Top-p (on softmax at temperature 1) then top-k truncation of ``logits[..., V]``.
+
+    Returns width ``min(top_k, V)`` (a width beyond V cannot be filled). Kept values are the input
+    logits upcast to fp32 without arithmetic (bit-identical for fp32/bf16/fp16 input; float64 input is
+    rounded to fp32); dropped slots are (-inf, index 0).
+    Only the log-normalizer and the k largest entries are needed (top-k is a prefix of the sorted
+    order, so the top-p decision for those entries needs nothing else): no full-vocabulary sort.
+    Among exactly tied logits at the cut, which index is kept is unspecified (values are not).
+    -inf input entries are never kept; an all -inf row yields 0 kept entries.
+    """
+    _check_truncate_args(logits, top_p, top_k)
+    vocab = logits.shape[-1]
+    k = min(int(top_k), vocab)
+    lead = logits.shape[:-1]
+    x = logits.reshape(-1, vocab)
+    # topk on the input dtype: bf16 -> fp32 is exact, so the kept values are the same either way, and
+    # this avoids a full fp32 copy of the vocabulary.
+    vals, idx = torch.topk(x, k, dim=-1, largest=True, sorted=True)
+    vals = vals.float()
+    lse = _logsumexp_rows(x) if top_p < 1.0 else None
+    keep = _top_p_keep(vals, lse, float(top_p))
+    vals, idx = _pack(vals, idx, keep)
+    return SparseLogits(idx.reshape(*lead, k), vals.reshape(*lead, k))
+
+
+def truncate_reference(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
+    """Straightforward truncation via a full-vocabulary sort (slow; for tests and benchmarks).
+
+    Sorts all V logits, computes the full sorted softmax and its cumulative sum, applies top-p, then
+    keeps the first k of the top-p prefix. Ties are ordered by lower index first (stable sort).
+    """
+    _check_truncate_args(logits, top_p, top_k)
+    vocab = logits.shape[-1]
+    k = min(int(top_k), vocab)
+    x = logits.float()
+    sorted_vals, sorted_idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    finite = sorted_vals > _NEG_INF
+    if top_p >= 1.0:
+        keep = finite
+    else:
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        probs = torch.exp(sorted_vals.double() - lse.double())
+        cum = probs.cumsum(-1)
+        mass_before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+        keep = (mass_before < top_p) & finite
+    vals, idx = _pack(sorted_vals[..., :k], sorted_idx[..., :k], keep[..., :k])
+    return SparseLogits(idx.contiguous(), vals.contiguous())
+
+
+def teacher_log_probs(values: torch.Tensor, mask: torch.Tensor, temperature: float,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """log softmax(kept / tau) over the kept entries; 0 (not -inf) at dropped entries so that products
+    with zero probabilities stay finite. Rows with no kept entry give all zeros (no NaN)."""
+    _check_temperature(temperature)
+    v = values.to(dtype or torch.float32) / float(temperature)
+    # Fill dropped slots with -inf, except in rows with nothing kept (log_softmax of all -inf is NaN).
+    fill = torch.where(mask.any(-1, keepdim=True), _NEG_INF, 0.0).to(v.dtype)
+    logp = torch.log_softmax(torch.where(mask, v, fill), dim=-1)
+    return torch.where(mask, logp, torch.zeros_like(logp))
+
+
+def target_probs(sparse: SparseLogits, temperature: float) -> torch.Tensor:
+    """Teacher targets p_t = softmax(kept / tau) over the kept entries only (float32, 0 at dropped)."""
+    mask = sparse.mask
+    logp = teacher_log_probs(sparse.values, mask, temperature, torch.float32)
+    return torch.where(mask, logp.exp(), torch.zeros_like(logp))
