@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,18 +28,35 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = LaunchEnv.from_environ()
-        cfg.check_world(env.world_size)  # before any process group starts
+        online = cfg.distill.mode == "online"
+        if online and env.world_size < 2:
+            raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks (teacher + "
+                              "student); launch with e.g. deepspeed --num_gpus 2, or use colocated")
+        # Before any process group starts: with a uniform launcher layout the node of every rank is known.
+        local = int(os.environ.get("LOCAL_SIZE", "0") or 0)
+        nodes = [f"node{r // local}" for r in range(env.world_size)] if local else None
+        if not online or nodes or cfg.topology.teacher_ranks:
+            cfg.check_world(cfg.student_ranks(env.world_size, nodes))
     except (ConfigError, ValueError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
+    from .bridge import PeerError
     from .topology import init_topology
     from .trainer import run_experiment
 
-    topo = init_topology(env=env)
+    try:
+        topo = init_topology(env=env, online=cfg.topology if online else None)
+    except ConfigError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
     try:
         run_experiment(cfg, topo, resume=args.resume)
-    finally:
-        topo.close()
+    except PeerError as e:
+        # One line naming the peer, then out at once: tearing down groups with a dead peer can hang.
+        print(f"pd-dist: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    topo.close()
     return 0
 
 
@@ -65,9 +83,13 @@ def config_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pd-dist config", description="print the resolved config, or all keys")
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--doc", action="store_true", help="print docs/config.md")
     args = p.parse_args(argv)
-    from .config import config_keys_markdown, dump_config, load_config
+    from .config import config_doc, config_keys_markdown, dump_config, load_config
 
+    if args.doc:
+        print(config_doc(), end="")
+        return 0
     if args.keys:
         print(config_keys_markdown())
         return 0

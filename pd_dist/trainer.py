@@ -33,6 +33,8 @@ from .models import ModelConfig, build_model, check_same_tokenizer, count_params
 from .monitor import Monitor, StepTimer, fmt_duration
 from .schedules import alpha_at, check_schedule_state, lr_at, schedule_state
 from .topology import Topology
+from .bridge import DTYPES, WireSpec
+from .online import STARTUP_TIMEOUT_S, PrefetchingTeacher, TeacherClient, TeacherServer
 
 
 class PDStudent(nn.Module):
@@ -167,18 +169,23 @@ class Trainer:
     """Builds the engine and runs the loop for one ExperimentConfig on one Topology."""
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset,
-                 teacher: Optional[nn.Module] = None, run_name: str = "student", resume: bool = False):
+                 teacher: Optional[nn.Module] = None, run_name: str = "student", resume: bool = False,
+                 client: Optional[TeacherClient] = None):
         import deepspeed
 
         self.cfg, self.topo, self.data, self.teacher = cfg, topo, data, teacher
+        self.client = client
         self.out = Path(cfg.output_dir)
         self.device = _device()
         self.bf16 = _use_bf16(cfg)
         self.mode = cfg.distill.mode
         if self.mode == "colocated" and teacher is None:
             raise ValueError("distill.mode colocated needs a teacher model")
-        if self.mode == "none":
+        if self.mode == "online" and client is None:
+            raise ValueError("distill.mode online needs a teacher client")
+        if self.mode != "colocated":
             self.teacher = None
+        self.has_teacher = self.mode != "none"
         self.monitor = Monitor(topo.is_logger, self.out / "tensorboard", prefix=f"[{run_name}] ")
         self.ckpt = CheckpointDir(self.out / "checkpoints", cfg.train.keep_checkpoints)
         dp = topo.dp_size
@@ -202,9 +209,15 @@ class Trainer:
             self.teacher.to(self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
             self.teacher.eval().requires_grad_(False)
         self.start_step = 0
+        self.stop_at = cfg.train.steps
         self.losses: list[float] = []
+        self.remote: Optional[PrefetchingTeacher] = None
         if resume:
             self._load()
+        if cfg.train.exit_after_steps:
+            self.stop_at = min(cfg.train.steps, self.start_step + cfg.train.exit_after_steps)
+        if self.client is not None:
+            self.remote = PrefetchingTeacher(self.client, self._plan(), self._tokens_of, cfg.distill.prefetch)
         elif self.ckpt.latest() is not None:
             raise RuntimeError(f"{self.ckpt.root} already holds checkpoints: pass --resume to continue "
                                "that run, or choose another output_dir")
@@ -252,23 +265,38 @@ class Trainer:
         batch = torch.from_numpy(self.data.batch(ids)).to(self.device)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
-    def _teacher_for(self, input_ids):
-        if self.teacher is None:
+    def _plan(self):
+        """Every training micro-batch this rank will run, in order: what the online client prefetches."""
+        for step in range(self.start_step, self.stop_at):
+            yield from self.sampler.micro_batches(step, self.topo.dp_rank, self.topo.dp_size,
+                                                  self.cfg.train.micro_batch_size)
+
+    def _tokens_of(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.data.batch(ids))[:, :-1]
+
+    def _teacher_for(self, input_ids, ids: np.ndarray, training: bool):
+        if not self.has_teacher:
             return None, None
-        t = teacher_sparse_logits(self.teacher, input_ids, self.cfg.distill.top_p, self.cfg.distill.top_k,
-                                  self.cfg.train.loss_chunk_size)
-        return t.indices, t.values
+        if self.teacher is not None:
+            t = teacher_sparse_logits(self.teacher, input_ids, self.cfg.distill.top_p, self.cfg.distill.top_k,
+                                      self.cfg.train.loss_chunk_size)
+        elif training:
+            t = self.remote.next(ids)
+        else:
+            t = self.remote.now(ids, input_ids.cpu())
+        return t.indices.to(self.device), t.values.to(self.device)
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
         total = cfg.train.steps
-        alpha = alpha_at(step, total, cfg.distill.alpha) if self.teacher is not None else 0.0
+        alpha = alpha_at(step, total, cfg.distill.alpha) if self.has_teacher else 0.0
         lr = lr_at(step, total, cfg.optim.lr_config())
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         micro_ids = self.sampler.micro_batches(step, self.topo.dp_rank, self.topo.dp_size,
                                                cfg.train.micro_batch_size)
         micro = [self._micro_inputs(ids) for ids in micro_ids]
+        wait0 = self.client.wait_time if self.client is not None else 0.0
         n_local = torch.tensor(float(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)))
         (normalizer,) = _sum_stats(self.topo, n_local)
         # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
@@ -276,9 +304,9 @@ class Trainer:
         scale = float(self.topo.dp_size)
         sums = torch.zeros(4, dtype=torch.float64)
         t_teacher = 0.0
-        for inp, tgt in micro:
+        for ids, (inp, tgt) in zip(micro_ids, micro):
             t0 = time.perf_counter()
-            t_idx, t_val = self._teacher_for(inp)
+            t_idx, t_val = self._teacher_for(inp, ids, training=True)
             t_teacher += time.perf_counter() - t0
             loss, lm_sum, kd_sum, n_tok, top1 = self.engine(inp, tgt, t_idx, t_val, alpha, normalizer)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
@@ -287,12 +315,16 @@ class Trainer:
         lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, sums)
         lm, kd = lm_sum / n_tok, kd_sum / n_tok
         grad_norm = self.engine.get_global_grad_norm()
-        return {"train/loss": (1 - alpha) * lm + alpha * kd if self.teacher is not None else lm,
-                "train/lm_loss": lm, "train/kd_loss": kd if self.teacher is not None else None,
-                "train/alpha": alpha, "train/lr": lr,
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "train/teacher_top1_agreement": top1 / n_tok if self.teacher is not None else None,
-                "tokens": n_tok, "teacher_time": t_teacher}
+        has = self.has_teacher
+        out = {"train/loss": (1 - alpha) * lm + alpha * kd if has else lm,
+               "train/lm_loss": lm, "train/kd_loss": kd if has else None,
+               "train/alpha": alpha, "train/lr": lr,
+               "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "train/teacher_top1_agreement": top1 / n_tok if has else None,
+               "tokens": n_tok, "teacher_time": t_teacher}
+        if self.client is not None:
+            out["teacher_wait"] = self.client.wait_time - wait0
+        return out
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -305,14 +337,14 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         for s in range(0, len(val), mb):
             inp, tgt = self._micro_inputs(val[s:s + mb])
-            t_idx, t_val = self._teacher_for(inp)
+            t_idx, t_val = self._teacher_for(inp, val[s:s + mb], training=False)
             _, lm_sum, kd_sum, n_tok, top1 = self.engine(inp, tgt, t_idx, t_val, 0.0, 1.0)
             sums += torch.stack([lm_sum.double(), kd_sum.double(), n_tok.double(), top1.double()]).cpu()
         self.engine.train()
         lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, sums)
         val_loss = lm_sum / max(n_tok, 1.0)
         out = {"eval/val_loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))}
-        if self.teacher is not None:
+        if self.has_teacher:
             out["eval/val_kd_loss"] = kd_sum / max(n_tok, 1.0)
             out["eval/teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
         return out
@@ -349,9 +381,7 @@ class Trainer:
                 f"{'bf16' if self.bf16 else 'fp32'} | {t.steps} steps")
         timer = StepTimer()
         last = {}
-        stop_at = t.steps
-        if t.exit_after_steps:
-            stop_at = min(t.steps, self.start_step + t.exit_after_steps)
+        stop_at = self.stop_at
         for step in range(self.start_step, stop_at):
             stats = self.train_step(step)
             dt = timer.lap()
@@ -363,10 +393,15 @@ class Trainer:
             scalars["perf/tokens_per_sec"] = stats["tokens"] / dt
             if self.teacher is not None:
                 scalars["perf/teacher_time_frac"] = stats["teacher_time"] / dt
+            if self.client is not None:
+                scalars["perf/teacher_wait_frac"] = stats["teacher_wait"] / dt
+                scalars["comm/bytes_per_token"] = self.client.spec.bytes_per_token()
             m.scalars(done, scalars)
             if done % t.log_every == 0 or done == t.steps or step == self.start_step:
                 kd = f" lm {stats['train/lm_loss']:.4f} kd {stats['train/kd_loss']:.4f} alpha " \
-                     f"{stats['train/alpha']:.3f}" if self.teacher is not None else ""
+                     f"{stats['train/alpha']:.3f}" if self.has_teacher else ""
+                if self.client is not None:
+                    kd += f" | teacher wait {scalars['perf/teacher_wait_frac']:.0%}"
                 gn = stats["train/grad_norm"]
                 m.print(f"step {done}/{t.steps} | loss {stats['train/loss']:.4f}{kd} | lr "
                         f"{stats['train/lr']:.2e} | gnorm {gn if gn is None else f'{gn:.3f}'} | "
@@ -420,15 +455,31 @@ class _nullcontext:
 
 # ---------------------------------------------------------------------------------- orchestration
 def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log=print) -> PackedDataset:
-    """Rank 0 prepares (or reuses) the packed data; the others wait and then read it."""
+    """One rank prepares (or reuses) the packed data; the others wait and then read it.
+
+    In online mode the first teacher rank prepares and publishes the outcome in the job's store, so the
+    two roles never write the same files."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
-    ok = torch.tensor([1.0])
+    preparer = topo.dp_rank == 0 and (not topo.online or topo.role == "teacher")
     err = None
-    if topo.is_logger:
+    if preparer:
         try:
             prepare_data(cfg.data, data_dir, log=log)
         except Exception as e:  # reported on every rank below, raised here
-            ok[0], err = 0.0, e
+            err = e
+    if topo.online:
+        store = topo._store
+        if preparer:
+            store.set("pd/data", "ok" if err is None else f"error: {err}")
+        else:
+            store.wait(["pd/data"], __import__("datetime").timedelta(seconds=STARTUP_TIMEOUT_S))
+        status = store.get("pd/data").decode()
+        if err is not None:
+            raise err
+        if status != "ok":
+            raise RuntimeError(f"data preparation failed on the first teacher rank: {status[7:]}")
+        return PackedDataset(data_dir)
+    ok = torch.tensor([0.0 if err else 1.0])
     topo.barrier()
     topo.all_reduce_sum(ok)
     if err is not None:
@@ -436,6 +487,41 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log=print) -> Packed
     if ok.item() < topo.dp_size:
         raise RuntimeError("data preparation failed on rank 0 (see its error)")
     return PackedDataset(data_dir)
+
+
+def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
+    d = cfg.distill
+    dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
+                    seq_len=data.seq_len, top_k=d.top_k, top_p=d.top_p, value_dtype=dtype,
+                    micro_batch=cfg.train.micro_batch_size)
+
+
+def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log=print) -> None:
+    """A teacher rank: obtain the teacher (pre-training it on the teacher world if needed), then serve."""
+    model = obtain_teacher(cfg, topo, data, log=log)
+    device = _device()
+    bf16 = _use_bf16(cfg)
+    model.to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+    d, chunk = cfg.distill, cfg.train.loss_chunk_size
+
+    def logits_fn(m, tokens):
+        return teacher_sparse_logits(m, tokens.to(device), d.top_p, d.top_k, chunk)
+
+    spec = wire_spec(cfg, data)
+    max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
+    me = f"[teacher {topo.rank}] "
+    server = TeacherServer(topo, spec, model, logits_fn, max_batch, log=lambda s: print(me + s, flush=True))
+    print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
+          f"{spec.value_dtype} values)", flush=True)
+    stats = server.serve()
+    el = time.perf_counter() - stats.started
+    tb = Monitor(topo.dp_rank == 0, Path(cfg.output_dir) / "tensorboard" / "teacher")
+    tb.scalars(stats.requests, {"teacher/tokens_per_sec": stats.tokens / max(el, 1e-9),
+                                "teacher/forward_busy_frac": stats.forward_s / max(el, 1e-9)})
+    tb.close()
+    print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
+          f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
 
 
 def teacher_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfig:
@@ -490,7 +576,8 @@ def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset,
     return build_model(ModelConfig(path=str(export)), data.vocab_size, seed=cfg.train.seed)
 
 
-def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False, log=print) -> TrainResult:
+def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
+                   log=print) -> Optional[TrainResult]:
     """Everything the entry point does between parsing and tearing down."""
     t = cfg.train
     if t.threads:
@@ -498,12 +585,18 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False, 
     elif not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-    say = log if topo.is_logger else (lambda *_: None)
+    say = log if topo.dp_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
+    if topo.role == "teacher":
+        serve_teacher(cfg, topo, data, log=say)
+        return None
     teacher = obtain_teacher(cfg, topo, data, log=say) if cfg.distill.mode == "colocated" else None
-    trainer = Trainer(cfg, topo, data, teacher=teacher, resume=resume)
+    client = TeacherClient(topo, wire_spec(cfg, data)) if cfg.distill.mode == "online" else None
+    trainer = Trainer(cfg, topo, data, teacher=teacher, resume=resume, client=client)
     try:
         result = trainer.fit(export_dir=Path(cfg.output_dir) / "student")
+        if client is not None:
+            client.close()
     finally:
         trainer.close()
     if topo.is_logger and not result.finished:

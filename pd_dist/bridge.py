@@ -1,0 +1,158 @@
+"""Teacher <-> student wire protocol over the bridge process group (point-to-point, gloo or NCCL).
+
+Messages are fixed-size tensors, so receivers post their buffers ahead of time:
+
+- hello (both ways, once): int64 [MAGIC, VERSION, vocab, tokenizer hash, seq_len, top_k, top_p*1e6,
+  value dtype, micro-batch, index bytes]; each side checks the other's and fails naming both ranks.
+- request (student -> teacher): int64 [op, seq, n, sample_ids[mb], tokens[mb * seq_len]].
+- response (teacher -> student): one uint8 buffer: int64 header [seq, n, sample_ids[mb]], then the
+  top-p-k indices packed to `index_bytes` bytes each (3 when the vocabulary fits in 24 bits), then the
+  kept raw logits in the wire dtype (bf16 on GPU, fp32 on CPU by default). Dropped entries travel as
+  -inf values, so the student rebuilds the same SparseLogits the colocated path computes.
+
+Every wait has the peer timeout; a peer that closes its connection fails at once. Errors name the peer.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .logits import SparseLogits
+
+MAGIC = 0x5044_4453  # "PDDS"
+VERSION = 1
+OP_WORK, OP_STOP = 1, 2
+TAG_HELLO, TAG_REQ, TAG_RESP = 11, 12, 13
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
+HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
+                "value_dtype", "micro_batch", "index_bytes")
+
+
+class PeerError(RuntimeError):
+    """A peer is gone, silent past the timeout, or speaks another protocol. The message names it."""
+
+
+def tokenizer_hash_int(hex_hash: str) -> int:
+    return int(hashlib.sha256(hex_hash.encode()).hexdigest()[:15], 16)
+
+
+@dataclass(frozen=True)
+class WireSpec:
+    """What both sides must agree on; determines every buffer size."""
+    vocab_size: int
+    tokenizer_hash: str
+    seq_len: int
+    top_k: int
+    top_p: float
+    value_dtype: str      # fp32 | bf16 | fp16
+    micro_batch: int
+
+    @property
+    def index_bytes(self) -> int:
+        return 2 if self.vocab_size <= 1 << 16 else (3 if self.vocab_size <= 1 << 24 else 4)
+
+    @property
+    def width(self) -> int:
+        return min(self.top_k, self.vocab_size)
+
+    def hello(self) -> torch.Tensor:
+        return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
+                             self.seq_len, self.top_k, round(self.top_p * 1e6), DTYPE_CODES[self.value_dtype],
+                             self.micro_batch, self.index_bytes], dtype=torch.int64)
+
+    def request_numel(self) -> int:
+        return 3 + self.micro_batch + self.micro_batch * self.seq_len
+
+    def response_layout(self) -> tuple[int, int, int]:
+        """(header bytes, index bytes, value bytes) of one response."""
+        n = self.micro_batch * self.seq_len * self.width
+        vbytes = torch.finfo(DTYPES[self.value_dtype]).bits // 8
+        return 8 * (2 + self.micro_batch), n * self.index_bytes, n * vbytes
+
+    def response_nbytes(self) -> int:
+        return sum(self.response_layout())
+
+    def bytes_per_token(self) -> float:
+        """Wire bytes per token for a full response (header amortised)."""
+        return self.response_nbytes() / (self.micro_batch * self.seq_len)
+
+
+def check_hello(mine: torch.Tensor, theirs: torch.Tensor, me: str, peer: str) -> None:
+    diffs = [f"{name} {int(a)} here vs {int(b)} there" for name, a, b in
+             zip(HELLO_FIELDS, mine.tolist(), theirs.tolist()) if a != b]
+    if diffs:
+        raise PeerError(f"handshake between {me} and {peer} failed: " + "; ".join(diffs))
+
+
+def pack_indices(idx: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """int64 indices -> little-endian `nbytes`-byte integers, flat uint8."""
+    b = idx.to(torch.int32).contiguous().view(torch.uint8).reshape(-1, 4)
+    return b[:, :nbytes].reshape(-1) if nbytes < 4 else b.reshape(-1)
+
+
+def unpack_indices(raw: torch.Tensor, nbytes: int, shape) -> torch.Tensor:
+    b = raw.reshape(-1, nbytes)
+    if nbytes < 4:
+        b = torch.cat([b, torch.zeros(b.shape[0], 4 - nbytes, dtype=torch.uint8)], dim=1)
+    return b.contiguous().view(torch.int32).reshape(shape).to(torch.int64)
+
+
+def encode_response(spec: WireSpec, seq: int, sample_ids: np.ndarray, sparse: SparseLogits,
+                    out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (uint8, response_nbytes) with one response; `sparse` is [n, seq_len, width], n <= mb."""
+    h, ib, vb = spec.response_layout()
+    n = len(sample_ids)
+    head = torch.zeros(2 + spec.micro_batch, dtype=torch.int64)
+    head[0], head[1] = seq, n
+    head[2:2 + n] = torch.as_tensor(sample_ids, dtype=torch.int64)
+    out[:h] = head.view(torch.uint8)
+    per = spec.seq_len * spec.width
+    out[h:h + n * per * spec.index_bytes] = pack_indices(sparse.indices.reshape(n, -1), spec.index_bytes)
+    vals = sparse.values.reshape(n, -1).to(DTYPES[spec.value_dtype]).contiguous().view(torch.uint8).reshape(-1)
+    out[h + ib:h + ib + vals.numel()] = vals
+    return out
+
+
+def decode_response(spec: WireSpec, buf: torch.Tensor) -> tuple[int, np.ndarray, SparseLogits]:
+    h, ib, vb = spec.response_layout()
+    head = buf[:h].view(torch.int64)
+    seq, n = int(head[0]), int(head[1])
+    ids = head[2:2 + n].numpy().copy()
+    shape = (n, spec.seq_len, spec.width)
+    per = spec.seq_len * spec.width
+    idx = unpack_indices(buf[h:h + n * per * spec.index_bytes], spec.index_bytes, shape)
+    dt = DTYPES[spec.value_dtype]
+    vbytes = torch.finfo(dt).bits // 8
+    # A copy, never a view: the buffer is reused for the next answer.
+    vals = buf[h + ib:h + ib + n * per * vbytes].view(dt).reshape(shape).to(torch.float32, copy=True)
+    return seq, ids, SparseLogits(idx, vals)
+
+
+def wait(work, timeout_s: float, what: str) -> None:
+    """Wait for a P2P op with the peer timeout; translate gloo's errors into one clear line."""
+    try:
+        ok = work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        text = str(e)
+        reason = "closed the connection (exited or crashed)" if "closed" in text.lower() or \
+            "reset" in text.lower() else ("was silent for " + f"{timeout_s:g}s" if "timed out" in text.lower()
+                                          or "timeout" in text.lower() else text.splitlines()[0][:200])
+        raise PeerError(f"{what}: peer {reason}") from None
+    if ok is False:
+        raise PeerError(f"{what}: peer was silent for {timeout_s:g}s")
+
+
+def exchange_hello(bridge, spec: WireSpec, peer: int, me_desc: str, peer_desc: str, timeout_s: float) -> None:
+    mine = spec.hello()
+    theirs = torch.zeros_like(mine)
+    r = bridge.recv([theirs], peer, TAG_HELLO)
+    s = bridge.send([mine], peer, TAG_HELLO)
+    wait(s, timeout_s, f"handshake with {peer_desc}")
+    wait(r, timeout_s, f"handshake with {peer_desc}")
+    check_hello(mine, theirs, me_desc, peer_desc)

@@ -1,0 +1,251 @@
+"""Online distillation: a frozen teacher serving sparse logits to the student ranks it is paired with.
+
+The teacher is a stateless server: it receives token ids + sample ids of micro-batches, runs forward,
+truncates top-p-k, and answers with indices + kept logits + the same sample ids. Requests that are
+waiting from several students are batched into one forward. Students own the data order: their
+client sends requests `distill.prefetch` micro-batches ahead, so the teacher computes step n+1 while
+the student trains on step n, and checks the sample ids of every answer.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .bridge import (OP_STOP, OP_WORK, TAG_REQ, TAG_RESP, PeerError, WireSpec, decode_response,
+                     encode_response, exchange_hello, wait)
+from .logits import SparseLogits
+from .topology import Topology
+
+# The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
+# own pre-training); a peer that dies meanwhile still fails it at once.
+STARTUP_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class _Pending:
+    seq: int
+    ids: np.ndarray
+    recv_work: object
+    send_work: object
+    resp_buf: torch.Tensor
+    req_buf: torch.Tensor
+
+
+class TeacherClient:
+    """Student side: submit requests ahead, collect answers into preallocated buffers, check ids."""
+
+    def __init__(self, topo: Topology, spec: WireSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S):
+        self.topo, self.spec = topo, spec
+        self.peer = topo.my_teacher()
+        self.peer_desc = f"teacher {topo.describe(self.peer)}"
+        self.me_desc = f"student {topo.describe(topo.rank)}"
+        self.timeout = topo.peer_timeout_s
+        exchange_hello(topo.bridge, spec, self.peer, self.me_desc, self.peer_desc,
+                       max(startup_timeout_s, self.timeout))
+        self.pending: dict[int, _Pending] = {}
+        self._free_resp: list[torch.Tensor] = []
+        self._free_req: list[torch.Tensor] = []
+        self.seq = 0
+        self.wait_time = 0.0
+        self.bytes_received = 0
+        self.tokens_received = 0
+        self.closed = False
+
+    def submit(self, sample_ids: np.ndarray, tokens: torch.Tensor) -> int:
+        """Ask for the logits of one micro-batch (tokens [n, seq_len], n <= micro-batch); returns a ticket."""
+        spec = self.spec
+        n = len(sample_ids)
+        if not 0 < n <= spec.micro_batch or tokens.shape != (n, spec.seq_len):
+            raise ValueError(f"request of {n} samples of shape {tuple(tokens.shape)} does not fit the wire spec")
+        req = self._free_req.pop() if self._free_req else torch.empty(spec.request_numel(), dtype=torch.int64)
+        req.zero_()
+        req[0], req[1], req[2] = OP_WORK, self.seq, n
+        req[3:3 + n] = torch.as_tensor(sample_ids, dtype=torch.int64)
+        off = 3 + spec.micro_batch
+        req[off:off + n * spec.seq_len] = tokens.reshape(-1).to("cpu", torch.int64)
+        resp = self._free_resp.pop() if self._free_resp else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+        bridge = self.topo.bridge
+        recv_work = bridge.recv([resp], self.peer, TAG_RESP)  # posted first: the answer lands in it
+        send_work = bridge.send([req], self.peer, TAG_REQ)
+        self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), recv_work, send_work, resp, req)
+        self.seq += 1
+        return self.seq - 1
+
+    def result(self, ticket: int) -> SparseLogits:
+        """The answer to `ticket`, [n, seq_len, k]; blocks up to the peer timeout."""
+        p = self.pending.pop(ticket)
+        t0 = time.perf_counter()
+        wait(p.recv_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
+        wait(p.send_work, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
+        self.wait_time += time.perf_counter() - t0
+        seq, ids, sparse = decode_response(self.spec, p.resp_buf)
+        if seq != p.seq or not np.array_equal(ids, p.ids):
+            raise PeerError(f"{self.me_desc}: {self.peer_desc} answered request {seq} with sample ids "
+                            f"{ids.tolist()[:8]} but request {p.seq} asked for {p.ids.tolist()[:8]}")
+        self._free_resp.append(p.resp_buf)
+        self._free_req.append(p.req_buf)
+        self.bytes_received += self.spec.response_nbytes()
+        self.tokens_received += len(ids) * self.spec.seq_len
+        return sparse
+
+    def close(self) -> None:
+        """Tell the teacher this student is done (after collecting anything still pending)."""
+        if self.closed:
+            return
+        self.closed = True
+        for t in sorted(self.pending):
+            self.result(t)
+        stop = torch.zeros(self.spec.request_numel(), dtype=torch.int64)
+        stop[0] = OP_STOP
+        wait(self.topo.bridge.send([stop], self.peer, TAG_REQ), self.timeout,
+             f"{self.me_desc} stopping {self.peer_desc}")
+
+
+class PrefetchingTeacher:
+    """Keeps `prefetch` requests in flight along the student's known future micro-batches."""
+
+    def __init__(self, client: TeacherClient, plan: Iterator[np.ndarray],
+                 tokens_of: Callable[[np.ndarray], torch.Tensor], prefetch: int):
+        self.client, self.plan, self.tokens_of, self.prefetch = client, plan, tokens_of, prefetch
+        self.queue: deque[tuple[int, np.ndarray]] = deque()
+        self.exhausted = False
+
+    def _fill(self, depth: int) -> None:
+        while len(self.queue) < depth and not self.exhausted:
+            try:
+                ids = next(self.plan)
+            except StopIteration:
+                self.exhausted = True
+                return
+            self.queue.append((self.client.submit(ids, self.tokens_of(ids)), ids))
+
+    def next(self, expected_ids: np.ndarray) -> SparseLogits:
+        """Logits for the next training micro-batch, which must be `expected_ids`."""
+        self._fill(1)
+        if not self.queue:
+            raise RuntimeError("the training plan ran out before training did")
+        ticket, ids = self.queue.popleft()
+        if not np.array_equal(ids, expected_ids):
+            raise RuntimeError(f"prefetch plan out of step with training: planned {ids.tolist()[:8]}, "
+                               f"training {np.asarray(expected_ids).tolist()[:8]}")
+        self._fill(self.prefetch)  # the teacher works on these while this micro-batch trains
+        return self.client.result(ticket)
+
+    def now(self, ids: np.ndarray, tokens: torch.Tensor) -> SparseLogits:
+        """Logits for an out-of-plan batch (evaluation); queued behind what is already in flight."""
+        return self.client.result(self.client.submit(ids, tokens))
+
+
+@dataclass
+class ServeStats:
+    requests: int = 0
+    tokens: int = 0
+    forward_s: float = 0.0
+    batches: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class TeacherServer:
+    """Teacher side: serve the students this replica is paired with until each has said stop."""
+
+    def __init__(self, topo: Topology, spec: WireSpec, model: torch.nn.Module,
+                 logits_fn: Callable[[torch.nn.Module, torch.Tensor], SparseLogits],
+                 max_batch: int, log: Callable[[str], None] = lambda s: None, log_every_s: float = 30.0,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S):
+        self.topo, self.spec, self.model, self.logits_fn = topo, spec, model, logits_fn
+        self.max_batch = max(max_batch, spec.micro_batch)
+        self.students = topo.my_students()
+        self.me_desc = f"teacher {topo.describe(topo.rank)}"
+        self.log, self.log_every_s = log, log_every_s
+        for s in self.students:
+            exchange_hello(topo.bridge, spec, s, self.me_desc, f"student {topo.describe(s)}",
+                           max(startup_timeout_s, topo.peer_timeout_s))
+        self.stats = ServeStats()
+
+    def _receive(self, s: int, inbox: "queue.Queue") -> None:
+        """One thread per student: block on its next request (gloo recvs complete only in wait()).
+
+        A server has no idle timeout (students pause for evaluation and checkpoints); a student that
+        dies closes its connection, which fails the wait at once."""
+        spec, bridge = self.spec, self.topo.bridge
+        while True:
+            buf = torch.empty(spec.request_numel(), dtype=torch.int64)
+            try:
+                bridge.recv([buf], s, TAG_REQ).wait()
+            except RuntimeError as e:
+                inbox.put((s, PeerError(f"{self.me_desc}: student {self.topo.describe(s)} closed the "
+                                        f"connection (exited or crashed): {str(e).splitlines()[0][:120]}")))
+                return
+            inbox.put((s, buf))
+            if int(buf[0]) == OP_STOP:
+                return
+
+    def serve(self) -> ServeStats:
+        spec, bridge = self.spec, self.topo.bridge
+        inbox: queue.Queue = queue.Queue()
+        for s in self.students:
+            threading.Thread(target=self._receive, args=(s, inbox), daemon=True,
+                             name=f"pd-teacher-recv-{s}").start()
+        sends: dict[int, deque] = {s: deque() for s in self.students}
+        free: list[torch.Tensor] = []
+        active = set(self.students)
+        last_log = time.perf_counter()
+        while active:
+            items = [inbox.get()]
+            while True:  # batch everything that is already waiting into one forward
+                try:
+                    items.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            work = []
+            for s, r in items:
+                if isinstance(r, Exception):
+                    raise r
+                op, seq, n = int(r[0]), int(r[1]), int(r[2])
+                if op == OP_STOP:
+                    active.discard(s)
+                    continue
+                if op != OP_WORK or not 0 < n <= spec.micro_batch:
+                    raise PeerError(f"{self.me_desc}: malformed request from student {self.topo.describe(s)}")
+                ids = r[3:3 + n].numpy().copy()
+                off = 3 + spec.micro_batch
+                work.append((s, seq, ids, r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
+            if not work:
+                continue
+            t0 = time.perf_counter()
+            tokens = torch.cat([w[3] for w in work])
+            parts = [self.logits_fn(self.model, tokens[i:i + self.max_batch])
+                     for i in range(0, len(tokens), self.max_batch)]
+            sparse = SparseLogits.cat(parts) if len(parts) > 1 else parts[0]
+            self.stats.forward_s += time.perf_counter() - t0
+            self.stats.batches += 1
+            at = 0
+            for s, seq, ids, _ in work:
+                n = len(ids)
+                while sends[s] and len(sends[s]) > 4:  # bound buffers in flight per student
+                    w, b = sends[s].popleft()
+                    wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+                    free.append(b)
+                buf = free.pop() if free else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+                encode_response(spec, seq, ids, sparse[at:at + n].to("cpu"), buf)
+                sends[s].append((bridge.send([buf], s, TAG_RESP), buf))
+                at += n
+                self.stats.requests += 1
+                self.stats.tokens += n * spec.seq_len
+            now = time.perf_counter()
+            if now - last_log > self.log_every_s:
+                last_log = now
+                el = now - self.stats.started
+                self.log(f"served {self.stats.requests} requests, {self.stats.tokens / el:,.0f} tok/s, "
+                         f"forward busy {self.stats.forward_s / el:.0%}")
+        for s in self.students:
+            for w, _ in sends[s]:
+                wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+        return self.stats
