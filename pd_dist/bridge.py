@@ -27,7 +27,7 @@ from .logits import SparseLogits
 MAGIC = 0x5044_4453  # "PDDS"
 VERSION = 1
 OP_WORK, OP_STOP = 1, 2
-TAG_HELLO, TAG_REQ, TAG_RESP = 11, 12, 13
+TAG_HELLO, TAG_REQ, TAG_RESP, TAG_PROBE = 11, 12, 13, 14
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
 HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
@@ -156,3 +156,16 @@ def exchange_hello(bridge, spec: WireSpec, peer: int, me_desc: str, peer_desc: s
     wait(s, timeout_s, f"handshake with {peer_desc}")
     wait(r, timeout_s, f"handshake with {peer_desc}")
     check_hello(mine, theirs, me_desc, peer_desc)
+
+
+def peer_is_gone(bridge, peer: int, timeout_s: float = 2.0) -> bool:
+    """True when the connection to `peer` is closed (it exited or crashed).
+
+    Used to name the root cause when a collective failed because some rank left: a recv on a closed
+    pair fails at once, on a live one it just times out (nobody sends on this tag)."""
+    try:
+        bridge.recv([torch.zeros(1, dtype=torch.int64)], peer, TAG_PROBE).wait(
+            datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        return "closed" in str(e).lower() or "reset" in str(e).lower()
+    return False

@@ -52,12 +52,30 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         run_experiment(cfg, topo, resume=args.resume)
     except PeerError as e:
-        # One line naming the peer, then out at once: tearing down groups with a dead peer can hang.
-        print(f"pd-dist: rank {env.rank}: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(3)
+        _die(env.rank, str(e))
+    except RuntimeError as e:
+        if not topo.online:
+            raise
+        # A collective failed because some rank left: name the teacher if it is the one gone.
+        import traceback
+
+        traceback.print_exc()
+        from .bridge import peer_is_gone
+
+        me = f"{topo.role} {topo.describe(topo.rank)}"
+        if topo.role == "student" and peer_is_gone(topo.bridge, topo.my_teacher()):
+            _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
+                           "(exited or crashed)")
+        _die(env.rank, f"{me}: a peer in the {topo.role} world failed: {str(e).splitlines()[0][:200]}")
     topo.close()
     return 0
+
+
+def _die(rank: int, message: str) -> None:
+    """One line naming the peer, then out at once: tearing down groups with a dead peer can hang."""
+    sys.stdout.flush()
+    print(f"pd-dist: rank {rank}: {message}", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 def prepare_main(argv: list[str]) -> int:
@@ -103,12 +121,15 @@ def config_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main}
+    from .plan import main as plan_main
+
+    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: pd-dist {train,prepare-data,config} [options]\n"
+        print("usage: pd-dist {train,prepare-data,config,plan} [options]\n"
               "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
               "  prepare-data  tokenize and pack the corpus\n"
-              "  config        print the resolved config (--keys: every key, documented)",
+              "  config        print the resolved config (--keys: every key, documented)\n"
+              "  plan          teacher:student rank split, wire bytes and store size for online PD",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

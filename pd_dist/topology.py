@@ -144,11 +144,20 @@ class Topology:
         return [r for r in range(self.env.world_size) if r not in t]
 
     @property
+    def role_members(self) -> list[int]:
+        """Global ranks of this role's world, in role-rank order (online mode)."""
+        return self.teacher_ranks if self.role == "teacher" else self.student_ranks
+
+    @property
     def dp_rank(self) -> int:
+        if self.online:  # role worlds are built in global-rank order
+            return self.role_members.index(self.rank)
         return dist.get_rank(self.dp_group) if dist.is_initialized() else 0
 
     @property
     def dp_size(self) -> int:
+        if self.online:
+            return len(self.role_members)
         return dist.get_world_size(self.dp_group) if dist.is_initialized() else 1
 
     @property
@@ -211,8 +220,9 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
                           MASTER_PORT=str(env.master_port))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        h = socket.gethostname()
         return Topology(env=env, backend=backend, dp_group=dist.group.WORLD,
-                        hosts={env.rank: f"{socket.gethostname()}, {env.node}"})
+                        hosts={env.rank: h if h == env.node else f"{h}, {env.node}"})
 
     timeout = datetime.timedelta(seconds=online.peer_timeout_s)
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
@@ -221,7 +231,10 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     store.set(f"pd/node/{env.rank}", env.node)
     store.set(f"pd/host/{env.rank}", socket.gethostname())
     nodes = [store.get(f"pd/node/{r}").decode() for r in range(env.world_size)]
-    hosts = {r: f"{store.get(f'pd/host/{r}').decode()}, {nodes[r]}" for r in range(env.world_size)}
+    hosts = {}
+    for r in range(env.world_size):
+        h = store.get(f"pd/host/{r}").decode()
+        hosts[r] = h if h == nodes[r] else f"{h}, {nodes[r]}"
     teachers = assign_roles(online, env.world_size, nodes)
     students = [r for r in range(env.world_size) if r not in set(teachers)]
     role = "teacher" if env.rank in teachers else "student"

@@ -1,0 +1,209 @@
+"""On-disk layout of the teacher-logits store: manifest, shard header, sample table and footer.
+
+A store is a directory::
+
+    manifest.json               written last (atomically) by write_manifest(); deterministic JSON
+    shards/shard-00000.bin      samples [0, shard_size)
+    shards/shard-00001.bin      ...
+
+Shard file (little-endian)::
+
+    header  64 B   magic b"PDLSHRD\\0", format version u32, shard index u32, first u64, end u64,
+                   seq_len u32, k u32 (stored width), vocab_size u32, flags u32 (0), meta digest 16 B
+    blocks         one block per sample id first..end-1, in order (pd_dist.store.codec: a header and
+                   six streams, each a zstd frame when that is smaller)
+    table   n x 24 B  per sample: offset u64, nbytes u32, crc32 u32 (of the stored bytes),
+                   n_kept u32, codec u8 (0: the codec's block format), 3 pad bytes
+    hist    (k+1) x u64  histogram of kept entries per token over the shard
+    footer  32 B   table offset u64, n u32, k u32, crc32(table + hist) u32, crc32(header) u32,
+                   magic b"PDLSEND\\0"
+
+Reading one sample touches the footer and table once per shard (checked against their crc32) and then
+only that sample's bytes, which are checked against the sample's crc32 on every read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .codec import check_encoding, default_encoding
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "pd-dist-teacher-logits"
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+DEFAULT_ZSTD_LEVEL = 10
+
+HEADER = struct.Struct("<8sIIQQIIII16s")
+HEADER_MAGIC = b"PDLSHRD\0"
+FOOTER = struct.Struct("<QIIII8s")
+FOOTER_MAGIC = b"PDLSEND\0"
+TABLE_DTYPE = np.dtype([("offset", "<u8"), ("nbytes", "<u4"), ("crc", "<u4"), ("n_kept", "<u4"),
+                        ("codec", "u1"), ("pad", "u1", (3,))])
+CODEC_BLOCK = 0
+assert HEADER.size == 64 and FOOTER.size == 32 and TABLE_DTYPE.itemsize == 24
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, corrupt, incomplete or incompatible with the run."""
+
+
+@dataclass
+class StoreMeta:
+    """What a store holds, besides its shards: written to manifest.json and hashed into every shard."""
+    teacher: dict  # {"name": str, "config_hash": str, "weights_hash": str}
+    tokenizer_hash: str
+    data_fingerprint: str
+    seq_len: int
+    vocab_size: int
+    top_p: float
+    top_k: int
+    n_samples: int
+    shard_size: int  # samples per shard (the last one may be shorter)
+    encoding: dict = field(default_factory=dict)  # value encoding: name + params (+ zstd_level)
+
+    @property
+    def width(self) -> int:
+        """Stored entries per token, k = min(top_k, vocab_size) (as pd_dist.logits.truncate)."""
+        return min(int(self.top_k), int(self.vocab_size))
+
+    @property
+    def n_shards(self) -> int:
+        return len(shard_ranges(self.n_samples, self.shard_size))
+
+    def resolved(self) -> "StoreMeta":
+        """A validated copy with the encoding filled from the defaults where empty."""
+        enc = dict(self.encoding) if self.encoding else default_encoding()
+        if "zstd_level" not in enc:
+            enc["zstd_level"] = DEFAULT_ZSTD_LEVEL
+        m = StoreMeta(teacher=dict(self.teacher), tokenizer_hash=str(self.tokenizer_hash),
+                      data_fingerprint=str(self.data_fingerprint), seq_len=int(self.seq_len),
+                      vocab_size=int(self.vocab_size), top_p=float(self.top_p), top_k=int(self.top_k),
+                      n_samples=int(self.n_samples), shard_size=int(self.shard_size), encoding=enc)
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        t = self.teacher
+        if not isinstance(t, dict) or set(t) != {"name", "config_hash", "weights_hash"} or \
+                not all(isinstance(v, str) for v in t.values()):
+            raise ValueError(f"StoreMeta.teacher must be {{'name', 'config_hash', 'weights_hash'}} strings, got {t!r}")
+        for name in ("seq_len", "vocab_size", "top_k", "shard_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"StoreMeta.{name} must be an integer >= 1, got {v!r}")
+        if self.n_samples < 0:
+            raise ValueError(f"StoreMeta.n_samples must be >= 0, got {self.n_samples!r}")
+        if not (0.0 < self.top_p <= 1.0) or not math.isfinite(self.top_p):
+            raise ValueError(f"StoreMeta.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.vocab_size >= 1 << 32:
+            raise ValueError("StoreMeta.vocab_size must be < 2^32")
+        enc = {k: v for k, v in self.encoding.items() if k != "zstd_level"}
+        check_encoding(enc)
+        lvl = self.encoding.get("zstd_level", DEFAULT_ZSTD_LEVEL)
+        if isinstance(lvl, bool) or not isinstance(lvl, int) or not 1 <= lvl <= 22:
+            raise ValueError(f"encoding zstd_level must be an integer in [1, 22], got {lvl!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreMeta":
+        names = ("teacher", "tokenizer_hash", "data_fingerprint", "seq_len", "vocab_size", "top_p",
+                 "top_k", "n_samples", "shard_size", "encoding")
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise StoreError(f"manifest lacks {missing}")
+        return cls(**{n: d[n] for n in names})
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the resolved meta (identifies what the shards were written for)."""
+        blob = json.dumps(self.resolved().to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def shard_ranges(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    """(first, end) sample ids of each shard index."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/shard-{index:05d}.bin"
+
+
+def shard_path(root, index: int) -> Path:
+    return Path(root) / shard_name(index)
+
+
+def pack_header(meta: StoreMeta, index: int, first: int, end: int) -> bytes:
+    return HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, index, first, end, meta.seq_len, meta.width,
+                       meta.vocab_size, 0, bytes.fromhex(meta.digest())[:16])
+
+
+@dataclass
+class ShardLayout:
+    """Parsed header + trailer of a shard file (no sample data)."""
+    index: int
+    first: int
+    end: int
+    seq_len: int
+    k: int
+    vocab_size: int
+    digest16: bytes
+    table: np.ndarray  # TABLE_DTYPE [end - first]
+    hist: np.ndarray  # uint64 [k + 1]
+    size: int
+
+
+def parse_shard(buf, size: int, what: str) -> ShardLayout:
+    """Parse and check a shard's header, table and footer from a buffer of the whole file.
+
+    Raises StoreError (prefixed by ``what``) for anything inconsistent: bad magic, truncation, crc."""
+    if size < HEADER.size + FOOTER.size:
+        raise StoreError(f"{what}: file is truncated ({size} bytes)")
+    magic, ver, index, first, end, seq_len, k, vocab, _flags, dig = HEADER.unpack_from(buf, 0)
+    if magic != HEADER_MAGIC:
+        raise StoreError(f"{what}: not a pd-dist logits shard (bad header magic)")
+    if ver != FORMAT_VERSION:
+        raise StoreError(f"{what}: shard format version {ver}, this code reads {FORMAT_VERSION}")
+    t_off, n, fk, t_crc, h_crc, fmagic = FOOTER.unpack_from(buf, size - FOOTER.size)
+    if fmagic != FOOTER_MAGIC:
+        raise StoreError(f"{what}: file is truncated or corrupt (no footer)")
+    if h_crc != zlib.crc32(bytes(buf[:HEADER.size])):
+        raise StoreError(f"{what}: header checksum mismatch")
+    if n != end - first or fk != k:
+        raise StoreError(f"{what}: footer disagrees with header")
+    t_len = n * TABLE_DTYPE.itemsize + (k + 1) * 8
+    if t_off + t_len + FOOTER.size != size or t_off < HEADER.size:
+        raise StoreError(f"{what}: file is truncated or corrupt (table out of place)")
+    trailer = bytes(buf[t_off:t_off + t_len])
+    if zlib.crc32(trailer) != t_crc:
+        raise StoreError(f"{what}: sample table checksum mismatch")
+    table = np.frombuffer(trailer, TABLE_DTYPE, n).copy()
+    hist = np.frombuffer(trailer, "<u8", k + 1, n * TABLE_DTYPE.itemsize).copy()
+    if n:
+        ends = table["offset"].astype(np.int64) + table["nbytes"]
+        if table["offset"][0] != HEADER.size or (table["offset"][1:] != ends[:-1]).any() or ends[-1] != t_off:
+            raise StoreError(f"{what}: sample table is inconsistent")
+    return ShardLayout(index, first, end, seq_len, k, vocab, dig, table, hist, size)
+
+
+def check_layout(lay: ShardLayout, meta: StoreMeta, index: int, what: str) -> None:
+    first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
+    got = (lay.index, lay.first, lay.end, lay.seq_len, lay.k, lay.vocab_size)
+    want = (index, first, end, meta.seq_len, meta.width, meta.vocab_size)
+    if got != want:
+        raise StoreError(f"{what}: shard header (index, first, end, seq_len, k, vocab) = {got}, "
+                         f"expected {want}")
+    if lay.digest16 != bytes.fromhex(meta.digest())[:16]:
+        raise StoreError(f"{what}: shard was written for a different store (teacher, data, truncation "
+                         "or encoding differ from the manifest)")

@@ -1,0 +1,432 @@
+"""Reading a teacher-logits store: random access, streaming, re-truncation, verification, statistics."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..logits import SparseLogits
+from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
+from .format import (CODEC_BLOCK, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardLayout, StoreError,
+                     StoreMeta, check_layout, parse_shard, shard_name, shard_ranges)
+
+_NEG_INF = float("-inf")
+_P_EPS = 1e-9  # top_p values closer than this are the same truncation
+
+
+def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{path}: no manifest (not a logits store, or its generation did not finish: "
+                         "write_manifest() writes it once every shard is done)")
+    try:
+        man = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable manifest ({e})") from None
+    if man.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path}: not a pd-dist logits store manifest")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {man.get('format_version')}, this code reads "
+                         f"{FORMAT_VERSION}")
+    try:
+        meta = StoreMeta.from_dict(man).resolved()
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{path}: invalid store metadata ({e})") from None
+    if man.get("meta_digest") != meta.digest():
+        raise StoreError(f"{path}: meta_digest does not match the manifest's metadata (edited manifest?)")
+    ranges = shard_ranges(meta.n_samples, meta.shard_size)
+    shards = man.get("shards")
+    if not isinstance(shards, list) or len(shards) != len(ranges) or any(
+            (s.get("index"), s.get("file"), s.get("first"), s.get("end")) != (i, shard_name(i), a, b)
+            for i, (s, (a, b)) in enumerate(zip(shards, ranges))):
+        raise StoreError(f"{path}: shard list does not match n_samples={meta.n_samples}, "
+                         f"shard_size={meta.shard_size}")
+    return man, meta
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(1 << 22)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class _Shard:
+    """An open (memory-mapped) shard of this process."""
+
+    __slots__ = ("path", "mm", "layout", "offsets", "nbytes", "crcs", "codecs")
+
+    def __init__(self, path: Path, mm, layout: ShardLayout):
+        self.path, self.mm, self.layout = path, mm, layout
+        t = layout.table
+        self.offsets = t["offset"].astype(np.int64).tolist()
+        self.nbytes = t["nbytes"].astype(np.int64).tolist()
+        self.crcs = t["crc"].astype(np.int64).tolist()
+        self.codecs = t["codec"].astype(np.int64).tolist()
+
+
+class LogitsStore:
+    """Read-only view of a teacher-logits store directory.
+
+    Shards are memory-mapped lazily, per process, on first use (at most ``max_open_shards`` at a time);
+    pickling drops them, and a forked child notices the new pid and maps its own, so a store can be
+    handed to torch DataLoader workers (fork or spawn). ``verify=True`` checks every shard's sha256
+    against the manifest up front (reads the whole store); every read checks the sample's crc32.
+    """
+
+    def __init__(self, root, verify: bool = False, max_open_shards: int = 64):
+        self.root = Path(root)
+        self.max_open_shards = int(max_open_shards)
+        self.manifest, self.meta = _load_manifest(self.root)
+        self.n_shards = len(self.manifest["shards"])
+        self.k = self.meta.width
+        self._enc = {k: v for k, v in self.meta.encoding.items() if k != "zstd_level"}
+        self.default_top_p: float | None = None
+        self.default_top_k: int | None = None
+        missing, bad_size = [], []
+        for s in self.manifest["shards"]:
+            p = self.root / s["file"]
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                missing.append(f"{p} (samples {s['first']}..{s['end'] - 1})")
+                continue
+            if size != s["bytes"]:
+                bad_size.append(f"{p} has {size} bytes, the manifest says {s['bytes']} (samples "
+                                f"{s['first']}..{s['end'] - 1})")
+        if missing or bad_size:
+            raise StoreError(f"store {self.root} is incomplete or damaged:\n  " + "\n  ".join(
+                [f"missing shard {m}" for m in missing] + [f"truncated/changed shard {b}" for b in bad_size]))
+        if verify:
+            faults = []
+            for s in self.manifest["shards"]:
+                p = self.root / s["file"]
+                if _sha256_file(p) != s["sha256"]:
+                    faults.append(f"{p}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
+            if faults:
+                raise StoreError(f"store {self.root} failed verification:\n  " + "\n  ".join(faults))
+        self._reset()
+
+    # ---------------------------------------------------------------- process-local state (fork/pickle)
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._zd = None
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_open"], d["_zd"], d["_pid"] = None, None, None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._reset()
+
+    def _shard(self, index: int, sample_id: int) -> _Shard:
+        if self._pid != os.getpid():
+            self._reset()  # forked: do not share mappings / decompressor state with the parent
+        sh = self._open.get(index)
+        if sh is not None:
+            self._open.move_to_end(index)
+            return sh
+        entry = self.manifest["shards"][index]
+        path = self.root / entry["file"]
+        what = f"{path} (reading sample {sample_id})"
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size != entry["bytes"]:
+                    raise StoreError(f"{what}: file has {size} bytes, the manifest says {entry['bytes']} "
+                                     "(truncated or replaced)")
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise StoreError(f"{what}: shard file is missing") from None
+        except OSError as e:
+            raise StoreError(f"{what}: cannot open ({e})") from None
+        lay = parse_shard(mm, size, what)
+        check_layout(lay, self.meta, index, what)
+        sh = _Shard(path, mm, lay)
+        self._open[index] = sh
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)  # unreferenced mmaps are closed by the GC
+        return sh
+
+    def _raw_block(self, sample_id: int) -> bytes:
+        if not 0 <= sample_id < self.meta.n_samples:
+            raise IndexError(f"sample id {sample_id} out of range [0, {self.meta.n_samples})")
+        index = sample_id // self.meta.shard_size
+        sh = self._shard(index, sample_id)
+        j = sample_id - index * self.meta.shard_size
+        off, n = sh.offsets[j], sh.nbytes[j]
+        data = sh.mm[off:off + n]
+        if len(data) != n:
+            raise StoreError(f"{sh.path}: sample {sample_id}: block is cut short (file truncated)")
+        crc = zlib.crc32(data)
+        if crc != sh.crcs[j]:
+            raise StoreError(f"{sh.path}: sample {sample_id}: checksum mismatch (crc32 {crc:08x}, table "
+                             f"says {sh.crcs[j]:08x}): the shard is corrupt")
+        if sh.codecs[j] != CODEC_BLOCK:
+            raise StoreError(f"{sh.path}: sample {sample_id}: unknown block codec {sh.codecs[j]}")
+        return data
+
+    # ----------------------------------------------------------------------------------- checks
+    def __len__(self) -> int:
+        return self.meta.n_samples
+
+    def check_compatible(self, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p,
+                         top_k) -> None:
+        """Refuse (StoreError) a store that was not made for this run's data and truncation.
+
+        Data fingerprint, tokenizer, seq_len and vocabulary must match. The store's truncation must be
+        at least as wide as asked (store top_k >= top_k and store top_p >= top_p); a wider store is
+        re-truncated on load by get(..., top_p, top_k)."""
+        m, where = self.meta, f"teacher-logits store {self.root}"
+        problems = []
+        if m.data_fingerprint != data_fingerprint:
+            problems.append(f"it was generated for data fingerprint {m.data_fingerprint}, the run's data "
+                            f"has {data_fingerprint} (different corpus, tokenization or seq_len)")
+        if m.tokenizer_hash != tokenizer_hash:
+            problems.append(f"its tokenizer hash is {m.tokenizer_hash}, the run's is {tokenizer_hash}")
+        if m.seq_len != seq_len:
+            problems.append(f"its seq_len is {m.seq_len}, the run's is {seq_len}")
+        if m.vocab_size != vocab_size:
+            problems.append(f"its vocab_size is {m.vocab_size}, the run's is {vocab_size}")
+        if self.k < min(int(top_k), int(vocab_size)):
+            problems.append(f"it keeps top_k={m.top_k} entries per token, fewer than the asked top_k={top_k} "
+                            "(a store can only be narrowed on load, not widened)")
+        if m.top_p < float(top_p) - _P_EPS:
+            problems.append(f"it was truncated at top_p={m.top_p}, narrower than the asked top_p={top_p} "
+                            "(a store can only be narrowed on load, not widened)")
+        if problems:
+            raise StoreError(f"{where} cannot be used for this run:\n  - " + "\n  - ".join(problems))
+
+    def _resolve(self, top_p, top_k) -> tuple[float, int]:
+        p = self.default_top_p if top_p is None else top_p
+        kk = self.default_top_k if top_k is None else top_k
+        p = self.meta.top_p if p is None else float(p)
+        kk = self.k if kk is None else min(int(kk), self.meta.vocab_size)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        if kk < 1:
+            raise ValueError(f"top_k must be >= 1, got {kk}")
+        if kk > self.k:
+            raise StoreError(f"asked top_k={kk} but the store {self.root} keeps only {self.k} per token")
+        if p > self.meta.top_p + _P_EPS:
+            raise StoreError(f"asked top_p={p} but the store {self.root} was truncated at top_p={self.meta.top_p}")
+        return p, kk
+
+    # ------------------------------------------------------------------------------------ reads
+    def _decode_into(self, sample_id: int, p: float, kk: int, vals_out: np.ndarray, idx_out: np.ndarray,
+                     lse_out: np.ndarray) -> None:
+        raw = self._raw_block(sample_id)
+        if self._zd is None:
+            self._zd = zstd_decompressor()
+        try:
+            vals, idx, lse, _counts = decode_block(raw, self.meta.seq_len, self.k, self._enc, k_out=kk,
+                                                   zd=self._zd, vocab_size=self.meta.vocab_size)
+        except CodecError as e:
+            index = sample_id // self.meta.shard_size
+            raise StoreError(f"{self.root / shard_name(index)}: sample {sample_id}: undecodable block "
+                             f"({e})") from None
+        if p < self.meta.top_p - _P_EPS:
+            # Re-apply top-p with the exact full-vocabulary normalizer, as truncate() does: entry j is kept
+            # iff the probability mass strictly before it is < p (float64, like pd_dist.logits).
+            finite = vals > _NEG_INF
+            if p < 1.0:
+                probs = np.exp(vals.astype(np.float64) - lse.astype(np.float64)[:, None])
+                before = np.cumsum(probs, axis=1) - probs
+                keep = (before < p) & finite
+                keep[:, 0] &= True
+                drop = finite & ~keep
+                if drop.any():
+                    vals[drop] = _NEG_INF
+                    idx[drop] = 0
+        vals_out[...] = vals
+        idx_out[...] = idx
+        lse_out[...] = lse
+
+    def get(self, sample_id: int, top_p: float | None = None, top_k: int | None = None
+            ) -> tuple[SparseLogits, torch.Tensor]:
+        """Sample ``sample_id``: (SparseLogits [seq_len, k'], full-vocabulary lse [seq_len] fp32).
+
+        ``top_p`` / ``top_k`` (default: the store's, or the ones set by open_for_training) may be
+        narrower than the store's; k' = top_k (min with the vocabulary)."""
+        p, kk = self._resolve(top_p, top_k)
+        T = self.meta.seq_len
+        vals = np.empty((T, kk), np.float32)
+        idx = np.empty((T, kk), np.int64)
+        lse = np.empty(T, np.float32)
+        self._decode_into(int(sample_id), p, kk, vals, idx, lse)
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals)), torch.from_numpy(lse)
+
+    def get_batch(self, ids, top_p: float | None = None, top_k: int | None = None
+                  ) -> tuple[SparseLogits, torch.Tensor]:
+        """Samples ``ids`` stacked: (SparseLogits [B, seq_len, k'], lse [B, seq_len])."""
+        p, kk = self._resolve(top_p, top_k)
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        T = self.meta.seq_len
+        vals = np.empty((len(ids), T, kk), np.float32)
+        idx = np.empty((len(ids), T, kk), np.int64)
+        lse = np.empty((len(ids), T), np.float32)
+        for b, i in enumerate(ids):
+            self._decode_into(i, p, kk, vals[b], idx[b], lse[b])
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals)), torch.from_numpy(lse)
+
+    def __getitem__(self, sample_id: int):
+        return self.get(sample_id)
+
+    def __iter__(self):
+        """(sample_id, SparseLogits, lse) for every sample, in order."""
+        for i in range(self.meta.n_samples):
+            sp, lse = self.get(i)
+            yield i, sp, lse
+
+    def iter_range(self, first: int = 0, end: int | None = None, top_p=None, top_k=None):
+        end = self.meta.n_samples if end is None else end
+        for i in range(first, end):
+            sp, lse = self.get(i, top_p, top_k)
+            yield i, sp, lse
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"LogitsStore({str(self.root)!r}, n_samples={m.n_samples}, seq_len={m.seq_len}, "
+                f"vocab={m.vocab_size}, top_p={m.top_p}, top_k={m.top_k}, encoding={m.encoding})")
+
+    # ------------------------------------------------------------------------------- fidelity
+    def value_tolerance(self) -> float:
+        return value_tolerance(self._enc)
+
+    def tv_bound(self, temperature: float = 1.0) -> float:
+        return tv_bound(self._enc, temperature)
+
+    def mass_tolerance(self) -> float:
+        return mass_tolerance(self._enc)
+
+
+def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p, top_k,
+                      verify: bool = False) -> LogitsStore:
+    """Open a store for a run: check_compatible, then make get/get_batch/iteration default to the
+    run's (top_p, top_k), re-truncating a wider store on load."""
+    store = LogitsStore(root, verify=verify)
+    store.check_compatible(data_fingerprint=data_fingerprint, tokenizer_hash=tokenizer_hash,
+                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k)
+    store.default_top_p = float(top_p)
+    store.default_top_k = min(int(top_k), int(vocab_size))
+    return store
+
+
+def verify_store(root) -> list[str]:
+    """Full check: manifest consistency, every shard's size and sha256, header/table/footer, and every
+    sample's crc32 and decodability. Returns fault descriptions (empty list = the store is sound)."""
+    root = Path(root)
+    try:
+        man, meta = _load_manifest(root)
+    except StoreError as e:
+        return [str(e)]
+    faults = []
+    enc = {k: v for k, v in meta.encoding.items() if k != "zstd_level"}
+    hist = np.zeros(meta.width + 1, np.int64)
+    n_kept = 0
+    zd = None
+    for i, s in enumerate(man["shards"]):
+        path = root / s["file"]
+        if not path.is_file():
+            faults.append(f"{path}: missing shard (samples {s['first']}..{s['end'] - 1})")
+            continue
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            faults.append(f"{path}: {size} bytes, the manifest says {s['bytes']} (samples "
+                          f"{s['first']}..{s['end'] - 1})")
+        if _sha256_file(path) != s["sha256"]:
+            faults.append(f"{path}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
+        with open(path, "rb") as fh:
+            if size == 0:
+                faults.append(f"{path}: empty file")
+                continue
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                try:
+                    lay = parse_shard(mm, size, str(path))
+                    check_layout(lay, meta, i, str(path))
+                except StoreError as e:
+                    faults.append(f"{e} (samples {s['first']}..{s['end'] - 1})")
+                    continue
+                hist += lay.hist.astype(np.int64)
+                for j, row in enumerate(lay.table):
+                    sid = s["first"] + j
+                    data = mm[int(row["offset"]):int(row["offset"]) + int(row["nbytes"])]
+                    if zlib.crc32(data) != int(row["crc"]):
+                        faults.append(f"{path}: sample {sid}: checksum mismatch")
+                        continue
+                    try:
+                        if row["codec"] != CODEC_BLOCK:
+                            raise CodecError(f"unknown block codec {row['codec']}")
+                        if zd is None:
+                            zd = zstd_decompressor()
+                        _v, _i, _l, counts = decode_block(data, meta.seq_len, meta.width, enc, zd=zd,
+                                                          vocab_size=meta.vocab_size)
+                    except Exception as e:
+                        faults.append(f"{path}: sample {sid}: undecodable block ({e})")
+                        continue
+                    if int(counts.sum()) != int(row["n_kept"]):
+                        faults.append(f"{path}: sample {sid}: kept count disagrees with the table")
+                    n_kept += int(counts.sum())
+    stats = man.get("stats", {})
+    if not faults:
+        if [int(x) for x in hist] != stats.get("kept_hist") or n_kept != stats.get("kept_entries"):
+            faults.append(f"{root / MANIFEST}: stats disagree with the shards")
+    return faults
+
+
+def _percentile_from_hist(hist: np.ndarray, q: float) -> int:
+    c = np.cumsum(hist)
+    if c[-1] == 0:
+        return 0
+    return int(np.searchsorted(c, q / 100.0 * c[-1], side="left"))
+
+
+def store_info(root) -> dict:
+    """Summary from the manifest: identity, truncation, encoding, sizes, bytes per token / per kept entry
+    (ours and the naive int32 index + fp16 value + 1-byte count layout), kept-entries distribution."""
+    root = Path(root)
+    man, meta = _load_manifest(root)
+    st = man["stats"]
+    hist = np.asarray(st["kept_hist"], np.int64)
+    tokens = int(st["tokens"])
+    kept = int(st["kept_entries"])
+    shard_bytes = int(st["shard_bytes"])
+    manifest_bytes = (root / MANIFEST).stat().st_size
+    total = shard_bytes + manifest_bytes
+    naive = 6 * kept + tokens
+    enc = {k: v for k, v in meta.encoding.items() if k != "zstd_level"}
+    return {
+        "root": str(root), "format_version": man["format_version"], "teacher": meta.teacher,
+        "tokenizer_hash": meta.tokenizer_hash, "data_fingerprint": meta.data_fingerprint,
+        "seq_len": meta.seq_len, "vocab_size": meta.vocab_size, "top_p": meta.top_p, "top_k": meta.top_k,
+        "encoding": meta.encoding, "n_samples": meta.n_samples, "shard_size": meta.shard_size,
+        "n_shards": len(man["shards"]), "tokens": tokens, "kept_entries": kept,
+        "total_bytes": total, "shard_bytes": shard_bytes,
+        "bytes_per_token": total / tokens if tokens else math.nan,
+        "bytes_per_kept_entry": total / kept if kept else math.nan,
+        "naive_bytes_per_token": naive / tokens if tokens else math.nan,
+        "ratio_vs_naive": total / naive if naive else math.nan,
+        "kept_per_token": {"mean": kept / tokens if tokens else math.nan,
+                           **{f"p{q}": _percentile_from_hist(hist, q) for q in (1, 10, 50, 90, 99)},
+                           "min": int(np.nonzero(hist)[0][0]) if hist.sum() else 0,
+                           "max": int(np.nonzero(hist)[0][-1]) if hist.sum() else 0,
+                           "hist": [int(x) for x in hist]},
+        "tv_bound_tau1": tv_bound(enc, 1.0), "value_tolerance": value_tolerance(enc),
+    }

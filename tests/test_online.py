@@ -1,0 +1,256 @@
+"""Online-mode protocol in one process: teacher server and student clients over an in-memory bridge.
+
+The bridge here has the semantics the real gloo/NCCL bridge has for this protocol (ordered delivery per
+(source, tag), blocking waits with a timeout, a closed peer failing the wait), so the server, the client,
+the handshake, the sample-id checks and the error paths are tested without process groups. The same
+code runs over gloo in tests/test_online_launch.py.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pd_dist.bridge import (PeerError, WireSpec, decode_response, encode_response, pack_indices,
+                            unpack_indices)
+from pd_dist.configlib import ConfigError
+from pd_dist.logits import SparseLogits, truncate
+from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
+from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, assign_roles
+
+
+class _Work:
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def wait(self, timeout=None):
+        if self.fn is not None:
+            self.fn(None if timeout is None else timeout.total_seconds())
+        return True
+
+
+class FakeNet:
+    """Mailboxes keyed by (src, dst, tag); a rank marked dead fails its peers' waits."""
+
+    def __init__(self):
+        self.boxes: dict = {}
+        self.lock = threading.Lock()
+        self.dead: set[int] = set()
+
+    def box(self, key) -> queue.Queue:
+        with self.lock:
+            return self.boxes.setdefault(key, queue.Queue())
+
+
+class FakeBridge:
+    def __init__(self, net: FakeNet, rank: int):
+        self.net, self.rank = net, rank
+
+    def send(self, tensors, dst, tag):
+        self.net.box((self.rank, dst, tag)).put(tensors[0].clone())
+        return _Work()
+
+    def recv(self, tensors, src, tag):
+        out = tensors[0]
+        box = self.net.box((src, self.rank, tag))
+
+        def fn(timeout):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if src in self.net.dead:
+                    raise RuntimeError(f"Connection closed by peer [127.0.0.1]:{src}")
+                try:
+                    item = box.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
+            out.copy_(item)
+        return _Work(fn)
+
+
+def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
+    env = LaunchEnv(rank, world, 0, "127.0.0.1", 0, "test", "node0")
+    role = "teacher" if rank in teachers else "student"
+    return Topology(env=env, backend="gloo", role=role, teacher_ranks=list(teachers),
+                    students_per_teacher=(world - len(teachers)) // len(teachers),
+                    hosts={r: f"host{r}, node0" for r in range(world)}, bridge=FakeBridge(net, rank),
+                    peer_timeout_s=timeout)
+
+
+SPEC = WireSpec(vocab_size=97, tokenizer_hash="abc", seq_len=6, top_k=5, top_p=0.9, value_dtype="fp32",
+                micro_batch=2)
+
+
+class TinyTeacher(torch.nn.Module):
+    """Logits = a fixed random function of the tokens, so answers can be checked exactly."""
+
+    def __init__(self, vocab=97):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.randn(vocab, vocab, generator=g) * 3
+
+    def sparse(self, tokens, spec=SPEC):
+        return truncate(self.table[tokens], spec.top_p, spec.top_k)
+
+
+def start_server(topo, spec=SPEC, model=None, errors=None):
+    model = model or TinyTeacher()
+    out = {}
+
+    def run():
+        try:
+            server = TeacherServer(topo, spec, model, lambda m, t: m.sparse(t, spec), max_batch=8,
+                                   startup_timeout_s=5)
+            out["stats"] = server.serve()
+        except Exception as e:  # surfaced by the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out, model
+
+
+def test_wire_round_trip_keeps_indices_values_and_dropped_entries():
+    for vocab, nbytes in [(97, 2), (151552, 3), (1 << 25, 4)]:
+        idx = torch.randint(0, vocab, (7, 5))
+        assert torch.equal(unpack_indices(pack_indices(idx, nbytes), nbytes, idx.shape), idx)
+    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2)
+    assert spec.index_bytes == 3
+    vals = torch.tensor([[5.0, 2.0, float("-inf")]] * 8).reshape(2, 4, 3)
+    idx = torch.randint(0, 151552, (2, 4, 3))
+    idx[..., 2] = 0
+    buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+    encode_response(spec, 7, np.array([11, 12]), SparseLogits(idx, vals), buf)
+    seq, ids, sp = decode_response(spec, buf)
+    assert seq == 7 and ids.tolist() == [11, 12]
+    assert torch.equal(sp.indices, idx) and torch.equal(sp.values, vals)  # bf16-exact values chosen
+
+
+def test_two_students_get_their_own_logits_with_prefetch():
+    net = FakeNet()
+    server, out, model = start_server(topo_for(0, net))
+    results = {}
+
+    def student(rank):
+        topo = topo_for(rank, net)
+        client = TeacherClient(topo, SPEC, startup_timeout_s=5)
+        rng = np.random.default_rng(rank)
+        plan = [np.array([rank * 100 + 2 * i, rank * 100 + 2 * i + 1]) for i in range(6)]
+        tokens = {int(i): torch.as_tensor(rng.integers(0, 97, 6)) for p in plan for i in p}
+        pf = PrefetchingTeacher(client, iter(plan), lambda ids: torch.stack([tokens[int(i)] for i in ids]),
+                                prefetch=2)
+        got = []
+        for ids in plan:
+            sp = pf.next(ids)
+            want = model.sparse(torch.stack([tokens[int(i)] for i in ids]))
+            got.append(torch.equal(sp.indices[sp.mask], want.indices[want.mask])
+                       and torch.equal(sp.values, want.values))
+            assert len(client.pending) <= 2  # never more than `prefetch` in flight after taking one
+        ev_ids = np.array([999])
+        ev_tok = torch.as_tensor(rng.integers(0, 97, (1, 6)))
+        sp = pf.now(ev_ids, ev_tok)
+        got.append(torch.equal(sp.values, model.sparse(ev_tok).values))
+        client.close()
+        results[rank] = got
+
+    threads = [threading.Thread(target=student, args=(r,)) for r in (1, 2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    server.join(30)
+    assert "error" not in out, out.get("error")
+    assert results == {1: [True] * 7, 2: [True] * 7}
+    assert out["stats"].requests == 14 and out["stats"].tokens == 2 * (6 * 2 + 1) * 6
+
+
+def test_wrong_sample_ids_are_detected():
+    net = FakeNet()
+    topo_t = topo_for(0, net, world=2)
+    spec = SPEC
+
+    def rogue():  # answers with the ids shifted by one
+        from pd_dist.bridge import TAG_REQ, TAG_RESP, exchange_hello
+        br = topo_t.bridge
+        exchange_hello(br, spec, 1, "teacher", "student", 5)
+        req = torch.empty(spec.request_numel(), dtype=torch.int64)
+        br.recv([req], 1, TAG_REQ).wait()
+        n = int(req[2])
+        ids = req[3:3 + n].numpy() + 1
+        sp = TinyTeacher().sparse(req[3 + spec.micro_batch:3 + spec.micro_batch + n * 6].reshape(n, 6))
+        buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+        br.send([encode_response(spec, int(req[1]), ids, sp, buf)], 1, TAG_RESP)
+
+    threading.Thread(target=rogue, daemon=True).start()
+    client = TeacherClient(topo_for(1, net, world=2), spec, startup_timeout_s=5)
+    t = client.submit(np.array([4, 5]), torch.zeros(2, 6, dtype=torch.int64))
+    with pytest.raises(PeerError, match=r"sample ids \[5, 6\] but request 0 asked for \[4, 5\]"):
+        client.result(t)
+
+
+@pytest.mark.parametrize("field,change", [("top_k", 20), ("seq_len", 8), ("vocab_size", 98),
+                                          ("tokenizer_hash", "xyz"), ("value_dtype", "bf16")])
+def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change):
+    net = FakeNet()
+    _, out, _ = start_server(topo_for(0, net, world=2))
+    bad = WireSpec(**{**SPEC.__dict__, field: change})
+    with pytest.raises(PeerError) as e:
+        TeacherClient(topo_for(1, net, world=2), bad, startup_timeout_s=5)
+    msg = str(e.value)
+    assert "rank 1 (host1" in msg and "teacher rank 0 (host0" in msg
+    hello_name = {"tokenizer_hash": "tokenizer_hash", "value_dtype": "value_dtype"}.get(field, field)
+    assert hello_name in msg
+    time.sleep(0.3)
+    assert isinstance(out.get("error"), PeerError) and "handshake" in str(out["error"])
+
+
+def test_silent_teacher_times_out_and_dead_teacher_fails_at_once():
+    net = FakeNet()
+    topo_t = topo_for(0, net, world=2, timeout=0.5)
+    from pd_dist.bridge import exchange_hello
+    threading.Thread(target=exchange_hello, args=(topo_t.bridge, SPEC, 1, "t", "s", 5), daemon=True).start()
+    client = TeacherClient(topo_for(1, net, world=2, timeout=0.5), SPEC, startup_timeout_s=5)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match=r"teacher rank 0 \(host0, node0\).*silent for 0.5s"):
+        client.result(client.submit(np.array([1]), torch.zeros(1, 6, dtype=torch.int64)))
+    assert time.monotonic() - t0 < 3
+    net.dead.add(0)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match="closed the connection"):
+        client.result(client.submit(np.array([2]), torch.zeros(1, 6, dtype=torch.int64)))
+    assert time.monotonic() - t0 < 1
+
+
+def test_server_reports_a_student_that_died():
+    net = FakeNet()
+    _, out, _ = start_server(topo_for(0, net, world=2))
+    client = TeacherClient(topo_for(1, net, world=2), SPEC, startup_timeout_s=5)
+    client.result(client.submit(np.array([1]), torch.zeros(1, 6, dtype=torch.int64)))
+    net.dead.add(1)
+    for _ in range(100):
+        if "error" in out:
+            break
+        time.sleep(0.05)
+    assert isinstance(out.get("error"), PeerError) and "student rank 1 (host1" in str(out["error"])
+
+
+def test_role_assignment():
+    cfg = TopologyConfig()
+    assert assign_roles(cfg, 3, ["a"] * 3) == [0]  # one node: rank 0 alone
+    nodes = ["a", "a", "b", "b", "c", "c"]
+    assert assign_roles(cfg, 6, nodes) == [0, 1]  # several nodes: the whole first node
+    assert assign_roles(TopologyConfig(teacher_nodes=2), 8, nodes + ["c", "c"]) == [0, 1, 2, 3]
+    assert assign_roles(TopologyConfig(teacher_ranks=[5]), 6, nodes) == [5]
+    with pytest.raises(ConfigError, match="cannot be split evenly"):
+        assign_roles(TopologyConfig(teacher_ranks=[0, 1]), 5, ["a"] * 5)
+    with pytest.raises(ConfigError, match="must leave nodes for students"):
+        assign_roles(TopologyConfig(teacher_nodes=3), 6, nodes)
+    with pytest.raises(ConfigError, match="students_per_teacher"):
+        assign_roles(TopologyConfig(students_per_teacher=3), 5, ["a"] * 5)
+    net = FakeNet()
+    topos = {r: topo_for(r, net, world=6, teachers=(0, 1)) for r in range(6)}
+    assert [topos[r].dp_rank for r in range(2, 6)] == [0, 1, 2, 3] and topos[2].dp_size == 4
+    assert [topos[r].my_teacher() for r in range(2, 6)] == [0, 0, 1, 1]
+    assert topos[0].my_students() == [2, 3] and topos[1].my_students() == [4, 5]

@@ -1,0 +1,135 @@
+"""Online distillation over gloo with real processes: equivalence with colocated PD, a teacher killed
+mid-run, and a launch across two ssh "hosts" with `deepspeed --hostfile`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SMOKE, free_port, launch, read_student, read_summary
+
+pytestmark = pytest.mark.multiproc
+
+BASE = ["train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "optim.warmup_steps=1", "distill.alpha.schedule=constant",
+        "distill.alpha.value=0.5", "distill.top_k=8"]
+
+
+def _runcfg(out, smoke_data, teacher, mode, steps=4):
+    return BASE + [f"output_dir={out}", f"data.dir={smoke_data.path}", f"teacher.path={teacher}",
+                   f"distill.mode={mode}", f"train.steps={steps}"]
+
+
+def test_online_one_teacher_two_students_matches_colocated(tmp_path, smoke_data, tiny_teacher_dir):
+    """1 teacher + 2 students (the 1:2 ratio) end where 2 colocated-PD ranks end."""
+    col, onl = tmp_path / "colocated", tmp_path / "online"
+    launch(2, _runcfg(col, smoke_data, tiny_teacher_dir, "colocated"), cwd=tmp_path)
+    proc = launch(3, _runcfg(onl, smoke_data, tiny_teacher_dir, "online") + ["distill.prefetch=3"],
+                  cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "serving students [1, 2]" in out and "mode online | dp 2" in out
+    a, b = read_summary(col), read_summary(onl)
+    # The same teacher on the same tokens; only the teacher's batch shapes differ (fp32 round-off).
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    assert b["teacher_top1_agreement"] == pytest.approx(a["teacher_top1_agreement"], abs=1e-6)
+    pa, pb = read_student(col), read_student(onl)
+    for k in pa:
+        assert (pa[k] - pb[k]).abs().max().item() < 1e-4, k
+    # Wire accounting: fp32 values + 2-byte indices at k=8 plus the id header.
+    tb = list((onl / "tensorboard").glob("events.*"))
+    assert tb, "student TensorBoard events missing"
+
+
+def _spawn_ranks(n, args, cwd, port):
+    """Start n ranks as srun would (environment only, no launcher that kills the others on failure)."""
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain_pd.py"), *args],
+                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def _args(overrides, config=SMOKE):
+    out = ["--config", str(config)]
+    for o in overrides:
+        out += ["--set", o]
+    return out
+
+
+def test_teacher_killed_students_exit_then_resume(tmp_path, smoke_data, tiny_teacher_dir):
+    run = tmp_path / "run"
+    over = _runcfg(run, smoke_data, tiny_teacher_dir, "online", steps=400) + [
+        "train.save_every=5", "topology.peer_timeout_s=10", "train.log_every=50"]
+    procs = _spawn_ranks(3, _args(over), tmp_path, free_port())
+    teacher, students = procs[0], procs[1:]
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "latest").exists():
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            assert all(p.poll() is None for p in procs), "a rank ended early"
+            time.sleep(0.05)
+        teacher.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        outs = [p.communicate(timeout=60)[0] for p in students]
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert elapsed < 10 + 5, f"students took {elapsed:.1f}s to notice"
+    for p, out in zip(students, outs):
+        assert p.returncode != 0
+        lines = [l for l in out.splitlines() if l.startswith("pd-dist: rank")]
+        assert len(lines) == 1, out[-2000:]
+        assert re.search(r"teacher rank 0 \([^)]+\)", lines[0]) and "closed the connection" in lines[0]
+    # The last completed checkpoint loads, and a restart continues from it.
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    ck_step = int(latest.removeprefix("step"))
+    assert ck_step >= 5 and ck_step % 5 == 0
+    procs = _spawn_ranks(3, _args(over + ["train.exit_after_steps=3"]) + ["--resume"], tmp_path, free_port())
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs[1][-3000:]
+    assert f"at step {ck_step}" in outs[1]
+    resumed = read_summary(run)
+    assert len(resumed["losses"]) == ck_step + 3
+    # The same run, uninterrupted, for ck_step + 3 steps: the same losses.
+    ref = tmp_path / "ref"
+    ref_over = [o if not o.startswith("output_dir=") else f"output_dir={ref}" for o in over]
+    procs = _spawn_ranks(3, _args(ref_over + [f"train.exit_after_steps={ck_step + 3}"]), tmp_path, free_port())
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs[1][-3000:]
+    assert resumed["losses"] == pytest.approx(read_summary(ref)["losses"], rel=1e-6)
+
+
+@pytest.mark.cluster
+def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
+    """`deepspeed --hostfile` over pdsh/ssh: node1 runs the teacher, node2 the student."""
+    from cluster import LoopbackCluster, ensure_cluster_packages, skip_or_fail
+
+    reason = ensure_cluster_packages()
+    if reason:
+        skip_or_fail(reason)
+    out = tmp_path / "run"
+    with LoopbackCluster(workdir=tmp_path / "cluster") as c:
+        c.deepspeed_env(tmp_path, {"PYTHONPATH": str(REPO)})
+        proc = c.launch(REPO / "launch" / "pretrain_pd.py",
+                        _args(_runcfg(out, smoke_data, tiny_teacher_dir, "online")), cwd=tmp_path, timeout=400)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert re.search(r"node1: .*\[teacher 0\] serving students \[1\]", text), text[-3000:]
+    assert re.search(r"node2: .*mode online \| dp 1", text), text[-3000:]
+    s = read_summary(out)
+    assert s["finished"] and len(s["losses"]) == 4
+    assert (out / "student" / "model.safetensors").is_file()
