@@ -71,6 +71,66 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def generate_main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/generate_logits.py: every rank is a teacher rank writing its shards."""
+    p = argparse.ArgumentParser(prog="generate_logits",
+                                description="write the offline teacher-logits store (distill.store)")
+    _add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from .config import load_config
+    from .store import StoreError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.distill.store:
+            raise ConfigError("config key 'distill.store' = None: name the directory to write the store to")
+    except ConfigError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    from .generate import run_generation
+    from .topology import init_topology
+
+    topo = init_topology()
+    try:
+        run_generation(cfg, topo)
+    except StoreError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 1
+    finally:
+        topo.close()
+    return 0
+
+
+def store_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist store", description="inspect or check a teacher-logits store")
+    p.add_argument("action", choices=["info", "verify"])
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="info: print JSON")
+    args = p.parse_args(argv)
+    import json
+
+    from .store import StoreError, store_info, verify_store
+
+    if args.action == "verify":
+        faults = verify_store(args.path)
+        for f in faults:
+            print(f"FAULT {f}")
+        print(f"{args.path}: {'OK' if not faults else f'{len(faults)} fault(s)'}")
+        return 1 if faults else 0
+    try:
+        info = store_info(args.path)
+    except StoreError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:28s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
 def _die(rank: int, message: str) -> None:
     """One line naming the peer, then out at once: tearing down groups with a dead peer can hang."""
     sys.stdout.flush()
@@ -123,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .plan import main as plan_main
 
-    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main}
+    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main,
+                "store": store_main, "generate": generate_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: pd-dist {train,prepare-data,config,plan} [options]\n"
               "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
               "  prepare-data  tokenize and pack the corpus\n"
               "  config        print the resolved config (--keys: every key, documented)\n"
-              "  plan          teacher:student rank split, wire bytes and store size for online PD",
+              "  plan          teacher:student rank split, wire bytes and store size for online PD\n"
+              "  store         info|verify PATH: inspect or check a teacher-logits store\n"
+              "  generate      write the store in this process (multi-rank: deepspeed launch/generate_logits.py)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

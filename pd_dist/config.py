@@ -62,6 +62,8 @@ class DistillConfig:
     loss: str = field(default="nll", metadata=doc("KD loss: " + " | ".join(KD_LOSSES)))
     alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
+    store: Optional[str] = field(default=None, metadata=doc(
+        "offline: the teacher-logits store to train from (and where launch/generate_logits.py writes)"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: str = field(default="auto", metadata=doc(
@@ -82,6 +84,30 @@ class DistillConfig:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.wire_dtype not in ("auto", "fp32", "bf16", "fp16"):
             fail(f"{prefix}.wire_dtype", self.wire_dtype, "must be auto, fp32, bf16 or fp16")
+
+
+@dataclass
+class GenerateConfig:
+    """The offline generation job (launch/generate_logits.py): how the store is written."""
+    top_p: Optional[float] = field(default=None, metadata=doc(
+        "top-p of the stored logits (null = distill.top_p); a wider store serves narrower runs"))
+    top_k: Optional[int] = field(default=None, metadata=doc("top-k stored (null = distill.top_k)"))
+    shard_size: int = field(default=256, metadata=doc("samples per shard (the unit of resumption)"))
+    micro_batch_size: int = field(default=0, metadata=doc(
+        "samples per teacher forward (0 = train.micro_batch_size)"))
+    compress: bool = field(default=True, metadata=doc("zstd-compress sample blocks where it pays"))
+    include_val: bool = field(default=True, metadata=doc(
+        "also store the held-out samples, so evaluation reports KD loss and teacher agreement"))
+
+    def validate(self, prefix: str) -> None:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
+        if self.shard_size < 1:
+            fail(f"{prefix}.shard_size", self.shard_size, "must be >= 1")
+        if self.micro_batch_size < 0:
+            fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
 
 
 @dataclass
@@ -177,11 +203,12 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig, metadata=doc(
         "teacher/student rank split (online mode)"))
+    generate: GenerateConfig = field(default_factory=GenerateConfig, metadata=doc(
+        "offline logits generation"))
 
     def validate(self, prefix: str) -> None:
-        if self.distill.mode == "offline":
-            fail("distill.mode", self.distill.mode,
-                 "offline mode needs a logits store; this build trains in modes none, colocated, online")
+        if self.distill.mode == "offline" and not self.distill.store:
+            fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 
     def student_ranks(self, world_size: int, nodes: Optional[list[str]] = None) -> int:
         """Student (data-parallel) ranks of a job of `world_size` ranks under this config."""

@@ -45,6 +45,8 @@ class DataConfig:
     vocab_size: int = field(default=8192, metadata=doc("vocabulary size of the trained BPE tokenizer"))
     seq_len: int = field(default=256, metadata=doc("tokens per training sample"))
     val_samples: int = field(default=32, metadata=doc("samples held out at the end for evaluation"))
+    loader_workers: int = field(default=2, metadata=doc(
+        "offline mode: DataLoader worker processes reading the logits store ahead of the step"))
     dir: Optional[str] = field(default=None, metadata=doc(
         "prepared-data directory (default: <output_dir>/data); reused when its inputs match"))
 
@@ -67,6 +69,8 @@ class DataConfig:
             fail(f"{prefix}.seq_len", self.seq_len, "must be >= 2")
         if self.val_samples < 1:
             fail(f"{prefix}.val_samples", self.val_samples, "must be >= 1")
+        if self.loader_workers < 0:
+            fail(f"{prefix}.loader_workers", self.loader_workers, "must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -256,6 +260,12 @@ class PackedDataset:
         self.n_val = self.meta["n_val"]
         self.fingerprint = self.meta["fingerprint"]
         self.vocab_size = self.meta["vocab_size"]
+
+    def __getstate__(self):  # DataLoader workers reopen the memory map instead of copying it
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -70,17 +70,43 @@ class PDStudent(nn.Module):
 
 @torch.no_grad()
 def teacher_sparse_logits(teacher: nn.Module, input_ids: torch.Tensor, top_p: float, top_k: int,
-                          chunk_size: int) -> SparseLogits:
-    """Teacher forward, then top-p-k truncation chunk by chunk (no full [tokens, vocab] logits kept)."""
+                          chunk_size: int, with_lse: bool = False):
+    """Teacher forward, then top-p-k truncation chunk by chunk (no full [tokens, vocab] logits kept).
+
+    With `with_lse`, also the full-vocabulary logsumexp per token (what an offline store keeps so a
+    wider store can be re-truncated exactly)."""
     body, head = final_norm_and_head(teacher)
     hidden = body(input_ids=input_ids).last_hidden_state
     lead = hidden.shape[:-1]
     hidden = hidden.flatten(0, -2)
-    parts = []
+    parts, lses = [], []
     for s in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[s:s + chunk_size]).float()
         parts.append(truncate(logits, top_p, top_k))
-    return SparseLogits.cat(parts).reshape(*lead)
+        if with_lse:
+            lses.append(torch.logsumexp(logits, dim=-1))
+    sparse = SparseLogits.cat(parts).reshape(*lead)
+    if with_lse:
+        return sparse, torch.cat(lses).reshape(lead)
+    return sparse
+
+
+class OfflineMicroBatches(torch.utils.data.Dataset):
+    """Micro-batch j of the training plan: its tokens and its stored teacher logits.
+
+    Read in DataLoader workers (each maps the store and the token file itself), so decoding and
+    re-truncation run ahead of the step that needs them."""
+
+    def __init__(self, plan: list[np.ndarray], data: PackedDataset, store):
+        self.plan, self.data, self.store = plan, data, store
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j: int):
+        ids = self.plan[j]
+        sparse, _ = self.store.get_batch(ids)
+        return torch.from_numpy(ids), torch.from_numpy(self.data.batch(ids)), sparse.indices, sparse.values
 
 
 def _rng_state() -> dict:
@@ -218,6 +244,18 @@ class Trainer:
             self.stop_at = min(cfg.train.steps, self.start_step + cfg.train.exit_after_steps)
         if self.client is not None:
             self.remote = PrefetchingTeacher(self.client, self._plan(), self._tokens_of, cfg.distill.prefetch)
+        self.store = None
+        self._offline_it = None
+        self.data_wait = 0.0
+        if self.mode == "offline":
+            from .store import open_for_training
+
+            d = cfg.distill
+            self.store = open_for_training(d.store, data_fingerprint=data.fingerprint,
+                                           tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
+                                           vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
+            self.monitor.print(f"offline logits: {d.store} ({len(self.store)} samples, stored top-"
+                               f"{self.store.meta.top_p}-{self.store.meta.top_k}, used top-{d.top_p}-{d.top_k})")
         elif self.ckpt.latest() is not None:
             raise RuntimeError(f"{self.ckpt.root} already holds checkpoints: pass --resume to continue "
                                "that run, or choose another output_dir")
@@ -271,6 +309,27 @@ class Trainer:
             yield from self.sampler.micro_batches(step, self.topo.dp_rank, self.topo.dp_size,
                                                   self.cfg.train.micro_batch_size)
 
+    def _offline_loader(self):
+        from torch.utils.data import DataLoader
+
+        plan = list(self._plan())
+        workers = self.cfg.data.loader_workers
+        loader = DataLoader(OfflineMicroBatches(plan, self.data, self.store), batch_size=None, shuffle=False,
+                            num_workers=workers, prefetch_factor=4 if workers else None,
+                            persistent_workers=False)
+        return iter(loader)
+
+    def _offline_micro(self, expected: np.ndarray):
+        if self._offline_it is None:
+            self._offline_it = self._offline_loader()
+        t0 = time.perf_counter()
+        ids, batch, idx, val = next(self._offline_it)
+        self.data_wait += time.perf_counter() - t0
+        if not np.array_equal(ids.numpy(), expected):
+            raise RuntimeError("offline loader out of step with the training plan")
+        batch = batch.to(self.device)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), idx.to(self.device), val.to(self.device)
+
     def _tokens_of(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.data.batch(ids))[:, :-1]
 
@@ -280,6 +339,10 @@ class Trainer:
         if self.teacher is not None:
             t = teacher_sparse_logits(self.teacher, input_ids, self.cfg.distill.top_p, self.cfg.distill.top_k,
                                       self.cfg.train.loss_chunk_size)
+        elif self.store is not None:  # evaluation; training batches come from the loader
+            if int(np.max(ids)) >= len(self.store):
+                return None, None  # the store holds no logits for the held-out samples
+            t, _ = self.store.get_batch(ids)
         elif training:
             t = self.remote.next(ids)
         else:
@@ -295,19 +358,24 @@ class Trainer:
             group["lr"] = lr
         micro_ids = self.sampler.micro_batches(step, self.topo.dp_rank, self.topo.dp_size,
                                                cfg.train.micro_batch_size)
-        micro = [self._micro_inputs(ids) for ids in micro_ids]
+        dw0 = self.data_wait
+        if self.store is not None:
+            micro = [self._offline_micro(ids) for ids in micro_ids]
+        else:
+            micro = [self._micro_inputs(ids) + (None, None) for ids in micro_ids]
         wait0 = self.client.wait_time if self.client is not None else 0.0
-        n_local = torch.tensor(float(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)))
+        n_local = torch.tensor(float(sum(int((m[1] != IGNORE_INDEX).sum()) for m in micro)))
         (normalizer,) = _sum_stats(self.topo, n_local)
         # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
         # the global token sum, so scale by dp size and let the average undo it.
         scale = float(self.topo.dp_size)
         sums = torch.zeros(4, dtype=torch.float64)
         t_teacher = 0.0
-        for ids, (inp, tgt) in zip(micro_ids, micro):
-            t0 = time.perf_counter()
-            t_idx, t_val = self._teacher_for(inp, ids, training=True)
-            t_teacher += time.perf_counter() - t0
+        for ids, (inp, tgt, t_idx, t_val) in zip(micro_ids, micro):
+            if t_idx is None:
+                t0 = time.perf_counter()
+                t_idx, t_val = self._teacher_for(inp, ids, training=True)
+                t_teacher += time.perf_counter() - t0
             loss, lm_sum, kd_sum, n_tok, top1 = self.engine(inp, tgt, t_idx, t_val, alpha, normalizer)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
@@ -324,6 +392,7 @@ class Trainer:
                "tokens": n_tok, "teacher_time": t_teacher}
         if self.client is not None:
             out["teacher_wait"] = self.client.wait_time - wait0
+        out["data_wait"] = self.data_wait - dw0
         return out
 
     # ------------------------------------------------------------------------------ evaluation
@@ -344,7 +413,7 @@ class Trainer:
         lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, sums)
         val_loss = lm_sum / max(n_tok, 1.0)
         out = {"eval/val_loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))}
-        if self.has_teacher:
+        if self.has_teacher and (self.store is None or int(self.data.val_ids().max()) < len(self.store)):
             out["eval/val_kd_loss"] = kd_sum / max(n_tok, 1.0)
             out["eval/teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
         return out
@@ -393,6 +462,8 @@ class Trainer:
             scalars["perf/tokens_per_sec"] = stats["tokens"] / dt
             if self.teacher is not None:
                 scalars["perf/teacher_time_frac"] = stats["teacher_time"] / dt
+            if self.store is not None:
+                scalars["perf/data_wait_frac"] = stats["data_wait"] / dt
             if self.client is not None:
                 scalars["perf/teacher_wait_frac"] = stats["teacher_wait"] / dt
                 scalars["comm/bytes_per_token"] = self.client.spec.bytes_per_token()
@@ -538,6 +609,11 @@ def teacher_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfi
     return tc
 
 
+def teacher_export_dir(cfg: ExperimentConfig) -> Path:
+    """Where the teacher's weights are: teacher.path, or the cached pre-trained default."""
+    return Path(cfg.teacher.path) if cfg.teacher.path else Path(cfg.output_dir) / "teacher" / "export"
+
+
 def _teacher_stamp(tc: ExperimentConfig, data: PackedDataset) -> str:
     blob = json.dumps({"model": to_dict(tc.model), "train": to_dict(tc.train), "optim": to_dict(tc.optim),
                        "data": data.fingerprint}, sort_keys=True)
@@ -551,7 +627,7 @@ def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset,
         check_same_tokenizer(cfg.teacher.path, data.tokenizer_dir, "the teacher")
         return build_model(cfg.teacher, data.vocab_size, seed=cfg.train.seed)
     tc = teacher_run_config(cfg, data.path)
-    export = Path(tc.output_dir) / "export"
+    export = teacher_export_dir(cfg)
     stamp = _teacher_stamp(tc, data)
     stamp_file = export / "pd_dist_teacher_stamp.txt"
     if stamp_file.is_file() and stamp_file.read_text().strip() == stamp:

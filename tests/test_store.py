@@ -128,6 +128,36 @@ def test_tv_bound_many_tokens():
     assert max(v for (_, _, tau), v in worst.items() if tau == 1.0) <= 1e-3
 
 
+@pytest.mark.parametrize("layout", ["index", "value"])
+@pytest.mark.parametrize("name", ["qgap", "exact"])
+def test_both_block_layouts(layout, name):
+    """Each layout round-trips (incl. ties in the quantized gaps, empty rows, k_out prefixes)."""
+    from pd_dist.store.codec import zstd_compressor, zstd_decompressor
+
+    enc = default_encoding(name)
+    full = full_logits("gauss", 1, seed=8, tokens=256, vocab=300)[0]
+    full[5] = float("-inf")  # an all -inf row: nothing kept
+    full[6, :4] = 7.0  # exactly tied logits
+    full[7, :3] = torch.tensor([5.0, 5.0 - 2 ** -10, 5.0 - 2 ** -11])  # equal once quantized
+    ref = truncate(full, 0.95, 40)
+    assert ref.counts()[5] == 0
+    lse = torch.logsumexp(full, -1)
+    for zc in (None, zstd_compressor(3)):
+        raw, n = encode_block(ref.values.numpy(), ref.indices.numpy(), lse.numpy(), 300, enc, zc, layout)
+        assert (raw[14] & 0x80 != 0) == (layout == "value")  # the header flags byte
+        for k_out in (40, 5, 1):
+            vals, idx, l2, counts = decode_block(raw, 256, 40, enc, k_out, zstd_decompressor(), 300)
+            assert np.array_equal(idx, ref.indices[:, :k_out].numpy())
+            assert np.array_equal(counts, ref.counts().numpy())
+            assert np.array_equal(l2.view(np.uint32), lse.numpy().view(np.uint32))
+            m = ref.mask[:, :k_out].numpy()
+            assert np.array_equal(vals > -np.inf, m)
+            err = np.abs(vals[m] - ref.values[:, :k_out].numpy()[m]).max()
+            assert err <= value_tolerance(enc)
+            if name == "exact":
+                assert np.array_equal(vals, ref.values[:, :k_out].numpy())
+
+
 def test_exact_encoding_is_lossless(tmp_path):
     full = full_logits("zipf", N, seed=4)
     meta = make_meta(encoding={"name": "exact"})
@@ -282,6 +312,15 @@ def test_truncated_shard(tmp_path, store_dir):
     with pytest.raises(StoreError, match="shard-00002.bin"):
         LogitsStore(root)
     assert any("shard-00002.bin" in f for f in verify_store(root))
+    # truncated while mapped: reported, not a SIGBUS
+    root2 = _copy_store(store_dir, tmp_path / "t2")
+    store2 = LogitsStore(root2)
+    store2.get(8)
+    with open(root2 / "shards" / "shard-00002.bin", "r+b") as fh:
+        fh.truncate(HEADER.size + 8)
+    with pytest.raises(StoreError) as ei:
+        store2.get(9)
+    assert "shard-00002.bin" in str(ei.value) and "sample 9" in str(ei.value)
     # a shard truncated to within its blocks is not a complete shard either
     with open(path, "r+b") as fh:
         fh.truncate(HEADER.size + 10)

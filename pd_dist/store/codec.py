@@ -2,38 +2,44 @@
 
 A sample is ``SparseLogits`` of shape [T, k] (T = seq_len tokens; per token c_t <= k kept entries first,
 sorted by value descending, then (-inf, 0) padding) plus the full-vocabulary logsumexp ``lse`` [T] (fp32).
-Only kept entries are stored, per token in ascending *index* order (the value order is restored on
-decode, see "tie ranks"). A block is a header followed by six streams; each stream is a sequence of
-unsigned integers split into byte planes (most significant plane first, each plane contiguous), and is
-stored as a zstd frame (magicless, no checksum: the shard's crc32 covers the block) when that is smaller::
+Only kept entries are stored. A block is a header followed by six streams; each stream is a sequence of
+unsigned integers split into byte planes (most significant plane first, each plane contiguous), stored as
+a zstd frame (magicless, no checksum: the shard's crc32 covers the block) when that is smaller::
 
-    header   ``<4sI6BB6I``: tag b"PDS2", n_kept (sum of c_t), byte planes of each stream, zstd flags
-             (bit i: stream i is compressed), stored byte length of each stream
+    header   ``<4sI6BB6I``: tag b"PDS2", n_kept (sum of c_t), byte planes of each stream, flags (bit i:
+             stream i is zstd-compressed; bit 7: value-order layout), stored byte length of each stream
     counts   [T]       c_t
     max      [T]       fp32 bit pattern of the per-token max kept logit m_t (exact), 4 planes
     lse      [T]       lse_t exactly: zigzag(ord(lse_t) - ord(m_t)), ord = the monotone map of fp32 bit
                        patterns to integers, so the difference is small and the high planes are zeros
-    idx      [n_kept]  per token, ascending indices delta-coded: the first as is, then idx_j - idx_(j-1) - 1
-    gap      [n_kept]  per entry (index order) the non-negative integer gap to the max G_tj:
-                       ``qgap``: G = rint((m_t - v_tj) / step), step = 2^step_log2 (default 2^-8);
-                       ``exact``: G = ord(m_t) - ord(v_tj) (lossless fp32)
-    tie      [n_kept]  per entry, its rank among the entries of its token with the same G, in the exact
-                       teacher (value-descending) order; almost always 0
+    idx, gap, tie      the kept entries, in one of two layouts (the encoder writes both and keeps the
+                       smaller block; the flag says which):
 
-Decoding sorts each token's entries by (G, tie rank), which is exactly the stored teacher order: G is
-non-decreasing along the value order and the tie rank orders equal G's. So re-truncation to a smaller top-k
-takes the same prefix pd_dist.logits.truncate would, even among entries whose quantized values are equal.
-Why index order: ascending indices cost ~log2(V / c) bits each instead of log2(V), and the value order they
-lose is carried by the gaps themselves (only equal gaps need the tie stream); on a trained 8192-vocab
-teacher this is ~8% smaller than storing indices in value order with delta-coded gaps. Everything is
-vectorized numpy over the whole block (scatter into [T, k] through the prefix mask ``arange(k) < c_t``,
-cumsum of the index deltas, one argsort per block).
+Every kept value is represented by its non-negative integer gap to the token's max, G_tj, which is
+non-decreasing along the value order: encoding ``qgap``: G = rint((m_t - v_tj) / step), step =
+2^step_log2 (default 2^-8); encoding ``exact``: G = ord(m_t) - ord(v_tj) (lossless fp32).
+
+* index-order layout (usually smaller on trained teachers, whose kept sets cluster on frequent tokens):
+  per token the entries sorted by ascending index; ``idx`` [n_kept] = the first index, then
+  idx_j - idx_(j-1) - 1; ``gap`` [n_kept] = G per entry; ``tie`` [n_kept] = the entry's rank among the
+  entries of its token with the same G, in the exact teacher (value-descending) order (almost always 0).
+  Decoding sorts each token's entries by (G, tie rank), which restores exactly the stored teacher order.
+  Ascending indices cost ~log2(V / c) bits each instead of log2(V); the value order they lose is carried
+  by the gaps themselves, and only equal gaps need the tie stream.
+* value-order layout (smaller when kept indices look random, e.g. very peaked or synthetic teachers):
+  ``idx`` [n_kept] = the indices in teacher order, ``gap`` [n_kept - tokens with c_t > 0] = G_tj -
+  G_t(j-1) for the entries after each token's max (G_t0 = 0 is implicit), ``tie`` empty.
+
+Either way the decoded order is the teacher's order, so re-truncation to a smaller top-k takes the same
+prefix pd_dist.logits.truncate would, even among entries whose quantized values are equal. Decoding is
+vectorized numpy over the whole block: scatter into [T, k] through the prefix mask ``arange(k) < c_t``,
+cumsums, and for the index-order layout one row-wise sort of packed (gap, tie, index) int64 keys.
 
 Fidelity of ``qgap`` (step s = 2^-8 by default). Decoded v'_tj = fl32(m_t - G_tj * s); G * s is exact (a
 power-of-two step), so v'_tj - v_tj = (g_tj - G_tj s) + rounding with |g - G s| <= s/2 and the fp32
 rounding <= ulp/2 <= 2^-16 (the writer refuses |logit| >= 256 for this encoding, so |v'| < 512); the max
 entry is exact. At temperature tau the kept distribution is p_j ∝ exp(v_j / tau), so
-log p'_j - log p_j = e_j / tau - log Z' / Z with e_j = v'_j - v_j confined to an interval of width
+log p'_j - log p_j = e_j / tau - log(Z' / Z) with e_j = v'_j - v_j confined to an interval of width
 w = s + 2^-15 (the max, e = 0, is inside it). Two distributions whose log-ratio lies in an interval of
 width W differ in total variation by at most tanh(W / 4) (the extreme case puts all the mass at the two
 ends of the interval). Hence per token
@@ -192,9 +198,10 @@ def zstd_decompressor():
 
 # ---------------------------------------------------------------------------------------- encode
 def encode_block(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab_size: int, enc: dict,
-                 zc=None) -> tuple[bytes, int]:
+                 zc=None, layout: str | None = None) -> tuple[bytes, int]:
     """Encode one sample ([T, k] fp32 values sorted descending with -inf padding, int64 indices, fp32
-    lse [T]); ``zc`` a :func:`zstd_compressor` or None. Returns (block bytes, number of kept entries)."""
+    lse [T]); ``zc`` a :func:`zstd_compressor` or None; ``layout`` 'index' / 'value' forces one (default:
+    the smaller). Returns (block bytes, number of kept entries)."""
     values = np.ascontiguousarray(values, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0 (equal values)
     indices = np.asarray(indices, dtype=np.int64)
     T, k = values.shape
@@ -245,8 +252,14 @@ def encode_block(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab
     rest = mask.copy()
     rest[:, 0] = False
     dg = np.diff(G, axis=1)[rest[:, 1:]]
-    blocks = [_pack(head + [(d_k, n_kept), (g_k, n_kept), (t_k, n_kept)], n_kept, 0, zc),
-              _pack(head + [(ki, n_kept), (dg, dg.size), (np.zeros(0, np.int64), 0)], n_kept, LAYOUT_VALUE, zc)]
+    blocks = []
+    if layout in (None, "index"):
+        blocks.append(_pack(head + [(d_k, n_kept), (g_k, n_kept), (t_k, n_kept)], n_kept, 0, zc))
+    if layout in (None, "value"):
+        blocks.append(_pack(head + [(ki, n_kept), (dg, dg.size), (np.zeros(0, np.int64), 0)], n_kept,
+                            LAYOUT_VALUE, zc))
+    if not blocks:
+        raise ValueError(f"layout must be None, 'index' or 'value', got {layout!r}")
     return min(blocks, key=len), n_kept
 
 

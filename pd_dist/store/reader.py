@@ -169,6 +169,14 @@ class LogitsStore:
         sh = self._shard(index, sample_id)
         j = sample_id - index * self.meta.shard_size
         off, n = sh.offsets[j], sh.nbytes[j]
+        try:  # a file truncated under a live mapping would SIGBUS on access: check its size first (~1 us)
+            size = os.stat(sh.path).st_size
+        except OSError:
+            size = -1
+        if size != sh.layout.size:
+            self._open.pop(index, None)
+            raise StoreError(f"{sh.path}: sample {sample_id}: the shard file changed or disappeared while "
+                             f"open ({size} bytes, was {sh.layout.size})")
         data = sh.mm[off:off + n]
         if len(data) != n:
             raise StoreError(f"{sh.path}: sample {sample_id}: block is cut short (file truncated)")
@@ -247,7 +255,6 @@ class LogitsStore:
                 probs = np.exp(vals.astype(np.float64) - lse.astype(np.float64)[:, None])
                 before = np.cumsum(probs, axis=1) - probs
                 keep = (before < p) & finite
-                keep[:, 0] &= True
                 drop = finite & ~keep
                 if drop.any():
                     vals[drop] = _NEG_INF

@@ -12,7 +12,7 @@ import torch
 
 from ..logits import SparseLogits
 from .codec import CodecError, encode_block, zstd_compressor
-from .format import (CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME, FORMAT_VERSION, HEADER,
+from .format import (CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME, FORMAT_VERSION,
                      MANIFEST, SHARD_DIR, TABLE_DTYPE, StoreError, StoreMeta, check_layout, pack_header,
                      parse_shard, shard_name, shard_path, shard_ranges)
 

@@ -1,0 +1,164 @@
+"""Offline teacher-logits generation: every rank is a teacher rank writing its own shards of the store.
+
+Shards are assigned round-robin (shard i to rank i mod world) and each is a fixed range of sample
+ids run in fixed micro-batches, so its bytes do not depend on which rank wrote it or when. A shard is
+written under a temporary name and renamed when complete; rerunning the same command after an
+interruption skips complete shards and redoes the rest, and the manifest (written last, by rank 0)
+makes the store byte-identical to an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .data import PackedDataset
+from .monitor import fmt_duration
+from .store import StoreError, StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
+from .topology import Topology
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_identity(model_dir: Path, name: str) -> dict:
+    """Name, config hash and weights hash of a save_pretrained directory."""
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.pop("transformers_version", None)  # not part of the model
+    return {"name": name, "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+            "weights_hash": _sha256_files(weights)}
+
+
+def store_meta(cfg: ExperimentConfig, data: PackedDataset, identity: dict) -> StoreMeta:
+    g = cfg.generate
+    n = data.n_train + (data.n_val if g.include_val else 0)
+    return StoreMeta(teacher=identity, tokenizer_hash=data.meta["tokenizer_hash"],
+                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
+                     top_p=g.top_p if g.top_p is not None else cfg.distill.top_p,
+                     top_k=g.top_k if g.top_k is not None else cfg.distill.top_k,
+                     n_samples=n, shard_size=g.shard_size).resolved()
+
+
+def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
+                logits_fn: Callable[[torch.Tensor], tuple], micro_batch: int, compress: bool = True,
+                on_tokens: Callable[[int], None] = lambda n: None) -> dict:
+    """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry."""
+    first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
+    with ShardWriter(root, meta, index, compress=compress) as w:
+        for s in range(first, end, micro_batch):
+            ids = np.arange(s, min(s + micro_batch, end))
+            tokens = torch.from_numpy(data.batch(ids))[:, :-1]
+            sparse, lse = logits_fn(tokens)
+            sparse, lse = sparse.to("cpu"), lse.to("cpu")
+            for j, sid in enumerate(ids):
+                w.add(int(sid), sparse[j], lse[j])
+            on_tokens(len(ids) * meta.seq_len)
+        return w.finish()
+
+
+class Progress:
+    """Per-rank progress files in the store directory; rank 0 prints the sum over ranks with an ETA."""
+
+    def __init__(self, root: Path, rank: int, world: int, total_tokens: int, log, every_s: float = 10.0):
+        self.dir = root / ".progress"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world, self.total, self.log, self.every_s = rank, world, total_tokens, log, every_s
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+        self.base = None
+
+    def add(self, tokens: int) -> None:
+        self.done += tokens
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        tmp = self.dir / f".rank{self.rank}.tmp"
+        tmp.write_text(json.dumps({"done": self.done}))
+        os.replace(tmp, self.dir / f"rank{self.rank}.json")
+        if self.rank == 0:
+            total_done = 0
+            for r in range(self.world):
+                try:
+                    total_done += json.loads((self.dir / f"rank{r}.json").read_text())["done"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            rate = total_done / max(now - self.t0, 1e-9)
+            self.log(f"[generate] {total_done:,}/{self.total:,} tokens this run | {rate:,.0f} tok/s over "
+                     f"{self.world} rank(s) | ETA {fmt_duration((self.total - total_done) / max(rate, 1e-9))}")
+
+
+def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
+    """The body of launch/generate_logits.py."""
+    from .trainer import _device, _use_bf16, obtain_teacher, prepare_run_data, teacher_export_dir, \
+        teacher_sparse_logits
+
+    if not cfg.distill.store:
+        raise ValueError("set distill.store: the directory the teacher-logits store is written to")
+    root = Path(cfg.distill.store)
+    say = log if topo.dp_rank == 0 else (lambda *_: None)
+    data = prepare_run_data(cfg, topo, log=say)
+    model = obtain_teacher(cfg, topo, data, log=say)
+    model_dir = teacher_export_dir(cfg)
+    meta = store_meta(cfg, data, teacher_identity(model_dir, cfg.teacher.path or f"{cfg.teacher.preset} "
+                                                  f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)"))
+    man = root / "manifest.json"
+    if man.is_file():
+        old = StoreMeta.from_dict(json.loads(man.read_text()))
+        if old.resolved().digest() != meta.digest():
+            raise StoreError(f"{root} already holds a store for other inputs (teacher, data or truncation "
+                             "differ); choose another distill.store or remove it")
+        say(f"[generate] {root} is complete already")
+        return root
+    device = _device()
+    model.to(device, dtype=torch.bfloat16 if _use_bf16(cfg) else torch.float32).eval().requires_grad_(False)
+    micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
+    n_shards = meta.n_shards
+    mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
+    todo = [i for i in mine if not shard_done(root, meta, i)]
+    ranges = shard_ranges(meta.n_samples, meta.shard_size)
+    n_todo_all = sum(1 for i in range(n_shards) if not shard_done(root, meta, i))
+    total = sum((ranges[i][1] - ranges[i][0]) * meta.seq_len for i in range(n_shards)
+                if not shard_done(root, meta, i))
+    say(f"[generate] {meta.n_samples} samples x {meta.seq_len} tokens, top-{meta.top_p}-{meta.top_k}, "
+        f"{n_shards} shards ({n_shards - n_todo_all} complete already) over {topo.dp_size} rank(s) -> {root}")
+    progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
+
+    def logits_fn(tokens):
+        return teacher_sparse_logits(model, tokens.to(device), meta.top_p, meta.top_k,
+                                     cfg.train.loss_chunk_size, with_lse=True)
+
+    t0 = time.perf_counter()
+    for i in todo:
+        write_shard(root, meta, i, data, logits_fn, micro, cfg.generate.compress, on_tokens=progress.add)
+    el = time.perf_counter() - t0
+    if todo:
+        toks = progress.done
+        print(f"[generate rank {topo.dp_rank}] wrote {len(todo)} shard(s), {toks:,} tokens in {el:.1f}s "
+              f"({toks / max(el, 1e-9):,.0f} tok/s)", flush=True)
+    topo.barrier()
+    if topo.dp_rank == 0:
+        write_manifest(root, meta)
+        for f in (root / ".progress").glob("*"):
+            f.unlink()
+        (root / ".progress").rmdir()
+        say(f"[generate] store complete: {root} (pd-dist store info {root})")
+    topo.barrier()
+    return root
