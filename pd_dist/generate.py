@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -59,17 +61,45 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, identity: dict) -> St
 def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
                 logits_fn: Callable[[torch.Tensor], tuple], micro_batch: int, compress: bool = True,
                 on_tokens: Callable[[int], None] = lambda n: None) -> dict:
-    """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry."""
+    """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry.
+
+    Encoding and writing run on a background thread (zstd and most of numpy release the GIL), so on
+    a GPU the next forward overlaps the previous micro-batch's encoding."""
     first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
+    jobs: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
     with ShardWriter(root, meta, index, compress=compress) as w:
-        for s in range(first, end, micro_batch):
-            ids = np.arange(s, min(s + micro_batch, end))
-            tokens = torch.from_numpy(data.batch(ids))[:, :-1]
-            sparse, lse = logits_fn(tokens)
-            sparse, lse = sparse.to("cpu"), lse.to("cpu")
-            for j, sid in enumerate(ids):
-                w.add(int(sid), sparse[j], lse[j])
-            on_tokens(len(ids) * meta.seq_len)
+        def writer():
+            while True:
+                item = jobs.get()
+                if item is None:
+                    return
+                if failure:
+                    continue  # drain: the producer stops at its next put
+                ids, sparse, lse = item
+                try:
+                    for j, sid in enumerate(ids):
+                        w.add(int(sid), sparse[j], lse[j])
+                    on_tokens(len(ids) * meta.seq_len)
+                except BaseException as e:  # re-raised on the producer's thread
+                    failure.append(e)
+
+        thread = threading.Thread(target=writer, name=f"pd-store-writer-{index}", daemon=True)
+        thread.start()
+        try:
+            for s in range(first, end, micro_batch):
+                if failure:
+                    break
+                ids = np.arange(s, min(s + micro_batch, end))
+                tokens = torch.from_numpy(data.batch(ids))[:, :-1]
+                sparse, lse = logits_fn(tokens)
+                jobs.put((ids, sparse.to("cpu"), lse.to("cpu")))
+        finally:
+            jobs.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
         return w.finish()
 
 
@@ -107,9 +137,10 @@ class Progress:
 
 def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     """The body of launch/generate_logits.py."""
-    from .trainer import _device, _use_bf16, obtain_teacher, prepare_run_data, teacher_export_dir, \
-        teacher_sparse_logits
+    from .trainer import _device, _use_bf16, obtain_teacher, prepare_run_data, set_threads, \
+        teacher_export_dir, teacher_sparse_logits
 
+    set_threads(cfg)
     if not cfg.distill.store:
         raise ValueError("set distill.store: the directory the teacher-logits store is written to")
     root = Path(cfg.distill.store)
@@ -156,6 +187,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     topo.barrier()
     if topo.dp_rank == 0:
         write_manifest(root, meta)
+        for f in (root / "shards").glob(".*.tmp"):  # left by an interrupted run; all shards are complete
+            f.unlink()
         for f in (root / ".progress").glob("*"):
             f.unlink()
         (root / ".progress").rmdir()

@@ -652,15 +652,19 @@ def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset,
     return build_model(ModelConfig(path=str(export)), data.vocab_size, seed=cfg.train.seed)
 
 
-def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
-                   log=print) -> Optional[TrainResult]:
-    """Everything the entry point does between parsing and tearing down."""
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+def set_threads(cfg: ExperimentConfig) -> None:
+    """train.threads, or on CPU the host's cores shared by the ranks on it (no oversubscription)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     elif not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
+                   log=print) -> Optional[TrainResult]:
+    """Everything the entry point does between parsing and tearing down."""
+    set_threads(cfg)
     say = log if topo.dp_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
     if topo.role == "teacher":

@@ -86,3 +86,29 @@ def read_student(out_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(out_dir) / "student" / "model.safetensors"))
+
+
+def assert_same_params(a: dict, b: dict, init: dict, rel=1e-3):
+    """Per tensor, ||a - b|| must be tiny against how far training moved it, ||b - init||.
+
+    Adam turns fp32 summation-order noise in the near-zero gradients of rare embedding rows into
+    update noise (measured: 1e-4 of the movement); a skipped gradient all-reduce or a bad ZeRO-3
+    gather changes the update itself, i.e. O(1) of the movement, and NaN fails outright."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.isfinite(a[k]).all(), k
+        moved = (b[k] - init[k]).norm().item()
+        assert moved > 0, f"{k} did not train"
+        diff = (a[k] - b[k]).norm().item()
+        assert diff <= rel * moved, f"{k}: |diff| {diff:.3g} vs movement {moved:.3g}"
+
+
+def read_initial(smoke_data):
+    """The student's initial weights (seeded preset init), to check that training moved them."""
+    from conftest import SMOKE
+    from pd_dist.config import load_config
+    from pd_dist.models import build_model
+
+    c = load_config(SMOKE)
+    model = build_model(c.model, smoke_data.vocab_size, seed=c.train.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

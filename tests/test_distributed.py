@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import launch, read_student, read_summary
+from conftest import assert_same_params, launch, read_initial, read_student, read_summary
 
 pytestmark = pytest.mark.multiproc
 
@@ -33,21 +33,6 @@ def _zero3_config(tmp_path):
                                                    "overlap_comm": False,
                                                    "stage3_param_persistence_threshold": 0}}))
     return p
-
-
-def _assert_same_params(a: dict, b: dict, init: dict, rel=1e-3):
-    """Per tensor, ||a - b|| must be tiny against how far training moved it, ||b - init||.
-
-    Adam turns fp32 summation-order noise in the near-zero gradients of rare embedding rows into
-    update noise (measured: 1e-4 of the movement); a skipped gradient all-reduce or a bad ZeRO-3
-    gather changes the update itself, i.e. O(1) of the movement, and NaN fails outright."""
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.isfinite(a[k]).all(), k
-        moved = (b[k] - init[k]).norm().item()
-        assert moved > 0, f"{k} did not train"
-        diff = (a[k] - b[k]).norm().item()
-        assert diff <= rel * moved, f"{k}: |diff| {diff:.3g} vs movement {moved:.3g}"
 
 
 @pytest.fixture(scope="module", params=["none", "colocated"])
@@ -73,20 +58,9 @@ def test_zero_two_ranks_match_single_rank(reference, zero, micro, tmp_path, smok
     assert len(summary["losses"]) == STEPS
     assert summary["losses"] == pytest.approx(ref_summary["losses"], rel=1e-5, abs=1e-6)
     assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], rel=1e-5)
-    _assert_same_params(params, ref_params, read_initial(smoke_data))
+    assert_same_params(params, ref_params, read_initial(smoke_data))
     if mode == "colocated":
         assert summary["teacher_top1_agreement"] is not None
-
-
-def read_initial(smoke_data):
-    """The student's initial weights (seeded preset init), to check that training moved them."""
-    from conftest import SMOKE
-    from pd_dist.config import load_config
-    from pd_dist.models import build_model
-
-    c = load_config(SMOKE)
-    model = build_model(c.model, smoke_data.vocab_size, seed=c.train.seed)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_resume_matches_uninterrupted(tmp_path, smoke_data, tiny_teacher_dir):
@@ -111,7 +85,7 @@ def test_resume_matches_uninterrupted(tmp_path, smoke_data, tiny_teacher_dir):
     assert b["finished"] is True
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
-    _assert_same_params(read_student(part), read_student(full), read_initial(smoke_data), rel=1e-6)
+    assert_same_params(read_student(part), read_student(full), read_initial(smoke_data), rel=1e-6)
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path):
