@@ -64,6 +64,9 @@ class DistillConfig:
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
     store: Optional[str] = field(default=None, metadata=doc(
         "offline: the teacher-logits store to train from (and where launch/generate_logits.py writes)"))
+    dump_logits: bool = field(default=False, metadata=doc(
+        "mode none: write this model's own top-p-k logits (generate.top_p/top_k) to distill.store as it "
+        "trains (the logits of a moving model; samples never trained on come from the final model)"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: str = field(default="auto", metadata=doc(
@@ -207,6 +210,11 @@ class ExperimentConfig:
         "offline logits generation"))
 
     def validate(self, prefix: str) -> None:
+        if self.distill.dump_logits:
+            if self.distill.mode != "none":
+                fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
+            if not self.distill.store:
+                fail("distill.store", None, "must name the store that distill.dump_logits writes")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

@@ -57,7 +57,7 @@ class PDStudent(nn.Module):
         deepspeed.zero.register_external_parameter(self, head.weight)
 
     def forward(self, input_ids, targets, teacher_indices=None, teacher_values=None,
-                alpha: float = 0.0, normalizer: float = 1.0):
+                alpha: float = 0.0, normalizer: float = 1.0, dump_top_p: float = 0.0, dump_top_k: int = 0):
         body, head = final_norm_and_head(self.model)
         hidden = body(input_ids=input_ids).last_hidden_state
         teacher = None
@@ -65,30 +65,39 @@ class PDStudent(nn.Module):
             teacher = SparseLogits(teacher_indices.flatten(0, -2), teacher_values.flatten(0, -2))
         out = fused_pd_loss(hidden.flatten(0, 1), head.weight, targets.flatten(), teacher, alpha,
                             self.kind, self.temperature, normalizer, chunk_size=self.chunk_size)
+        if dump_top_k:
+            # distill.dump_logits: this model's own truncated logits as it is now (one more chunked
+            # head pass without grad, inside forward so ZeRO-3 has the head weight gathered).
+            sparse, lse = sparse_logits_from_hidden(hidden.detach(), head, dump_top_p, dump_top_k,
+                                                    self.chunk_size)
+            return (out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree,
+                    sparse.indices, sparse.values, lse)
         return out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree
+
+
+@torch.no_grad()
+def sparse_logits_from_hidden(hidden: torch.Tensor, head: nn.Module, top_p: float, top_k: int,
+                              chunk_size: int) -> tuple[SparseLogits, torch.Tensor]:
+    """Top-p-k truncation of head(hidden) chunk by chunk, and the full-vocabulary logsumexp per token
+    (what an offline store keeps so a wider store can be re-truncated exactly)."""
+    lead = hidden.shape[:-1]
+    hidden = hidden.flatten(0, -2)
+    parts, lses = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[s:s + chunk_size] @ head.weight.T).float()
+        parts.append(truncate(logits, top_p, top_k))
+        lses.append(torch.logsumexp(logits, dim=-1))
+    return SparseLogits.cat(parts).reshape(*lead), torch.cat(lses).reshape(lead)
 
 
 @torch.no_grad()
 def teacher_sparse_logits(teacher: nn.Module, input_ids: torch.Tensor, top_p: float, top_k: int,
                           chunk_size: int, with_lse: bool = False):
-    """Teacher forward, then top-p-k truncation chunk by chunk (no full [tokens, vocab] logits kept).
-
-    With `with_lse`, also the full-vocabulary logsumexp per token (what an offline store keeps so a
-    wider store can be re-truncated exactly)."""
+    """Teacher forward, then top-p-k truncation chunk by chunk (no full [tokens, vocab] logits kept)."""
     body, head = final_norm_and_head(teacher)
     hidden = body(input_ids=input_ids).last_hidden_state
-    lead = hidden.shape[:-1]
-    hidden = hidden.flatten(0, -2)
-    parts, lses = [], []
-    for s in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[s:s + chunk_size]).float()
-        parts.append(truncate(logits, top_p, top_k))
-        if with_lse:
-            lses.append(torch.logsumexp(logits, dim=-1))
-    sparse = SparseLogits.cat(parts).reshape(*lead)
-    if with_lse:
-        return sparse, torch.cat(lses).reshape(lead)
-    return sparse
+    sparse, lse = sparse_logits_from_hidden(hidden, head, top_p, top_k, chunk_size)
+    return (sparse, lse) if with_lse else sparse
 
 
 class OfflineMicroBatches(torch.utils.data.Dataset):
@@ -244,6 +253,14 @@ class Trainer:
             self.stop_at = min(cfg.train.steps, self.start_step + cfg.train.exit_after_steps)
         if self.client is not None:
             self.remote = PrefetchingTeacher(self.client, self._plan(), self._tokens_of, cfg.distill.prefetch)
+        self.dump = None
+        if cfg.distill.dump_logits:
+            from .dump import LogitsDump
+
+            self.dump_p = cfg.generate.top_p if cfg.generate.top_p is not None else cfg.distill.top_p
+            self.dump_k = min(cfg.generate.top_k if cfg.generate.top_k is not None else cfg.distill.top_k,
+                              data.vocab_size)
+            self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, self.dump_k)
         self.store = None
         self._offline_it = None
         self.data_wait = 0.0
@@ -376,7 +393,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 t_idx, t_val = self._teacher_for(inp, ids, training=True)
                 t_teacher += time.perf_counter() - t0
-            loss, lm_sum, kd_sum, n_tok, top1 = self.engine(inp, tgt, t_idx, t_val, alpha, normalizer)
+            if self.dump is not None:
+                loss, lm_sum, kd_sum, n_tok, top1, d_idx, d_val, d_lse = self.engine(
+                    inp, tgt, t_idx, t_val, alpha, normalizer, self.dump_p, self.dump_k)
+                self.dump.add(step, ids, d_idx, d_val, d_lse)
+            else:
+                loss, lm_sum, kd_sum, n_tok, top1 = self.engine(inp, tgt, t_idx, t_val, alpha, normalizer)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
             sums += torch.stack([lm_sum.double(), kd_sum.double(), n_tok.double(), top1.double()]).cpu()
@@ -503,6 +525,8 @@ class Trainer:
         if export_dir is not None:
             self.export(export_dir)
             m.print(f"exported to {export_dir}")
+        if self.dump is not None:
+            self._finish_dump(export_dir)
         m.flush()
         return TrainResult(
             steps=t.steps, final_train_loss=last.get("train/loss", float("nan")),
@@ -511,7 +535,35 @@ class Trainer:
             export_dir=str(export_dir) if export_dir else None,
             tensorboard_dir=str(self.out / "tensorboard"), losses=list(self.losses))
 
+    def _finish_dump(self, export_dir: Optional[Path]) -> None:
+        """Turn the spools into a store; samples never trained on come from the exported final model."""
+        from .dump import build_store
+        from .generate import teacher_identity
+        from .store import StoreMeta
+
+        self.dump.close()
+        if export_dir is None:
+            raise RuntimeError("distill.dump_logits needs the final export to fill untrained samples")
+        cfg, data = self.cfg, self.data
+        final = build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0).to(self.device).eval()
+        ident = teacher_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
+                                             f"{cfg.train.steps} steps; dump_logits)")
+        meta = StoreMeta(teacher=ident, tokenizer_hash=data.meta["tokenizer_hash"],
+                         data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
+                         top_p=self.dump_p, top_k=self.dump_k,
+                         n_samples=data.n_train + (data.n_val if cfg.generate.include_val else 0),
+                         shard_size=cfg.generate.shard_size).resolved()
+
+        def final_logits(tokens):
+            return teacher_sparse_logits(final, tokens.to(self.device), self.dump_p, self.dump_k,
+                                         cfg.train.loss_chunk_size, with_lse=True)
+
+        build_store(Path(cfg.distill.store), meta, self.topo, data, final_logits,
+                    cfg.generate.micro_batch_size or cfg.train.micro_batch_size, log=self.monitor.print)
+
     def close(self) -> None:
+        if self.dump is not None:
+            self.dump.close()
         self.monitor.close()
         self.engine.destroy() if hasattr(self.engine, "destroy") else None
 

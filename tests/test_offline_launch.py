@@ -3,6 +3,7 @@ generation resumed to a byte-identical store, training from the store against co
 tools, and refusal of a store made for other data."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,44 @@ def test_store_for_other_data_is_refused(store, tmp_path, smoke_data):
                   cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "top_k" in proc.stdout + proc.stderr
+
+
+def test_dump_logits_from_the_teachers_own_pretraining(tmp_path, smoke_data):
+    """An LM-only run with distill.dump_logits writes a store: entries of samples trained at step 0 are
+    the initial model's logits, samples never trained on hold the final model's."""
+    import numpy as np
+    import torch
+
+    from pd_dist.data import GlobalBatchSampler
+    from pd_dist.logits import truncate
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.store import LogitsStore, verify_store
+
+    out, root = tmp_path / "run", tmp_path / "dumped"
+    launch(2, _train_over(out, smoke_data, "none", **{"distill.dump_logits": "true", "distill.store": root,
+                                                      "train.steps": 2, "generate.shard_size": 700}),
+           cwd=tmp_path)
+    assert verify_store(root) == []
+    info = json.loads((root / "dump_info.json").read_text())
+    assert info["samples_from_training"] == 16
+    store = LogitsStore(root)
+    cfg = __import__("pd_dist.config", fromlist=["load_config"]).load_config(SMOKE)
+    first = GlobalBatchSampler(smoke_data.n_train, 8, cfg.train.seed).global_batch_ids(0)
+    trained = set(GlobalBatchSampler(smoke_data.n_train, 8, cfg.train.seed).global_batch_ids(1)) | set(first)
+    initial = build_model(cfg.model, smoke_data.vocab_size, seed=cfg.train.seed).eval()
+    final = build_model(ModelConfig(path=str(out / "student")), smoke_data.vocab_size, seed=0).eval()
+    untrained = next(i for i in range(smoke_data.n_train) if i not in trained)
+    tol = store.value_tolerance()
+    for sid, model in [(int(first[0]), initial), (int(first[5]), initial), (untrained, final)]:
+        tokens = torch.from_numpy(smoke_data.batch([sid]))[:, :-1]
+        with torch.no_grad():
+            want = truncate(model(tokens).logits[0].float(), store.meta.top_p, store.meta.top_k)
+        got, _ = store.get(sid)
+        assert torch.equal(got.mask, want.mask), sid
+        assert torch.equal(got.indices[got.mask], want.indices[want.mask]), sid
+        assert (got.values[got.mask] - want.values[want.mask]).abs().max() <= tol + 1e-6, sid
+    # The step-0 entries are not the final model's: the dump really is of the moving model.
+    tokens = torch.from_numpy(smoke_data.batch([int(first[0])]))[:, :-1]
+    with torch.no_grad():
+        fin = truncate(final(tokens).logits[0].float(), store.meta.top_p, store.meta.top_k)
+    assert not torch.allclose(store.get(int(first[0]))[0].values, fin.values, atol=1e-3)
