@@ -17,12 +17,25 @@ exchange, which doubles as a barrier, and ends with the client's stop message):
      hello. No DeepSpeed engine: the bench isolates the overlap machinery (client, server, prefetch,
      wire), and the engine's step on one CPU rank adds the same work to both the alone and online runs;
   4. online: the student runs the same steps taking logits through PrefetchingTeacher(prefetch=2)
-     while the TeacherServer serves; timed total and client.wait_time (time blocked on logits).
+     while the TeacherServer serves; timed: total, time inside next(), client.wait_time (blocked on
+     logits).
 
 overlap_ratio = online_s / max(teacher_alone_s, student_alone_s) (1.0 = perfect overlap; the
 serial sum would give up to 2.0); teacher_wait_frac = wait / online_s. The main configuration has the
 faster teacher (tiny-teacher vs small-student); `teacher_slower` swaps sides (small-teacher vs
 tiny-student), where the student necessarily waits and only overlap_ratio is meaningful.
+
+Every phase runs `rounds` times (alternating, in the order above) and the fastest round of each phase
+is used, which filters out rounds where other jobs took the cores. Because the machine may be shared,
+the JSON also reports, per chosen phase, `foreign_cores`: how many cores other processes used
+(machine busy CPU from /proc/stat minus this bench's ranks, per wall second). On 2 cores, foreign load
+during the online phase slows it more than the alone phases (two ranks must be scheduled instead of
+one), so overlap_ratio is only a clean measure where foreign_cores is ~0. Less load-sensitive
+companions: `client_overhead_s` (student time inside PrefetchingTeacher.next() minus the wait: the
+client's own cost on the critical path), teacher_wait_frac (for a faster teacher, waits stay short
+whatever the load), and `student_online_cpu_ratio` / `teacher_online_cpu_ratio` (each rank's CPU
+seconds online over alone: the work the online machinery adds; under load these rise too, as the two
+ranks then share caches and host cores with other jobs).
 
 Wire: WireSpec(vocab 151552, top_p 0.95, top_k 50, bf16 values: the GPU default).bytes_per_token()
 against dense fp16 logits (2 * 151552 bytes/token) gives wire_reduction. The measured run uses the same
@@ -49,6 +62,19 @@ from _common import cpu_seconds, emit, log  # noqa: E402
 
 TEACHER, STUDENT = 0, 1
 REAL_VOCAB = 151552  # the paper's (GLM-4) vocabulary
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used (all cores), from /proc/stat.
+
+    Used to tell how much of each phase's cores other jobs took: the bench may share the machine."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    busy = v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -91,14 +117,15 @@ def rank_main(args) -> dict:
 
         for ids in plan[:args.warmup]:
             logits_fn(teacher, inputs[ids])
-        alone, alone_cpu, online_cpu, online_fwd = [], [], [], []
+        alone, alone_cpu, online_cpu, online_fwd, busy = [], [], [], [], []
         for r in range(rounds):
             # 1. teacher alone (the student waits in the hello of the next client)
-            c0, t0 = cpu_seconds(), time.perf_counter()
+            b0, c0, t0 = machine_busy_s(), cpu_seconds(), time.perf_counter()
             for ids in plan:
                 logits_fn(teacher, inputs[ids])
             alone.append(time.perf_counter() - t0)
             alone_cpu.append(cpu_seconds() - c0)
+            busy.append(machine_busy_s() - b0)
             log(f"{me} round {r}: alone {alone[-1]:.2f}s for {steps} micro-batches")
             # 2. collect (round 0) or a bare barrier; the student's alone phase then runs while the
             # online server waits in its hello; 4. online
@@ -111,7 +138,8 @@ def rank_main(args) -> dict:
                     online_fwd.append(stats.forward_s)
                     log(f"{me} round {r}: served {stats.requests} requests in {stats.batches} forwards, "
                         f"forward {stats.forward_s:.2f}s")
-        out.update(teacher_alone_s=alone, teacher_alone_cpu_s=alone_cpu, online_teacher_cpu_s=online_cpu,
+        out.update(teacher_alone_s=alone, teacher_alone_cpu_s=alone_cpu, teacher_alone_busy_s=busy,
+                   online_teacher_cpu_s=online_cpu,
                    online_teacher_forward_s=online_fwd)
     else:
         model = build_model(ModelConfig(preset=args.student), args.vocab, seed=2)
@@ -130,6 +158,7 @@ def rank_main(args) -> dict:
             return float(loss.detach())
 
         alone, alone_cpu, online, online_cpu, waits, idle_cpu = [], [], [], [], [], []
+        alone_busy, online_busy, next_s = [], [], []
         for r in range(rounds):
             # 2. round 0: collect every micro-batch's logits (untimed); later rounds: barrier only.
             c0 = cpu_seconds()
@@ -142,32 +171,53 @@ def rank_main(args) -> dict:
                 for i in range(args.warmup):
                     train_step(i, collected[i])
             # 3. student alone
-            c0, t0 = cpu_seconds(), time.perf_counter()
+            b0, c0, t0 = machine_busy_s(), cpu_seconds(), time.perf_counter()
             for i in range(steps):
                 loss = train_step(i, collected[i])
             alone.append(time.perf_counter() - t0)
             alone_cpu.append(cpu_seconds() - c0)
+            alone_busy.append(machine_busy_s() - b0)
             # 4. online
             client = TeacherClient(topo, spec)
             remote = PrefetchingTeacher(client, iter(plan), lambda ids: inputs[ids], prefetch=args.prefetch)
-            c0, t0 = cpu_seconds(), time.perf_counter()
+            in_next = 0.0
+            b0, c0, t0 = machine_busy_s(), cpu_seconds(), time.perf_counter()
             for i in range(steps):
-                loss = train_step(i, remote.next(plan[i]))
+                t1 = time.perf_counter()
+                sparse = remote.next(plan[i])
+                in_next += time.perf_counter() - t1
+                loss = train_step(i, sparse)
             online.append(time.perf_counter() - t0)
+            next_s.append(in_next)
             online_cpu.append(cpu_seconds() - c0)
+            online_busy.append(machine_busy_s() - b0)
             client.close()
             waits.append(client.wait_time)
             log(f"{me} round {r}: alone {alone[-1]:.2f}s, online {online[-1]:.2f}s for {steps} steps, "
                 f"waited {client.wait_time:.2f}s (loss {loss:.3f})")
         out.update(student_alone_s=alone, student_alone_cpu_s=alone_cpu, online_s=online,
                    online_student_cpu_s=online_cpu, wait_s=waits, idle_wait_cpu_s=idle_cpu,
+                   student_alone_busy_s=alone_busy, online_busy_s=online_busy, next_s=next_s,
                    bytes_received=client.bytes_received, tokens_received=client.tokens_received,
                    spec_bytes_per_token=spec.bytes_per_token())
+    # The result goes out before teardown: both sides are done with the bridge here (the student's
+    # last close() was answered by the teacher's serve() returning).
+    print(json.dumps(out), flush=True)
+    store = topo._store
     topo.close()
+    # Ordered exit: rank 0 hosts the TCPStore; leaving while the student still tears down its groups
+    # can abort it in C++ teardown ("terminate called without an active exception", seen here).
+    if topo.role == "student":
+        store.set("bench/student_closed", "1")
+    else:
+        store.wait(["bench/student_closed"])
     return out
 
 
 # ------------------------------------------------------------------------------------------ parent
+exit_codes: list = []  # (config, rank, code) of ranks that failed in teardown after reporting
+
+
 def run_config(args, label: str, teacher: str, student: str) -> dict:
     port = free_port()
     procs = []
@@ -182,33 +232,56 @@ def run_config(args, label: str, teacher: str, student: str) -> dict:
     try:
         for p in procs:
             stdout, _ = p.communicate(timeout=args.timeout)
-            if p.returncode != 0:
-                raise RuntimeError(f"{label}: rank exited with {p.returncode}")
-            res.append(json.loads(stdout.strip().splitlines()[-1]))
+            lines = stdout.strip().splitlines()
+            if not lines or not lines[-1].startswith("{"):
+                raise RuntimeError(f"{label}: rank {len(res)} exited with {p.returncode} and no result")
+            if p.returncode != 0:  # after its result: a teardown failure, reported but not fatal
+                log(f"[{label}] WARNING: rank {len(res)} exited with {p.returncode} after reporting")
+                exit_codes.append((label, len(res), p.returncode))
+            res.append(json.loads(lines[-1]))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     t, s = res
     # Least-disturbed round of each phase (min wall time): the machine may be shared with other jobs.
-    ta, sa = min(t["teacher_alone_s"]), min(s["student_alone_s"])
-    k = min(range(len(s["online_s"])), key=lambda i: s["online_s"][i])
+    def best(xs):
+        return min(range(len(xs)), key=lambda i: xs[i])
+
+    it, is_, k = best(t["teacher_alone_s"]), best(s["student_alone_s"]), best(s["online_s"])
+    ta, sa = t["teacher_alone_s"][it], s["student_alone_s"][is_]
     online, wait_s = s["online_s"][k], s["wait_s"][k]
     alone = max(ta, sa)
+    # Cores other jobs used during each chosen phase: machine busy CPU minus our ranks' CPU, per second.
+    foreign = {
+        "teacher_alone": (t["teacher_alone_busy_s"][it] - t["teacher_alone_cpu_s"][it]) / ta,
+        "student_alone": (s["student_alone_busy_s"][is_] - s["student_alone_cpu_s"][is_]) / sa,
+        "online": (s["online_busy_s"][k] - s["online_student_cpu_s"][k] - t["online_teacher_cpu_s"][k]) / online,
+    }
     return {
         "overlap_ratio": online / alone,
         "teacher_wait_frac": wait_s / online,
+        # CPU work the online machinery adds per side (request/response encode + decode, threads):
+        # online CPU seconds over alone CPU seconds, insensitive to other jobs on the machine.
+        "student_online_cpu_ratio": s["online_student_cpu_s"][k] / s["student_alone_cpu_s"][is_],
+        "teacher_online_cpu_ratio": t["online_teacher_cpu_s"][k] / t["teacher_alone_cpu_s"][it],
+        "foreign_cores": foreign,
+        # Student time inside PrefetchingTeacher.next() (submit ahead + wait + decode + id check) in
+        # the chosen online round, and that minus the wait: the client's own cost on the critical path.
+        "next_s": s["next_s"][k], "client_overhead_s": s["next_s"][k] - wait_s,
         "teacher_alone_s": ta, "student_alone_s": sa, "online_s": online, "wait_s": wait_s,
         "serial_s": ta + sa,
         "faster_side": "teacher" if ta < sa else "student",
         "rounds": {"teacher_alone_s": t["teacher_alone_s"], "student_alone_s": s["student_alone_s"],
-                   "online_s": s["online_s"], "wait_s": s["wait_s"],
+                   "online_s": s["online_s"], "wait_s": s["wait_s"], "next_s": s["next_s"],
                    "teacher_alone_cpu_s": t["teacher_alone_cpu_s"],
                    "student_alone_cpu_s": s["student_alone_cpu_s"],
                    "online_student_cpu_s": s["online_student_cpu_s"],
                    "online_teacher_cpu_s": t["online_teacher_cpu_s"],
                    "online_teacher_forward_s": t["online_teacher_forward_s"],
-                   "student_idle_wait_cpu_s": s["idle_wait_cpu_s"]},
+                   "student_idle_wait_cpu_s": s["idle_wait_cpu_s"],
+                   "teacher_alone_busy_s": t["teacher_alone_busy_s"],
+                   "student_alone_busy_s": s["student_alone_busy_s"], "online_busy_s": s["online_busy_s"]},
         "teacher_preset": teacher, "student_preset": student,
         "teacher_params": t["params"], "student_params": s["params"],
         "bytes_received": s["bytes_received"], "tokens_received": s["tokens_received"],
@@ -247,7 +320,7 @@ def main() -> int:
     ap.add_argument("--student", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_worker:
-        print(json.dumps(rank_main(args)), flush=True)
+        rank_main(args)
         return 0
     # Options forwarded to the ranks (everything but the parent-only ones).
     args.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -267,7 +340,9 @@ def main() -> int:
         r = runs[label]
         log(f"[{label}] teacher alone {r['teacher_alone_s']:.2f}s, student alone {r['student_alone_s']:.2f}s, "
             f"online {r['online_s']:.2f}s (waited {r['wait_s']:.2f}s): overlap_ratio {r['overlap_ratio']:.3f}, "
-            f"teacher_wait_frac {r['teacher_wait_frac']:.3f}")
+            f"teacher_wait_frac {r['teacher_wait_frac']:.3f}; other jobs used "
+            + ", ".join(f"{v:.2f}" for v in r["foreign_cores"].values())
+            + " cores during teacher alone / student alone / online")
 
     real = WireSpec(vocab_size=REAL_VOCAB, tokenizer_hash="-", seq_len=args.seq_len, top_k=50, top_p=0.95,
                     value_dtype="bf16", micro_batch=args.micro_batch)
@@ -285,27 +360,36 @@ def main() -> int:
         "measured_matches_spec": measured_ok,
         "measured_wire_reduction": 2.0 * args.vocab / m["measured_bytes_per_token"],
         "measured_spec": {"vocab": args.vocab, "top_p": args.top_p, "top_k": args.top_k,
-                          "value_dtype": args.wire_dtype, "index_bytes": 2 if args.vocab <= 1 << 16 else 3},
+                          "value_dtype": args.wire_dtype,
+                          "index_bytes": 2 if args.vocab <= 1 << 16 else (3 if args.vocab <= 1 << 24 else 4)},
         "teacher_alone_s": m["teacher_alone_s"], "student_alone_s": m["student_alone_s"],
         "online_s": m["online_s"], "wait_s": m["wait_s"], "serial_s": m["serial_s"],
         "faster_side": m["faster_side"],
+        "student_online_cpu_ratio": m["student_online_cpu_ratio"],
+        "teacher_online_cpu_ratio": m["teacher_online_cpu_ratio"], "foreign_cores": m["foreign_cores"],
+        "next_s": m["next_s"], "client_overhead_s": m["client_overhead_s"],
         "teacher_preset": m["teacher_preset"], "student_preset": m["student_preset"],
         "teacher_params": m["teacher_params"], "student_params": m["student_params"],
         "main": m,
         "teacher_slower": {k: slow[k] for k in (
             "overlap_ratio", "teacher_wait_frac", "teacher_alone_s", "student_alone_s", "online_s", "wait_s",
-            "serial_s", "faster_side", "teacher_preset", "student_preset", "teacher_params", "student_params",
-            "measured_bytes_per_token")},
+            "serial_s", "faster_side", "next_s", "client_overhead_s", "student_online_cpu_ratio",
+            "teacher_online_cpu_ratio", "foreign_cores", "teacher_preset", "student_preset", "teacher_params",
+            "student_params", "measured_bytes_per_token")},
         "steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "vocab": args.vocab,
         "prefetch": args.prefetch, "threads": args.threads, "cpus": os.cpu_count(), "kind": args.kind,
         "goals": {"overlap_ratio<=1.15": m["overlap_ratio"] <= 1.15,
-                  "teacher_wait_frac<0.05": m["teacher_wait_frac"] < 0.05 if m["faster_side"] == "teacher" else None,
+                  "teacher_wait_frac<0.05": (m["teacher_wait_frac"] < 0.05
+                                             if m["faster_side"] == "teacher" else None),
                   "wire_reduction>=1000": dense / real.bytes_per_token() >= 1000},
         "rounds": args.rounds,
+        "teardown_failures": exit_codes,
         # 1-minute load average: well above 2 means other jobs shared the cores with the ranks.
         "loadavg_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "total_s": time.perf_counter() - t0,
     }
+    log("goals: " + ", ".join(f"{k}: {v}" for k, v in result["goals"].items())
+        + f"; other jobs used {m['foreign_cores']['online']:.2f} cores during the main online phase")
     emit(result)
     return 0
 

@@ -76,11 +76,13 @@ class Source:
             self.seq_len = self.ds.seq_len
             self.model = build_model(ModelConfig(path=str(teacher)), self.vocab, seed=0).eval()
             self.teacher_path = str(teacher)
+            self.data_path = str(data)
             n = self.ds.n_train
             self.ids = np.random.default_rng(0).choice(n, size=min(n, args.samples), replace=False)
         else:
             self.vocab, self.seq_len = args.vocab, args.seq_len
             self.teacher_path = None
+            self.data_path = None
             self.ids = np.arange(args.samples)
         self.g = torch.Generator().manual_seed(0)
 
@@ -160,6 +162,40 @@ def vocab_151k(args, root: Path) -> dict:
     return size_summary(stores[(0.95, 50)])
 
 
+def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: int) -> dict:
+    """Generation (forward + top-p-k + lse + encode + write, as launch/generate_logits.py does it)
+    against a bare teacher forward (body + LM head, full logits, nothing else) on the same batches."""
+    from pd_dist.data import PackedDataset
+    from pd_dist.generate import write_shard
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.trainer import teacher_sparse_logits
+
+    data = PackedDataset(data_dir)
+    model = build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0).eval()
+    samples = min(samples, data.n_train)
+    batches = [torch.from_numpy(data.batch(np.arange(s, min(s + micro, samples))))[:, :-1]
+               for s in range(0, samples, micro)]
+    with torch.no_grad():
+        model(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for b in batches:
+            model(b).logits.float()
+        bare = time.perf_counter() - t0
+    meta = StoreMeta(teacher={"name": "bench", "config_hash": "-", "weights_hash": "-"},
+                     tokenizer_hash=data.meta["tokenizer_hash"], data_fingerprint=data.fingerprint,
+                     seq_len=data.seq_len, vocab_size=data.vocab_size, top_p=0.95, top_k=50,
+                     n_samples=samples, shard_size=samples).resolved()
+    with tempfile.TemporaryDirectory(prefix="pd_gen_bench_") as tmp:
+        t0 = time.perf_counter()
+        write_shard(Path(tmp), meta, 0, data,
+                    lambda tok: teacher_sparse_logits(model, tok, 0.95, 50, 1024, with_lse=True), micro)
+        gen = time.perf_counter() - t0
+    tokens = samples * data.seq_len
+    return {"gen_overhead": round(gen / bare - 1, 4), "bare_forward_s": round(bare, 3),
+            "generation_s": round(gen, 3), "gen_tokens_per_s": round(tokens / gen),
+            "bare_tokens_per_s": round(tokens / bare), "gen_samples": samples, "gen_micro_batch": micro}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, default=None, help="HF save_pretrained teacher directory")
@@ -176,6 +212,7 @@ def main() -> int:
     ap.add_argument("--consume-tokens-per-s", type=float, default=None,
                     help="the student's training consumption (tokens/s) to compare the read rate with")
     ap.add_argument("--skip-151k", action="store_true")
+    ap.add_argument("--gen-samples", type=int, default=128, help="samples for the generation-overhead run")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -202,13 +239,25 @@ def main() -> int:
         result["read_tokens_per_s"] = round(rate)
         result["read_setting"] = f"get_batch({args.read_batch}) random order, top-0.95-50, 1 process"
         log(f"read: {rate:,.0f} tokens/s")
-        if args.consume_tokens_per_s:
-            result["read_vs_consume"] = round(rate / args.consume_tokens_per_s, 2)
+        consume = args.consume_tokens_per_s
+        summary = REPO / "runs" / "default" / "summary.json"
+        if consume is None and src.name == "default-teacher" and summary.is_file():
+            import json
+
+            consume = json.loads(summary.read_text()).get("tokens_per_sec")
+            result["consume_source"] = f"{summary} (the default run's student tokens/s)"
+        if consume:
+            result["consume_tokens_per_s"] = round(consume)
+            result["read_vs_consume"] = round(rate / consume, 2)
         if not args.skip_151k:
             s = vocab_151k(args, root)
             result["bytes_per_token_151k"] = s["bytes_per_token"]
             result["v151k_top0.95_50"] = s
             log(f"151k vocab: {s}")
+    if src.teacher_path:
+        g = generation_overhead(Path(src.teacher_path), Path(src.data_path), args.gen_samples, 8)
+        result.update(g)
+        log(f"generation: {g}")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     emit(result)
     return 0

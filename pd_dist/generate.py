@@ -24,17 +24,8 @@ from .config import ExperimentConfig
 from .data import PackedDataset
 from .monitor import fmt_duration
 from .store import StoreError, StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
+from .store.format import sha256_file
 from .topology import Topology
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def teacher_identity(model_dir: Path, name: str) -> dict:
@@ -45,7 +36,8 @@ def teacher_identity(model_dir: Path, name: str) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg.pop("transformers_version", None)  # not part of the model
     return {"name": name, "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
-            "weights_hash": _sha256_files(weights)}
+            "weights_hash": hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in weights)
+                                           .encode()).hexdigest()}
 
 
 def store_meta(cfg: ExperimentConfig, data: PackedDataset, identity: dict) -> StoreMeta:

@@ -189,6 +189,14 @@ class Topology:
 
     def close(self) -> None:
         if self.bridge is not None:
+            # Everyone leaves together: global rank 0 hosts the job's TCPStore, and a rank that exits
+            # while its peers still tear down their groups can take them (or itself) down uncleanly.
+            try:
+                opts = dist.BarrierOptions()
+                opts.timeout = datetime.timedelta(seconds=max(3600.0, self.peer_timeout_s))
+                self.bridge.barrier(opts).wait()
+            except Exception:  # a peer already gone: nothing to wait for
+                pass
             try:
                 self.bridge.shutdown() if hasattr(self.bridge, "shutdown") else None
             except Exception:  # a peer already gone: nothing left to flush

@@ -191,6 +191,7 @@ class TrainResult:
     tensorboard_dir: str
     losses: list[float]
     finished: bool = True
+    tokens_per_sec: Optional[float] = None  # mean over the steps of this launch, first step excluded
 
 
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
@@ -472,6 +473,7 @@ class Trainer:
                 f"{'bf16' if self.bf16 else 'fp32'} | {t.steps} steps")
         timer = StepTimer()
         last = {}
+        self._rates: list[float] = []
         stop_at = self.stop_at
         for step in range(self.start_step, stop_at):
             stats = self.train_step(step)
@@ -482,6 +484,8 @@ class Trainer:
             scalars = {k: v for k, v in stats.items() if "/" in k}
             scalars["perf/step_time"] = dt
             scalars["perf/tokens_per_sec"] = stats["tokens"] / dt
+            if step > self.start_step:
+                self._rates.append(scalars["perf/tokens_per_sec"])
             if self.teacher is not None:
                 scalars["perf/teacher_time_frac"] = stats["teacher_time"] / dt
             if self.store is not None:
@@ -532,6 +536,7 @@ class Trainer:
             steps=t.steps, final_train_loss=last.get("train/loss", float("nan")),
             val_loss=ev["eval/val_loss"], val_ppl=ev["eval/ppl"],
             teacher_top1_agreement=ev.get("eval/teacher_top1_agreement"),
+            tokens_per_sec=sum(self._rates) / len(self._rates) if self._rates else None,
             export_dir=str(export_dir) if export_dir else None,
             tensorboard_dir=str(self.out / "tensorboard"), losses=list(self.losses))
 

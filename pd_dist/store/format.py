@@ -129,6 +129,15 @@ class StoreMeta:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for b in iter(lambda: fh.read(1 << 22), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
 def shard_ranges(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """(first, end) sample ids of each shard index."""
     if shard_size < 1:

@@ -1,7 +1,6 @@
 """Reading a teacher-logits store: random access, streaming, re-truncation, verification, statistics."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -15,7 +14,7 @@ import torch
 
 from ..logits import SparseLogits
 from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
-from .format import (CODEC_BLOCK, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardLayout, StoreError,
+from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardLayout, StoreError,
                      StoreMeta, check_layout, parse_shard, shard_name, shard_ranges)
 
 _NEG_INF = float("-inf")
@@ -50,16 +49,6 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
         raise StoreError(f"{path}: shard list does not match n_samples={meta.n_samples}, "
                          f"shard_size={meta.shard_size}")
     return man, meta
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(1 << 22)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 class _Shard:
@@ -112,7 +101,7 @@ class LogitsStore:
             faults = []
             for s in self.manifest["shards"]:
                 p = self.root / s["file"]
-                if _sha256_file(p) != s["sha256"]:
+                if sha256_file(p) != s["sha256"]:
                     faults.append(f"{p}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
             if faults:
                 raise StoreError(f"store {self.root} failed verification:\n  " + "\n  ".join(faults))
@@ -358,7 +347,7 @@ def verify_store(root) -> list[str]:
         if size != s["bytes"]:
             faults.append(f"{path}: {size} bytes, the manifest says {s['bytes']} (samples "
                           f"{s['first']}..{s['end'] - 1})")
-        if _sha256_file(path) != s["sha256"]:
+        if sha256_file(path) != s["sha256"]:
             faults.append(f"{path}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
         with open(path, "rb") as fh:
             if size == 0:

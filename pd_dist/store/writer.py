@@ -12,7 +12,7 @@ import torch
 
 from ..logits import SparseLogits
 from .codec import CodecError, encode_block, zstd_compressor
-from .format import (CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME, FORMAT_VERSION,
+from .format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME, FORMAT_VERSION,
                      MANIFEST, SHARD_DIR, TABLE_DTYPE, StoreError, StoreMeta, check_layout, pack_header,
                      parse_shard, shard_name, shard_path, shard_ranges)
 
@@ -181,16 +181,6 @@ def shard_done(root, meta: StoreMeta, shard_index: int) -> bool:
     return True
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(1 << 22)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def manifest_dict(meta: StoreMeta, shards: list[dict], hist: np.ndarray, n_kept: int) -> dict:
     d = meta.to_dict()
     d.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "meta_digest": meta.digest(),
@@ -223,7 +213,7 @@ def write_manifest(root, meta: StoreMeta) -> Path:
         hist += lay.hist
         n_kept += int(lay.table["n_kept"].sum())
         shards.append({"index": i, "file": shard_name(i), "first": first, "end": end,
-                       "bytes": lay.size, "sha256": _sha256_file(path)})
+                       "bytes": lay.size, "sha256": sha256_file(path)})
     sdir = root / SHARD_DIR
     if sdir.is_dir():
         known = {Path(shard_name(i)).name for i in range(len(ranges))}
