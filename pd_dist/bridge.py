@@ -1,4 +1,4 @@
-"""Teacher <-> student wire protocol over the bridge process group (point-to-point, gloo or NCCL).
+"""Teacher <-> student wire protocol over the bridge process group (gloo point-to-point).
 
 Messages are fixed-size tensors, so receivers post their buffers ahead of time:
 

@@ -7,8 +7,8 @@ the default world is the student world. In online mode the job is split into two
 - teacher ranks (whole nodes by default) and student ranks, each with its own *default* world made
   from one TCPStore with a PrefixStore per role, so DeepSpeed on a student rank sees only students
   (ZeRO, checkpoints, monitors unmodified) and a teacher rank sees only teachers;
-- one bridge process group over all ranks (gloo on CPU, NCCL on GPU), used only for teacher <-> student
-  point-to-point traffic.
+- one bridge process group over all ranks (gloo, also on GPU clusters: see init_topology), used only
+  for teacher <-> student point-to-point traffic; the role worlds use NCCL on GPU.
 
 Student dp rank s is served by teacher replica s // students_per_teacher (a replica is one rank).
 """
@@ -250,11 +250,12 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     role_rank = members.index(env.rank)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pd/world/{role}/", store), rank=role_rank,
                             world_size=len(members), timeout=timeout)
-    bridge_store = dist.PrefixStore("pd/bridge/", store)
-    if backend == "nccl":
-        bridge = dist.ProcessGroupNCCL(bridge_store, env.rank, env.world_size)
-    else:
-        bridge = dist.ProcessGroupGloo(bridge_store, env.rank, env.world_size, timeout)
+    # The bridge is gloo on GPU clusters too (teacher logits cross it from host memory over TCP):
+    # a teacher waits on several students at once, one blocking receive per student thread, which
+    # gloo supports and NCCL does not (its ops on a communicator must come from one ordered stream);
+    # a dead peer closes its gloo connection and fails the wait at once instead of at a watchdog
+    # timeout; and the traffic is small (~250 B/token at top-0.95-50, see bench/online.py).
+    bridge = dist.ProcessGroupGloo(dist.PrefixStore("pd/bridge/", store), env.rank, env.world_size, timeout)
     # DeepSpeed (and anything else reading the environment) must see the role world, not the job.
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(members)), LOCAL_RANK=str(env.local_rank))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

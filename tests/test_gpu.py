@@ -1,0 +1,37 @@
+"""GPU-only checks (bf16 kernels, NCCL role worlds): skipped where there is no CUDA device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import launch, read_summary
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_fused_loss_bf16_on_cuda_matches_fp32_reference():
+    from pd_dist.logits import truncate
+    from pd_dist.losses import fused_pd_loss, pd_loss_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(512, 256, device="cuda", generator=g)
+    w = torch.randn(8192, 256, device="cuda", generator=g) * 0.05
+    t = torch.randint(0, 8192, (512,), device="cuda", generator=g)
+    teacher = truncate(torch.randn(512, 8192, device="cuda", generator=g) * 3, 0.95, 50)
+    ref = pd_loss_reference(h.double(), w.double(), t, teacher.to(dtype=torch.float64), 0.5, "kld", 1.0, 512.0)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    out = fused_pd_loss(hb, wb, t, teacher, 0.5, "kld", 1.0, 512.0, chunk_size=128)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=2e-2)
+    assert torch.isfinite(hb.grad).all() and torch.isfinite(wb.grad).all()
+
+
+@cuda
+@pytest.mark.multiproc
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_colocated_bf16_two_gpus(tmp_path, smoke_data, tiny_teacher_dir):
+    launch(2, [f"output_dir={tmp_path / 'r'}", f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}",
+               "train.steps=4", "train.zero_stage=2", "train.precision=bf16"], cwd=tmp_path)
+    s = read_summary(tmp_path / "r")
+    assert s["finished"] and all(torch.isfinite(torch.tensor(s["losses"])))
