@@ -147,8 +147,11 @@ def _pack(vals: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> tuple[to
     return vals, idx
 
 
-def truncate(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
+def truncate(logits: torch.Tensor, top_p: float, top_k: int, return_lse: bool = False):
     """Top-p (on softmax at temperature 1) then top-k truncation of ``logits[..., V]``.
+
+    With ``return_lse``, returns ``(sparse, lse)`` where lse is the fp32 full-vocabulary logsumexp per
+    token, the normalizer top-p needs anyway (an offline store keeps it; one pass instead of two).
 
     Returns width ``min(top_k, V)`` (a width beyond V cannot be filled). Kept values are the input
     logits upcast to fp32 without arithmetic (bit-identical for fp32/bf16/fp16 input; float64 input is
@@ -167,10 +170,11 @@ def truncate(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
     # this avoids a full fp32 copy of the vocabulary.
     vals, idx = torch.topk(x, k, dim=-1, largest=True, sorted=True)
     vals = vals.float()
-    lse = _logsumexp_rows(x) if top_p < 1.0 else None
+    lse = _logsumexp_rows(x) if top_p < 1.0 or return_lse else None
     keep = _top_p_keep(vals, lse, float(top_p))
     vals, idx = _pack(vals, idx, keep)
-    return SparseLogits(idx.reshape(*lead, k), vals.reshape(*lead, k))
+    sparse = SparseLogits(idx.reshape(*lead, k), vals.reshape(*lead, k))
+    return (sparse, lse.reshape(lead)) if return_lse else sparse
 
 
 def truncate_reference(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:

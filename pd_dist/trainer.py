@@ -84,9 +84,10 @@ def sparse_logits_from_hidden(hidden: torch.Tensor, head: nn.Module, top_p: floa
     hidden = hidden.flatten(0, -2)
     parts, lses = [], []
     for s in range(0, hidden.shape[0], chunk_size):
-        logits = (hidden[s:s + chunk_size] @ head.weight.T).float()
-        parts.append(truncate(logits, top_p, top_k))
-        lses.append(torch.logsumexp(logits, dim=-1))
+        # Truncated in the head's dtype (topk on bf16 is exact; the normalizer is fp32 inside).
+        sparse, lse = truncate(hidden[s:s + chunk_size] @ head.weight.T, top_p, top_k, return_lse=True)
+        parts.append(sparse)
+        lses.append(lse)
     return SparseLogits.cat(parts).reshape(*lead), torch.cat(lses).reshape(lead)
 
 

@@ -234,3 +234,13 @@ def test_sparse_logits_container_ops():
     assert_same(cat, flat)
     with pytest.raises(IndexError):
         sp[..., 0]
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_return_lse_is_the_full_vocabulary_logsumexp(top_p):
+    x = torch.randn(5, 3, 301, dtype=torch.float64) * 4
+    sparse, lse = truncate(x.float(), top_p, 7, return_lse=True)
+    assert lse.shape == (5, 3) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x, -1), rtol=0, atol=1e-5)
+    plain = truncate(x.float(), top_p, 7)
+    assert torch.equal(sparse.values, plain.values) and torch.equal(sparse.indices, plain.indices)

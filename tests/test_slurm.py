@@ -1,0 +1,100 @@
+"""launch/slurm/pretrain_pd.sbatch submitted to a one-node Slurm cluster started by the test.
+
+The batch script as a user submits it (`sbatch` from the repository root), its #SBATCH resources
+overridden on the command line to fit one CPU-only node: srun starts 3 tasks, which map
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID themselves (no MPI), rank 0 becomes the online teacher
+serving students 1 and 2. Plus the fixture's own promises: a job that overruns is cancelled and nothing
+of the cluster (daemons, slurmstepd, job processes) is left running after exit, also on failure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMOKE, free_port, read_summary
+from slurm import LoopbackSlurm, _descendants, _tagged_processes, ensure_slurm_packages, pid_running, skip_or_fail
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.cluster]
+
+SBATCH = REPO / "launch" / "slurm" / "pretrain_pd.sbatch"
+TASKS = 3  # 1 teacher + 2 students
+# One node, no GPUs: these override the script's multi-node GPU #SBATCH lines. The node declares
+# max(TASKS, nproc) CPUs (see LoopbackSlurm), so 3 single-CPU tasks fit a 2-core machine; a node with
+# no GPU gres accepts --gpus-per-node=0.
+ONE_NODE = ["--nodes=1", f"--ntasks={TASKS}", f"--ntasks-per-node={TASKS}", "--gpus-per-node=0",
+            "--cpus-per-task=1", "--time=10", "--job-name=pd-dist-test"]
+
+
+@pytest.fixture(scope="module")
+def slurm_ready():
+    reason = ensure_slurm_packages()
+    if reason:
+        skip_or_fail(reason)
+
+
+def _cluster(tmp_path) -> LoopbackSlurm:
+    return LoopbackSlurm(tmp_path / "slurm", cpus=max(TASKS, os.cpu_count() or 1))
+
+
+def _assert_all_gone(pids: list[int], tag: str) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (any(pid_running(p) for p in pids) or
+                                           tag in _tagged_processes().values()):
+        time.sleep(0.1)
+    assert not [p for p in pids if pid_running(p)], "a Slurm daemon outlived the cluster"
+    left = [p for p, t in _tagged_processes().items() if t == tag and pid_running(p)]
+    assert not left, f"processes of the cluster left running: {left}"
+
+
+def test_sbatch_online_teacher_and_two_students(slurm_ready, tmp_path, smoke_data, tiny_teacher_dir):
+    out_dir = tmp_path / "run"
+    overrides = ["distill.mode=online", f"output_dir={out_dir}", f"data.dir={smoke_data.path}",
+                 f"teacher.path={tiny_teacher_dir}", "train.steps=4", "train.save_every=0",
+                 "train.eval_every=0"]
+    args = [a for o in overrides for a in ("--set", o)]
+    env = {"CONFIG": str(SMOKE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    t0 = time.monotonic()
+    with _cluster(tmp_path) as s:
+        daemons, tag = [p.pid for p in s.daemons.values()], s.id
+        t_up = time.monotonic() - t0
+        job_id, output, code = s.submit(SBATCH, args, env=env, cwd=REPO, timeout=240, sbatch_args=ONE_NODE)
+        t_job = time.monotonic() - t0 - t_up
+        diag = f"job {job_id} exit {code}; output:\n{output[-6000:]}\n{s.diagnostics()}"
+    _assert_all_gone(daemons, tag)
+    print(f"cluster up {t_up:.1f} s, job {t_job:.1f} s, total {time.monotonic() - t0:.1f} s")
+    assert code == 0, diag
+    assert "[teacher 0] serving students [1, 2]" in output, diag
+    assert "mode online | dp 2" in output, diag
+    summary = read_summary(out_dir)
+    assert summary["finished"] is True, summary
+    assert len(summary["losses"]) == 4, summary
+    assert not (REPO / f"pd-dist-{job_id}.out").exists()  # --output was redirected into the work dir
+
+
+def test_overrunning_job_is_cancelled_and_nothing_is_left(slurm_ready, tmp_path):
+    script = tmp_path / "sleep.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\necho started\nsrun sleep 600\n")
+    with _cluster(tmp_path) as s:
+        daemons, tag = [p.pid for p in s.daemons.values()], s.id
+        with pytest.raises(subprocess.TimeoutExpired) as e:
+            s.submit(script, cwd=tmp_path, timeout=8)
+        assert "started" in (e.value.output or "")
+        q = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=s.env(), capture_output=True, text=True)
+        assert q.returncode == 0 and not q.stdout.strip(), q.stdout
+        # The job's processes (slurmstepd, srun, the sleeps) are gone while the cluster still runs.
+        ours = {p for p, t in _tagged_processes().items() if t == tag and pid_running(p)}
+        daemon_tree = set(daemons).union(*(_descendants(p) for p in daemons))  # slurmctld's slurmscriptd
+        assert ours <= daemon_tree, {p: _cmdline(p) for p in ours - daemon_tree}
+    _assert_all_gone(daemons, tag)
+
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
