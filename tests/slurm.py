@@ -71,11 +71,11 @@ def ensure_slurm_packages() -> Optional[str]:
 
     Returns None when everything is there (installing if needed), else why it cannot be (use
     `skip_or_fail`, which fails in CI instead of skipping). Installing starts no daemon we rely on."""
+    if os.geteuid() != 0:
+        return "LoopbackSlurm needs root (slurmd runs as root, munged as user munge)"
     missing = _missing_tools()
     if not missing:
         return None
-    if os.geteuid() != 0:
-        return f"missing {', '.join(missing)} and not root, cannot apt-get install {' '.join(PACKAGES)}"
     if not shutil.which("apt-get"):
         return f"missing {', '.join(missing)} and no apt-get to install {' '.join(PACKAGES)}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
