@@ -11,7 +11,6 @@ higher; workers therefore build their inputs without large temporaries.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time

@@ -8,6 +8,7 @@ global mean. The teacher (colocated) runs forward under no_grad and is truncated
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -33,7 +34,7 @@ from .models import ModelConfig, build_model, check_same_tokenizer, count_params
 from .monitor import Monitor, StepTimer, fmt_duration
 from .schedules import alpha_at, check_schedule_state, lr_at, schedule_state
 from .topology import Topology
-from .bridge import DTYPES, WireSpec
+from .bridge import WireSpec
 from .online import STARTUP_TIMEOUT_S, PrefetchingTeacher, TeacherClient, TeacherServer
 
 
@@ -251,6 +252,9 @@ class Trainer:
         self.remote: Optional[PrefetchingTeacher] = None
         if resume:
             self._load()
+        elif self.ckpt.latest() is not None:
+            raise RuntimeError(f"{self.ckpt.root} already holds checkpoints: pass --resume to continue "
+                               "that run, or choose another output_dir")
         if cfg.train.exit_after_steps:
             self.stop_at = min(cfg.train.steps, self.start_step + cfg.train.exit_after_steps)
         if self.client is not None:
@@ -275,9 +279,6 @@ class Trainer:
                                            vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
             self.monitor.print(f"offline logits: {d.store} ({len(self.store)} samples, stored top-"
                                f"{self.store.meta.top_p}-{self.store.meta.top_k}, used top-{d.top_p}-{d.top_k})")
-        elif self.ckpt.latest() is not None:
-            raise RuntimeError(f"{self.ckpt.root} already holds checkpoints: pass --resume to continue "
-                               "that run, or choose another output_dir")
         if topo.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
@@ -452,7 +453,7 @@ class Trainer:
         if self.cfg.train.zero_stage == 3:
             ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         else:
-            ctx = _nullcontext()
+            ctx = contextlib.nullcontext()
         with ctx:
             if self.topo.is_logger:
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -465,7 +466,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ loop
     def fit(self, export_dir: Optional[Path] = None) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         m = self.monitor
         tokens_per_step = t.global_batch_size * self.data.seq_len
         m.print(f"{self.n_params / 1e6:.2f}M params | mode {self.mode} | dp {self.topo.dp_size} x micro "
@@ -572,14 +573,6 @@ class Trainer:
             self.dump.close()
         self.monitor.close()
         self.engine.destroy() if hasattr(self.engine, "destroy") else None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---------------------------------------------------------------------------------- orchestration

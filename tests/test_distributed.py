@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import assert_same_params, launch, read_initial, read_student, read_summary
 

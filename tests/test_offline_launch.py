@@ -135,7 +135,6 @@ def test_store_for_other_data_is_refused(store, tmp_path, smoke_data):
 def test_dump_logits_from_the_teachers_own_pretraining(tmp_path, smoke_data):
     """An LM-only run with distill.dump_logits writes a store: entries of samples trained at step 0 are
     the initial model's logits, samples never trained on hold the final model's."""
-    import numpy as np
     import torch
 
     from pd_dist.data import GlobalBatchSampler

@@ -2,17 +2,14 @@
 mid-run, and a launch across two ssh "hosts" with `deepspeed --hostfile`."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, SMOKE, free_port, launch, read_student, read_summary
 

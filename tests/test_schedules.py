@@ -1,7 +1,6 @@
 """Tests for pd_dist.schedules: shapes, boundaries, bounds, validation, checkpoint state."""
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
