@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from cluster import _descendants, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
+from cluster import _descendants, _kill_pids, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
 
 PACKAGES = ("slurm-wlm", "munge")
 MUNGED = "/usr/sbin/munged"
@@ -115,20 +115,7 @@ def _tagged_processes() -> dict[int, str]:
 
 def _terminate(pids: list[int], grace: float = 5.0) -> None:
     """SIGTERM, wait up to ``grace`` s, then SIGKILL whatever is left (zombies count as gone)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = []
-        for p in pids:
-            try:
-                os.kill(p, sig)
-                live.append(p)
-            except ProcessLookupError:
-                pass
-        if not live:
-            return
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
-        while time.monotonic() < deadline and any(pid_running(p) for p in live):
-            time.sleep(0.05)
-        pids = [p for p in live if pid_running(p)]
+    _kill_pids(pids, grace=grace)
 
 
 def _owner_alive(tag: str) -> bool:
