@@ -158,12 +158,13 @@ class TeacherServer:
     def __init__(self, topo: Topology, spec: WireSpec, model: torch.nn.Module,
                  logits_fn: Callable[[torch.nn.Module, torch.Tensor], SparseLogits],
                  max_batch: int, log: Callable[[str], None] = lambda s: None, log_every_s: float = 30.0,
+                 metrics: Callable[[int, dict], None] = lambda n, d: None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S):
         self.topo, self.spec, self.model, self.logits_fn = topo, spec, model, logits_fn
         self.max_batch = max(max_batch, spec.micro_batch)
         self.students = topo.my_students()
         self.me_desc = f"teacher {topo.describe(topo.rank)}"
-        self.log, self.log_every_s = log, log_every_s
+        self.log, self.log_every_s, self.metrics = log, log_every_s, metrics
         for s in self.students:
             exchange_hello(topo.bridge, spec, s, self.me_desc, f"student {topo.describe(s)}",
                            max(startup_timeout_s, topo.peer_timeout_s))
@@ -186,6 +187,14 @@ class TeacherServer:
             inbox.put((s, buf))
             if int(buf[0]) == OP_STOP:
                 return
+
+    def _report(self, now: float) -> None:
+        el = max(now - self.stats.started, 1e-9)
+        self.log(f"served {self.stats.requests} requests, {self.stats.tokens / el:,.0f} tok/s, "
+                 f"forward busy {self.stats.forward_s / el:.0%}")
+        self.metrics(self.stats.requests, {"teacher/tokens_per_sec": self.stats.tokens / el,
+                                           "teacher/forward_busy_frac": self.stats.forward_s / el,
+                                           "teacher/requests": self.stats.requests})
 
     def serve(self) -> ServeStats:
         spec, bridge = self.spec, self.topo.bridge
@@ -242,9 +251,8 @@ class TeacherServer:
             now = time.perf_counter()
             if now - last_log > self.log_every_s:
                 last_log = now
-                el = now - self.stats.started
-                self.log(f"served {self.stats.requests} requests, {self.stats.tokens / el:,.0f} tok/s, "
-                         f"forward busy {self.stats.forward_s / el:.0%}")
+                self._report(now)
+        self._report(time.perf_counter())
         for s in self.students:
             for w, _ in sends[s]:
                 wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")

@@ -633,15 +633,17 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
     me = f"[teacher {topo.rank}] "
-    server = TeacherServer(topo, spec, model, logits_fn, max_batch, log=lambda s: print(me + s, flush=True))
+    # One event directory per teacher replica: their throughputs differ.
+    tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
+    server = TeacherServer(topo, spec, model, logits_fn, max_batch, log=lambda s: print(me + s, flush=True),
+                           metrics=lambda n, d: (tb.scalars(n, d), tb.flush()))
     print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
           f"{spec.value_dtype} values)", flush=True)
-    stats = server.serve()
+    try:
+        stats = server.serve()
+    finally:
+        tb.close()
     el = time.perf_counter() - stats.started
-    tb = Monitor(topo.dp_rank == 0, Path(cfg.output_dir) / "tensorboard" / "teacher")
-    tb.scalars(stats.requests, {"teacher/tokens_per_sec": stats.tokens / max(el, 1e-9),
-                                "teacher/forward_busy_frac": stats.forward_s / max(el, 1e-9)})
-    tb.close()
     print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
           f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
 

@@ -41,9 +41,8 @@ def test_online_one_teacher_two_students_matches_colocated(tmp_path, smoke_data,
     pa, pb = read_student(col), read_student(onl)
     for k in pa:
         assert (pa[k] - pb[k]).abs().max().item() < 1e-4, k
-    # Wire accounting: fp32 values + 2-byte indices at k=8 plus the id header.
-    tb = list((onl / "tensorboard").glob("events.*"))
-    assert tb, "student TensorBoard events missing"
+    assert list((onl / "tensorboard").glob("events.*")), "student TensorBoard events missing"
+    assert list((onl / "tensorboard" / "teacher0").glob("events.*")), "teacher TensorBoard events missing"
 
 
 def _spawn_ranks(n, args, cwd, port):
@@ -85,7 +84,8 @@ def test_teacher_killed_students_exit_then_resume(tmp_path, smoke_data, tiny_tea
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert elapsed < 10 + 5, f"students took {elapsed:.1f}s to notice"
+    # Within the peer timeout (10 s; a closed connection is noticed at once), with slack for a loaded machine.
+    assert elapsed < 10 + 20, f"students took {elapsed:.1f}s to notice"
     for p, out in zip(students, outs):
         assert p.returncode != 0
         lines = [l for l in out.splitlines() if l.startswith("pd-dist: rank")]
