@@ -93,3 +93,25 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     out = proc.stdout + proc.stderr
     assert "distill.top_p" in out and "(0, 1]" in out
     assert "init_distributed" not in out and not (tmp_path / "o").exists()
+
+
+def test_default_teacher_is_pretrained_once_then_reused(tmp_path, smoke_data):
+    """No teacher.path: the run pre-trains its teacher (LM only, same trainer), caches it, and a second
+    run with the same teacher settings reuses it instead of training again."""
+    over = [f"data.dir={smoke_data.path}", "train.steps=2", "teacher.pretrain_steps=3", "train.eval_every=0",
+            "train.save_every=0"]
+    first = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path)
+    text = first.stdout + first.stderr
+    assert "pre-training a tiny-teacher teacher for 3 steps" in text
+    export = tmp_path / "a" / "teacher" / "export"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    assert (export / "pd_dist_teacher_stamp.txt").is_file()
+    assert read_summary(tmp_path / "a")["teacher_top1_agreement"] is not None
+    again = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path, check=False)
+    # Same output_dir with student checkpoints present: refused without --resume, teacher untouched.
+    assert again.returncode != 0 and "pass --resume" in again.stdout + again.stderr
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "checkpoints")
+    third = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert "reusing the pre-trained teacher" in third.stdout + third.stderr
