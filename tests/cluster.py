@@ -180,6 +180,21 @@ def _kill_pids(pids: list[int], grace: float = 3.0) -> None:
         pids = [p for p in live if pid_running(p)]
 
 
+def acquire_file_lock(path, timeout: float, owner: str) -> int:
+    """An exclusive flock on `path` (machine-wide: one fixture of a kind at a time); returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(f"another {owner} holds {path} for > {timeout} s")
+            time.sleep(0.5)
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -295,18 +310,7 @@ class LoopbackCluster:
         self._wait_ready()
 
     def _acquire_lock(self) -> None:
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RuntimeError(f"another LoopbackCluster holds {LOCK_FILE} for > {self.lock_timeout} s")
-                time.sleep(0.5)
-        self._lock_fd = fd
+        self._lock_fd = acquire_file_lock(LOCK_FILE, self.lock_timeout, "LoopbackCluster")
 
     # -- ~/.ssh edits ----------------------------------------------------------------------------
     def _ensure_ssh_dir(self) -> None:

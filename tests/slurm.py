@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from cluster import _descendants, _kill_pids, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
+from cluster import _descendants, _kill_pids, acquire_file_lock, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
 
 PACKAGES = ("slurm-wlm", "munge")
 MUNGED = "/usr/sbin/munged"
@@ -254,18 +254,7 @@ class LoopbackSlurm:
         self._wait(self._node_idle, f"node {self.node} idle in sinfo")
 
     def _acquire_lock(self) -> None:
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RuntimeError(f"another LoopbackSlurm holds {LOCK_FILE} for > {self.lock_timeout} s")
-                time.sleep(0.5)
-        self._lock_fd = fd
+        self._lock_fd = acquire_file_lock(LOCK_FILE, self.lock_timeout, "LoopbackSlurm")
 
     def _purge_stale(self) -> None:
         """End what a crashed earlier LoopbackSlurm (its owner process gone) left running."""
