@@ -572,7 +572,8 @@ class Trainer:
         if self.dump is not None:
             self.dump.close()
         self.monitor.close()
-        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
 
 
 # ---------------------------------------------------------------------------------- orchestration

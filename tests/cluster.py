@@ -83,12 +83,19 @@ def ensure_cluster_packages() -> Optional[str]:
         return None
     if os.geteuid() != 0:
         return f"missing {', '.join(missing)} and not root, cannot apt-get install {' '.join(PACKAGES)}"
+    return apt_install(PACKAGES, _missing_tools)
+
+
+def apt_install(packages: tuple[str, ...] | list[str], missing_tools) -> Optional[str]:
+    """apt-get update + install `packages` (noninteractive, waiting for the dpkg lock); None when
+    `missing_tools()` is empty afterwards, else why not."""
+    missing = missing_tools()
     if not shutil.which("apt-get"):
-        return f"missing {', '.join(missing)} and no apt-get to install {' '.join(PACKAGES)}"
+        return f"missing {', '.join(missing)} and no apt-get to install {' '.join(packages)}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     lock_wait = ["-o", "DPkg::Lock::Timeout=300"]
     for cmd in (["apt-get", *lock_wait, "update", "-q"],
-                ["apt-get", *lock_wait, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
+                ["apt-get", *lock_wait, "install", "-y", "-q", "--no-install-recommends", *packages]):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
@@ -96,7 +103,7 @@ def ensure_cluster_packages() -> Optional[str]:
         if proc.returncode != 0:
             tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
             return f"`{' '.join(cmd)}` failed ({proc.returncode}): {tail}"
-    missing = _missing_tools()
+    missing = missing_tools()
     return f"still missing after install: {', '.join(missing)}" if missing else None
 
 

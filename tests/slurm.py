@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from cluster import _descendants, _kill_pids, acquire_file_lock, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
+from cluster import _descendants, _kill_pids, acquire_file_lock, apt_install, free_port, in_ci, pid_running, skip_or_fail  # noqa: F401  (re-exported)
 
 PACKAGES = ("slurm-wlm", "munge")
 MUNGED = "/usr/sbin/munged"
@@ -75,21 +75,7 @@ def ensure_slurm_packages() -> Optional[str]:
     missing = _missing_tools()
     if not missing:
         return None
-    if not shutil.which("apt-get"):
-        return f"missing {', '.join(missing)} and no apt-get to install {' '.join(PACKAGES)}"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    lock_wait = ["-o", "DPkg::Lock::Timeout=300"]
-    for cmd in (["apt-get", *lock_wait, "update", "-q"],
-                ["apt-get", *lock_wait, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(cmd)}` timed out"
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-            return f"`{' '.join(cmd)}` failed ({proc.returncode}): {tail}"
-    missing = _missing_tools()
-    return f"still missing after install: {', '.join(missing)}" if missing else None
+    return apt_install(PACKAGES, _missing_tools)
 
 
 # -- processes ---------------------------------------------------------------------------------------
