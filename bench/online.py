@@ -9,7 +9,7 @@ fixed list of `steps` micro-batches known to both sides (sample ids i*mb .. (i+1
 
 Phases, in lock-step (each TeacherServer / TeacherClient pair begins with the protocol's hello
 exchange, which doubles as a barrier, and ends with the client's stop message):
-  1. teacher alone: the teacher rank times teacher_sparse_logits over all micro-batches (after a
+  1. teacher alone: the teacher rank times the frozen teacher (forward + top-p-k) over all micro-batches (after a
      warm-up) while the student rank idles in the next hello;
   2. collect (untimed): the student fetches every micro-batch's logits through a TeacherClient;
   3. student alone: the student times `steps` training steps on the collected logits (PDStudent forward
@@ -93,7 +93,8 @@ def rank_main(args) -> dict:
     from pd_dist.models import ModelConfig, build_model, count_params
     from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
     from pd_dist.topology import TopologyConfig, init_topology
-    from pd_dist.trainer import PDStudent, teacher_sparse_logits
+    from pd_dist.inference import FrozenTeacher
+    from pd_dist.student import PDStudent
 
     topo = init_topology(online=TopologyConfig(teacher_ranks=[TEACHER], peer_timeout_s=120))
     me = f"[{args.label} {topo.role}]"
@@ -108,21 +109,17 @@ def rank_main(args) -> dict:
 
     rounds = args.rounds
     if topo.role == "teacher":
-        teacher = build_model(ModelConfig(preset=args.teacher), args.vocab, seed=1)
-        teacher.eval().requires_grad_(False)
-        out["params"] = count_params(teacher)
-
-        def logits_fn(m, tokens):
-            return teacher_sparse_logits(m, tokens, args.top_p, args.top_k, args.chunk)
-
+        model = build_model(ModelConfig(preset=args.teacher), args.vocab, seed=1)
+        out["params"] = count_params(model)
+        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, args.top_p, args.top_k, args.chunk)
         for ids in plan[:args.warmup]:
-            logits_fn(teacher, inputs[ids])
+            teacher(inputs[ids])
         alone, alone_cpu, online_cpu, online_fwd, busy = [], [], [], [], []
         for r in range(rounds):
             # 1. teacher alone (the student waits in the hello of the next client)
             b0, c0, t0 = machine_busy_s(), cpu_seconds(), time.perf_counter()
             for ids in plan:
-                logits_fn(teacher, inputs[ids])
+                teacher(inputs[ids])
             alone.append(time.perf_counter() - t0)
             alone_cpu.append(cpu_seconds() - c0)
             busy.append(machine_busy_s() - b0)
@@ -130,7 +127,7 @@ def rank_main(args) -> dict:
             # 2. collect (round 0) or a bare barrier; the student's alone phase then runs while the
             # online server waits in its hello; 4. online
             for phase in ("collect" if r == 0 else "barrier", "online"):
-                server = TeacherServer(topo, spec, teacher, logits_fn, max_batch=mb)
+                server = TeacherServer(topo, spec, teacher, max_batch=mb)
                 c0 = cpu_seconds()
                 stats = server.serve()
                 if phase == "online":
@@ -151,7 +148,7 @@ def rank_main(args) -> dict:
 
         def train_step(i, sparse):
             ids = plan[i]
-            loss = student(inputs[ids], targets[ids], sparse.indices, sparse.values, args.alpha, normalizer)[0]
+            loss = student(inputs[ids], targets[ids], sparse, args.alpha, normalizer).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -203,7 +200,7 @@ def rank_main(args) -> dict:
     # The result goes out before teardown: both sides are done with the bridge here (the student's
     # last close() was answered by the teacher's serve() returning).
     print(json.dumps(out), flush=True)
-    store = topo._store
+    store = topo.store
     topo.close()
     # Ordered exit: rank 0 hosts the TCPStore; leaving while the student still tears down its groups
     # can abort it in C++ teardown ("terminate called without an active exception", seen here).

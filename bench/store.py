@@ -110,7 +110,7 @@ def build_stores(root: Path, full: list[torch.Tensor], vocab: int, seq_len: int,
         for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
             with ShardWriter(d, meta, i) as w:
                 for s in range(a, b):
-                    w.add(s, truncate(full[s], p, k), torch.logsumexp(full[s], -1))
+                    w.add(s, truncate(full[s], p, k, keep_lse=True))
                 w.finish()
         write_manifest(d, meta)
     return {key: root / f"top{key[0]}-{key[1]}" for key in metas}
@@ -168,7 +168,7 @@ def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: 
     from pd_dist.data import PackedDataset
     from pd_dist.generate import write_shard
     from pd_dist.models import ModelConfig, build_model
-    from pd_dist.trainer import teacher_sparse_logits
+    from pd_dist.inference import FrozenTeacher
 
     data = PackedDataset(data_dir)
     model = build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0).eval()
@@ -187,8 +187,8 @@ def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: 
                      n_samples=samples, shard_size=samples).resolved()
     with tempfile.TemporaryDirectory(prefix="pd_gen_bench_") as tmp:
         t0 = time.perf_counter()
-        write_shard(Path(tmp), meta, 0, data,
-                    lambda tok: teacher_sparse_logits(model, tok, 0.95, 50, 1024, with_lse=True), micro)
+        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, 0.95, 50, 1024, keep_lse=True)
+        write_shard(Path(tmp), meta, 0, data, teacher, micro)
         gen = time.perf_counter() - t0
     tokens = samples * data.seq_len
     return {"gen_overhead": round(gen / bare - 1, 4), "bare_forward_s": round(bare, 3),

@@ -42,7 +42,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     from .bridge import PeerError
     from .topology import init_topology
-    from .trainer import run_experiment
+    from .run import run_experiment
 
     try:
         topo = init_topology(env=env, online=cfg.topology if online else None)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main,
                 "store": store_main, "generate": generate_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: pd-dist {train,prepare-data,config,plan} [options]\n"
+        print("usage: pd-dist {" + ",".join(commands) + "} [options]\n"
               "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
               "  prepare-data  tokenize and pack the corpus\n"
               "  config        print the resolved config (--keys: every key, documented)\n"

@@ -11,20 +11,24 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-from .configlib import ConfigError, build, doc, fail, field_docs, parse_override, set_path, to_dict
+from .configlib import ConfigError, build, check_choices, doc, fail, field_docs, parse_override, set_path, to_dict
 from .data import DataConfig
+from .losses import KDLoss
 from .models import ModelConfig
-from .schedules import LR_DECAY_SHAPES, LR_SCHEDULES, AlphaConfig, LRConfig
+from .schedules import AlphaConfig, LRConfig
 from .topology import TopologyConfig
 
-MODES = ("none", "colocated", "online", "offline")
-KD_LOSSES = ("nll", "kld", "mse", "reverse_kld", "jsd", "tvd")  # mirrors losses.KD_LOSSES (tested)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "launch" / "configs" / "default.yaml"
+# Where the teacher signal comes from; each value is one source class in pd_dist.signals.
+DistillMode = Literal["none", "colocated", "online", "offline"]
+# The shipped YAML and DeepSpeed JSON files live in the package (pd_dist/configs), so a non-editable
+# install finds them too; launch/configs and ds_configs in a checkout are links to them.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+DS_CONFIG_DIR = CONFIG_DIR / "deepspeed"
 
 
 @dataclass
@@ -52,14 +56,14 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class DistillConfig:
     """How the teacher signal is produced, processed and mixed into the loss (the paper's design space)."""
-    mode: str = field(default="colocated", metadata=doc(
-        "none (LM only) | colocated (teacher in the student's process) | online (teacher ranks) | "
-        "offline (stored logits)"))
+    mode: DistillMode = field(default="colocated", metadata=doc(
+        "where the teacher signal comes from: none (LM only), colocated (a teacher in the student's "
+        "process), online (teacher ranks), offline (stored logits)"))
     top_p: float = field(default=0.95, metadata=doc("top-p truncation of teacher logits, in (0, 1]"))
     top_k: int = field(default=50, metadata=doc("top-k truncation after top-p, >= 1"))
     temperature: float = field(default=1.0, metadata=doc(
         "tau in p_t = softmax(kept_logits / tau), > 0"))
-    loss: str = field(default="nll", metadata=doc("KD loss: " + " | ".join(KD_LOSSES)))
+    loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
     alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
     store: Optional[str] = field(default=None, metadata=doc(
@@ -69,24 +73,19 @@ class DistillConfig:
         "trains (the logits of a moving model; samples never trained on come from the final model)"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
-    wire_dtype: str = field(default="auto", metadata=doc(
-        "online: dtype of teacher logits on the wire: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"))
+    wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=doc(
+        "online: dtype of teacher logits on the wire (auto: bf16 on GPU, fp32 on CPU)"))
 
     def validate(self, prefix: str) -> None:
-        if self.mode not in MODES:
-            fail(f"{prefix}.mode", self.mode, "must be one of " + ", ".join(MODES))
+        check_choices(self, prefix)
         if not 0.0 < self.top_p <= 1.0:
             fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         if self.top_k < 1:
             fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
         if not self.temperature > 0:
             fail(f"{prefix}.temperature", self.temperature, "must be > 0")
-        if self.loss not in KD_LOSSES:
-            fail(f"{prefix}.loss", self.loss, "must be one of " + ", ".join(KD_LOSSES))
         if self.prefetch < 0:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
-        if self.wire_dtype not in ("auto", "fp32", "bf16", "fp16"):
-            fail(f"{prefix}.wire_dtype", self.wire_dtype, "must be auto, fp32, bf16 or fp16")
 
 
 @dataclass
@@ -114,30 +113,15 @@ class GenerateConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW and the per-step learning-rate schedule."""
-    lr: float = field(default=1e-3, metadata=doc("peak learning rate"))
-    lr_schedule: str = field(default="wsd", metadata=doc("constant | cosine | wsd"))
-    min_lr_ratio: float = field(default=0.1, metadata=doc("final LR as a fraction of `lr`"))
-    warmup_steps: int = field(default=20, metadata=doc("linear LR warmup steps"))
-    decay_frac: float = field(default=0.2, metadata=doc("wsd: fraction of steps in the final decay"))
-    decay_shape: str = field(default="linear", metadata=doc("wsd decay: linear | cosine | sqrt"))
+class OptimConfig(LRConfig):
+    """The per-step learning-rate schedule (schedules.LRConfig) and AdamW."""
     weight_decay: float = field(default=0.1, metadata=doc("AdamW weight decay (not on norms)"))
     beta1: float = field(default=0.9, metadata=doc("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=doc("AdamW beta2"))
     eps: float = field(default=1e-8, metadata=doc("AdamW epsilon"))
 
-    def lr_config(self) -> LRConfig:
-        return LRConfig(schedule=self.lr_schedule, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
-                        warmup_steps=self.warmup_steps, decay_frac=self.decay_frac,
-                        decay_shape=self.decay_shape)
-
     def validate(self, prefix: str) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            fail(f"{prefix}.lr_schedule", self.lr_schedule, "must be one of " + ", ".join(LR_SCHEDULES))
-        if self.decay_shape not in LR_DECAY_SHAPES:
-            fail(f"{prefix}.decay_shape", self.decay_shape, "must be one of " + ", ".join(LR_DECAY_SHAPES))
-        self.lr_config().validate(prefix)
+        super().validate(prefix)
         if self.weight_decay < 0:
             fail(f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("beta1", "beta2"):
@@ -157,10 +141,11 @@ class TrainConfig:
         "samples per forward on one rank; accumulation = global / (micro * data-parallel size)"))
     grad_clip: float = field(default=1.0, metadata=doc("global gradient-norm clip (0 = off)"))
     seed: int = field(default=1234, metadata=doc("seed for initialisation and data order"))
-    precision: str = field(default="auto", metadata=doc("auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"))
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
+        "training dtype (auto: bf16 on GPU, fp32 on CPU)"))
     zero_stage: int = field(default=1, metadata=doc("ZeRO stage 0-3"))
     deepspeed_config: Optional[str] = field(default=None, metadata=doc(
-        "base DeepSpeed JSON (default ds_configs/zero<stage>.json); batch fields are derived here"))
+        "base DeepSpeed JSON (default: the shipped ds_configs/zero<stage>.json); batch fields are derived"))
     loss_chunk_size: int = field(default=1024, metadata=doc(
         "tokens per chunk of the fused LM-head + loss pass (bounds the [chunk, vocab] logits)"))
     log_every: int = field(default=10, metadata=doc("console/TensorBoard line every N steps"))
@@ -185,8 +170,7 @@ class TrainConfig:
                  f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
         if self.grad_clip < 0:
             fail(f"{prefix}.grad_clip", self.grad_clip, "must be >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            fail(f"{prefix}.precision", self.precision, "must be auto, fp32 or bf16")
+        check_choices(self, prefix)
         if self.zero_stage not in (0, 1, 2, 3):
             fail(f"{prefix}.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
@@ -217,6 +201,12 @@ class ExperimentConfig:
                 fail("distill.store", None, "must name the store that distill.dump_logits writes")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
+
+    def stored_truncation(self) -> tuple[float, int]:
+        """(top_p, top_k) of the logits a store written by this run keeps (generation, dump_logits):
+        generate.top_p / generate.top_k, each defaulting to distill's."""
+        g, d = self.generate, self.distill
+        return (g.top_p if g.top_p is not None else d.top_p, g.top_k if g.top_k is not None else d.top_k)
 
     def student_ranks(self, world_size: int, nodes: Optional[list[str]] = None) -> int:
         """Student (data-parallel) ranks of a job of `world_size` ranks under this config."""
@@ -301,14 +291,10 @@ def deepspeed_config(cfg: ExperimentConfig, dp_size: int, bf16: bool) -> dict[st
     precision filled in from the experiment config. A base that sets them differently is an error
     (values "auto" or absent are filled)."""
     t = cfg.train
-    base_path = Path(t.deepspeed_config) if t.deepspeed_config else \
-        REPO_ROOT / "ds_configs" / f"zero{t.zero_stage}.json"
-    if base_path.is_file():
-        ds = json.loads(base_path.read_text())
-    elif t.deepspeed_config is None:
-        ds = {"zero_optimization": {"stage": t.zero_stage}}  # installed without the repo's ds_configs/
-    else:
+    base_path = Path(t.deepspeed_config) if t.deepspeed_config else DS_CONFIG_DIR / f"zero{t.zero_stage}.json"
+    if not base_path.is_file():
         raise ConfigError(f"config key 'train.deepspeed_config' = {str(base_path)!r}: file not found")
+    ds = json.loads(base_path.read_text())
     want = {"train_batch_size": t.global_batch_size,
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum(dp_size),

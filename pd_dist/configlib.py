@@ -105,6 +105,24 @@ def build(cls, data: dict, prefix: str = ""):
     return obj
 
 
+def literal_choices(tp) -> tuple | None:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) type, else None."""
+    _, inner = _is_optional(tp)
+    return typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
+
+
+def check_choices(obj, prefix: str = "") -> None:
+    """Refuse any Literal-typed field of dataclass ``obj`` holding a value outside its choices (for
+    configs built directly in code, which do not pass through :func:`build`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        allowed = literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and value is not None and value not in allowed:
+            fail(f"{prefix}.{f.name}" if prefix else f.name, value,
+                 "must be one of " + ", ".join(repr(a) for a in allowed))
+
+
 def validate_tree(obj, prefix: str = "") -> None:
     """Run ``validate(prefix)`` on obj; nested configs were validated when they were built."""
     if hasattr(obj, "validate"):
@@ -144,7 +162,7 @@ def to_dict(obj) -> dict:
 
 
 def field_docs(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every leaf field, for documentation and `pd-dist config-keys`."""
+    """(key, type, default, doc) for every leaf field, for docs/config.md and `pd-dist config --keys`."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -160,7 +178,12 @@ def field_docs(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         else:
             default = None
         optional, _ = _is_optional(hints[f.name])
-        tname = getattr(inner, "__name__", None) if typing.get_origin(inner) is None else None
-        tname = (tname or str(inner).replace("typing.", "")) + (" or null" if optional else "")
+        choices = literal_choices(inner)
+        if choices is not None:
+            tname = " \\| ".join(str(c) for c in choices)
+        else:
+            tname = getattr(inner, "__name__", None) if typing.get_origin(inner) is None else None
+            tname = tname or str(inner).replace("typing.", "")
+        tname += " or null" if optional else ""
         rows.append((key, tname, default, f.metadata.get("doc", "")))
     return rows

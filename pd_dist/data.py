@@ -18,11 +18,12 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import numpy as np
 
-from .configlib import doc, fail
+from .configlib import check_choices, doc, fail
 
 EOS = "<|endoftext|>"
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -33,7 +34,7 @@ MANIFEST_VERSION = 1
 @dataclass
 class DataConfig:
     """Where the training text comes from and how it becomes fixed-length samples."""
-    source: str = field(default="embedded", metadata=doc(
+    source: Literal["embedded", "files"] = field(default="embedded", metadata=doc(
         "'embedded' (the Python standard library's sources and docs) or 'files' (see `files`)"))
     files: list[str] = field(default_factory=list, metadata=doc(
         "local .txt/.md (one document per file), .jsonl/.json or .parquet (one document per row) files"))
@@ -51,8 +52,7 @@ class DataConfig:
         "prepared-data directory (default: <output_dir>/data); reused when its inputs match"))
 
     def validate(self, prefix: str) -> None:
-        if self.source not in ("embedded", "files"):
-            fail(f"{prefix}.source", self.source, "must be 'embedded' or 'files'")
+        check_choices(self, prefix)
         if self.source == "files":
             if not self.files:
                 fail(f"{prefix}.files", self.files, "must list at least one file when source is 'files'")
@@ -328,3 +328,27 @@ class GlobalBatchSampler:
                 raise ValueError(f"checkpoint data position was saved with {k}={state.get(k)}, this run "
                                  f"has {getattr(self, 'n' if k == 'n_samples' else k)}: resuming would "
                                  "not continue the same data order")
+
+
+class MicroBatchPlan(Sequence):
+    """Every training micro-batch one data-parallel rank runs from ``start_step`` to ``stop_step``, in
+    order, as an indexable sequence computed on demand (nothing materialized): item j is the sample
+    ids of the j-th micro-batch. What prefetching teacher-signal sources read ahead along."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start_step: int, stop_step: int, dp_rank: int,
+                 dp_size: int, micro_batch: int):
+        if sampler.global_batch % (micro_batch * dp_size):
+            raise ValueError(f"global batch {sampler.global_batch} is not a multiple of micro_batch x dp = "
+                             f"{micro_batch} x {dp_size}")
+        self.sampler, self.start, self.stop = sampler, start_step, max(start_step, stop_step)
+        self.dp_rank, self.dp_size, self.micro = dp_rank, dp_size, micro_batch
+        self.per_step = sampler.global_batch // (micro_batch * dp_size)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.per_step
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if not 0 <= j < len(self):
+            raise IndexError(f"micro-batch {j} outside the plan of {len(self)}")
+        step, m = divmod(j, self.per_step)
+        return self.sampler.micro_batches(self.start + step, self.dp_rank, self.dp_size, self.micro)[m]

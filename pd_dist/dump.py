@@ -31,23 +31,24 @@ def record_dtype(seq_len: int, k: int) -> np.dtype:
 
 
 class LogitsDump:
-    """Per-rank spool of a training run's own logits."""
+    """Per-rank spool of a training run's own logits, truncated to top-p-k (``top_p_k``)."""
 
-    def __init__(self, root: Path, rank: int, seq_len: int, k: int):
+    def __init__(self, root: Path, rank: int, seq_len: int, top_p: float, k: int):
         self.dir = Path(root) / ".dump"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.top_p_k = (top_p, k)
         self.dtype = record_dtype(seq_len, k)
         self.path = self.dir / f"rank{rank:05d}.bin"
         self.fh = open(self.path, "ab")
 
-    def add(self, step: int, ids: np.ndarray, indices: torch.Tensor, values: torch.Tensor,
-            lse: torch.Tensor) -> None:
+    def add(self, step: int, ids: np.ndarray, own: SparseLogits) -> None:
+        """The logits of samples `ids` as trained at `step` ([B, T, k], carrying lse)."""
         rec = np.zeros(len(ids), self.dtype)
         rec["sample"] = ids
         rec["step"] = step
-        rec["idx"] = indices.to("cpu", torch.int32).numpy()
-        rec["val"] = values.to("cpu", torch.float32).numpy()
-        rec["lse"] = lse.to("cpu", torch.float32).numpy()
+        rec["idx"] = own.indices.to("cpu", torch.int32).numpy()
+        rec["val"] = own.values.to("cpu", torch.float32).numpy()
+        rec["lse"] = own.lse.to("cpu", torch.float32).numpy()
         self.fh.write(rec.tobytes())
 
     def close(self) -> None:
@@ -74,7 +75,7 @@ def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memm
 
 
 def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset,
-                final_logits: Callable[[torch.Tensor], tuple[SparseLogits, torch.Tensor]],
+                final_logits: Callable[[torch.Tensor], SparseLogits],
                 micro_batch: int, log=print) -> None:
     """Shards from the spools (round-robin over ranks), the rest from the final model; then manifest."""
     root = Path(root)
@@ -90,21 +91,21 @@ def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset
         computed = {}
         for b in range(0, len(missing), micro_batch):
             ids = np.asarray(missing[b:b + micro_batch])
-            sparse, lse = final_logits(torch.from_numpy(data.batch(ids))[:, :-1])
+            sparse = final_logits(torch.from_numpy(data.batch(ids))[:, :-1]).to("cpu")
             for j, sid in enumerate(ids):
-                computed[int(sid)] = (sparse[j].to("cpu"), lse[j].to("cpu"))
+                computed[int(sid)] = sparse[j]
         filled += len(missing)
         with ShardWriter(root, meta, i) as w:
             for sid in range(first, end):
                 if sid in computed:
-                    sparse, lse = computed[sid]
+                    sparse = computed[sid]
                 else:
                     mm, j = latest[sid]
                     rec = mm[j]
                     sparse = SparseLogits(torch.from_numpy(np.array(rec["idx"], np.int64)),
-                                          torch.from_numpy(np.array(rec["val"])))
-                    lse = torch.from_numpy(np.array(rec["lse"]))
-                w.add(sid, sparse, lse)
+                                          torch.from_numpy(np.array(rec["val"])),
+                                          torch.from_numpy(np.array(rec["lse"])))
+                w.add(sid, sparse)
             w.finish()
     print(f"[dump rank {topo.dp_rank}] {filled} sample(s) never trained on were filled from the final model",
           flush=True)

@@ -8,7 +8,6 @@ makes the store byte-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -22,36 +21,19 @@ import torch
 
 from .config import ExperimentConfig
 from .data import PackedDataset
+from .inference import FrozenTeacher
+from .logits import SparseLogits
+from .models import model_identity
 from .monitor import fmt_duration
+from .run import obtain_teacher, prepare_run_data, teacher_export_dir
+from .runtime import device, model_dtype, set_threads
+from .signals import store_meta
 from .store import StoreError, StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
-from .store.format import sha256_file
 from .topology import Topology
 
 
-def teacher_identity(model_dir: Path, name: str) -> dict:
-    """Name, config hash and weights hash of a save_pretrained directory."""
-    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    if not weights:
-        raise FileNotFoundError(f"no weight files in {model_dir}")
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg.pop("transformers_version", None)  # not part of the model
-    return {"name": name, "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
-            "weights_hash": hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in weights)
-                                           .encode()).hexdigest()}
-
-
-def store_meta(cfg: ExperimentConfig, data: PackedDataset, identity: dict) -> StoreMeta:
-    g = cfg.generate
-    n = data.n_train + (data.n_val if g.include_val else 0)
-    return StoreMeta(teacher=identity, tokenizer_hash=data.meta["tokenizer_hash"],
-                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
-                     top_p=g.top_p if g.top_p is not None else cfg.distill.top_p,
-                     top_k=g.top_k if g.top_k is not None else cfg.distill.top_k,
-                     n_samples=n, shard_size=g.shard_size).resolved()
-
-
 def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
-                logits_fn: Callable[[torch.Tensor], tuple], micro_batch: int, compress: bool = True,
+                logits_fn: Callable[[torch.Tensor], SparseLogits], micro_batch: int, compress: bool = True,
                 on_tokens: Callable[[int], None] = lambda n: None) -> dict:
     """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry.
 
@@ -69,10 +51,10 @@ def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
                     return
                 if failure:
                     continue  # drain: the producer stops at its next put
-                ids, sparse, lse = item
+                ids, sparse = item
                 try:
                     for j, sid in enumerate(ids):
-                        w.add(int(sid), sparse[j], lse[j])
+                        w.add(int(sid), sparse[j])
                     on_tokens(len(ids) * meta.seq_len)
                 except BaseException as e:  # re-raised on the producer's thread
                     failure.append(e)
@@ -85,8 +67,7 @@ def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
                     break
                 ids = np.arange(s, min(s + micro_batch, end))
                 tokens = torch.from_numpy(data.batch(ids))[:, :-1]
-                sparse, lse = logits_fn(tokens)
-                jobs.put((ids, sparse.to("cpu"), lse.to("cpu")))
+                jobs.put((ids, logits_fn(tokens).to("cpu")))
         finally:
             jobs.put(None)
             thread.join()
@@ -129,10 +110,7 @@ class Progress:
 
 def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     """The body of launch/generate_logits.py."""
-    from .trainer import _device, _use_bf16, obtain_teacher, prepare_run_data, set_threads, \
-        teacher_export_dir, teacher_sparse_logits
-
-    set_threads(cfg)
+    set_threads(cfg.train.threads)
     if not cfg.distill.store:
         raise ValueError("set distill.store: the directory the teacher-logits store is written to")
     root = Path(cfg.distill.store)
@@ -140,8 +118,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     data = prepare_run_data(cfg, topo, log=say)
     model = obtain_teacher(cfg, topo, data, log=say)
     model_dir = teacher_export_dir(cfg)
-    meta = store_meta(cfg, data, teacher_identity(model_dir, cfg.teacher.path or f"{cfg.teacher.preset} "
-                                                  f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)"))
+    meta = store_meta(cfg, data, model_identity(model_dir, cfg.teacher.path or f"{cfg.teacher.preset} "
+                                                f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)"))
     man = root / "manifest.json"
     if man.is_file():
         old = StoreMeta.from_dict(json.loads(man.read_text()))
@@ -150,8 +128,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
                              "differ); choose another distill.store or remove it")
         say(f"[generate] {root} is complete already")
         return root
-    device = _device()
-    model.to(device, dtype=torch.bfloat16 if _use_bf16(cfg) else torch.float32).eval().requires_grad_(False)
+    teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,
+                            cfg.train.loss_chunk_size, keep_lse=True)
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     n_shards = meta.n_shards
     mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
@@ -164,13 +142,9 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
         f"{n_shards} shards ({n_shards - n_todo_all} complete already) over {topo.dp_size} rank(s) -> {root}")
     progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
 
-    def logits_fn(tokens):
-        return teacher_sparse_logits(model, tokens.to(device), meta.top_p, meta.top_k,
-                                     cfg.train.loss_chunk_size, with_lse=True)
-
     t0 = time.perf_counter()
     for i in todo:
-        write_shard(root, meta, i, data, logits_fn, micro, cfg.generate.compress, on_tokens=progress.add)
+        write_shard(root, meta, i, data, teacher, micro, cfg.generate.compress, on_tokens=progress.add)
     el = time.perf_counter() - t0
     if todo:
         toks = progress.done

@@ -9,6 +9,7 @@ applied later, at training time, by :func:`target_probs`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +28,22 @@ class SparseLogits:
 
     Dropped entries (beyond the top-p prefix) have value -inf and index 0 (so gathers stay in range).
     ``values`` are the raw (un-tempered) teacher logits, bit-identical to the input logits (as fp32).
+    ``lse``, when present, is each token's fp32 logsumexp over the *full* vocabulary (what a store keeps
+    so a wider truncation can be narrowed exactly later); it is None where nobody computed it.
     """
 
     indices: torch.Tensor  # int64 [..., k]
     values: torch.Tensor  # float [..., k]; -inf where dropped
+    lse: Optional[torch.Tensor] = None  # float32 [...] (the leading shape), or None
 
     def __post_init__(self):
         if self.indices.shape != self.values.shape:
             raise ValueError(
                 f"SparseLogits: indices shape {tuple(self.indices.shape)} != values shape "
                 f"{tuple(self.values.shape)}")
+        if self.lse is not None and self.lse.shape != self.values.shape[:-1]:
+            raise ValueError(f"SparseLogits: lse shape {tuple(self.lse.shape)} != leading shape "
+                             f"{tuple(self.values.shape[:-1])}")
         if self.indices.dim() < 1:
             raise ValueError("SparseLogits: tensors need at least one dimension (k)")
         if self.indices.dtype != torch.int64:
@@ -63,31 +70,39 @@ class SparseLogits:
         return self.mask.sum(-1)
 
     def to(self, device=None, dtype=None) -> "SparseLogits":
-        """Move to ``device``; ``dtype`` converts the values only (indices stay int64)."""
-        return SparseLogits(self.indices.to(device=device),
-                            self.values.to(device=device, dtype=dtype))
+        """Move to ``device``; ``dtype`` converts the values only (indices stay int64, lse fp32)."""
+        return SparseLogits(self.indices.to(device=device), self.values.to(device=device, dtype=dtype),
+                            None if self.lse is None else self.lse.to(device=device))
+
+    def without_lse(self) -> "SparseLogits":
+        return SparseLogits(self.indices, self.values)
 
     def reshape(self, *lead_shape) -> "SparseLogits":
         """Reshape the leading dims; k stays the last dim. Accepts ``reshape(a, b)`` or ``reshape((a, b))``."""
         if len(lead_shape) == 1 and isinstance(lead_shape[0], (tuple, list, torch.Size)):
             lead_shape = tuple(lead_shape[0])
         shape = (*lead_shape, self.k)
-        return SparseLogits(self.indices.reshape(shape), self.values.reshape(shape))
+        return SparseLogits(self.indices.reshape(shape), self.values.reshape(shape),
+                            None if self.lse is None else self.lse.reshape(lead_shape))
 
     def __getitem__(self, idx) -> "SparseLogits":
-        """Index the leading dims (the same index is applied to indices and values)."""
-        out = SparseLogits(self.indices[idx], self.values[idx])
+        """Index the leading dims (the same index is applied to indices, values and lse)."""
+        out = SparseLogits(self.indices[idx], self.values[idx],
+                           None if self.lse is None else self.lse[idx])
         if out.k != self.k:
             raise IndexError("SparseLogits indexing must not touch the last (k) dimension")
         return out
 
     @staticmethod
     def cat(parts: list["SparseLogits"]) -> "SparseLogits":
-        """Concatenate along dim 0. All parts must have the same k."""
+        """Concatenate along dim 0. All parts must have the same k; lse is kept only if every part has it."""
         if not parts:
             raise ValueError("SparseLogits.cat needs at least one part")
+        lse = None
+        if all(p.lse is not None for p in parts):
+            lse = torch.cat([p.lse for p in parts], 0)
         return SparseLogits(torch.cat([p.indices for p in parts], 0),
-                            torch.cat([p.values for p in parts], 0))
+                            torch.cat([p.values for p in parts], 0), lse)
 
 
 def _check_truncate_args(logits: torch.Tensor, top_p: float, top_k: int) -> None:
@@ -127,11 +142,12 @@ def _logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
     return m + s.log()
 
 
-def _top_p_keep(sorted_vals: torch.Tensor, lse: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep mask over descending-sorted logits: entry j is kept iff the probability mass strictly before
-    it is < top_p (so the token that crosses the threshold is kept, as in HF's TopPLogitsWarper; the
-    first token always is). Probabilities and the cumsum are in float64 so the decision only depends on
-    fp32 rounding of the logits/normalizer, not on accumulation error over the prefix."""
+def top_p_keep(sorted_vals: torch.Tensor, lse: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p rule, the one copy every truncation uses: over descending-sorted logits, entry j is kept
+    iff the probability mass strictly before it is < top_p (so the token that crosses the threshold is
+    kept, as in HF's TopPLogitsWarper; the first finite token always is). Probabilities and the cumsum
+    are in float64 so the decision only depends on fp32 rounding of the logits and the normalizer, not on
+    accumulation error over the prefix. ``lse`` is the full-vocabulary logsumexp (leading shape)."""
     finite = sorted_vals > _NEG_INF
     if top_p >= 1.0:
         # Special case: a float cumsum may never reach exactly 1.0.
@@ -147,15 +163,14 @@ def _pack(vals: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> tuple[to
     return vals, idx
 
 
-def truncate(logits: torch.Tensor, top_p: float, top_k: int, return_lse: bool = False):
+def truncate(logits: torch.Tensor, top_p: float, top_k: int, keep_lse: bool = False) -> SparseLogits:
     """Top-p (on softmax at temperature 1) then top-k truncation of ``logits[..., V]``.
-
-    With ``return_lse``, returns ``(sparse, lse)`` where lse is the fp32 full-vocabulary logsumexp per
-    token, the normalizer top-p needs anyway (an offline store keeps it; one pass instead of two).
 
     Returns width ``min(top_k, V)`` (a width beyond V cannot be filled). Kept values are the input
     logits upcast to fp32 without arithmetic (bit-identical for fp32/bf16/fp16 input; float64 input is
-    rounded to fp32); dropped slots are (-inf, index 0).
+    rounded to fp32); dropped slots are (-inf, index 0). The result carries the fp32 full-vocabulary
+    logsumexp per token (``.lse``) whenever it was computed: always for top_p < 1 (top-p needs it),
+    and for top_p = 1 only with ``keep_lse`` (an offline store keeps it).
     Only the log-normalizer and the k largest entries are needed (top-k is a prefix of the sorted
     order, so the top-p decision for those entries needs nothing else): no full-vocabulary sort.
     Among exactly tied logits at the cut, which index is kept is unspecified (values are not).
@@ -170,11 +185,11 @@ def truncate(logits: torch.Tensor, top_p: float, top_k: int, return_lse: bool = 
     # this avoids a full fp32 copy of the vocabulary.
     vals, idx = torch.topk(x, k, dim=-1, largest=True, sorted=True)
     vals = vals.float()
-    lse = _logsumexp_rows(x) if top_p < 1.0 or return_lse else None
-    keep = _top_p_keep(vals, lse, float(top_p))
+    lse = _logsumexp_rows(x) if top_p < 1.0 or keep_lse else None
+    keep = top_p_keep(vals, lse, float(top_p))
     vals, idx = _pack(vals, idx, keep)
-    sparse = SparseLogits(idx.reshape(*lead, k), vals.reshape(*lead, k))
-    return (sparse, lse.reshape(lead)) if return_lse else sparse
+    return SparseLogits(idx.reshape(*lead, k), vals.reshape(*lead, k),
+                        None if lse is None else lse.reshape(lead))
 
 
 def truncate_reference(logits: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
@@ -188,15 +203,7 @@ def truncate_reference(logits: torch.Tensor, top_p: float, top_k: int) -> Sparse
     k = min(int(top_k), vocab)
     x = logits.float()
     sorted_vals, sorted_idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    finite = sorted_vals > _NEG_INF
-    if top_p >= 1.0:
-        keep = finite
-    else:
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        probs = torch.exp(sorted_vals.double() - lse.double())
-        cum = probs.cumsum(-1)
-        mass_before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
-        keep = (mass_before < top_p) & finite
+    keep = top_p_keep(sorted_vals, torch.logsumexp(x, dim=-1), float(top_p))
     vals, idx = _pack(sorted_vals[..., :k], sorted_idx[..., :k], keep[..., :k])
     return SparseLogits(idx.contiguous(), vals.contiguous())
 

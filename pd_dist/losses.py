@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from .logits import SparseLogits, teacher_log_probs, _check_temperature
 
-KD_LOSSES = ("nll", "kld", "mse", "reverse_kld", "jsd", "tvd")
+KDLoss = Literal["nll", "kld", "mse", "reverse_kld", "jsd", "tvd"]
+KD_LOSSES = get_args(KDLoss)
 IGNORE_INDEX = -100
 _LOG2 = math.log(2.0)
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .configlib import doc, fail
+from .store.format import sha256_file
 
 # name: (hidden, ffn, layers, heads, kv_heads, tie_embeddings). Paper Table: 330M .. 6.8B students.
 PRESETS: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -52,9 +53,6 @@ class ModelConfig:
         if self.max_position_embeddings < 1:
             fail(f"{prefix}.max_position_embeddings", self.max_position_embeddings, "must be >= 1")
 
-    def describe(self) -> str:
-        return f"path {self.path}" if self.path else f"preset {self.preset}"
-
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
     """Build (preset, seeded init) or load (path) a causal LM whose vocabulary is ``vocab_size``."""
@@ -84,6 +82,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
     return model
+
+
+def model_identity(model_dir: Path, name: str) -> dict:
+    """Name, config hash and weights hash of a save_pretrained directory."""
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.pop("transformers_version", None)  # not part of the model
+    return {"name": name, "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+            "weights_hash": hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in weights)
+                                           .encode()).hexdigest()}
 
 
 def count_params(model) -> int:

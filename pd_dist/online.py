@@ -155,12 +155,11 @@ class ServeStats:
 class TeacherServer:
     """Teacher side: serve the students this replica is paired with until each has said stop."""
 
-    def __init__(self, topo: Topology, spec: WireSpec, model: torch.nn.Module,
-                 logits_fn: Callable[[torch.nn.Module, torch.Tensor], SparseLogits],
+    def __init__(self, topo: Topology, spec: WireSpec, logits_fn: Callable[[torch.Tensor], SparseLogits],
                  max_batch: int, log: Callable[[str], None] = lambda s: None, log_every_s: float = 30.0,
                  metrics: Callable[[int, dict], None] = lambda n, d: None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S):
-        self.topo, self.spec, self.model, self.logits_fn = topo, spec, model, logits_fn
+        self.topo, self.spec, self.logits_fn = topo, spec, logits_fn
         self.max_batch = max(max_batch, spec.micro_batch)
         self.students = topo.my_students()
         self.me_desc = f"teacher {topo.describe(topo.rank)}"
@@ -230,7 +229,7 @@ class TeacherServer:
                 continue
             t0 = time.perf_counter()
             tokens = torch.cat([w[3] for w in work])
-            parts = [self.logits_fn(self.model, tokens[i:i + self.max_batch])
+            parts = [self.logits_fn(tokens[i:i + self.max_batch])
                      for i in range(0, len(tokens), self.max_batch)]
             sparse = SparseLogits.cat(parts) if len(parts) > 1 else parts[0]
             self.stats.forward_s += time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """`pd-dist plan`: size an online-distillation run (teacher:student rank split, wire traffic, store size).
 
 In online mode a frozen teacher runs forward-only on its own ranks while the students train on theirs
-(see docs/design.md). This module answers, before anything is launched: how many of the cluster's
+(README, "Online"). This module answers, before anything is launched: how many of the cluster's
 GPUs should be teachers, how fast the run goes, how many bytes cross the teacher -> student bridge,
 and how large an offline logits store for the same token budget would be.
 

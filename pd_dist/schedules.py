@@ -24,9 +24,9 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from pd_dist.configlib import ConfigError, doc, fail
+from pd_dist.configlib import ConfigError, check_choices, doc, fail
 
 __all__ = [
     "ALPHA_SCHEDULES", "LR_SCHEDULES", "LR_DECAY_SHAPES",
@@ -35,9 +35,12 @@ __all__ = [
     "schedule_state", "check_schedule_state",
 ]
 
-ALPHA_SCHEDULES = ("constant", "linear_increase", "linear_decrease", "periodic", "wsd", "wsd_beta")
-LR_SCHEDULES = ("constant", "cosine", "wsd")
-LR_DECAY_SHAPES = ("linear", "cosine", "sqrt")
+AlphaSchedule = Literal["constant", "linear_increase", "linear_decrease", "periodic", "wsd", "wsd_beta"]
+LRSchedule = Literal["constant", "cosine", "wsd"]
+DecayShape = Literal["linear", "cosine", "sqrt"]
+ALPHA_SCHEDULES = get_args(AlphaSchedule)
+LR_SCHEDULES = get_args(LRSchedule)
+LR_DECAY_SHAPES = get_args(DecayShape)
 
 
 def _key(prefix: str, name: str) -> str:
@@ -56,11 +59,6 @@ def _is_int(x: Any) -> bool:
 def _check_fraction(prefix: str, name: str, value: Any) -> None:
     if not _is_real(value) or not (0.0 <= value <= 1.0):
         fail(_key(prefix, name), value, "must be a number in [0, 1]")
-
-
-def _check_schedule(prefix: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        fail(_key(prefix, name), value, "must be one of " + ", ".join(repr(a) for a in allowed))
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -82,9 +80,8 @@ def _lerp(lo: float, hi: float, f: float) -> float:
 class AlphaConfig:
     """Schedule of alpha, the KD share in ``L = (1 - alpha) * L_lm + alpha * L_kd``."""
 
-    schedule: str = field(default="wsd", metadata=doc(
-        "alpha schedule: constant | linear_increase | linear_decrease | periodic | wsd | wsd_beta. "
-        "'wsd' is WSD-alpha (warmup min->max, stable at max, decay max->min); 'wsd_beta' applies "
+    schedule: AlphaSchedule = field(default="wsd", metadata=doc(
+        "per-step alpha: 'wsd' is WSD-alpha (warmup min->max, stable at max, decay max->min); 'wsd_beta' applies "
         "the same WSD shape to the LM-loss share beta = 1 - alpha (paper's WSD-LM)"))
     value: float = field(default=0.5, metadata=doc("alpha for schedule 'constant', in [0, 1]"))
     min: float = field(default=0.0, metadata=doc(
@@ -102,7 +99,7 @@ class AlphaConfig:
         "periodic: period in optimizer steps, >= 1"))
 
     def validate(self, prefix: str = "") -> None:
-        _check_schedule(prefix, "schedule", self.schedule, ALPHA_SCHEDULES)
+        check_choices(self, prefix)
         for name in ("value", "min", "max"):
             v = getattr(self, name)
             if not _is_real(v) or not (0.0 <= v <= 1.0):
@@ -213,30 +210,30 @@ def alpha_at(step: int, total_steps: int, cfg: AlphaConfig) -> float:
 
 @dataclass
 class LRConfig:
-    """Learning-rate schedule (linear warmup, then constant / cosine / warmup-stable-decay)."""
+    """Learning-rate schedule (linear warmup, then constant / cosine / warmup-stable-decay). The
+    experiment's `optim` section is this plus the optimizer's own settings (config.OptimConfig)."""
 
-    schedule: str = field(default="wsd", metadata=doc(
-        "lr schedule: constant | cosine | wsd (all after the linear warmup)"))
-    lr: float = field(default=3e-4, metadata=doc("peak learning rate, > 0"))
+    lr: float = field(default=1e-3, metadata=doc("peak learning rate, > 0"))
+    lr_schedule: LRSchedule = field(default="wsd", metadata=doc(
+        "per-step learning rate after the linear warmup"))
     min_lr_ratio: float = field(default=0.1, metadata=doc(
         "final lr as a fraction of lr, in [0, 1] (end of cosine / wsd decay, at the last step)"))
-    warmup_steps: int = field(default=0, metadata=doc(
+    warmup_steps: int = field(default=20, metadata=doc(
         "linear warmup from 0, in optimizer steps (>= 0): step s < warmup_steps gets "
         "lr * (s + 1) / warmup_steps, so the first step gets lr / warmup_steps"))
-    decay_frac: float = field(default=0.1, metadata=doc(
+    decay_frac: float = field(default=0.2, metadata=doc(
         "wsd: fraction of total steps in the final decay, in [0, 1]"))
-    decay_shape: str = field(default="linear", metadata=doc(
-        "wsd decay shape: linear | cosine | sqrt (1 - sqrt(progress), MiniCPM-style)"))
+    decay_shape: DecayShape = field(default="linear", metadata=doc(
+        "wsd decay shape (sqrt: 1 - sqrt(progress), MiniCPM-style)"))
 
     def validate(self, prefix: str = "") -> None:
-        _check_schedule(prefix, "schedule", self.schedule, LR_SCHEDULES)
+        check_choices(self, prefix)
         if not _is_real(self.lr) or not self.lr > 0:
             fail(_key(prefix, "lr"), self.lr, "must be a finite number > 0")
         _check_fraction(prefix, "min_lr_ratio", self.min_lr_ratio)
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             fail(_key(prefix, "warmup_steps"), self.warmup_steps, "must be an integer >= 0")
         _check_fraction(prefix, "decay_frac", self.decay_frac)
-        _check_schedule(prefix, "decay_shape", self.decay_shape, LR_DECAY_SHAPES)
 
 
 def _decay_factor(p: float, shape: str) -> float:
@@ -278,9 +275,9 @@ def lr_at(step: int, total_steps: int, cfg: LRConfig) -> float:
     warmup = cfg.warmup_steps
     if step < warmup:
         return _clamp(peak * ((step + 1) / warmup), 0.0, peak)
-    if cfg.schedule == "constant":
+    if cfg.lr_schedule == "constant":
         return peak
-    if cfg.schedule == "cosine":
+    if cfg.lr_schedule == "cosine":
         a = max(warmup - 1, 0)
         span = total_steps - 1 - a
         p = (step - a) / span if span > 0 else 0.0
@@ -297,8 +294,10 @@ def lr_at(step: int, total_steps: int, cfg: LRConfig) -> float:
 # ------------------------------------------------------------------------------ checkpoint state
 
 def schedule_state(cfg_alpha: AlphaConfig, cfg_lr: LRConfig) -> dict:
-    """JSON-able ``{"alpha": {...}, "lr": {...}}`` of both schedule configs, for checkpoints."""
-    return {"alpha": dataclasses.asdict(cfg_alpha), "lr": dataclasses.asdict(cfg_lr)}
+    """JSON-able ``{"alpha": {...}, "lr": {...}}`` of both schedule configs, for checkpoints (only the
+    LRConfig fields of ``cfg_lr``, which may be a subclass carrying optimizer settings too)."""
+    return {"alpha": dataclasses.asdict(cfg_alpha),
+            "lr": {f.name: getattr(cfg_lr, f.name) for f in dataclasses.fields(LRConfig)}}
 
 
 def check_schedule_state(saved: dict, cfg_alpha: AlphaConfig, cfg_lr: LRConfig) -> None:
@@ -308,6 +307,8 @@ def check_schedule_state(saved: dict, cfg_alpha: AlphaConfig, cfg_lr: LRConfig) 
     if not isinstance(saved, dict):
         raise ConfigError(f"checkpoint schedule state must be a mapping, got {type(saved).__name__}")
     now = schedule_state(cfg_alpha, cfg_lr)
+    if isinstance(saved.get("lr"), dict) and "schedule" in saved["lr"]:  # checkpoints before the rename
+        saved = {**saved, "lr": {("lr_schedule" if k == "schedule" else k): v for k, v in saved["lr"].items()}}
     missing = object()
     diffs = []
     for section in ("alpha", "lr"):

@@ -123,6 +123,9 @@ class Topology:
     dp_group: Optional[dist.ProcessGroup] = None
     bridge: Optional[dist.ProcessGroup] = None
     peer_timeout_s: float = 300.0
+    # Online mode: the job's TCPStore (global rank 0 hosts its server, which lives as long as this
+    # object); roles also use it to publish small facts to each other (data ready, teacher figures).
+    store: Optional[dist.Store] = None
 
     def __post_init__(self):
         if self.backend not in ("gloo", "nccl"):
@@ -263,6 +266,5 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     spt = online.students_per_teacher or len(students) // len(teachers)
     topo = Topology(env=env, backend=backend, role=role, teacher_ranks=teachers, students_per_teacher=spt,
                     hosts=hosts, dp_group=dist.group.WORLD, bridge=bridge,
-                    peer_timeout_s=online.peer_timeout_s)
-    topo._store = store  # keeps the TCPStore (and, on rank 0, its server) alive with the topology
+                    peer_timeout_s=online.peer_timeout_s, store=store)
     return topo

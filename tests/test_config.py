@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pd_dist.config import (DEFAULT_CONFIG, KD_LOSSES, ExperimentConfig, config_doc, config_from_dict,
+from pd_dist.config import (DEFAULT_CONFIG, ExperimentConfig, config_doc, config_from_dict,
                             config_keys_markdown, deepspeed_config, dump_config, load_config)
 from pd_dist.configlib import ConfigError, field_docs, parse_override
 
@@ -133,10 +133,44 @@ def test_every_key_is_documented_and_docs_are_current():
     assert doc == config_doc(), "docs/config.md is stale: pd-dist config --doc > docs/config.md"
 
 
-def test_kd_loss_names_match_the_loss_module():
-    from pd_dist import losses
+def test_choices_are_declared_once():
+    """Enum-like keys are Literal types owned by their component; the config and the code agree."""
+    import typing
 
-    assert tuple(KD_LOSSES) == tuple(losses.KD_LOSSES)
+    from pd_dist import losses, signals
+    from pd_dist.config import DistillConfig
+    from pd_dist.configlib import literal_choices
+
+    hints = typing.get_type_hints(DistillConfig)
+    assert literal_choices(hints["loss"]) == losses.KD_LOSSES
+    assert set(literal_choices(hints["mode"])) == set(signals.SOURCES)
+    rows = {k: t for k, t, _, _ in field_docs(ExperimentConfig)}
+    assert rows["distill.mode"] == r"none \| colocated \| online \| offline"
+    with pytest.raises(ConfigError, match="'distill.wire_dtype' = 'int8': must be one of"):
+        load_config(None, ["distill.wire_dtype=int8"])
+
+
+def test_default_config_found_in_a_non_editable_install(tmp_path):
+    """The wheel carries the shipped YAML and DeepSpeed JSON, so `pd-dist config` works from anywhere."""
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = wheel_dir.glob("pd_dist-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"pd_dist/configs/default.yaml", "pd_dist/configs/deepspeed/zero3.json"} <= names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True)
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "pd_dist.cli", "config"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "mode: colocated" in proc.stdout
+    check = ("import pd_dist.config as c, pathlib; assert pathlib.Path(c.__file__).is_relative_to(%r); "
+             "c.deepspeed_config(c.load_config(None, ['train.zero_stage=3']), 1, False)" % str(site))
+    assert subprocess.run([sys.executable, "-c", check], env=env, cwd=tmp_path).returncode == 0
 
 
 def test_cli_reports_config_errors_in_one_line():

@@ -237,10 +237,19 @@ def test_sparse_logits_container_ops():
 
 
 @pytest.mark.parametrize("top_p", [0.9, 1.0])
-def test_return_lse_is_the_full_vocabulary_logsumexp(top_p):
+def test_lse_is_the_full_vocabulary_logsumexp(top_p):
     x = torch.randn(5, 3, 301, dtype=torch.float64) * 4
-    sparse, lse = truncate(x.float(), top_p, 7, return_lse=True)
+    sparse = truncate(x.float(), top_p, 7, keep_lse=True)
+    lse = sparse.lse
     assert lse.shape == (5, 3) and lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), torch.logsumexp(x, -1), rtol=0, atol=1e-5)
     plain = truncate(x.float(), top_p, 7)
     assert torch.equal(sparse.values, plain.values) and torch.equal(sparse.indices, plain.indices)
+    # top-p needs the normalizer anyway, so it always travels with the result; top_p = 1 skips it.
+    assert (plain.lse is None) == (top_p == 1.0)
+    # lse follows the leading dims through indexing, reshape, cat and moves.
+    assert torch.equal(sparse[1:3].lse, lse[1:3]) and torch.equal(sparse.reshape(-1).lse, lse.reshape(-1))
+    assert torch.equal(SparseLogits.cat([sparse[:2], sparse[2:]]).lse, lse)
+    assert SparseLogits.cat([sparse[:2], sparse[2:].without_lse()]).lse is None
+    with pytest.raises(ValueError, match="lse shape"):
+        SparseLogits(sparse.indices, sparse.values, lse[:, :2])

@@ -6,7 +6,7 @@ import torch
 
 from pd_dist.models import (PRESETS, ModelConfig, build_model, check_same_tokenizer, final_norm_and_head,
                             preset_param_count)
-from pd_dist.trainer import teacher_sparse_logits
+from pd_dist.inference import FrozenTeacher
 from pd_dist.logits import truncate
 
 
@@ -49,12 +49,12 @@ def test_body_and_head_reproduce_the_models_logits():
     torch.testing.assert_close(hidden @ head.weight.T, model(ids).logits)
 
 
-def test_teacher_sparse_logits_match_truncating_full_logits():
+def test_frozen_teacher_matches_truncating_full_logits():
     model = build_model(ModelConfig(preset="tiny-teacher"), 257, seed=4)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)
     ids = torch.randint(0, 257, (2, 13))
-    got = teacher_sparse_logits(model, ids, top_p=0.9, top_k=7, chunk_size=5)
+    got = FrozenTeacher(model, torch.device("cpu"), torch.float32, top_p=0.9, top_k=7, chunk_size=5)(ids)
     with torch.no_grad():
         want = truncate(model(ids).logits.float(), 0.9, 7)
     assert got.indices.shape == (2, 13, 7)

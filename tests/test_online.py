@@ -104,7 +104,7 @@ def start_server(topo, spec=SPEC, model=None, errors=None):
 
     def run():
         try:
-            server = TeacherServer(topo, spec, model, lambda m, t: m.sparse(t, spec), max_batch=8,
+            server = TeacherServer(topo, spec, lambda t: model.sparse(t, spec), max_batch=8,
                                    startup_timeout_s=5)
             out["stats"] = server.serve()
         except Exception as e:  # surfaced by the test

@@ -26,7 +26,8 @@ def A(**kw):
 
 
 def L(**kw):
-    return configlib.build(LRConfig, kw, "optim.lr")
+    # No warmup and a 10% decay unless a test says otherwise (the shapes these tests pin).
+    return configlib.build(LRConfig, {"warmup_steps": 0, "decay_frac": 0.1, **kw}, "optim")
 
 
 # ------------------------------------------------------------------------------------ alpha
@@ -187,19 +188,19 @@ def test_alpha_is_deterministic_pure_function():
 # --------------------------------------------------------------------------------------- lr
 
 def test_lr_warmup():
-    cfg = L(schedule="constant", lr=1.0, warmup_steps=4)
+    cfg = L(lr_schedule="constant", lr=1.0, warmup_steps=4)
     v = lrs(cfg, 10)
     np.testing.assert_allclose(v, [0.25, 0.5, 0.75, 1.0, 1, 1, 1, 1, 1, 1])
     assert v[3] == 1.0 and v[0] == 1.0 / 4
 
 
 def test_lr_constant():
-    assert np.all(lrs(L(schedule="constant", lr=2e-4), 12) == 2e-4)
+    assert np.all(lrs(L(lr_schedule="constant", lr=2e-4), 12) == 2e-4)
 
 
 @pytest.mark.parametrize("T,W", [(100, 0), (100, 10), (2, 0), (2, 1), (50, 49)])
 def test_lr_cosine(T, W):
-    cfg = L(schedule="cosine", lr=3e-4, min_lr_ratio=0.1, warmup_steps=W)
+    cfg = L(lr_schedule="cosine", lr=3e-4, min_lr_ratio=0.1, warmup_steps=W)
     v = lrs(cfg, T)
     a = max(W - 1, 0)
     assert v[a] == 3e-4                       # peak at the last warmup step (or step 0)
@@ -215,7 +216,7 @@ def test_lr_cosine(T, W):
 @pytest.mark.parametrize("shape", LR_DECAY_SHAPES)
 def test_lr_wsd(shape):
     T, W = 100, 5
-    cfg = L(schedule="wsd", lr=1e-3, min_lr_ratio=0.1, warmup_steps=W, decay_frac=0.2,
+    cfg = L(lr_schedule="wsd", lr=1e-3, min_lr_ratio=0.1, warmup_steps=W, decay_frac=0.2,
             decay_shape=shape)
     v = lrs(cfg, T)
     np.testing.assert_allclose(v[:W], 1e-3 * np.arange(1, W + 1) / W)
@@ -231,7 +232,7 @@ def test_lr_wsd(shape):
 
 def test_lr_wsd_linear_matches_interp_reference():
     T, W, D = 200, 10, 30
-    cfg = L(schedule="wsd", lr=1.0, min_lr_ratio=0.0, warmup_steps=W, decay_frac=D / T)
+    cfg = L(lr_schedule="wsd", lr=1.0, min_lr_ratio=0.0, warmup_steps=W, decay_frac=D / T)
     ref = np.interp(np.arange(T), [-1, W - 1, T - D - 1, T - 1], [0.0, 1.0, 1.0, 0.0])
     np.testing.assert_allclose(lrs(cfg, T), ref, atol=1e-12)
 
@@ -239,22 +240,22 @@ def test_lr_wsd_linear_matches_interp_reference():
 def test_lr_edge_cases():
     # total_steps=1
     for sched in LR_SCHEDULES:
-        assert lr_at(0, 1, L(schedule=sched, lr=1e-3)) == 1e-3
-        assert lr_at(0, 1, L(schedule=sched, lr=1e-3, warmup_steps=1)) == 1e-3
+        assert lr_at(0, 1, L(lr_schedule=sched, lr=1e-3)) == 1e-3
+        assert lr_at(0, 1, L(lr_schedule=sched, lr=1e-3, warmup_steps=1)) == 1e-3
     # warmup_steps >= total_steps: all steps are warmup, no decay
     for sched in LR_SCHEDULES:
-        np.testing.assert_allclose(lrs(L(schedule=sched, lr=1.0, warmup_steps=8), 4),
+        np.testing.assert_allclose(lrs(L(lr_schedule=sched, lr=1.0, warmup_steps=8), 4),
                                    [1 / 8, 2 / 8, 3 / 8, 4 / 8])
-        np.testing.assert_allclose(lrs(L(schedule=sched, lr=1.0, warmup_steps=4), 4),
+        np.testing.assert_allclose(lrs(L(lr_schedule=sched, lr=1.0, warmup_steps=4), 4),
                                    [0.25, 0.5, 0.75, 1.0])
     # decay fraction rounding to 0 steps -> no decay
-    assert np.all(lrs(L(schedule="wsd", lr=1.0, decay_frac=0.01), 20) == 1.0)
+    assert np.all(lrs(L(lr_schedule="wsd", lr=1.0, decay_frac=0.01), 20) == 1.0)
     # decay never starts before warmup ends: it takes the post-warmup steps
-    v = lrs(L(schedule="wsd", lr=1.0, min_lr_ratio=0.0, warmup_steps=8, decay_frac=0.5), 10)
+    v = lrs(L(lr_schedule="wsd", lr=1.0, min_lr_ratio=0.0, warmup_steps=8, decay_frac=0.5), 10)
     assert v[7] == 1.0 and v[8] == 0.5 and v[9] == 0.0
     # min_lr_ratio 1 -> flat after warmup; 0 -> decays to exactly 0
-    assert np.all(lrs(L(schedule="cosine", lr=1.0, min_lr_ratio=1.0), 9) == 1.0)
-    assert lr_at(9, 10, L(schedule="cosine", lr=1.0, min_lr_ratio=0.0)) == 0.0
+    assert np.all(lrs(L(lr_schedule="cosine", lr=1.0, min_lr_ratio=1.0), 9) == 1.0)
+    assert lr_at(9, 10, L(lr_schedule="cosine", lr=1.0, min_lr_ratio=0.0)) == 0.0
 
 
 def test_lr_bounds_over_many_configs():
@@ -265,7 +266,7 @@ def test_lr_bounds_over_many_configs():
         ratio = float(rng.random())
         for sched in LR_SCHEDULES:
             for shape in LR_DECAY_SHAPES:
-                cfg = LRConfig(schedule=sched, lr=float(rng.random() + 1e-3), min_lr_ratio=ratio,
+                cfg = LRConfig(lr_schedule=sched, lr=float(rng.random() + 1e-3), min_lr_ratio=ratio,
                                warmup_steps=W, decay_frac=float(rng.random()), decay_shape=shape)
                 v = lrs(cfg, T)
                 assert np.all((v > 0) & (v <= cfg.lr))
@@ -312,15 +313,15 @@ def test_alpha_unknown_schedule_lists_allowed():
 
 
 @pytest.mark.parametrize("kw,key", [
-    ({"schedule": "linear"}, "optim.lr.schedule"),
-    ({"lr": 0.0}, "optim.lr.lr"),
-    ({"lr": -1e-3}, "optim.lr.lr"),
-    ({"lr": float("inf")}, "optim.lr.lr"),
-    ({"min_lr_ratio": 1.5}, "optim.lr.min_lr_ratio"),
-    ({"min_lr_ratio": -0.5}, "optim.lr.min_lr_ratio"),
-    ({"warmup_steps": -1}, "optim.lr.warmup_steps"),
-    ({"decay_frac": 1.5}, "optim.lr.decay_frac"),
-    ({"decay_shape": "exp"}, "optim.lr.decay_shape"),
+    ({"lr_schedule": "linear"}, "optim.lr_schedule"),
+    ({"lr": 0.0}, "optim.lr"),
+    ({"lr": -1e-3}, "optim.lr"),
+    ({"lr": float("inf")}, "optim.lr"),
+    ({"min_lr_ratio": 1.5}, "optim.min_lr_ratio"),
+    ({"min_lr_ratio": -0.5}, "optim.min_lr_ratio"),
+    ({"warmup_steps": -1}, "optim.warmup_steps"),
+    ({"decay_frac": 1.5}, "optim.decay_frac"),
+    ({"decay_shape": "exp"}, "optim.decay_shape"),
 ])
 def test_lr_validation(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "'"):
@@ -329,7 +330,7 @@ def test_lr_validation(kw, key):
 
 def test_lr_unknown_names_list_allowed():
     with pytest.raises(ConfigError) as e:
-        L(schedule="linear")
+        L(lr_schedule="linear")
     for name in LR_SCHEDULES:
         assert repr(name) in str(e.value)
     with pytest.raises(ConfigError) as e:
@@ -356,7 +357,7 @@ def test_schedule_fns_reject_invalid_config():
 
 def test_schedule_state_round_trip():
     a = A(schedule="wsd_beta", min=0.05, max=0.85, warmup_frac=0.07)
-    lr = L(schedule="cosine", lr=1.7e-4, warmup_steps=123)
+    lr = L(lr_schedule="cosine", lr=1.7e-4, warmup_steps=123)
     state = json.loads(json.dumps(schedule_state(a, lr)))
     assert state == {"alpha": dataclasses.asdict(a), "lr": dataclasses.asdict(lr)}
     check_schedule_state(state, a, lr)  # no error

@@ -44,11 +44,17 @@ def full_logits(kind: str, n: int, seed: int, tokens: int = T, vocab: int = V) -
     raise ValueError(kind)
 
 
+def stored(full: torch.Tensor, top_p: float, top_k: int) -> SparseLogits:
+    """What a generation job writes: the truncation, carrying the full-vocabulary logsumexp."""
+    sp = truncate(full, top_p, top_k)
+    return SparseLogits(sp.indices, sp.values, torch.logsumexp(full, -1).float())
+
+
 def write_store(root: Path, full: torch.Tensor, meta: StoreMeta, compress: bool = True) -> Path:
     for i, (a, b) in enumerate(shard_ranges(meta.n_samples, meta.shard_size)):
         with ShardWriter(root, meta, i, compress=compress) as w:
             for s in range(a, b):
-                w.add(s, truncate(full[s], meta.top_p, meta.top_k), torch.logsumexp(full[s], -1))
+                w.add(s, stored(full[s], meta.top_p, meta.top_k))
             w.finish()
     write_manifest(root, meta)
     return root
@@ -93,7 +99,8 @@ def test_round_trip(tmp_path, kind):
     assert len(store) == N and store.meta.encoding["name"] == "qgap"
     enc = default_encoding()
     for s in range(N):
-        sp, lse = store.get(s)
+        sp = store.get(s)
+        lse = sp.lse
         ref = truncate(full[s], 0.95, K)
         assert sp.values.shape == (T, K) and sp.values.dtype == torch.float32 and sp.indices.dtype == torch.int64
         assert torch.equal(sp.indices, ref.indices)  # lossless, same (value) order
@@ -163,7 +170,8 @@ def test_exact_encoding_is_lossless(tmp_path):
     meta = make_meta(encoding={"name": "exact"})
     store = LogitsStore(write_store(tmp_path, full, meta))
     for s in range(N):
-        sp, lse = store.get(s)
+        sp = store.get(s)
+        lse = sp.lse
         ref = truncate(full[s], 0.95, K)
         assert torch.equal(sp.values, ref.values) and torch.equal(sp.indices, ref.indices)
 
@@ -171,19 +179,20 @@ def test_exact_encoding_is_lossless(tmp_path):
 def test_encoder_rejects_bad_input(tmp_path):
     meta = make_meta()
     full = full_logits("gauss", 1, seed=5)[0]
-    ref = truncate(full, 0.95, K)
-    lse = torch.logsumexp(full, -1)
+    ref = stored(full, 0.95, K)
     with ShardWriter(tmp_path, meta, 0) as w:
         with pytest.raises(ValueError, match="expected sample 0"):
-            w.add(1, ref, lse)
+            w.add(1, ref)
         with pytest.raises(ValueError, match="shape"):
-            w.add(0, truncate(full, 0.95, K - 1), lse)
-        unsorted = SparseLogits(ref.indices.flip(-1).contiguous(), ref.values.flip(-1).contiguous())
+            w.add(0, stored(full, 0.95, K - 1))
+        with pytest.raises(ValueError, match="no lse"):
+            w.add(0, ref.without_lse())
+        unsorted = SparseLogits(ref.indices.flip(-1).contiguous(), ref.values.flip(-1).contiguous(), ref.lse)
         with pytest.raises(ValueError):
-            w.add(0, unsorted, lse)
+            w.add(0, unsorted)
         with pytest.raises(ValueError, match="256"):
-            w.add(0, SparseLogits(ref.indices, ref.values + 300), lse)
-        w.add(0, ref, lse)
+            w.add(0, SparseLogits(ref.indices, ref.values + 300, ref.lse))
+        w.add(0, ref)
         with pytest.raises(StoreError, match="finish after 1 of 4"):
             w.finish()
         w.abort()
@@ -196,14 +205,15 @@ def test_random_access_and_batch(store_dir, gauss_full):
     order = np.random.default_rng(0).permutation(N)
     seq = {s: store.get(s) for s in range(N)}
     for s in order:
-        sp, lse = store.get(int(s))
-        assert torch.equal(sp.values, seq[s][0].values) and torch.equal(sp.indices, seq[s][0].indices)
+        sp = store.get(int(s))
+        assert torch.equal(sp.values, seq[s].values) and torch.equal(sp.indices, seq[s].indices)
     ids = [7, 2, 9, 2, 0]
-    bsp, blse = store.get_batch(np.array(ids))
+    bsp = store.get_batch(np.array(ids))
+    blse = bsp.lse
     assert bsp.values.shape == (5, T, K) and blse.shape == (5, T)
     for b, s in enumerate(ids):
-        assert torch.equal(bsp.values[b], seq[s][0].values) and torch.equal(bsp.indices[b], seq[s][0].indices)
-        assert torch.equal(blse[b], seq[s][1])
+        assert torch.equal(bsp.values[b], seq[s].values) and torch.equal(bsp.indices[b], seq[s].indices)
+        assert torch.equal(blse[b], seq[s].lse)
     with pytest.raises(IndexError):
         store.get(N)
 
@@ -211,10 +221,10 @@ def test_random_access_and_batch(store_dir, gauss_full):
 def test_sequential_iteration(store_dir):
     store = LogitsStore(store_dir)
     got = list(store)
-    assert [i for i, _, _ in got] == list(range(N))
-    for i, sp, lse in got:
-        ref, rlse = store.get(i)
-        assert torch.equal(sp.values, ref.values) and torch.equal(lse, rlse)
+    assert [i for i, _ in got] == list(range(N))
+    for i, sp in got:
+        ref = store.get(i)
+        assert torch.equal(sp.values, ref.values) and torch.equal(sp.lse, ref.lse)
 
 
 def test_shards_and_manifest(store_dir):
@@ -253,7 +263,7 @@ def test_uncompressed_shards_read_back(tmp_path, gauss_full):
     store = LogitsStore(root)
     ref = LogitsStore(write_store(tmp_path / "z", gauss_full, make_meta()))
     for s in range(N):
-        assert torch.equal(store.get(s)[0].values, ref.get(s)[0].values)
+        assert torch.equal(store.get(s).values, ref.get(s).values)
     assert verify_store(root) == []
 
 
@@ -341,7 +351,7 @@ def test_missing_shard(tmp_path, store_dir, gauss_full):
         a, b = shard_ranges(N, SHARD)[i]
         with ShardWriter(fresh, meta, i) as w:
             for s in range(a, b):
-                w.add(s, truncate(gauss_full[s], 0.95, K), torch.logsumexp(gauss_full[s], -1))
+                w.add(s, stored(gauss_full[s], 0.95, K))
             w.finish()
     with pytest.raises(StoreError) as ei:
         write_manifest(fresh, meta)
@@ -354,7 +364,7 @@ def test_missing_shard(tmp_path, store_dir, gauss_full):
 def test_temp_files_never_complete(tmp_path, gauss_full):
     meta = make_meta()
     w = ShardWriter(tmp_path, meta, 1)
-    w.add(4, truncate(gauss_full[4], 0.95, K), torch.logsumexp(gauss_full[4], -1))
+    w.add(4, stored(gauss_full[4], 0.95, K))
     assert not shard_done(tmp_path, meta, 1)
     assert not (tmp_path / "shards" / "shard-00001.bin").exists()
     w.abort()
@@ -363,12 +373,12 @@ def test_temp_files_never_complete(tmp_path, gauss_full):
     # an exception inside the context manager discards the partial shard
     with pytest.raises(RuntimeError):
         with ShardWriter(tmp_path, meta, 1) as w:
-            w.add(4, truncate(gauss_full[4], 0.95, K), torch.logsumexp(gauss_full[4], -1))
+            w.add(4, stored(gauss_full[4], 0.95, K))
             raise RuntimeError("teacher crashed")
     assert list((tmp_path / "shards").iterdir()) == []
     with ShardWriter(tmp_path, meta, 1) as w:
         for s in range(4, 8):
-            w.add(s, truncate(gauss_full[s], 0.95, K), torch.logsumexp(gauss_full[s], -1))
+            w.add(s, stored(gauss_full[s], 0.95, K))
             assert not shard_done(tmp_path, meta, 1)
         entry = w.finish()
     assert shard_done(tmp_path, meta, 1)
@@ -420,7 +430,7 @@ def test_retruncation_matches_truncate(tmp_path, encoding):
     enc = default_encoding(encoding)
     boundary = 0
     for p, k in ((0.95, 50), (0.95, 20), (0.95, 1), (0.9, 50), (0.8, 20), (0.5, 5), (0.3, 50)):
-        bsp, _ = store.get_batch(range(n), top_p=p, top_k=k)
+        bsp = store.get_batch(range(n), top_p=p, top_k=k)
         for s in range(n):
             ref = truncate(full[s], p, k)
             got = bsp[s]
@@ -447,11 +457,12 @@ def test_retruncation_matches_truncate(tmp_path, encoding):
 
 def test_open_for_training_defaults(store_dir, gauss_full):
     store = open_for_training(store_dir, **{**RUN, "top_p": 0.9, "top_k": 8})
-    sp, lse = store.get(3)
+    sp = store.get(3)
+    lse = sp.lse
     assert sp.values.shape == (T, 8)
     ref = truncate(gauss_full[3], 0.9, 8)
     assert (sp.indices == ref.indices).float().mean() > 0.99
-    bsp, _ = store.get_batch([3])
+    bsp = store.get_batch([3])
     assert torch.equal(bsp.values[0], sp.values)
 
 
@@ -464,7 +475,8 @@ class _DS(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, i):
-        sp, lse = self.store.get(i)
+        sp = self.store.get(i)
+        lse = sp.lse
         return i, os.getpid(), sp.indices, sp.values, lse
 
 
@@ -472,7 +484,7 @@ def test_pickle_and_dataloader_workers(store_dir):
     store = LogitsStore(store_dir)
     ref = {i: store.get(i) for i in range(N)}  # parent has shards mapped before forking
     clone = pickle.loads(pickle.dumps(store))
-    assert torch.equal(clone.get(6)[0].values, ref[6][0].values)
+    assert torch.equal(clone.get(6).values, ref[6].values)
     dl = torch.utils.data.DataLoader(_DS(store), batch_size=3, num_workers=2, shuffle=False,
                                      multiprocessing_context="fork")
     pids = set()
@@ -481,7 +493,7 @@ def test_pickle_and_dataloader_workers(store_dir):
         pids.update(pid.tolist())
         for b, i in enumerate(ids.tolist()):
             seen.append(i)
-            assert torch.equal(idx[b], ref[i][0].indices) and torch.equal(vals[b], ref[i][0].values)
-            assert torch.equal(lse[b], ref[i][1])
+            assert torch.equal(idx[b], ref[i].indices) and torch.equal(vals[b], ref[i].values)
+            assert torch.equal(lse[b], ref[i].lse)
     assert sorted(seen) == list(range(N))
     assert os.getpid() not in pids and len(pids) == 2

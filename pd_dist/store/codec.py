@@ -102,7 +102,7 @@ def check_encoding(enc: dict) -> None:
         raise ValueError(f"encoding {name}: unknown parameters {sorted(extra)}")
 
 
-def _rounding_slack(enc: dict) -> float:
+def _rounding_slack() -> float:
     # fp32 rounding of m - G*s: |result| < 256 + s/2 < 512, where ulp <= 2^-15, so the error is <= 2^-16
     # (plus < 2^-40 from forming the gap in float64, absorbed here)
     return 2.0 ** -16 + 2.0 ** -40
@@ -112,14 +112,14 @@ def value_tolerance(enc: dict) -> float:
     """Max |decoded - original| of a kept value (0 for ``exact``)."""
     if enc["name"] == "exact":
         return 0.0
-    return 2.0 ** enc["step_log2"] / 2 + _rounding_slack(enc)
+    return 2.0 ** enc["step_log2"] / 2 + _rounding_slack()
 
 
 def tv_bound(enc: dict, temperature: float = 1.0) -> float:
     """Guaranteed per-token total variation between softmax(kept / tau) before and after encoding."""
     if enc["name"] == "exact":
         return 0.0
-    width = 2.0 ** enc["step_log2"] + 2 * _rounding_slack(enc)
+    width = 2.0 ** enc["step_log2"] + 2 * _rounding_slack()
     return math.tanh(width / (4.0 * float(temperature)))
 
 

@@ -75,6 +75,11 @@ class StoreMeta:
         return min(int(self.top_k), int(self.vocab_size))
 
     @property
+    def value_encoding(self) -> dict:
+        """The value codec's parameters: the encoding without the container's zstd level."""
+        return {k: v for k, v in self.encoding.items() if k != "zstd_level"}
+
+    @property
     def n_shards(self) -> int:
         return len(shard_ranges(self.n_samples, self.shard_size))
 
@@ -105,8 +110,7 @@ class StoreMeta:
             raise ValueError(f"StoreMeta.top_p must be in (0, 1], got {self.top_p!r}")
         if self.vocab_size >= 1 << 32:
             raise ValueError("StoreMeta.vocab_size must be < 2^32")
-        enc = {k: v for k, v in self.encoding.items() if k != "zstd_level"}
-        check_encoding(enc)
+        check_encoding(self.value_encoding)
         lvl = self.encoding.get("zstd_level", DEFAULT_ZSTD_LEVEL)
         if isinstance(lvl, bool) or not isinstance(lvl, int) or not 1 <= lvl <= 22:
             raise ValueError(f"encoding zstd_level must be an integer in [1, 22], got {lvl!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..logits import SparseLogits
+from ..logits import SparseLogits, top_p_keep
 from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
 from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardLayout, StoreError,
                      StoreMeta, check_layout, parse_shard, shard_name, shard_ranges)
@@ -80,7 +80,7 @@ class LogitsStore:
         self.manifest, self.meta = _load_manifest(self.root)
         self.n_shards = len(self.manifest["shards"])
         self.k = self.meta.width
-        self._enc = {k: v for k, v in self.meta.encoding.items() if k != "zstd_level"}
+        self._enc = self.meta.value_encoding
         self.default_top_p: float | None = None
         self.default_top_k: int | None = None
         missing, bad_size = [], []
@@ -237,24 +237,19 @@ class LogitsStore:
             raise StoreError(f"{self.root / shard_name(index)}: sample {sample_id}: undecodable block "
                              f"({e})") from None
         if p < self.meta.top_p - _P_EPS:
-            # Re-apply top-p with the exact full-vocabulary normalizer, as truncate() does: entry j is kept
-            # iff the probability mass strictly before it is < p (float64, like pd_dist.logits).
+            # Re-apply top-p with the exact full-vocabulary normalizer: the same rule truncate() uses.
             finite = vals > _NEG_INF
-            if p < 1.0:
-                probs = np.exp(vals.astype(np.float64) - lse.astype(np.float64)[:, None])
-                before = np.cumsum(probs, axis=1) - probs
-                keep = (before < p) & finite
-                drop = finite & ~keep
-                if drop.any():
-                    vals[drop] = _NEG_INF
-                    idx[drop] = 0
+            keep = top_p_keep(torch.from_numpy(vals), torch.from_numpy(lse), p).numpy()
+            drop = finite & ~keep
+            if drop.any():
+                vals[drop] = _NEG_INF
+                idx[drop] = 0
         vals_out[...] = vals
         idx_out[...] = idx
         lse_out[...] = lse
 
-    def get(self, sample_id: int, top_p: float | None = None, top_k: int | None = None
-            ) -> tuple[SparseLogits, torch.Tensor]:
-        """Sample ``sample_id``: (SparseLogits [seq_len, k'], full-vocabulary lse [seq_len] fp32).
+    def get(self, sample_id: int, top_p: float | None = None, top_k: int | None = None) -> SparseLogits:
+        """Sample ``sample_id``: SparseLogits [seq_len, k'] carrying the full-vocabulary lse [seq_len].
 
         ``top_p`` / ``top_k`` (default: the store's, or the ones set by open_for_training) may be
         narrower than the store's; k' = top_k (min with the vocabulary)."""
@@ -264,11 +259,10 @@ class LogitsStore:
         idx = np.empty((T, kk), np.int64)
         lse = np.empty(T, np.float32)
         self._decode_into(int(sample_id), p, kk, vals, idx, lse)
-        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals)), torch.from_numpy(lse)
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(lse))
 
-    def get_batch(self, ids, top_p: float | None = None, top_k: int | None = None
-                  ) -> tuple[SparseLogits, torch.Tensor]:
-        """Samples ``ids`` stacked: (SparseLogits [B, seq_len, k'], lse [B, seq_len])."""
+    def get_batch(self, ids, top_p: float | None = None, top_k: int | None = None) -> SparseLogits:
+        """Samples ``ids`` stacked: SparseLogits [B, seq_len, k'] with lse [B, seq_len]."""
         p, kk = self._resolve(top_p, top_k)
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         T = self.meta.seq_len
@@ -277,22 +271,15 @@ class LogitsStore:
         lse = np.empty((len(ids), T), np.float32)
         for b, i in enumerate(ids):
             self._decode_into(i, p, kk, vals[b], idx[b], lse[b])
-        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals)), torch.from_numpy(lse)
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(lse))
 
     def __getitem__(self, sample_id: int):
         return self.get(sample_id)
 
     def __iter__(self):
-        """(sample_id, SparseLogits, lse) for every sample, in order."""
+        """(sample_id, SparseLogits with lse) for every sample, in order."""
         for i in range(self.meta.n_samples):
-            sp, lse = self.get(i)
-            yield i, sp, lse
-
-    def iter_range(self, first: int = 0, end: int | None = None, top_p=None, top_k=None):
-        end = self.meta.n_samples if end is None else end
-        for i in range(first, end):
-            sp, lse = self.get(i, top_p, top_k)
-            yield i, sp, lse
+            yield i, self.get(i)
 
     def close(self) -> None:
         self._open.clear()
@@ -334,7 +321,7 @@ def verify_store(root) -> list[str]:
     except StoreError as e:
         return [str(e)]
     faults = []
-    enc = {k: v for k, v in meta.encoding.items() if k != "zstd_level"}
+    enc = meta.value_encoding
     hist = np.zeros(meta.width + 1, np.int64)
     n_kept = 0
     zd = None
@@ -407,7 +394,7 @@ def store_info(root) -> dict:
     manifest_bytes = (root / MANIFEST).stat().st_size
     total = shard_bytes + manifest_bytes
     naive = 6 * kept + tokens
-    enc = {k: v for k, v in meta.encoding.items() if k != "zstd_level"}
+    enc = meta.value_encoding
     return {
         "root": str(root), "format_version": man["format_version"], "teacher": meta.teacher,
         "tokenizer_hash": meta.tokenizer_hash, "data_fingerprint": meta.data_fingerprint,

@@ -17,10 +17,6 @@ from .format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME
                      parse_shard, shard_name, shard_path, shard_ranges)
 
 
-def _codec_params(meta: StoreMeta) -> dict:
-    return {k: v for k, v in meta.encoding.items() if k != "zstd_level"}
-
-
 class ShardWriter:
     """Writes shard ``shard_index`` of a store: ``add`` its samples in order, then ``finish``.
 
@@ -38,7 +34,7 @@ class ShardWriter:
         self.index = shard_index
         self.first, self.end = ranges[shard_index]
         self.compress = bool(compress)
-        self._enc = _codec_params(self.meta)
+        self._enc = self.meta.value_encoding
         self._zc = zstd_compressor(self.meta.encoding["zstd_level"]) if self.compress else None
         self.final = shard_path(self.root, shard_index)
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -57,9 +53,9 @@ class ShardWriter:
         self._sha.update(b)
         self._pos += len(b)
 
-    def add(self, sample_id: int, sparse: SparseLogits, lse: torch.Tensor) -> None:
+    def add(self, sample_id: int, sparse: SparseLogits) -> None:
         """Append sample ``sample_id`` (must be the next one): sparse [seq_len, k] as returned by
-        ``truncate(logits, top_p, top_k)`` and lse [seq_len], the full-vocabulary logsumexp (fp32)."""
+        ``truncate(logits, top_p, top_k, keep_lse=True)``, carrying its full-vocabulary logsumexp."""
         if self._done or self._fh is None:
             raise StoreError(f"{self.final}: writer is closed")
         if sample_id != self._next:
@@ -69,8 +65,10 @@ class ShardWriter:
         if tuple(sparse.values.shape) != (T, k):
             raise ValueError(f"sample {sample_id}: sparse logits have shape {tuple(sparse.values.shape)}, "
                              f"the store holds [seq_len, k] = [{T}, {k}]")
-        if tuple(lse.shape) != (T,):
-            raise ValueError(f"sample {sample_id}: lse has shape {tuple(lse.shape)}, expected [{T}]")
+        lse = sparse.lse
+        if lse is None:
+            raise ValueError(f"sample {sample_id}: the sparse logits carry no lse (truncate with "
+                             "keep_lse=True): a store keeps each token's full-vocabulary logsumexp")
         vals = sparse.values.detach().to("cpu", torch.float32).numpy()
         idx = sparse.indices.detach().cpu().numpy()
         try:

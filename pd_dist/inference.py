@@ -1,0 +1,84 @@
+"""Teacher inference: a frozen causal LM, run forward and truncated to top-p-k chunk by chunk.
+
+Everything that needs teacher logits goes through here: the colocated source, a teacher rank's server,
+the offline generation job, and the dump of a model's own logits. The full [tokens, vocab] logits of a
+micro-batch never exist at once: the LM head runs `chunk_size` tokens at a time and each chunk is
+truncated before the next one is formed. No optimizer and no engine live here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .logits import SparseLogits, truncate
+from .models import final_norm_and_head
+
+
+def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model on `device` in `dtype`, in eval mode, with no parameter requiring grad."""
+    return model.to(device, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sparse_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, top_p: float, top_k: int,
+                              chunk_size: int, keep_lse: bool = False) -> SparseLogits:
+    """Top-p-k truncation of ``hidden @ head_weight.T`` computed `chunk_size` tokens at a time.
+
+    ``hidden`` is [..., H]; the result has the same leading shape. With ``keep_lse`` (or top_p < 1) it
+    carries each token's full-vocabulary logsumexp, which an offline store keeps."""
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    # Truncated in the head's dtype (topk on bf16 is exact; the normalizer is fp32 inside truncate).
+    parts = [truncate(flat[s:s + chunk_size] @ head_weight.T, top_p, top_k, keep_lse=keep_lse)
+             for s in range(0, flat.shape[0], chunk_size)]
+    return SparseLogits.cat(parts).reshape(*lead)
+
+
+class FrozenTeacher:
+    """A teacher ready to answer: frozen on its device, with the run's truncation and chunking.
+
+    ``teacher(input_ids)`` gives the sparse logits of a micro-batch [B, T] -> SparseLogits [B, T, k]."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, top_p: float, top_k: int,
+                 chunk_size: int, keep_lse: bool = False):
+        self.model = freeze(model, device, dtype)
+        self.device = device
+        self.top_p, self.top_k, self.chunk_size, self.keep_lse = top_p, top_k, chunk_size, keep_lse
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> SparseLogits:
+        body, head = final_norm_and_head(self.model)
+        hidden = body(input_ids=input_ids.to(self.device)).last_hidden_state
+        return sparse_logits_from_hidden(hidden, head.weight, self.top_p, self.top_k, self.chunk_size,
+                                         self.keep_lse)
+
+    @torch.no_grad()
+    def val_loss(self, batches) -> Optional[float]:
+        """Mean next-token cross-entropy (nats) over held-out batches of int64 [B, T + 1] windows,
+        chunked like the training loss; None for no tokens."""
+        body, head = final_norm_and_head(self.model)
+        total, count = 0.0, 0
+        for window in batches:
+            window = torch.as_tensor(window, device=self.device)
+            hidden = body(input_ids=window[:, :-1]).last_hidden_state.flatten(0, 1)
+            targets = window[:, 1:].flatten()
+            for s in range(0, hidden.shape[0], self.chunk_size):
+                z = (hidden[s:s + self.chunk_size] @ head.weight.T).float()
+                total += F.cross_entropy(z, targets[s:s + self.chunk_size], reduction="sum").item()
+            count += targets.numel()
+        return total / count if count else None
+
+
+def held_out_batches(data, micro_batch: int):
+    """The run's held-out samples (data.val_samples) in micro-batches of [B, T + 1] token windows."""
+    val = data.val_ids()
+    for s in range(0, len(val), micro_batch):
+        yield torch.from_numpy(data.batch(val[s:s + micro_batch]))
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    return None if loss is None else math.exp(min(loss, 50.0))

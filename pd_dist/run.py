@@ -1,0 +1,202 @@
+"""Orchestration: everything between parsing a config and tearing the process groups down.
+
+- prepare the packed data (one rank prepares, the others wait);
+- obtain the teacher: load `teacher.path`, or pre-train the default teacher once (LM only, with the
+  same trainer) and cache it under <output_dir>/teacher;
+- on a teacher rank (online mode): serve teacher signals to the students paired with it;
+- on a student rank: build the run's teacher-signal source, train, export, write summary.json, and
+  (distill.dump_logits) turn the run's own logits into a store.
+
+Entry points (pd_dist.cli) call only this layer and pd_dist.generate.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ExperimentConfig
+from .configlib import to_dict
+from .data import PackedDataset, prepare_data
+from .inference import FrozenTeacher
+from .models import ModelConfig, build_model, check_same_tokenizer, model_identity
+from .monitor import Monitor
+from .online import STARTUP_TIMEOUT_S, TeacherServer
+from .runtime import device, model_dtype, set_threads
+from .signals import NoTeacher, SourceContext, build_source, store_meta, wire_spec
+from .topology import Topology
+from .trainer import Trainer, TrainResult
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------- data
+def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) -> PackedDataset:
+    """One rank prepares (or reuses) the packed data; the others wait and then read it.
+
+    In online mode the first teacher rank prepares and publishes the outcome in the job's store, so the
+    two roles never write the same files."""
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
+    preparer = topo.dp_rank == 0 and (not topo.online or topo.role == "teacher")
+    err = None
+    if preparer:
+        try:
+            prepare_data(cfg.data, data_dir, log=log)
+        except Exception as e:  # reported on every rank below, raised here
+            err = e
+    if topo.online:
+        if preparer:
+            topo.store.set("pd/data", "ok" if err is None else f"error: {err}")
+        else:
+            topo.store.wait(["pd/data"], datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+        status = topo.store.get("pd/data").decode()
+        if err is not None:
+            raise err
+        if status != "ok":
+            raise RuntimeError(f"data preparation failed on the first teacher rank: {status[7:]}")
+        return PackedDataset(data_dir)
+    ok = torch.tensor([0.0 if err else 1.0])
+    topo.barrier()
+    topo.all_reduce_sum(ok)
+    if err is not None:
+        raise err
+    if ok.item() < topo.dp_size:
+        raise RuntimeError("data preparation failed on rank 0 (see its error)")
+    return PackedDataset(data_dir)
+
+
+# ---------------------------------------------------------------------------------------- teacher
+def teacher_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfig:
+    """The LM-only run that pre-trains the default teacher: same data and trainer, teacher shape."""
+    tc = copy.deepcopy(cfg)
+    tc.output_dir = str(Path(cfg.output_dir) / "teacher")
+    tc.model = ModelConfig(preset=cfg.teacher.preset, path=None,
+                           max_position_embeddings=cfg.teacher.max_position_embeddings,
+                           rope_theta=cfg.teacher.rope_theta)
+    tc.distill = dataclasses.replace(cfg.distill, mode="none", dump_logits=False)
+    tc.train = dataclasses.replace(cfg.train, steps=cfg.teacher.pretrain_steps, exit_after_steps=0)
+    tc.optim = dataclasses.replace(cfg.optim, lr=cfg.teacher.pretrain_lr)
+    tc.data = dataclasses.replace(cfg.data, dir=str(data_dir))
+    return tc
+
+
+def teacher_export_dir(cfg: ExperimentConfig) -> Path:
+    """Where the teacher's weights are: teacher.path, or the cached pre-trained default."""
+    return Path(cfg.teacher.path) if cfg.teacher.path else Path(cfg.output_dir) / "teacher" / "export"
+
+
+def _run_stamp(rc: ExperimentConfig, data: PackedDataset) -> str:
+    """What a cached LM-only run depends on: model, training, optimizer and the data."""
+    blob = json.dumps({"model": to_dict(rc.model), "train": to_dict(rc.train), "optim": to_dict(rc.optim),
+                       "data": data.fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> nn.Module:
+    """The teacher model: loaded from teacher.path, or pre-trained here once and cached."""
+    if cfg.teacher.path:
+        check_same_tokenizer(cfg.teacher.path, data.tokenizer_dir, "the teacher")
+        return build_model(cfg.teacher, data.vocab_size, seed=cfg.train.seed)
+    tc = teacher_run_config(cfg, data.path)
+    export = teacher_export_dir(cfg)
+    stamp = _run_stamp(tc, data)
+    stamp_file = export / "pd_dist_teacher_stamp.txt"
+    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
+        if topo.is_logger:
+            log(f"[teacher] reusing the pre-trained teacher in {export}")
+    else:
+        if topo.is_logger:
+            log(f"[teacher] no teacher.path: pre-training a {tc.model.preset} teacher for "
+                f"{tc.train.steps} steps (LM only) in {tc.output_dir}")
+            ck = Path(tc.output_dir) / "checkpoints"
+            if ck.exists():  # a stale or interrupted teacher run: its config no longer matches
+                shutil.rmtree(ck)
+        topo.barrier()
+        trainer = Trainer(tc, topo, data, NoTeacher(), run_name="teacher")
+        try:
+            trainer.fit(export_dir=export)
+        finally:
+            trainer.close()
+        if topo.is_logger:
+            stamp_file.write_text(stamp + "\n")
+        topo.barrier()
+    return build_model(ModelConfig(path=str(export)), data.vocab_size, seed=cfg.train.seed)
+
+
+def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> None:
+    """A teacher rank: obtain the teacher (pre-training it on the teacher world if needed), then serve."""
+    d = cfg.distill
+    teacher = FrozenTeacher(obtain_teacher(cfg, topo, data, log=log), device(), model_dtype(cfg.train.precision),
+                            d.top_p, d.top_k, cfg.train.loss_chunk_size)
+    spec = wire_spec(cfg, data)
+    max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
+    me = f"[teacher {topo.rank}] "
+    # One event directory per teacher replica: their throughputs differ.
+    tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
+    server = TeacherServer(topo, spec, teacher, max_batch, log=lambda s: print(me + s, flush=True),
+                           metrics=lambda n, m: (tb.scalars(n, m), tb.flush()))
+    print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
+          f"{spec.value_dtype} values)", flush=True)
+    try:
+        stats = server.serve()
+    finally:
+        tb.close()
+    el = time.perf_counter() - stats.started
+    print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
+          f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- dump
+def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, export_dir: Path,
+                log: Log = print) -> None:
+    """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
+    exported final model."""
+    from .dump import build_store
+
+    final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
+                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
+    ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
+                                       f"{cfg.train.steps} steps; dump_logits)")
+    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), topo, data, final,
+                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, log=log)
+
+
+# ------------------------------------------------------------------------------------- experiment
+def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
+                   log: Log = print) -> Optional[TrainResult]:
+    """Everything the entry point does between parsing and tearing down."""
+    set_threads(cfg.train.threads)
+    say = log if topo.dp_rank == 0 else (lambda *_: None)
+    data = prepare_run_data(cfg, topo, log=say)
+    if topo.role == "teacher":
+        serve_teacher(cfg, topo, data, log=say)
+        return None
+    source = build_source(SourceContext(cfg, topo, data, device(),
+                                        teacher=lambda: obtain_teacher(cfg, topo, data, log=say), log=say))
+    trainer = Trainer(cfg, topo, data, source, resume=resume)
+    export = Path(cfg.output_dir) / "student"
+    try:
+        result = trainer.fit(export_dir=export)
+        source.close()
+    finally:
+        trainer.close()
+    if result.finished and cfg.distill.dump_logits:
+        finish_dump(cfg, topo, data, export, log=say)
+    if topo.is_logger:
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
+    if result.finished:
+        agree = result.teacher_top1_agreement
+        say(f"done | student val_loss {result.val_loss:.4f} (ppl {result.val_ppl:.1f})"
+            + (f" | top-1 agreement with teacher {agree:.3f}" if agree is not None else "")
+            + f"\n  TensorBoard: tensorboard --logdir {result.tensorboard_dir}"
+            + f"\n  student (HF format): {result.export_dir}")
+    return result

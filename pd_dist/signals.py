@@ -1,0 +1,264 @@
+"""The teacher signal of each micro-batch, wherever it comes from: one source class per `distill.mode`.
+
+The trainer holds one :class:`SignalSource` and asks it for the signal of every micro-batch it runs,
+training and evaluation alike: ``source.signal(sample_ids, input_ids)`` returns the teacher's sparse
+logits of those samples ([B, T, k] SparseLogits) or None (LM only, or no stored logits for held-out
+samples). The trainer never asks which source it holds. The sources:
+
+| mode      | class             | where the logits come from                                          |
+|-----------|-------------------|---------------------------------------------------------------------|
+| none      | NoTeacher         | nowhere (LM-only pre-training)                                      |
+| colocated | ColocatedTeacher  | a frozen teacher in this process (pd_dist.inference)               |
+| online    | OnlineTeacher     | a teacher replica on its own ranks, prefetched over the bridge      |
+| offline   | StoredLogits      | a logits store on disk, read ahead in DataLoader workers            |
+
+Sources that can read ahead are given the rank's training plan (:class:`pd_dist.data.MicroBatchPlan`)
+once; a request for the next planned micro-batch is served from what was read ahead, any other request
+(evaluation) directly. Adding a way to feed the signal (a remote HTTP teacher, dense logits, a sampled
+signal) is one subclass here, registered under a new `distill.mode` value.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional, get_args
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .bridge import WireSpec
+from .config import DistillMode, ExperimentConfig
+from .data import PackedDataset
+from .inference import FrozenTeacher
+from .logits import SparseLogits
+from .online import PrefetchingTeacher, TeacherClient
+from .runtime import model_dtype
+from .store import StoreMeta, open_for_training
+from .topology import Topology
+
+
+@dataclass
+class SourceContext:
+    """What a source may need to build itself. `teacher()` obtains the teacher model (loading it, or
+    pre-training the default one); it is only called by sources that run a teacher in this process."""
+    cfg: ExperimentConfig
+    topo: Topology
+    data: PackedDataset
+    device: torch.device
+    teacher: Callable[[], nn.Module]
+    log: Callable[[str], None] = print
+
+
+class SignalSource:
+    """Teacher signal for micro-batches. Subclasses implement :meth:`_fetch`."""
+    mode: ClassVar[str]
+    has_signal: ClassVar[bool] = True  # False only for LM-only training (alpha is then 0)
+    wait_metric: ClassVar[Optional[str]] = None  # perf scalar: share of the step spent obtaining signals
+
+    def __init__(self):
+        self._spent = 0.0
+        self._plan: Sequence[np.ndarray] = ()
+        self._cursor = 0
+
+    @classmethod
+    def build(cls, ctx: SourceContext) -> "SignalSource":
+        return cls()
+
+    def plan(self, micro_batches: Sequence[np.ndarray]) -> None:
+        """The sample ids of every training micro-batch this rank will run, in order."""
+        self._plan, self._cursor = micro_batches, 0
+
+    def signal(self, ids: np.ndarray, input_ids: torch.Tensor) -> Optional[SparseLogits]:
+        """The teacher's sparse logits for samples `ids` (tokens `input_ids` [B, T]), or None."""
+        t0 = time.perf_counter()
+        planned = self._cursor < len(self._plan) and np.array_equal(self._plan[self._cursor], ids)
+        if planned:
+            self._cursor += 1
+        out = self._fetch(ids, input_ids, planned)
+        self._spent += time.perf_counter() - t0
+        return out
+
+    def _fetch(self, ids: np.ndarray, input_ids: torch.Tensor, planned: bool) -> Optional[SparseLogits]:
+        raise NotImplementedError
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds the caller has spent obtaining signals so far (what `wait_metric` reports)."""
+        return self._spent
+
+    def scalars(self) -> dict[str, float]:
+        """Extra per-step scalars of this source (TensorBoard)."""
+        return {}
+
+    def describe(self) -> Optional[str]:
+        """One line for the console at start, or None."""
+        return None
+
+    def close(self) -> None:
+        """Release what the source holds (and tell a remote teacher this student is done)."""
+
+
+SOURCES: dict[str, type[SignalSource]] = {}
+
+
+def register(cls: type[SignalSource]) -> type[SignalSource]:
+    if cls.mode not in get_args(DistillMode):
+        raise TypeError(f"{cls.__name__}.mode {cls.mode!r} is not a distill.mode value "
+                        f"({', '.join(get_args(DistillMode))}): add it to config.DistillMode")
+    SOURCES[cls.mode] = cls
+    return cls
+
+
+def build_source(ctx: SourceContext) -> SignalSource:
+    """The source for `ctx.cfg.distill.mode`."""
+    return SOURCES[ctx.cfg.distill.mode].build(ctx)
+
+
+@register
+class NoTeacher(SignalSource):
+    """LM-only training: no teacher signal at all."""
+    mode = "none"
+    has_signal = False
+
+    def _fetch(self, ids, input_ids, planned):
+        return None
+
+
+@register
+class ColocatedTeacher(SignalSource):
+    """A frozen teacher in the student's own process, run forward on each micro-batch as it trains."""
+    mode = "colocated"
+    wait_metric = "perf/teacher_time_frac"
+
+    def __init__(self, teacher: FrozenTeacher):
+        super().__init__()
+        self.teacher = teacher
+
+    @classmethod
+    def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
+        d = ctx.cfg.distill
+        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
+                                 d.top_k, ctx.cfg.train.loss_chunk_size))
+
+    def _fetch(self, ids, input_ids, planned):
+        return self.teacher(input_ids)
+
+
+def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
+    """What a teacher replica and its students agree on (checked by the bridge's handshake)."""
+    d = cfg.distill
+    dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
+                    seq_len=data.seq_len, top_k=d.top_k, top_p=d.top_p, value_dtype=dtype,
+                    micro_batch=cfg.train.micro_batch_size)
+
+
+@register
+class OnlineTeacher(SignalSource):
+    """A teacher replica on its own ranks: requests go `distill.prefetch` micro-batches ahead along the
+    plan, so the teacher computes the next ones while this one trains; answers carry the sample ids."""
+    mode = "online"
+    wait_metric = "perf/teacher_wait_frac"
+
+    def __init__(self, client: TeacherClient, data: PackedDataset, prefetch: int):
+        super().__init__()
+        self.client, self.data, self.prefetch = client, data, prefetch
+        self.ahead: Optional[PrefetchingTeacher] = None
+
+    @classmethod
+    def build(cls, ctx: SourceContext) -> "OnlineTeacher":
+        return cls(TeacherClient(ctx.topo, wire_spec(ctx.cfg, ctx.data)), ctx.data, ctx.cfg.distill.prefetch)
+
+    def _tokens(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.data.batch(ids))[:, :-1]
+
+    def plan(self, micro_batches):
+        super().plan(micro_batches)
+        self.ahead = PrefetchingTeacher(self.client, iter(micro_batches), self._tokens, self.prefetch)
+
+    def _fetch(self, ids, input_ids, planned):
+        if planned:
+            return self.ahead.next(ids)
+        return self.client.result(self.client.submit(ids, input_ids.cpu()))  # behind what is in flight
+
+    @property
+    def waited_s(self) -> float:
+        return self.client.wait_time  # blocked on answers, not the (asynchronous) sends
+
+    def scalars(self):
+        return {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+
+    def close(self):
+        self.client.close()
+
+
+class _StoredMicroBatches(torch.utils.data.Dataset):
+    """Item j: the stored logits of the plan's micro-batch j (read in DataLoader workers, each mapping
+    the store itself, so decoding and re-truncation run ahead of the step that needs them)."""
+
+    def __init__(self, plan: Sequence[np.ndarray], store):
+        self.plan, self.store = plan, store
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j: int):
+        ids = self.plan[j]
+        sparse = self.store.get_batch(ids)
+        return torch.from_numpy(ids), sparse.indices, sparse.values
+
+
+@register
+class StoredLogits(SignalSource):
+    """A teacher-logits store written earlier (launch/generate_logits.py), re-truncated on load to the
+    run's top-p-k when it was stored wider; planned micro-batches are decoded ahead in workers."""
+    mode = "offline"
+    wait_metric = "perf/data_wait_frac"
+
+    def __init__(self, store, workers: int):
+        super().__init__()
+        self.store, self.workers = store, workers
+        self._loader = None
+
+    @classmethod
+    def build(cls, ctx: SourceContext) -> "StoredLogits":
+        d, data = ctx.cfg.distill, ctx.data
+        store = open_for_training(d.store, data_fingerprint=data.fingerprint,
+                                  tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
+                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
+        return cls(store, ctx.cfg.data.loader_workers)
+
+    def describe(self):
+        m = self.store.meta
+        return (f"offline logits: {self.store.root} ({len(self.store)} samples, stored top-{m.top_p}-"
+                f"{m.top_k}, used top-{self.store.default_top_p}-{self.store.default_top_k})")
+
+    def _fetch(self, ids, input_ids, planned):
+        if planned:
+            if self._loader is None:
+                self._loader = iter(torch.utils.data.DataLoader(
+                    _StoredMicroBatches(self._plan, self.store), batch_size=None, shuffle=False,
+                    num_workers=self.workers, prefetch_factor=4 if self.workers else None))
+            got, idx, val = next(self._loader)
+            if not np.array_equal(got.numpy(), ids):
+                raise RuntimeError("offline loader out of step with the training plan")
+            return SparseLogits(idx, val)
+        if int(np.max(ids)) >= len(self.store):
+            return None  # the store holds no logits for these (held-out) samples
+        return self.store.get_batch(ids).without_lse()
+
+    def close(self):
+        self._loader = None
+
+
+def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
+    """The store a run of `cfg` writes (generation, or dump_logits): truncation generate.top_p/top_k
+    (default: distill's), the training samples plus the held-out ones when generate.include_val."""
+    g = cfg.generate
+    top_p, top_k = cfg.stored_truncation()
+    return StoreMeta(teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
+                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
+                     top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
+                     shard_size=g.shard_size).resolved()

@@ -1,0 +1,93 @@
+"""The student as DeepSpeed trains it: a causal LM whose forward returns the fused LM + KD loss.
+
+The engine's forward takes the micro-batch's tokens, its targets and the teacher signal as one
+SparseLogits (or None), and returns a :class:`StudentOutput`. The LM head is applied chunk by chunk
+inside the loss, never as a full [tokens, vocab] matmul.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ExperimentConfig, deepspeed_config
+from .inference import sparse_logits_from_hidden
+from .logits import SparseLogits
+from .losses import fused_pd_loss
+from .models import build_model, check_same_tokenizer, final_norm_and_head
+from .topology import Topology
+
+
+class StudentOutput(NamedTuple):
+    """What one micro-batch's forward gives. A NamedTuple, so DeepSpeed's ZeRO-3 hooks (which walk
+    tuples) see the loss tensor; the sums are detached."""
+    loss: torch.Tensor        # differentiable: this micro-batch's share of the global mean loss
+    lm_sum: torch.Tensor      # sum of LM cross-entropy over valid target tokens
+    kd_sum: torch.Tensor      # sum of KD loss over valid target tokens (0 without a teacher)
+    n_tokens: torch.Tensor    # valid target tokens
+    top1_agree: torch.Tensor  # valid tokens where the student's argmax is the teacher's top-1
+    own: Optional[SparseLogits] = None  # the student's own truncated logits (distill.dump_logits)
+
+
+class PDStudent(nn.Module):
+    """The student wrapped so that the engine's forward returns the fused LM+KD loss.
+
+    The LM head's weight is used outside the head's own forward: under ZeRO-3 it is registered as an
+    external parameter of this module so it is gathered for our forward and backward."""
+
+    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.kind, self.temperature, self.chunk_size = kind, temperature, chunk_size
+
+    def register_for_zero3(self) -> None:
+        import deepspeed
+
+        _, head = final_norm_and_head(self.model)
+        deepspeed.zero.register_external_parameter(self, head.weight)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, teacher: Optional[SparseLogits] = None,
+                alpha: float = 0.0, normalizer: float = 1.0,
+                own_top_p_k: Optional[tuple[float, int]] = None) -> StudentOutput:
+        body, head = final_norm_and_head(self.model)
+        hidden = body(input_ids=input_ids).last_hidden_state
+        out = fused_pd_loss(hidden.flatten(0, 1), head.weight, targets.flatten(),
+                            None if teacher is None else teacher.reshape(-1), alpha, self.kind,
+                            self.temperature, normalizer, chunk_size=self.chunk_size)
+        own = None
+        if own_top_p_k is not None:
+            # This model's own truncated logits as it is now: one more chunked head pass without grad,
+            # inside forward so ZeRO-3 has the head weight gathered.
+            own = sparse_logits_from_hidden(hidden.detach(), head.weight, *own_top_p_k, self.chunk_size,
+                                            keep_lse=True)
+        return StudentOutput(out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree, own)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases (1-D tensors)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
+    """The student model (preset or path) in a DeepSpeed engine with AdamW; returns (engine, ds_config)."""
+    import deepspeed
+
+    model = build_model(cfg.model, vocab_size, seed=cfg.train.seed)
+    if cfg.model.path:
+        check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
+    module = PDStudent(model, cfg.distill.loss, cfg.distill.temperature, cfg.train.loss_chunk_size)
+    if cfg.train.zero_stage == 3:
+        module.register_for_zero3()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    ds_config = deepspeed_config(cfg, topo.dp_size, bf16)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine, ds_config
