@@ -8,6 +8,7 @@ the student trains on step n, and checks the sample ids of every answer.
 """
 from __future__ import annotations
 
+import datetime
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from .topology import Topology
 # The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
 # own pre-training); a peer that dies meanwhile still fails it at once.
 STARTUP_TIMEOUT_S = 3600.0
+# How long a teacher waits for a student's next request: no limit in practice (see _receive).
+IDLE_WAIT = datetime.timedelta(days=3650)
 
 
 @dataclass
@@ -172,13 +175,14 @@ class TeacherServer:
     def _receive(self, s: int, inbox: "queue.Queue") -> None:
         """One thread per student: block on its next request (gloo recvs complete only in wait()).
 
-        A server has no idle timeout (students pause for evaluation and checkpoints); a student that
-        dies closes its connection, which fails the wait at once."""
+        A server has no idle timeout (students pause for evaluation, checkpoints, their own start-up):
+        the wait is given an explicit bound of years, since a bare wait() would end at the bridge's
+        peer timeout. A student that dies closes its connection, which fails the wait at once."""
         spec, bridge = self.spec, self.topo.bridge
         while True:
             buf = torch.empty(spec.request_numel(), dtype=torch.int64)
             try:
-                bridge.recv([buf], s, TAG_REQ).wait()
+                bridge.recv([buf], s, TAG_REQ).wait(IDLE_WAIT)
             except RuntimeError as e:
                 inbox.put((s, PeerError(f"{self.me_desc}: student {self.topo.describe(s)} closed the "
                                         f"connection (exited or crashed): {str(e).splitlines()[0][:120]}")))

@@ -24,12 +24,13 @@ from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, assign_roles
 
 
 class _Work:
-    def __init__(self, fn=None):
-        self.fn = fn
+    def __init__(self, fn=None, default_timeout=None):
+        self.fn, self.default_timeout = fn, default_timeout
 
     def wait(self, timeout=None):
+        # Like gloo: a bare wait() is bounded by the process group's timeout, not unbounded.
         if self.fn is not None:
-            self.fn(None if timeout is None else timeout.total_seconds())
+            self.fn(self.default_timeout if timeout is None else timeout.total_seconds())
         return True
 
 
@@ -47,8 +48,8 @@ class FakeNet:
 
 
 class FakeBridge:
-    def __init__(self, net: FakeNet, rank: int):
-        self.net, self.rank = net, rank
+    def __init__(self, net: FakeNet, rank: int, timeout: float):
+        self.net, self.rank, self.timeout = net, rank, timeout
 
     def send(self, tensors, dst, tag):
         self.net.box((self.rank, dst, tag)).put(tensors[0].clone())
@@ -70,7 +71,7 @@ class FakeBridge:
                     if deadline is not None and time.monotonic() > deadline:
                         raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
             out.copy_(item)
-        return _Work(fn)
+        return _Work(fn, self.timeout)
 
 
 def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
@@ -78,7 +79,7 @@ def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
     role = "teacher" if rank in teachers else "student"
     return Topology(env=env, backend="gloo", role=role, teacher_ranks=list(teachers),
                     students_per_teacher=(world - len(teachers)) // len(teachers),
-                    hosts={r: f"host{r}, node0" for r in range(world)}, bridge=FakeBridge(net, rank),
+                    hosts={r: f"host{r}, node0" for r in range(world)}, bridge=FakeBridge(net, rank, timeout),
                     peer_timeout_s=timeout)
 
 
@@ -221,6 +222,23 @@ def test_silent_teacher_times_out_and_dead_teacher_fails_at_once():
     with pytest.raises(PeerError, match="closed the connection"):
         client.result(client.submit(np.array([2]), torch.zeros(1, 6, dtype=torch.int64)))
     assert time.monotonic() - t0 < 1
+
+
+def test_server_waits_out_a_student_idle_past_the_peer_timeout():
+    """Students pause between requests (engine start-up, evaluation, checkpoints): a teacher must not
+    take a pause longer than the peer timeout for a dead student."""
+    net = FakeNet()
+    server, out, model = start_server(topo_for(0, net, world=2, timeout=0.3))
+    client = TeacherClient(topo_for(1, net, world=2, timeout=0.3), SPEC, startup_timeout_s=5)
+    time.sleep(1.0)  # three peer timeouts before the first request
+    tok = torch.zeros(1, 6, dtype=torch.int64)
+    assert torch.equal(client.result(client.submit(np.array([1]), tok)).values, model.sparse(tok).values)
+    time.sleep(1.0)
+    client.result(client.submit(np.array([2]), tok))
+    client.close()
+    server.join(5)
+    assert "error" not in out, out.get("error")
+    assert out["stats"].requests == 2
 
 
 def test_server_reports_a_student_that_died():
