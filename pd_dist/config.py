@@ -40,6 +40,8 @@ class TeacherConfig(ModelConfig):
     pretrain_steps: int = field(default=300, metadata=doc(
         "optimizer steps of the teacher's own LM pre-training (only when `path` is null)"))
     pretrain_lr: float = field(default=1e-3, metadata=doc("peak LR of the teacher's pre-training"))
+    pretrain_batch_size: int = field(default=0, metadata=doc(
+        "global batch (samples) of the teacher's pre-training (0 = train.global_batch_size)"))
     micro_batch_size: int = field(default=0, metadata=doc(
         "samples per teacher forward (0 = the student's micro-batch size)"))
 
@@ -51,6 +53,8 @@ class TeacherConfig(ModelConfig):
             fail(f"{prefix}.pretrain_lr", self.pretrain_lr, "must be > 0")
         if self.micro_batch_size < 0:
             fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
+        if self.pretrain_batch_size < 0:
+            fail(f"{prefix}.pretrain_batch_size", self.pretrain_batch_size, "must be >= 0")
 
 
 @dataclass
@@ -182,6 +186,9 @@ class ExperimentConfig:
     """A whole pre-training-distillation run."""
     output_dir: str = field(default="runs/default", metadata=doc(
         "where checkpoints, TensorBoard logs, the export and the resolved config go"))
+    baseline: bool = field(default=False, metadata=doc(
+        "also pre-train the same student LM-only on the same tokens and schedule (cached in "
+        "<output_dir>/baseline) and report the distilled student's gain over it, (LM - PD) / LM in loss"))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the student"))
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=doc("the teacher"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,6 +206,10 @@ class ExperimentConfig:
                 fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
             if not self.distill.store:
                 fail("distill.store", None, "must name the store that distill.dump_logits writes")
+        pb = self.teacher.pretrain_batch_size
+        if pb and pb % self.train.micro_batch_size:
+            fail("teacher.pretrain_batch_size", pb,
+                 f"must be a multiple of train.micro_batch_size ({self.train.micro_batch_size})")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

@@ -21,13 +21,13 @@ import torch
 
 from .config import ExperimentConfig
 from .data import PackedDataset
-from .inference import FrozenTeacher
+from .inference import FrozenTeacher, held_out_batches
 from .logits import SparseLogits
 from .models import model_identity
 from .monitor import fmt_duration
 from .run import obtain_teacher, prepare_run_data, teacher_export_dir
 from .runtime import device, model_dtype, set_threads
-from .signals import store_meta
+from .signals import store_meta, write_store_teacher_eval
 from .store import StoreError, StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
 from .topology import Topology
 
@@ -153,6 +153,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     topo.barrier()
     if topo.dp_rank == 0:
         write_manifest(root, meta)
+        # The teacher's own held-out loss, which runs trained from this store report beside theirs.
+        write_store_teacher_eval(root, data, teacher.val_loss(held_out_batches(data, micro)))
         for f in (root / "shards").glob(".*.tmp"):  # left by an interrupted run; all shards are complete
             f.unlink()
         for f in (root / ".progress").glob("*"):

@@ -4,7 +4,10 @@
 - obtain the teacher: load `teacher.path`, or pre-train the default teacher once (LM only, with the
   same trainer) and cache it under <output_dir>/teacher;
 - on a teacher rank (online mode): serve teacher signals to the students paired with it;
-- on a student rank: build the run's teacher-signal source, train, export, write summary.json, and
+- with `baseline`: pre-train the same student LM-only on the same tokens once (cached under
+  <output_dir>/baseline), the yardstick for the distilled student;
+- on a student rank: build the run's teacher-signal source, train, export, compare the teacher, the
+  LM-only student and the distilled student on the same held-out samples, write summary.json, and
   (distill.dump_logits) turn the run's own logits into a store.
 
 Entry points (pd_dist.cli) call only this layer and pd_dist.generate.
@@ -16,6 +19,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -27,12 +31,13 @@ import torch.nn as nn
 from .config import ExperimentConfig
 from .configlib import to_dict
 from .data import PackedDataset, prepare_data
-from .inference import FrozenTeacher
+from .inference import FrozenTeacher, held_out_batches
 from .models import ModelConfig, build_model, check_same_tokenizer, model_identity
 from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, TeacherServer
 from .runtime import device, model_dtype, set_threads
-from .signals import NoTeacher, SourceContext, build_source, store_meta, wire_spec
+from .signals import (NoTeacher, SourceContext, build_source, publish_teacher_val_loss, store_meta,
+                      wire_spec)
 from .topology import Topology
 from .trainer import Trainer, TrainResult
 
@@ -83,10 +88,22 @@ def teacher_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfi
                            max_position_embeddings=cfg.teacher.max_position_embeddings,
                            rope_theta=cfg.teacher.rope_theta)
     tc.distill = dataclasses.replace(cfg.distill, mode="none", dump_logits=False)
-    tc.train = dataclasses.replace(cfg.train, steps=cfg.teacher.pretrain_steps, exit_after_steps=0)
+    tc.train = dataclasses.replace(cfg.train, steps=cfg.teacher.pretrain_steps, exit_after_steps=0,
+                                   global_batch_size=cfg.teacher.pretrain_batch_size or cfg.train.global_batch_size)
     tc.optim = dataclasses.replace(cfg.optim, lr=cfg.teacher.pretrain_lr)
     tc.data = dataclasses.replace(cfg.data, dir=str(data_dir))
     return tc
+
+
+def baseline_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfig:
+    """The LM-only twin of a distillation run: the same student, tokens, schedule and seed, no teacher."""
+    bc = copy.deepcopy(cfg)
+    bc.output_dir = str(Path(cfg.output_dir) / "baseline")
+    bc.baseline = False
+    bc.distill = dataclasses.replace(cfg.distill, mode="none", dump_logits=False)
+    bc.train = dataclasses.replace(cfg.train, exit_after_steps=0)
+    bc.data = dataclasses.replace(cfg.data, dir=str(data_dir))
+    return bc
 
 
 def teacher_export_dir(cfg: ExperimentConfig) -> Path:
@@ -101,35 +118,58 @@ def _run_stamp(rc: ExperimentConfig, data: PackedDataset) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _cached_lm_run(rc: ExperimentConfig, topo: Topology, data: PackedDataset, export: Path, name: str,
+                   starting: str, reusing: str, log: Log, need_summary: bool = False) -> dict:
+    """Run the LM-only config `rc` once and cache it: the export carries a stamp of what it depends on,
+    and a later call with the same inputs reuses it. Returns the run's summary ({} if none was kept)."""
+    stamp = _run_stamp(rc, data)
+    stamp_file = export / f"pd_dist_{name}_stamp.txt"
+    summary_file = Path(rc.output_dir) / "summary.json"
+    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp and \
+            (summary_file.is_file() or not need_summary):
+        if topo.is_logger:
+            log(f"[{name}] {reusing}")
+        return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if topo.is_logger:
+        log(f"[{name}] {starting}")
+        ck = Path(rc.output_dir) / "checkpoints"
+        if ck.exists():  # a stale or interrupted run: its config no longer matches
+            shutil.rmtree(ck)
+    topo.barrier()
+    trainer = Trainer(rc, topo, data, NoTeacher(), run_name=name)
+    try:
+        result = trainer.fit(export_dir=export)
+    finally:
+        trainer.close()
+    summary = dataclasses.asdict(result)
+    if topo.is_logger:
+        summary_file.write_text(json.dumps(summary, indent=1))
+        stamp_file.write_text(stamp + "\n")
+    topo.barrier()
+    return summary
+
+
 def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> nn.Module:
     """The teacher model: loaded from teacher.path, or pre-trained here once and cached."""
     if cfg.teacher.path:
         check_same_tokenizer(cfg.teacher.path, data.tokenizer_dir, "the teacher")
         return build_model(cfg.teacher, data.vocab_size, seed=cfg.train.seed)
-    tc = teacher_run_config(cfg, data.path)
     export = teacher_export_dir(cfg)
-    stamp = _run_stamp(tc, data)
-    stamp_file = export / "pd_dist_teacher_stamp.txt"
-    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
-        if topo.is_logger:
-            log(f"[teacher] reusing the pre-trained teacher in {export}")
-    else:
-        if topo.is_logger:
-            log(f"[teacher] no teacher.path: pre-training a {tc.model.preset} teacher for "
-                f"{tc.train.steps} steps (LM only) in {tc.output_dir}")
-            ck = Path(tc.output_dir) / "checkpoints"
-            if ck.exists():  # a stale or interrupted teacher run: its config no longer matches
-                shutil.rmtree(ck)
-        topo.barrier()
-        trainer = Trainer(tc, topo, data, NoTeacher(), run_name="teacher")
-        try:
-            trainer.fit(export_dir=export)
-        finally:
-            trainer.close()
-        if topo.is_logger:
-            stamp_file.write_text(stamp + "\n")
-        topo.barrier()
+    tc = teacher_run_config(cfg, data.path)
+    _cached_lm_run(tc, topo, data, export, "teacher",
+                   f"no teacher.path: pre-training a {tc.model.preset} teacher for {tc.train.steps} steps "
+                   f"(LM only) in {tc.output_dir}", f"reusing the pre-trained teacher in {export}", log)
     return build_model(ModelConfig(path=str(export)), data.vocab_size, seed=cfg.train.seed)
+
+
+def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> dict:
+    """The summary of the run's LM-only twin (pre-trained here once and cached)."""
+    bc = baseline_run_config(cfg, data.path)
+    export = Path(bc.output_dir) / "student"
+    return _cached_lm_run(bc, topo, data, export, "baseline",
+                          f"pre-training the LM-only baseline: the same student on the same tokens, "
+                          f"{bc.train.steps} steps, in {bc.output_dir}",
+                          f"reusing the LM-only baseline in {bc.output_dir}", log, need_summary=True)
 
 
 def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> None:
@@ -137,6 +177,7 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     d = cfg.distill
     teacher = FrozenTeacher(obtain_teacher(cfg, topo, data, log=log), device(), model_dtype(cfg.train.precision),
                             d.top_p, d.top_k, cfg.train.loss_chunk_size)
+    publish_teacher_val_loss(topo, teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size)))
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
     me = f"[teacher {topo.rank}] "
@@ -182,10 +223,14 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
         return None
     source = build_source(SourceContext(cfg, topo, data, device(),
                                         teacher=lambda: obtain_teacher(cfg, topo, data, log=say), log=say))
+    # The yardstick: the same student trained LM-only (an online teacher waits for its first request).
+    baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
     trainer = Trainer(cfg, topo, data, source, resume=resume)
     export = Path(cfg.output_dir) / "student"
     try:
         result = trainer.fit(export_dir=export)
+        if result.finished and topo.is_logger:
+            result = compare(result, source.teacher_val_loss(), baseline)
         source.close()
     finally:
         trainer.close()
@@ -193,10 +238,40 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
         finish_dump(cfg, topo, data, export, log=say)
     if topo.is_logger:
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
-    if result.finished:
-        agree = result.teacher_top1_agreement
-        say(f"done | student val_loss {result.val_loss:.4f} (ppl {result.val_ppl:.1f})"
-            + (f" | top-1 agreement with teacher {agree:.3f}" if agree is not None else "")
-            + f"\n  TensorBoard: tensorboard --logdir {result.tensorboard_dir}"
-            + f"\n  student (HF format): {result.export_dir}")
+    if result.finished and topo.is_logger:
+        report(cfg, result, log=say)
     return result
+
+
+def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict]) -> TrainResult:
+    """The distilled student against its teacher and its LM-only twin, on the same held-out samples.
+    pd_gain is the paper's relative improvement in loss, (LM - PD) / LM (> 0: distillation helped)."""
+    lm = baseline["val_loss"] if baseline else None
+    return dataclasses.replace(result, teacher_val_loss=teacher_val_loss, lm_only_val_loss=lm,
+                               pd_gain=None if lm is None else (lm - result.val_loss) / lm)
+
+
+def report(cfg: ExperimentConfig, r: TrainResult, log: Log) -> None:
+    """The run's final lines, and the comparison's scalars in TensorBoard (logging rank)."""
+    agree = r.teacher_top1_agreement
+    lines = [f"done | student val_loss {r.val_loss:.4f} (ppl {r.val_ppl:.1f})"
+             + (f" | top-1 agreement with teacher {agree:.3f}" if agree is not None else "")]
+    if r.teacher_val_loss is not None or r.lm_only_val_loss is not None:
+        def fig(loss):
+            return "n/a" if loss is None else f"{loss:.4f} (ppl {math.exp(min(loss, 50.0)):.1f})"
+
+        lines.append(f"  held-out loss on the same {cfg.data.val_samples} samples: teacher "
+                     f"{fig(r.teacher_val_loss)} | LM-only student {fig(r.lm_only_val_loss)} | "
+                     f"distilled student {fig(r.val_loss)}")
+    if r.pd_gain is not None:
+        ppl_gain = 1.0 - math.exp(r.val_loss - r.lm_only_val_loss)
+        lines.append(f"  PD gain over LM-only pre-training: {r.pd_gain:+.2%} in loss, (LM - PD) / LM "
+                     f"({ppl_gain:+.2%} in perplexity)")
+    lines += [f"  TensorBoard: tensorboard --logdir {r.tensorboard_dir}", f"  student (HF format): {r.export_dir}"]
+    log("\n".join(lines))
+    scalars = {"eval/teacher_val_loss": r.teacher_val_loss, "eval/lm_only_val_loss": r.lm_only_val_loss,
+               "eval/pd_gain": r.pd_gain}
+    if any(v is not None for v in scalars.values()):
+        tb = Monitor(True, Path(r.tensorboard_dir))
+        tb.scalars(r.steps, scalars)
+        tb.close()

@@ -19,9 +19,11 @@ signal) is one subclass here, registered under a new `distill.mode` value.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar, Optional, get_args
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch.nn as nn
 from .bridge import WireSpec
 from .config import DistillMode, ExperimentConfig
 from .data import PackedDataset
-from .inference import FrozenTeacher
+from .inference import FrozenTeacher, held_out_batches
 from .logits import SparseLogits
 from .online import PrefetchingTeacher, TeacherClient
 from .runtime import model_dtype
@@ -96,6 +98,11 @@ class SignalSource:
         """One line for the console at start, or None."""
         return None
 
+    def teacher_val_loss(self) -> Optional[float]:
+        """The teacher's own loss on the run's held-out samples (the yardstick the student's val_loss is
+        read against), where the source can know it; None otherwise."""
+        return None
+
     def close(self) -> None:
         """Release what the source holds (and tell a remote teacher this student is done)."""
 
@@ -132,18 +139,21 @@ class ColocatedTeacher(SignalSource):
     mode = "colocated"
     wait_metric = "perf/teacher_time_frac"
 
-    def __init__(self, teacher: FrozenTeacher):
+    def __init__(self, teacher: FrozenTeacher, data: PackedDataset, micro_batch: int):
         super().__init__()
-        self.teacher = teacher
+        self.teacher, self.data, self.micro_batch = teacher, data, micro_batch
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
         d = ctx.cfg.distill
         return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size))
+                                 d.top_k, ctx.cfg.train.loss_chunk_size), ctx.data, ctx.cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
         return self.teacher(input_ids)
+
+    def teacher_val_loss(self):
+        return self.teacher.val_loss(held_out_batches(self.data, self.micro_batch))
 
 
 def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
@@ -170,6 +180,9 @@ class OnlineTeacher(SignalSource):
     @classmethod
     def build(cls, ctx: SourceContext) -> "OnlineTeacher":
         return cls(TeacherClient(ctx.topo, wire_spec(ctx.cfg, ctx.data)), ctx.data, ctx.cfg.distill.prefetch)
+
+    def teacher_val_loss(self):
+        return read_teacher_val_loss(self.client.topo, self.client.peer)
 
     def _tokens(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.data.batch(ids))[:, :-1]
@@ -217,9 +230,9 @@ class StoredLogits(SignalSource):
     mode = "offline"
     wait_metric = "perf/data_wait_frac"
 
-    def __init__(self, store, workers: int):
+    def __init__(self, store, data: PackedDataset, workers: int):
         super().__init__()
-        self.store, self.workers = store, workers
+        self.store, self.data, self.workers = store, data, workers
         self._loader = None
 
     @classmethod
@@ -228,12 +241,15 @@ class StoredLogits(SignalSource):
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
                                   vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
-        return cls(store, ctx.cfg.data.loader_workers)
+        return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):
         m = self.store.meta
         return (f"offline logits: {self.store.root} ({len(self.store)} samples, stored top-{m.top_p}-"
                 f"{m.top_k}, used top-{self.store.default_top_p}-{self.store.default_top_k})")
+
+    def teacher_val_loss(self):
+        return read_store_teacher_eval(self.store.root, self.data)
 
     def _fetch(self, ids, input_ids, planned):
         if planned:
@@ -262,3 +278,40 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> Sto
                      data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
                      top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
                      shard_size=g.shard_size).resolved()
+
+
+# --------------------------------------------------------------------- the teacher's held-out loss
+# Where the teacher does not run in the student's process, whoever runs it measures its held-out loss
+# and leaves it where the students can read it: a teacher rank in the job's store, the generation job
+# beside the store it writes.
+TEACHER_EVAL = "teacher_eval.json"
+
+
+def publish_teacher_val_loss(topo: Topology, loss: Optional[float]) -> None:
+    """A teacher rank: make its held-out loss readable by its students."""
+    topo.store.set(f"pd/teacher_val_loss/{topo.rank}", json.dumps(loss))
+
+
+def read_teacher_val_loss(topo: Topology, teacher_rank: int) -> Optional[float]:
+    key = f"pd/teacher_val_loss/{teacher_rank}"
+    return json.loads(topo.store.get(key).decode()) if topo.store.check([key]) else None
+
+
+def write_store_teacher_eval(root, data: PackedDataset, loss: Optional[float]) -> None:
+    """Beside a store: the teacher's loss on the data's held-out samples."""
+    (Path(root) / TEACHER_EVAL).write_text(json.dumps(
+        {"data_fingerprint": data.fingerprint, "val_samples": int(data.n_val), "val_loss": loss},
+        indent=1) + "\n")
+
+
+def read_store_teacher_eval(root, data: PackedDataset) -> Optional[float]:
+    """The figure write_store_teacher_eval left, if it was measured on this data's held-out samples."""
+    try:
+        info = json.loads((Path(root) / TEACHER_EVAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("data_fingerprint") != data.fingerprint \
+            or info.get("val_samples") != data.n_val:
+        return None
+    loss = info.get("val_loss")
+    return float(loss) if isinstance(loss, (int, float)) else None

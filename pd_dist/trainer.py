@@ -45,6 +45,11 @@ class TrainResult:
     losses: list[float]
     finished: bool = True
     tokens_per_sec: Optional[float] = None  # mean over the steps of this launch, first step excluded
+    # Filled by the orchestration when known: the same held-out samples through the teacher and the
+    # student's LM-only twin, and the relative gain (LM - PD) / LM in loss.
+    teacher_val_loss: Optional[float] = None
+    lm_only_val_loss: Optional[float] = None
+    pd_gain: Optional[float] = None
 
 
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:

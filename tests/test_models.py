@@ -62,6 +62,23 @@ def test_frozen_teacher_matches_truncating_full_logits():
     assert torch.equal(got.indices[got.mask], want.indices[want.mask])
 
 
+def test_frozen_teacher_val_loss_matches_a_float64_reference(smoke_data):
+    """The teacher's held-out loss (what a run reports beside its student's) is the mean next-token
+    cross-entropy over the held-out windows, chunked or not."""
+    from pd_dist.inference import held_out_batches
+
+    model = build_model(ModelConfig(preset="tiny-teacher"), smoke_data.vocab_size, seed=5)
+    with torch.no_grad():
+        windows = torch.from_numpy(smoke_data.batch(smoke_data.val_ids()))
+        logits = model.double()(windows[:, :-1]).logits
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    model.float()
+    for chunk, micro in ((7, 3), (100000, 64)):
+        got = FrozenTeacher(model, torch.device("cpu"), torch.float32, 0.95, 4, chunk).val_loss(
+            held_out_batches(smoke_data, micro))
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path, smoke_data):
     from pd_dist.data import load_tokenizer
 

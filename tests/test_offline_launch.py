@@ -119,6 +119,9 @@ def test_offline_training_matches_colocated(store, tmp_path, smoke_data, tiny_te
     assert b["losses"] == pytest.approx(a["losses"], rel=2e-3)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=2e-3)
     assert b["teacher_top1_agreement"] == pytest.approx(a["teacher_top1_agreement"], abs=0.01)
+    # The generation job measured the teacher's held-out loss beside the store; the run reports it.
+    assert (store / "teacher_eval.json").is_file()
+    assert b["teacher_val_loss"] == pytest.approx(a["teacher_val_loss"], rel=1e-6)
     # Adam amplifies the quantization differences in rare embedding rows (measured: 2.7% of the
     # movement there, far less elsewhere); a wrong store would fail the loss checks above by far.
     assert_same_params(read_student(off), read_student(col), read_initial(smoke_data), rel=5e-2)

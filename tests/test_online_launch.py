@@ -38,6 +38,9 @@ def test_online_one_teacher_two_students_matches_colocated(tmp_path, smoke_data,
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     assert b["teacher_top1_agreement"] == pytest.approx(a["teacher_top1_agreement"], abs=1e-6)
+    # The teacher rank measured its own held-out loss and published it to its students.
+    assert a["teacher_val_loss"] is not None
+    assert b["teacher_val_loss"] == pytest.approx(a["teacher_val_loss"], rel=1e-6)
     pa, pb = read_student(col), read_student(onl)
     for k in pa:
         assert (pa[k] - pb[k]).abs().max().item() < 1e-4, k

@@ -1,0 +1,88 @@
+"""Does the default recipe win? The embedded default's student distilled vs trained LM-only, over seeds.
+
+For each seed, one launch of the real entry point (`deepspeed launch/pretrain_pd.py`, the default config
+with `baseline: true`) trains the LM-only twin and the distilled student on the same tokens from the
+same initialisation, against one fixed teacher (the default run's, pre-trained first if missing).
+Seeds change the student's initialisation and data order, not the teacher. Reported: the teacher's
+held-out loss, the LM-only and distilled students' held-out losses per seed, their means, the spread
+(max - min over seeds) of each, and the gain (LM - PD) / LM; the recipe wins when the mean gap between
+LM-only and PD exceeds both spreads (`wins`). Last line: one JSON object.
+
+    python bench/pd_gain.py                 # 3 seeds, ~10 minutes on 2 cores once the teacher exists
+    python bench/pd_gain.py --seeds 1 2 3 4 5 --set distill.loss=kld
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, log  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _launch(overrides: list[str], cwd: Path) -> None:
+    exe = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd += ["--num_gpus", "1", str(REPO / "launch" / "pretrain_pd.py")]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit("launch failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench_pd_gain"))
+    ap.add_argument("--default-dir", default=str(REPO / "runs" / "default"),
+                    help="the default run's output_dir: its data and teacher are reused")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every seed (e.g. distill.loss=kld)")
+    args = ap.parse_args()
+    out, default = Path(args.out), Path(args.default_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = default / "teacher" / "export"
+    t0 = time.perf_counter()
+    if not (teacher / "config.json").is_file():
+        log(f"no teacher in {teacher}: running the default first (it pre-trains and caches the teacher)")
+        _launch([f"output_dir={default}"], cwd=REPO)
+    runs = {}
+    for seed in args.seeds:
+        run = out / f"seed{seed}"
+        if not (run / "summary.json").is_file():
+            log(f"seed {seed}: LM-only baseline + distilled student -> {run}")
+            _launch([f"output_dir={run}", f"data.dir={default / 'data'}", f"teacher.path={teacher}",
+                     "baseline=true", f"train.seed={seed}", *args.overrides], cwd=REPO)
+        s = json.loads((run / "summary.json").read_text())
+        runs[seed] = s
+        log(f"seed {seed}: teacher {s['teacher_val_loss']:.4f} | LM-only {s['lm_only_val_loss']:.4f} | "
+            f"PD {s['val_loss']:.4f} | gain {s['pd_gain']:+.2%}")
+    lm = [runs[s]["lm_only_val_loss"] for s in args.seeds]
+    pd = [runs[s]["val_loss"] for s in args.seeds]
+    gains = [runs[s]["pd_gain"] for s in args.seeds]
+    spread_lm, spread_pd = max(lm) - min(lm), max(pd) - min(pd)
+    gap = statistics.mean(lm) - statistics.mean(pd)
+    teacher_loss = runs[args.seeds[0]]["teacher_val_loss"]
+    emit({"seeds": args.seeds, "teacher_val_loss": teacher_loss,
+          "lm_only_val_loss": lm, "pd_val_loss": pd, "pd_gain": gains,
+          "lm_only_mean": statistics.mean(lm), "pd_mean": statistics.mean(pd),
+          "pd_gain_mean": statistics.mean(gains), "lm_only_spread": spread_lm, "pd_spread": spread_pd,
+          "gap": gap, "margin_over_spread": gap / max(spread_lm, spread_pd, 1e-12),
+          "teacher_vs_lm_only": (statistics.mean(lm) - teacher_loss) / statistics.mean(lm),
+          "wins": gap > max(spread_lm, spread_pd), "overrides": args.overrides,
+          "wall_s": round(time.perf_counter() - t0, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
