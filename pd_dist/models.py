@@ -54,9 +54,64 @@ class ModelConfig:
             fail(f"{prefix}.max_position_embeddings", self.max_position_embeddings, "must be >= 1")
 
 
+def partitioned_builder(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
+    """A zero-argument function that builds the model inside ``deepspeed.zero.Init``: each parameter is
+    partitioned as it is created, then drawn (init_weights) or read from the path's safetensors one
+    tensor at a time, so no rank ever holds the whole model. Everything that imports or reads files is
+    done here, outside the zero.Init context (which patches tensor construction)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.path:
+        conf = AutoConfig.from_pretrained(str(cfg.path), local_files_only=True)
+        conf._attn_implementation = "sdpa"
+        if conf.vocab_size != vocab_size:
+            raise ValueError(f"model at {cfg.path} has vocab_size {conf.vocab_size} but the run's tokenizer "
+                             f"has {vocab_size}: teacher, student and data must share one tokenizer")
+    else:
+        conf = preset_config(cfg, vocab_size)
+    cls = AutoModelForCausalLM._model_mapping[type(conf)]  # imports the modeling module now
+
+    def build():
+        model = cls(conf).to(dtype)
+        if cfg.path:
+            load_weights(model, cfg.path, partitioned=True)
+        else:
+            init_weights(model, seed, conf.initializer_range, partitioned=True)
+        return model
+    return build
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, path, partitioned: bool = False, prefix: str = "") -> None:
+    """Copy the tensors of a save_pretrained directory's safetensors into `module`'s parameters by name
+    (`prefix`: the module's name inside the whole model). Every parameter must be found."""
+    import contextlib
+
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no safetensors weights")
+    index = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            index.update({name: f for name in fh.keys()})
+    for name, p in module.named_parameters():
+        if prefix + name not in index:
+            raise KeyError(f"{path}: no tensor {prefix + name!r}")
+        ctx = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        with ctx, safe_open(str(index[prefix + name]), framework="pt") as fh:
+            p.copy_(fh.get_tensor(prefix + name))
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
-    """Build (preset, seeded init) or load (path) a causal LM whose vocabulary is ``vocab_size``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """Build (preset, seeded init: see init_weights) or load (path) a causal LM whose vocabulary is
+    ``vocab_size``. (partitioned_builder does the same inside deepspeed.zero.Init.)"""
+    from transformers import AutoModelForCausalLM
 
     if cfg.path:
         path = Path(cfg.path)
@@ -69,6 +124,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype
                 f"model at {path} has vocab_size {model.config.vocab_size} but the run's tokenizer has "
                 f"{vocab_size}: teacher, student and data must share one tokenizer")
         return model
+    conf = preset_config(cfg, vocab_size)
+    with torch.device("meta"):  # shapes only: the weights are drawn below, one generator per tensor
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives tied parameters separate storage again
+    body = model.get_decoder()
+    body.rotary_emb = type(body.rotary_emb)(config=conf)  # its buffers were left unset by to_empty
+    init_weights(model, seed, conf.initializer_range)
+    return model.to(dtype)
+
+
+def preset_config(cfg: ModelConfig, vocab_size: int):
+    """The Hugging Face LlamaConfig of a preset at the run's vocabulary."""
+    from transformers import LlamaConfig
+
     hidden, ffn, layers, heads, kv, tied = PRESETS[cfg.preset]
     conf = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -77,11 +147,36 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype
         attention_bias=False, mlp_bias=False, initializer_range=0.02, use_cache=False,
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
     conf._attn_implementation = "sdpa"
-    # Seeded so every data-parallel rank (and a 1-rank reference) starts from the same weights.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
-    return model
+    return conf
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int, std: float, prefix: str = "",
+                 partitioned: bool = False) -> None:
+    """Llama's initialisation (matrices ~ N(0, std), norm weights 1), with each tensor drawn from its
+    own generator seeded by (seed, its name in the whole model). So a tensor's initial value does not
+    depend on which other tensors a process builds: every data-parallel rank, a pipeline stage that
+    builds only its own layers, and a ZeRO-3 rank holding a shard all start from the same weights.
+    `prefix` is the module's name inside the whole model; `partitioned`: ZeRO-3 parameters (each one
+    is gathered, drawn on rank 0 and scattered back)."""
+    import contextlib
+
+    for name, p in module.named_parameters():
+        ctx = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        with ctx:
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                g = torch.Generator().manual_seed(_param_seed(seed, prefix + name))
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
 
 def model_identity(model_dir: Path, name: str) -> dict:
@@ -138,6 +233,8 @@ def final_norm_and_head(model):
 
 def preset_param_count(preset: str, vocab_size: int) -> int:
     """Parameters of a preset at a vocabulary, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = build_model(ModelConfig(preset=preset), vocab_size, seed=0)
+        model = AutoModelForCausalLM.from_config(preset_config(ModelConfig(preset=preset), vocab_size))
     return count_params(model)
