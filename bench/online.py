@@ -2,7 +2,7 @@
 
 Two real processes over torch.distributed (gloo on CPU), started by this script with RANK /
 WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and joined with
-init_topology(online=TopologyConfig(teacher_ranks=[0])): rank 0 is the teacher, rank 1 the student.
+init_topology(topology=TopologyConfig(teacher_ranks=[0]), online=True): rank 0 is the teacher, rank 1 the student.
 Each process uses ONE torch thread (torch.set_num_threads(1), OMP/MKL_NUM_THREADS=1), so the two
 share the machine's cores without oversubscribing them. Inputs are random token ids (fixed seed), a
 fixed list of `steps` micro-batches known to both sides (sample ids i*mb .. (i+1)*mb - 1).
@@ -96,7 +96,7 @@ def rank_main(args) -> dict:
     from pd_dist.inference import FrozenTeacher
     from pd_dist.student import PDStudent
 
-    topo = init_topology(online=TopologyConfig(teacher_ranks=[TEACHER], peer_timeout_s=120))
+    topo = init_topology(topology=TopologyConfig(teacher_ranks=[TEACHER], peer_timeout_s=120), online=True)
     me = f"[{args.label} {topo.role}]"
     mb, seq, steps = args.micro_batch, args.seq_len, args.steps
     g = torch.Generator().manual_seed(args.seed)

@@ -20,6 +20,11 @@ def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pretrain_pd", description="pre-training distillation of a student LM")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the rank map (role, replica, stage, data-parallel rank, who serves whom) and exit")
+    p.add_argument("--nodes", type=int, default=None, help="--dry-run: nodes (default: the launcher's)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="--dry-run: ranks per node (default: the launcher's)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from .config import load_config
@@ -28,15 +33,20 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = LaunchEnv.from_environ()
+        local = int(os.environ.get("LOCAL_SIZE", "0") or 0)
+        if args.dry_run:
+            from .plan import print_rank_map
+
+            return print_rank_map(cfg, args.nodes or (env.world_size // local if local else 1),
+                                  args.ranks_per_node or local or env.world_size)
         online = cfg.distill.mode == "online"
         if online and env.world_size < 2:
             raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks (teacher + "
                               "student); launch with e.g. deepspeed --num_gpus 2, or use colocated")
         # Before any process group starts: with a uniform launcher layout the node of every rank is known.
-        local = int(os.environ.get("LOCAL_SIZE", "0") or 0)
         nodes = [f"node{r // local}" for r in range(env.world_size)] if local else None
         if not online or nodes or cfg.topology.teacher_ranks:
-            cfg.check_world(cfg.student_ranks(env.world_size, nodes))
+            cfg.check_world(cfg.layout(env.world_size, nodes).dp)
     except (ConfigError, ValueError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
@@ -45,7 +55,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from .run import run_experiment
 
     try:
-        topo = init_topology(env=env, online=cfg.topology if online else None)
+        topo = init_topology(env=env, topology=cfg.topology, **cfg.layout_args())
+        cfg.check_world(topo.dp_size)
     except ConfigError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from .data import DataConfig
 from .losses import KDLoss
 from .models import ModelConfig
 from .schedules import AlphaConfig, LRConfig
-from .topology import TopologyConfig
+from .layout import Layout, TopologyConfig, make_layout
 
 # Where the teacher signal comes from; each value is one source class in pd_dist.signals.
 DistillMode = Literal["none", "colocated", "online", "offline"]
@@ -44,6 +44,15 @@ class TeacherConfig(ModelConfig):
         "global batch (samples) of the teacher's pre-training (0 = train.global_batch_size)"))
     micro_batch_size: int = field(default=0, metadata=doc(
         "samples per teacher forward (0 = the student's micro-batch size)"))
+    zero_stage: Literal[0, 3] = field(default=0, metadata=doc(
+        "online: 3 partitions the teacher's weights over all teacher ranks (DeepSpeed ZeRO-3 inference; "
+        "each rank still serves its own students, gathering layers as it goes; the ranks step in lockstep)"))
+    pipeline_stages: int = field(default=1, metadata=doc(
+        "online: ranks per teacher replica, as a forward-only DeepSpeed pipeline (the first stage takes "
+        "the requests, the last answers)"))
+    deepspeed_config: Optional[str] = field(default=None, metadata=doc(
+        "teacher.zero_stage 3: base DeepSpeed JSON of the teacher's ZeRO-3 inference (default: the "
+        "shipped ds_configs/zero3.json; its zero_optimization options apply)"))
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -55,6 +64,12 @@ class TeacherConfig(ModelConfig):
             fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
         if self.pretrain_batch_size < 0:
             fail(f"{prefix}.pretrain_batch_size", self.pretrain_batch_size, "must be >= 0")
+        check_choices(self, prefix)
+        if self.pipeline_stages < 1:
+            fail(f"{prefix}.pipeline_stages", self.pipeline_stages, "must be >= 1")
+        if self.pipeline_stages > 1 and self.zero_stage == 3:
+            fail(f"{prefix}.zero_stage", self.zero_stage,
+                 "cannot combine with teacher.pipeline_stages > 1 (choose one way to split the teacher)")
 
 
 @dataclass
@@ -147,7 +162,11 @@ class TrainConfig:
     seed: int = field(default=1234, metadata=doc("seed for initialisation and data order"))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
         "training dtype (auto: bf16 on GPU, fp32 on CPU)"))
-    zero_stage: int = field(default=1, metadata=doc("ZeRO stage 0-3"))
+    zero_stage: int = field(default=1, metadata=doc(
+        "ZeRO stage 0-3 (stage 3 builds the student partitioned, inside deepspeed.zero.Init)"))
+    pipeline_stages: int = field(default=1, metadata=doc(
+        "student pipeline stages (DeepSpeed PipelineModule; with ZeRO 0-1): each data-parallel replica "
+        "of the student is this many consecutive ranks"))
     deepspeed_config: Optional[str] = field(default=None, metadata=doc(
         "base DeepSpeed JSON (default: the shipped ds_configs/zero<stage>.json); batch fields are derived"))
     loss_chunk_size: int = field(default=1024, metadata=doc(
@@ -177,6 +196,11 @@ class TrainConfig:
         check_choices(self, prefix)
         if self.zero_stage not in (0, 1, 2, 3):
             fail(f"{prefix}.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.pipeline_stages < 1:
+            fail(f"{prefix}.pipeline_stages", self.pipeline_stages, "must be >= 1")
+        if self.pipeline_stages > 1 and self.zero_stage > 1:
+            fail(f"{prefix}.zero_stage", self.zero_stage,
+                 "must be 0 or 1 with train.pipeline_stages > 1 (DeepSpeed pipelines support ZeRO-1 only)")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             fail(f"{prefix}.deepspeed_config", self.deepspeed_config, "file not found")
 
@@ -206,6 +230,8 @@ class ExperimentConfig:
                 fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
             if not self.distill.store:
                 fail("distill.store", None, "must name the store that distill.dump_logits writes")
+            if self.train.pipeline_stages > 1:
+                fail("distill.dump_logits", True, "is not supported with train.pipeline_stages > 1")
         pb = self.teacher.pretrain_batch_size
         if pb and pb % self.train.micro_batch_size:
             fail("teacher.pretrain_batch_size", pb,
@@ -219,14 +245,14 @@ class ExperimentConfig:
         g, d = self.generate, self.distill
         return (g.top_p if g.top_p is not None else d.top_p, g.top_k if g.top_k is not None else d.top_k)
 
-    def student_ranks(self, world_size: int, nodes: Optional[list[str]] = None) -> int:
-        """Student (data-parallel) ranks of a job of `world_size` ranks under this config."""
-        if self.distill.mode != "online":
-            return world_size
-        from .topology import assign_roles
+    def layout_args(self) -> dict:
+        """What of this config decides the rank layout (pd_dist.layout.make_layout's keywords)."""
+        return dict(online=self.distill.mode == "online", student_stages=self.train.pipeline_stages,
+                    teacher_stages=self.teacher.pipeline_stages, teacher_zero3=self.teacher.zero_stage == 3)
 
-        nodes = nodes or ["node0"] * world_size
-        return world_size - len(assign_roles(self.topology, world_size, nodes))
+    def layout(self, world_size: int, nodes: Optional[list[str]] = None) -> Layout:
+        """Where every rank of a `world_size`-rank job on `nodes` sits (refuses an impossible layout)."""
+        return make_layout(self.topology, world_size, nodes, **self.layout_args())
 
     def check_world(self, dp_size: int) -> None:
         """Batch sizes must divide over the data-parallel ranks (known from the launcher's env)."""

@@ -51,10 +51,22 @@ class LogitsDump:
         rec["lse"] = own.lse.to("cpu", torch.float32).numpy()
         self.fh.write(rec.tobytes())
 
+    def at_step(self, step: int) -> "_StepSink":
+        """What the student's forward hands its own logits to during `step`."""
+        return _StepSink(self, step)
+
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
             self.fh = None
+
+
+class _StepSink:
+    def __init__(self, dump: LogitsDump, step: int):
+        self.dump, self.step, self.top_p_k = dump, step, dump.top_p_k
+
+    def __call__(self, ids: np.ndarray, own: SparseLogits) -> None:
+        self.dump.add(self.step, ids, own)
 
 
 def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memmap, int]]:

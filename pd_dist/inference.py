@@ -7,6 +7,7 @@ truncated before the next one is formed. No optimizer and no engine live here.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -41,20 +42,25 @@ def sparse_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, t
 class FrozenTeacher:
     """A teacher ready to answer: frozen on its device, with the run's truncation and chunking.
 
-    ``teacher(input_ids)`` gives the sparse logits of a micro-batch [B, T] -> SparseLogits [B, T, k]."""
+    ``teacher(input_ids)`` gives the sparse logits of a micro-batch [B, T] -> SparseLogits [B, T, k].
+    ``gather``: for a model whose weights are partitioned over ranks (ZeRO-3), a context manager factory
+    that makes the given parameters whole for its duration (deepspeed.zero.GatheredParameters); the
+    LM head is applied outside its module's forward, so its weight is gathered explicitly. Such a model
+    is already placed by its engine and is not moved here."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, top_p: float, top_k: int,
-                 chunk_size: int, keep_lse: bool = False):
-        self.model = freeze(model, device, dtype)
-        self.device = device
+                 chunk_size: int, keep_lse: bool = False, gather=None):
+        self.model = freeze(model, device, dtype) if gather is None else model.eval().requires_grad_(False)
+        self.device, self.gather = device, gather or (lambda params: contextlib.nullcontext())
         self.top_p, self.top_k, self.chunk_size, self.keep_lse = top_p, top_k, chunk_size, keep_lse
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> SparseLogits:
         body, head = final_norm_and_head(self.model)
         hidden = body(input_ids=input_ids.to(self.device)).last_hidden_state
-        return sparse_logits_from_hidden(hidden, head.weight, self.top_p, self.top_k, self.chunk_size,
-                                         self.keep_lse)
+        with self.gather([head.weight]):
+            return sparse_logits_from_hidden(hidden, head.weight, self.top_p, self.top_k, self.chunk_size,
+                                             self.keep_lse)
 
     @torch.no_grad()
     def val_loss(self, batches) -> Optional[float]:
@@ -66,9 +72,10 @@ class FrozenTeacher:
             window = torch.as_tensor(window, device=self.device)
             hidden = body(input_ids=window[:, :-1]).last_hidden_state.flatten(0, 1)
             targets = window[:, 1:].flatten()
-            for s in range(0, hidden.shape[0], self.chunk_size):
-                z = (hidden[s:s + self.chunk_size] @ head.weight.T).float()
-                total += F.cross_entropy(z, targets[s:s + self.chunk_size], reduction="sum").item()
+            with self.gather([head.weight]):
+                for s in range(0, hidden.shape[0], self.chunk_size):
+                    z = (hidden[s:s + self.chunk_size] @ head.weight.T).float()
+                    total += F.cross_entropy(z, targets[s:s + self.chunk_size], reduction="sum").item()
             count += targets.numel()
         return total / count if count else None
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .topology import Topology
 # The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
 # own pre-training); a peer that dies meanwhile still fails it at once.
 STARTUP_TIMEOUT_S = 3600.0
-# How long a teacher waits for a student's next request: no limit in practice (see _receive).
+# How long a teacher waits for a student's next request: no limit in practice (see receive_requests).
 IDLE_WAIT = datetime.timedelta(days=3650)
 
 
@@ -46,12 +46,15 @@ class TeacherClient:
 
     def __init__(self, topo: Topology, spec: WireSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S):
         self.topo, self.spec = topo, spec
-        self.peer = topo.my_teacher()
+        # Requests go to the teacher replica's first stage, answers come from its last (the same rank
+        # unless the teacher is pipelined).
+        self.peer, self.peer_out = topo.my_teacher(), topo.my_teacher_exit()
         self.peer_desc = f"teacher {topo.describe(self.peer)}"
         self.me_desc = f"student {topo.describe(topo.rank)}"
         self.timeout = topo.peer_timeout_s
-        exchange_hello(topo.bridge, spec, self.peer, self.me_desc, self.peer_desc,
-                       max(startup_timeout_s, self.timeout))
+        for peer in dict.fromkeys((self.peer, self.peer_out)):
+            exchange_hello(topo.bridge, spec, peer, self.me_desc, f"teacher {topo.describe(peer)}",
+                           max(startup_timeout_s, self.timeout))
         self.pending: dict[int, _Pending] = {}
         self._free_resp: list[torch.Tensor] = []
         self._free_req: list[torch.Tensor] = []
@@ -75,7 +78,7 @@ class TeacherClient:
         req[off:off + n * spec.seq_len] = tokens.reshape(-1).to("cpu", torch.int64)
         resp = self._free_resp.pop() if self._free_resp else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
         bridge = self.topo.bridge
-        recv_work = bridge.recv([resp], self.peer, TAG_RESP)  # posted first: the answer lands in it
+        recv_work = bridge.recv([resp], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
         send_work = bridge.send([req], self.peer, TAG_REQ)
         self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), recv_work, send_work, resp, req)
         self.seq += 1
@@ -146,6 +149,25 @@ class PrefetchingTeacher:
         return self.client.result(self.client.submit(ids, tokens))
 
 
+def receive_requests(topo: Topology, spec: WireSpec, me_desc: str, s: int, inbox: "queue.Queue") -> None:
+    """One thread per student: block on its next request (gloo recvs complete only in wait()).
+
+    A server has no idle timeout (students pause for evaluation, checkpoints, their own start-up):
+    the wait is given an explicit bound of years, since a bare wait() would end at the bridge's
+    peer timeout. A student that dies closes its connection, which fails the wait at once."""
+    while True:
+        buf = torch.empty(spec.request_numel(), dtype=torch.int64)
+        try:
+            topo.bridge.recv([buf], s, TAG_REQ).wait(IDLE_WAIT)
+        except RuntimeError as e:
+            inbox.put((s, PeerError(f"{me_desc}: student {topo.describe(s)} closed the connection (exited "
+                                    f"or crashed): {str(e).splitlines()[0][:120]}")))
+            return
+        inbox.put((s, buf))
+        if int(buf[0]) == OP_STOP:
+            return
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
@@ -172,25 +194,6 @@ class TeacherServer:
                            max(startup_timeout_s, topo.peer_timeout_s))
         self.stats = ServeStats()
 
-    def _receive(self, s: int, inbox: "queue.Queue") -> None:
-        """One thread per student: block on its next request (gloo recvs complete only in wait()).
-
-        A server has no idle timeout (students pause for evaluation, checkpoints, their own start-up):
-        the wait is given an explicit bound of years, since a bare wait() would end at the bridge's
-        peer timeout. A student that dies closes its connection, which fails the wait at once."""
-        spec, bridge = self.spec, self.topo.bridge
-        while True:
-            buf = torch.empty(spec.request_numel(), dtype=torch.int64)
-            try:
-                bridge.recv([buf], s, TAG_REQ).wait(IDLE_WAIT)
-            except RuntimeError as e:
-                inbox.put((s, PeerError(f"{self.me_desc}: student {self.topo.describe(s)} closed the "
-                                        f"connection (exited or crashed): {str(e).splitlines()[0][:120]}")))
-                return
-            inbox.put((s, buf))
-            if int(buf[0]) == OP_STOP:
-                return
-
     def _report(self, now: float) -> None:
         el = max(now - self.stats.started, 1e-9)
         self.log(f"served {self.stats.requests} requests, {self.stats.tokens / el:,.0f} tok/s, "
@@ -199,23 +202,23 @@ class TeacherServer:
                                            "teacher/forward_busy_frac": self.stats.forward_s / el,
                                            "teacher/requests": self.stats.requests})
 
-    def serve(self) -> ServeStats:
+    def serve(self, lockstep: Optional["Lockstep"] = None) -> ServeStats:
+        """Serve until every student of this replica has said stop. With `lockstep` (teacher ranks whose
+        forwards are collective, e.g. ZeRO-3-partitioned weights), every round all teacher ranks run the
+        same number of forward chunks, padding with dummy ones, and leave together."""
         spec, bridge = self.spec, self.topo.bridge
         inbox: queue.Queue = queue.Queue()
         for s in self.students:
-            threading.Thread(target=self._receive, args=(s, inbox), daemon=True,
-                             name=f"pd-teacher-recv-{s}").start()
+            threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
+                             daemon=True, name=f"pd-teacher-recv-{s}").start()
         sends: dict[int, deque] = {s: deque() for s in self.students}
         free: list[torch.Tensor] = []
         active = set(self.students)
         last_log = time.perf_counter()
-        while active:
-            items = [inbox.get()]
-            while True:  # batch everything that is already waiting into one forward
-                try:
-                    items.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
+        while True:
+            if lockstep is None and not active:
+                break
+            items = self._collect(inbox, None if lockstep is None else lockstep.poll_s)
             work = []
             for s, r in items:
                 if isinstance(r, Exception):
@@ -229,14 +232,26 @@ class TeacherServer:
                 ids = r[3:3 + n].numpy().copy()
                 off = 3 + spec.micro_batch
                 work.append((s, seq, ids, r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
-            if not work:
+            tokens = torch.cat([w[3] for w in work]) if work else None
+            chunks = [] if tokens is None else [tokens[i:i + self.max_batch]
+                                                for i in range(0, len(tokens), self.max_batch)]
+            rounds = len(chunks)
+            if lockstep is not None:
+                rounds, anyone = lockstep.agree(len(chunks), bool(active))
+                if rounds == 0:
+                    if not anyone:
+                        break
+                    continue
+            elif not work:
                 continue
             t0 = time.perf_counter()
-            tokens = torch.cat([w[3] for w in work])
-            parts = [self.logits_fn(tokens[i:i + self.max_batch])
-                     for i in range(0, len(tokens), self.max_batch)]
-            sparse = SparseLogits.cat(parts) if len(parts) > 1 else parts[0]
+            parts = [self.logits_fn(c) for c in chunks]
+            for _ in range(rounds - len(chunks)):  # keep the collective forwards in step with the others
+                self.logits_fn(lockstep.dummy(spec.seq_len))
             self.stats.forward_s += time.perf_counter() - t0
+            if not work:
+                continue
+            sparse = SparseLogits.cat(parts) if len(parts) > 1 else parts[0]
             self.stats.batches += 1
             at = 0
             for s, seq, ids, _ in work:
@@ -259,4 +274,135 @@ class TeacherServer:
         for s in self.students:
             for w, _ in sends[s]:
                 wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+        return self.stats
+
+    @staticmethod
+    def _collect(inbox: "queue.Queue", poll_s: Optional[float]) -> list:
+        """Everything waiting now, to batch into one forward: block for the first item (poll_s None),
+        or wait at most poll_s for it (lockstep rounds go on even when this rank has nothing)."""
+        try:
+            items = [inbox.get(timeout=poll_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+
+class Lockstep:
+    """The round agreement of teacher ranks whose forwards are collective (ZeRO-3 gathers each layer's
+    weights from every rank): each round every rank says how many forward chunks it has and whether it
+    still serves; all run the largest count (dummy chunks where they have fewer) until none serves.
+    The agreement is one all_reduce(MAX) on the teacher world."""
+
+    def __init__(self, group=None, device: Optional[torch.device] = None, poll_s: float = 0.002):
+        self.group, self.device, self.poll_s = group, device or torch.device("cpu"), poll_s
+        self._dummy: Optional[torch.Tensor] = None
+
+    def agree(self, chunks: int, active: bool) -> tuple[int, bool]:
+        import torch.distributed as dist
+
+        t = torch.tensor([chunks, int(active)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t[0]), bool(t[1])
+
+    def dummy(self, seq_len: int) -> torch.Tensor:
+        if self._dummy is None or self._dummy.shape[1] != seq_len:
+            self._dummy = torch.zeros(1, seq_len, dtype=torch.int64)
+        return self._dummy
+
+
+class StagedTeacherServer:
+    """A teacher replica spread over pipeline stages (teacher.pipeline_stages > 1). The entry stage
+    takes its students' requests, the exit stage answers them; every stage of every replica runs the
+    same rounds (`Lockstep`, since the pipeline engine synchronises the teacher world on each batch).
+    Each round the entry stage broadcasts what it batched (student, request number and sample ids of
+    each micro-batch) along its replica, all stages run `forward(tokens or None, n)`, which returns the
+    exit stage's sparse logits per micro-batch, and the exit stage sends them to their students.
+
+    `forward(micro_batches, n)`: on the entry stage micro_batches is a list of n [mb, seq_len] token
+    tensors (dummy rows where it has nothing); elsewhere None. It returns a list of n SparseLogits
+    [mb, seq_len, k] on the exit stage and None elsewhere."""
+
+    def __init__(self, topo: Topology, spec: WireSpec, forward, pipe_group, entry: int, exit: int,
+                 lockstep: Lockstep, log: Callable[[str], None] = lambda s: None,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S):
+        self.topo, self.spec, self.forward, self.group = topo, spec, forward, pipe_group
+        self.entry, self.exit, self.lockstep, self.log = entry, exit, lockstep, log
+        self.is_entry, self.is_exit = topo.rank == entry, topo.rank == exit
+        self.students = topo.my_students()
+        self.me_desc = f"teacher {topo.describe(topo.rank)}"
+        if self.is_entry or self.is_exit:
+            for s in self.students:
+                exchange_hello(topo.bridge, spec, s, self.me_desc, f"student {topo.describe(s)}",
+                               max(startup_timeout_s, topo.peer_timeout_s))
+        self.stats = ServeStats()
+        # Inside the teacher world, group ranks are role ranks: the entry's is its index there.
+        self._entry_role_rank = topo.layout.teachers.index(entry)
+
+    def serve(self) -> ServeStats:
+        import torch.distributed as dist
+
+        spec, mb = self.spec, self.spec.micro_batch
+        inbox: queue.Queue = queue.Queue()
+        active = set(self.students) if self.is_entry else set()
+        if self.is_entry:
+            for s in self.students:
+                threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
+                                 daemon=True, name=f"pd-teacher-recv-{s}").start()
+        sends: deque = deque()
+        while True:
+            work = []
+            if self.is_entry:
+                for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
+                    if isinstance(r, Exception):
+                        raise r
+                    op, seq, n = int(r[0]), int(r[1]), int(r[2])
+                    if op == OP_STOP:
+                        active.discard(s)
+                        continue
+                    if op != OP_WORK or not 0 < n <= mb:
+                        raise PeerError(f"{self.me_desc}: malformed request from student {self.topo.describe(s)}")
+                    off = 3 + mb
+                    work.append((s, seq, r[3:3 + n].clone(), r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
+            rounds, anyone = self.lockstep.agree(len(work), bool(active))
+            if rounds == 0:
+                if not anyone:
+                    break
+                continue
+            # What this replica's rounds carry: student rank, request number, n, sample ids (-1: dummy).
+            meta = torch.full((rounds, 3 + mb), -1, dtype=torch.int64)
+            tokens = None
+            if self.is_entry:
+                tokens = []
+                for i in range(rounds):
+                    t = torch.zeros(mb, spec.seq_len, dtype=torch.int64)
+                    if i < len(work):
+                        s, seq, ids, tok = work[i]
+                        meta[i, :3] = torch.tensor([s, seq, len(ids)])
+                        meta[i, 3:3 + len(ids)] = ids
+                        t[:len(ids)] = tok
+                    tokens.append(t)
+            dist.broadcast(meta, src=self._entry_role_rank, group=self.group)
+            t0 = time.perf_counter()
+            out = self.forward(tokens, rounds)
+            self.stats.forward_s += time.perf_counter() - t0
+            if not self.is_exit:
+                continue
+            for i in range(rounds):
+                s, seq, n = (int(x) for x in meta[i, :3])
+                if s < 0:
+                    continue
+                while len(sends) > 4 * max(1, len(self.students)):
+                    w, _ = sends.popleft()
+                    wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
+                buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+                encode_response(spec, seq, meta[i, 3:3 + n].numpy(), out[i][:n].to("cpu"), buf)
+                sends.append((self.topo.bridge.send([buf], s, TAG_RESP), buf))
+                self.stats.requests += 1
+                self.stats.tokens += n * spec.seq_len
+        for w, _ in sends:
+            wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
         return self.stats

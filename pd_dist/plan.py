@@ -324,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pd-dist plan", description=(
         "Balance an online-distillation run: teacher:student GPU split (teacher forward 2N_t vs student "
         "training 6N_s FLOPs per token), bytes on the wire, offline store size. Sizes accept k/M/B/T "
-        "suffixes (decimal) or a model preset name."))
+        "suffixes (decimal) or a model preset name."),
+        epilog="With --config F (and --nodes, --gpus-per-node) it prints instead the rank map of that "
+               "experiment config on that cluster: every rank's host, role, replica or stage, "
+               "data-parallel rank and which teacher replica serves it, starting nothing.")
     p.add_argument("--teacher", required=True, help="teacher parameters, e.g. 9B, or a preset name")
     p.add_argument("--student", required=True, help="student parameters, e.g. 1.9B, or a preset (pd-1.9b)")
     p.add_argument("--tokens", default="100B", help="token budget (default 100B)")
@@ -353,8 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def rank_map_main(argv: list[str]) -> int:
+    """`pd-dist plan --config F [--set k=v] --nodes N --gpus-per-node M`: the whole rank map."""
+    p = _Parser(prog="pd-dist plan --config", description="print the rank map of a job under a config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--nodes", default="1")
+    p.add_argument("--gpus-per-node", "--ranks-per-node", dest="per_node", default="8")
+    from .configlib import ConfigError
+
+    try:
+        args = p.parse_args(argv)
+        from .config import load_config
+
+        return print_rank_map(load_config(args.config, args.overrides), _parse_int(args.nodes, what="--nodes"),
+                              _parse_int(args.per_node, what="--gpus-per-node"))
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (_ArgError, ConfigError, ValueError) as e:
+        print(f"pd-dist plan: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return rank_map_main(argv)
     try:
         args = build_parser().parse_args(argv)
         vocab = _parse_int(args.vocab_size, what="--vocab-size")
@@ -378,6 +405,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(plan_to_dict(plan), indent=2, sort_keys=True))
     else:
         print(format_plan(plan))
+    return 0
+
+
+def print_rank_map(cfg, nodes: int, per_node: int) -> int:
+    """The layout of a job of `nodes` x `per_node` ranks under `cfg`, checked and printed; nothing
+    starts (`pd-dist plan --config`, `launch/pretrain_pd.py --dry-run`). ConfigError if impossible."""
+    from .configlib import ConfigError
+    from .layout import format_layout
+
+    if nodes < 1 or per_node < 1:
+        raise ConfigError(f"--nodes {nodes} x --ranks-per-node {per_node}: both must be >= 1")
+    world = nodes * per_node
+    if cfg.distill.mode == "online" and world < 2:
+        raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks")
+    layout = cfg.layout(world, [f"node{r // per_node}" for r in range(world)])
+    cfg.check_world(layout.dp)
+    print(format_layout(layout))
     return 0
 
 

@@ -32,11 +32,11 @@ from .config import ExperimentConfig
 from .configlib import to_dict
 from .data import PackedDataset, prepare_data
 from .inference import FrozenTeacher, held_out_batches
-from .models import ModelConfig, build_model, check_same_tokenizer, model_identity
+from .models import ModelConfig, build_model, check_same_tokenizer, model_identity, partitioned_builder
 from .monitor import Monitor
-from .online import STARTUP_TIMEOUT_S, TeacherServer
+from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
 from .runtime import device, model_dtype, set_threads
-from .signals import (NoTeacher, SourceContext, build_source, publish_teacher_val_loss, store_meta,
+from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, store_meta,
                       wire_spec)
 from .topology import Topology
 from .trainer import Trainer, TrainResult
@@ -51,7 +51,7 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
     In online mode the first teacher rank prepares and publishes the outcome in the job's store, so the
     two roles never write the same files."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
-    preparer = topo.dp_rank == 0 and (not topo.online or topo.role == "teacher")
+    preparer = topo.role_rank == 0 and (not topo.online or topo.role == "teacher")
     err = None
     if preparer:
         try:
@@ -71,10 +71,10 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
         return PackedDataset(data_dir)
     ok = torch.tensor([0.0 if err else 1.0])
     topo.barrier()
-    topo.all_reduce_sum(ok)
+    topo.role_sum(ok)
     if err is not None:
         raise err
-    if ok.item() < topo.dp_size:
+    if ok.item() < topo.role_size:
         raise RuntimeError("data preparation failed on rank 0 (see its error)")
     return PackedDataset(data_dir)
 
@@ -149,17 +149,23 @@ def _cached_lm_run(rc: ExperimentConfig, topo: Topology, data: PackedDataset, ex
     return summary
 
 
-def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> nn.Module:
-    """The teacher model: loaded from teacher.path, or pre-trained here once and cached."""
+def teacher_weights(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> ModelConfig:
+    """Where the teacher's weights are: teacher.path, or the default teacher, pre-trained here once and
+    cached (every rank of the role world must call this when it may pre-train: training is collective)."""
     if cfg.teacher.path:
         check_same_tokenizer(cfg.teacher.path, data.tokenizer_dir, "the teacher")
-        return build_model(cfg.teacher, data.vocab_size, seed=cfg.train.seed)
+        return cfg.teacher
     export = teacher_export_dir(cfg)
     tc = teacher_run_config(cfg, data.path)
     _cached_lm_run(tc, topo, data, export, "teacher",
                    f"no teacher.path: pre-training a {tc.model.preset} teacher for {tc.train.steps} steps "
                    f"(LM only) in {tc.output_dir}", f"reusing the pre-trained teacher in {export}", log)
-    return build_model(ModelConfig(path=str(export)), data.vocab_size, seed=cfg.train.seed)
+    return ModelConfig(path=str(export))
+
+
+def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> nn.Module:
+    """The teacher model: loaded from teacher.path, or pre-trained here once and cached."""
+    return build_model(teacher_weights(cfg, topo, data, log), data.vocab_size, seed=cfg.train.seed)
 
 
 def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> dict:
@@ -173,10 +179,24 @@ def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, 
 
 
 def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> None:
-    """A teacher rank: obtain the teacher (pre-training it on the teacher world if needed), then serve."""
+    """A teacher rank: obtain the teacher (pre-training it on the teacher world if needed), then serve.
+    With teacher.zero_stage 3 the weights are partitioned over all teacher ranks, which then run their
+    forwards in lockstep."""
     d = cfg.distill
-    teacher = FrozenTeacher(obtain_teacher(cfg, topo, data, log=log), device(), model_dtype(cfg.train.precision),
-                            d.top_p, d.top_k, cfg.train.loss_chunk_size)
+    weights = teacher_weights(cfg, topo, data, log=log)
+    dtype = model_dtype(cfg.train.precision)
+    if cfg.teacher.pipeline_stages > 1:
+        return _serve_pipelined_teacher(cfg, topo, data, weights, dtype)
+    lockstep = gather = None
+    if cfg.teacher.zero_stage == 3:
+        import deepspeed
+
+        model = _partitioned_teacher(cfg, weights, data.vocab_size, dtype)
+        gather = deepspeed.zero.GatheredParameters
+        lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
+    else:
+        model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
+    teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather)
     publish_teacher_val_loss(topo, teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size)))
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
@@ -185,15 +205,61 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
     server = TeacherServer(topo, spec, teacher, max_batch, log=lambda s: print(me + s, flush=True),
                            metrics=lambda n, m: (tb.scalars(n, m), tb.flush()))
+    how = f", weights partitioned over {topo.role_size} teacher ranks (ZeRO-3)" if lockstep else ""
     print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
-          f"{spec.value_dtype} values)", flush=True)
+          f"{spec.value_dtype} values{how})", flush=True)
     try:
-        stats = server.serve()
+        stats = server.serve(lockstep)
     finally:
         tb.close()
     el = time.perf_counter() - stats.started
     print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
           f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
+
+
+def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
+                             dtype: torch.dtype) -> None:
+    """A teacher replica over teacher.pipeline_stages ranks: its first stage takes the requests, its last
+    answers, all stages of all replicas step in lockstep (online.StagedTeacherServer)."""
+    from .pipeline import TeacherPipeline
+
+    d, spec = cfg.distill, wire_spec(cfg, data)
+    pipe = TeacherPipeline(weights, topo, data.vocab_size, spec.micro_batch, dtype, d.top_p, d.top_k,
+                           cfg.train.loss_chunk_size, cfg.train.seed)
+    replica = topo.dp_rank
+    entry, exit_ = topo.layout.entry(replica), topo.layout.exit(replica)
+    loss = pipe.val_loss(data)
+    if topo.rank == exit_:
+        publish_teacher_val_loss(topo, loss, as_rank=entry)
+    me = f"[teacher {topo.rank}] "
+    server = StagedTeacherServer(topo, spec, pipe, topo.pipe_group, entry, exit_,
+                                 Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu")))
+    role = {entry: "takes the requests of", exit_: "answers"}.get(topo.rank, "is a middle stage for")
+    print(f"{me}stage {topo.stage}/{topo.stages} of teacher replica {replica}: {role} students "
+          f"{server.students}", flush=True)
+    stats = server.serve()
+    el = time.perf_counter() - stats.started
+    print(f"{me}done: {stats.requests} answers, {stats.tokens} tokens, forward busy "
+          f"{stats.forward_s / max(el, 1e-9):.0%}", flush=True)
+
+
+def _partitioned_teacher(cfg: ExperimentConfig, weights: ModelConfig, vocab_size: int, dtype: torch.dtype):
+    """The teacher built inside zero.Init on the teacher world and wrapped in a DeepSpeed ZeRO-3
+    inference engine (no optimizer), which gathers each layer's weights as the forward reaches it."""
+    import deepspeed
+
+    from .config import DS_CONFIG_DIR
+
+    base = Path(cfg.teacher.deepspeed_config) if cfg.teacher.deepspeed_config else DS_CONFIG_DIR / "zero3.json"
+    zero = json.loads(base.read_text()).get("zero_optimization", {})
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+          "zero_optimization": {**zero, "stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16},
+          "steps_per_print": 10 ** 9}
+    build = partitioned_builder(weights, vocab_size, seed=cfg.train.seed, dtype=dtype)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = build()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    return engine.module
 
 
 # ------------------------------------------------------------------------------------------- dump
@@ -216,21 +282,32 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
                    log: Log = print) -> Optional[TrainResult]:
     """Everything the entry point does between parsing and tearing down."""
     set_threads(cfg.train.threads)
-    say = log if topo.dp_rank == 0 else (lambda *_: None)
+    say = log if topo.role_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
     if topo.role == "teacher":
         serve_teacher(cfg, topo, data, log=say)
         return None
-    source = build_source(SourceContext(cfg, topo, data, device(),
-                                        teacher=lambda: obtain_teacher(cfg, topo, data, log=say), log=say))
+    ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, data, log=say),
+                        log=say)
+    reports_as = SOURCES[cfg.distill.mode]
+    if topo.is_last_stage:
+        source = build_source(ctx)
+    else:
+        # A pipeline's other stages compute no loss and need no teacher signal; a teacher that must
+        # be pre-trained first is still trained by every rank together.
+        if cfg.distill.mode == "colocated":
+            teacher_weights(cfg, topo, data, log=say)
+        source = NoTeacher()
     # The yardstick: the same student trained LM-only (an online teacher waits for its first request).
     baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
-    trainer = Trainer(cfg, topo, data, source, resume=resume)
+    trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as)
     export = Path(cfg.output_dir) / "student"
     try:
         result = trainer.fit(export_dir=export)
-        if result.finished and topo.is_logger:
-            result = compare(result, source.teacher_val_loss(), baseline)
+        if result.finished:
+            teacher_loss = _teacher_val_loss(topo, source)
+            if topo.is_logger:
+                result = compare(result, teacher_loss, baseline)
         source.close()
     finally:
         trainer.close()
@@ -241,6 +318,16 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
     return result
+
+
+def _teacher_val_loss(topo: Topology, source) -> Optional[float]:
+    """The teacher's held-out loss on the logging rank: asked of its own source, or (a pipeline, whose
+    first stage logs) of the source on the last stage of the first pipeline."""
+    if topo.stages == 1:
+        return source.teacher_val_loss() if topo.is_logger else None
+    box = [source.teacher_val_loss() if topo.role_rank == topo.stages - 1 else None]
+    torch.distributed.broadcast_object_list(box, src=topo.stages - 1)
+    return box[0]
 
 
 def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict]) -> TrainResult:

@@ -287,9 +287,10 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> Sto
 TEACHER_EVAL = "teacher_eval.json"
 
 
-def publish_teacher_val_loss(topo: Topology, loss: Optional[float]) -> None:
-    """A teacher rank: make its held-out loss readable by its students."""
-    topo.store.set(f"pd/teacher_val_loss/{topo.rank}", json.dumps(loss))
+def publish_teacher_val_loss(topo: Topology, loss: Optional[float], as_rank: Optional[int] = None) -> None:
+    """A teacher rank: make its held-out loss readable by its students (under the rank they send
+    requests to: `as_rank`, for the last stage of a pipelined replica)."""
+    topo.store.set(f"pd/teacher_val_loss/{topo.rank if as_rank is None else as_rank}", json.dumps(loss))
 
 
 def read_teacher_val_loss(topo: Topology, teacher_rank: int) -> Optional[float]:

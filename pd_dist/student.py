@@ -6,6 +6,7 @@ inside the loss, never as a full [tokens, vocab] matmul.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,7 +16,7 @@ from .config import ExperimentConfig, deepspeed_config
 from .inference import sparse_logits_from_hidden
 from .logits import SparseLogits
 from .losses import fused_pd_loss
-from .models import build_model, check_same_tokenizer, final_norm_and_head
+from .models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
 from .topology import Topology
 
 
@@ -65,29 +66,99 @@ class PDStudent(nn.Module):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms and biases (1-D tensors)."""
+    """AdamW groups: no weight decay on norms and biases (1-D tensors). A parameter built inside
+    zero.Init is an empty placeholder; its real shape is ds_shape."""
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
-    """The student model (preset or path) in a DeepSpeed engine with AdamW; returns (engine, ds_config)."""
-    import deepspeed
+class DataParallelStudent:
+    """The student engine when train.pipeline_stages == 1: data parallelism with ZeRO 0-3.
 
-    model = build_model(cfg.model, vocab_size, seed=cfg.train.seed)
-    if cfg.model.path:
-        check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
-    module = PDStudent(model, cfg.distill.loss, cfg.distill.temperature, cfg.train.loss_chunk_size)
-    if cfg.train.zero_stage == 3:
-        module.register_for_zero3()
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
-    ds_config = deepspeed_config(cfg, topo.dp_size, bf16)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    return engine, ds_config
+    Under ZeRO-3 the model is built inside deepspeed.zero.Init on the student world, so each rank only
+    ever holds its shard of the weights (models.init_weights draws each tensor by name, so the shards
+    hold exactly what a stage-0 run starts from); a model loaded from a path is partitioned as loaded."""
+
+    def __init__(self, cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
+        import deepspeed
+
+        self.cfg, self.topo = cfg, topo
+        self.ds_config = deepspeed_config(cfg, topo.dp_size, bf16)
+        if cfg.train.zero_stage == 3:
+            build = partitioned_builder(cfg.model, vocab_size, seed=cfg.train.seed)
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, data_parallel_group=topo.dp_group):
+                model = build()
+        else:
+            model = build_model(cfg.model, vocab_size, seed=cfg.train.seed)
+        if cfg.model.path:
+            check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
+        module = PDStudent(model, cfg.distill.loss, cfg.distill.temperature, cfg.train.loss_chunk_size)
+        if cfg.train.zero_stage == 3:
+            module.register_for_zero3()
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      eps=o.eps)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.engine.module.model)
+
+    def share(self, vec: torch.Tensor) -> torch.Tensor:
+        """Per-step figures are computed on every rank here (a pipeline's come from its last stage)."""
+        return vec
+
+    def train(self, micro, alpha: float, normalizer: float, own_sink=None) -> torch.Tensor:
+        """One optimizer step over `micro`, an iterable of (ids, input_ids, targets, teacher or None).
+        Returns this rank's [lm, kd, tokens, top-1] sums. own_sink(ids, own logits): dump_logits."""
+        # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
+        # the global token sum, so scale by dp size and let the average undo it.
+        scale = float(self.topo.dp_size)
+        own = None if own_sink is None else own_sink.top_p_k
+        sums = torch.zeros(4, dtype=torch.float64)
+        for ids, inp, tgt, teacher in micro:
+            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_top_p_k=own)
+            if own_sink is not None:
+                own_sink(ids, out.own)
+            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
+            self.engine.step()
+            sums += _sums(out)
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self, micro) -> torch.Tensor:
+        sums = torch.zeros(4, dtype=torch.float64)
+        self.engine.eval()
+        for _ids, inp, tgt, teacher in micro:
+            sums += _sums(self.engine(inp, tgt, teacher=teacher))
+        self.engine.train()
+        return sums
+
+    def export(self, out_dir: Path, tokenizer_dir) -> None:
+        """save_pretrained (safetensors) of the student, with the run's tokenizer, from one rank."""
+        import contextlib
+
+        import deepspeed
+
+        model = self.engine.module.model
+        ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) \
+            if self.cfg.train.zero_stage == 3 else contextlib.nullcontext()
+        with ctx:
+            if self.topo.is_logger:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+                from .data import load_tokenizer
+
+                load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
+        self.topo.barrier()
+
+
+def _sums(out: StudentOutput) -> torch.Tensor:
+    return torch.stack([out.lm_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
+                        out.top1_agree.double()]).cpu()

@@ -10,7 +10,9 @@ the default world is the student world. In online mode the job is split into two
 - one bridge process group over all ranks (gloo, also on GPU clusters: see init_topology), used only
   for teacher <-> student point-to-point traffic; the role worlds use NCCL on GPU.
 
-Student dp rank s is served by teacher replica s // students_per_teacher (a replica is one rank).
+Which rank plays which part (teacher replicas and their stages, student data-parallel ranks and
+pipeline stages, who serves whom) is the job's Layout (pd_dist.layout), computed from the config and
+the nodes alone; the Topology holds it with the groups built from it.
 """
 from __future__ import annotations
 
@@ -18,36 +20,12 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 
-from .configlib import doc, fail
-
-
-@dataclass
-class TopologyConfig:
-    """Role assignment for online distillation (ignored in other modes)."""
-    teacher_ranks: list[int] = field(default_factory=list, metadata=doc(
-        "global ranks that run the teacher (overrides teacher_nodes)"))
-    teacher_nodes: int = field(default=0, metadata=doc(
-        "teachers take the first N nodes; 0 = auto: 1 node when the job spans several nodes, else "
-        "global rank 0 alone"))
-    students_per_teacher: int = field(default=0, metadata=doc(
-        "student ranks served by one teacher replica; 0 = students / teachers (must divide)"))
-    peer_timeout_s: float = field(default=300.0, metadata=doc(
-        "a peer silent for this long (or gone) ends the run on every rank with an error naming it"))
-
-    def validate(self, prefix: str) -> None:
-        if any(r < 0 for r in self.teacher_ranks) or len(set(self.teacher_ranks)) != len(self.teacher_ranks):
-            fail(f"{prefix}.teacher_ranks", self.teacher_ranks, "must be distinct ranks >= 0")
-        if self.teacher_nodes < 0:
-            fail(f"{prefix}.teacher_nodes", self.teacher_nodes, "must be >= 0")
-        if self.students_per_teacher < 0:
-            fail(f"{prefix}.students_per_teacher", self.students_per_teacher, "must be >= 0")
-        if not self.peer_timeout_s > 0:
-            fail(f"{prefix}.peer_timeout_s", self.peer_timeout_s, "must be > 0")
+from .layout import Layout, TopologyConfig, assign_roles, make_layout  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -88,39 +66,21 @@ class LaunchEnv:
         return cls(rank, world, local, addr, port, source, f"node{node}" if str(node).isdigit() else node)
 
 
-def assign_roles(cfg: TopologyConfig, world_size: int, nodes: list[str]) -> list[int]:
-    """Global ranks of the teachers. `nodes[r]` is rank r's node; nodes are ordered by first rank."""
-    if cfg.teacher_ranks:
-        teachers = sorted(cfg.teacher_ranks)
-        if teachers[-1] >= world_size:
-            fail("topology.teacher_ranks", cfg.teacher_ranks, f"ranks must be < world size {world_size}")
-    else:
-        order = list(dict.fromkeys(nodes))
-        n = cfg.teacher_nodes or (1 if len(order) > 1 else 0)
-        if n >= len(order) and n > 0:
-            fail("topology.teacher_nodes", cfg.teacher_nodes,
-                 f"must leave nodes for students: the job has {len(order)} node(s)")
-        teachers = [r for r in range(world_size) if nodes[r] in order[:n]] if n else [0]
-    students = world_size - len(teachers)
-    if students < 1:
-        fail("topology.teacher_ranks", teachers, f"must leave student ranks (world size {world_size})")
-    spt = cfg.students_per_teacher or (students // len(teachers) if students % len(teachers) == 0 else 0)
-    if spt == 0 or spt * len(teachers) != students:
-        fail("topology.students_per_teacher", cfg.students_per_teacher,
-             f"{students} student ranks cannot be split evenly over {len(teachers)} teacher replica(s)")
-    return teachers
-
-
 @dataclass
 class Topology:
-    """This process's place in the job. `dp_group` is what DeepSpeed and the trainer reduce over."""
+    """This process's place in the job and its groups, built once (init_topology) and passed on.
+
+    `role_rank`/`role_size`: this rank in its role's own default world (what DeepSpeed sees).
+    `dp_rank`/`dp_size`: its data-parallel rank and degree (the role world divided by pipeline stages);
+    `stage`/`stages`: its pipeline stage (0 / 1 without pipelining). `dp_group` reduces over the ranks
+    of this stage (the whole role world without pipelining), `pipe_group` spans this rank's pipeline."""
     env: LaunchEnv
     backend: str
+    layout: Layout
     role: str = "student"
-    teacher_ranks: list[int] = field(default_factory=list)  # global ranks, online mode only
-    students_per_teacher: int = 0
     hosts: dict[int, str] = field(default_factory=dict)      # global rank -> "host (node)"
     dp_group: Optional[dist.ProcessGroup] = None
+    pipe_group: Optional[dist.ProcessGroup] = None
     bridge: Optional[dist.ProcessGroup] = None
     peer_timeout_s: float = 300.0
     # Online mode: the job's TCPStore (global rank 0 hosts its server, which lives as long as this
@@ -139,53 +99,86 @@ class Topology:
 
     @property
     def online(self) -> bool:
-        return bool(self.teacher_ranks)
+        return self.layout.online
+
+    @property
+    def teacher_ranks(self) -> list[int]:
+        return self.layout.teachers
 
     @property
     def student_ranks(self) -> list[int]:
-        t = set(self.teacher_ranks)
-        return [r for r in range(self.env.world_size) if r not in t]
+        return self.layout.students
+
+    @property
+    def students_per_teacher(self) -> int:
+        return self.layout.students_per_teacher
 
     @property
     def role_members(self) -> list[int]:
-        """Global ranks of this role's world, in role-rank order (online mode)."""
-        return self.teacher_ranks if self.role == "teacher" else self.student_ranks
+        """Global ranks of this role's world, in role-rank order."""
+        return self.layout.teachers if self.role == "teacher" else self.layout.students
+
+    @property
+    def role_rank(self) -> int:
+        return self.role_members.index(self.rank)
+
+    @property
+    def role_size(self) -> int:
+        return len(self.role_members)
+
+    @property
+    def stages(self) -> int:
+        return self.layout.teacher_stages if self.role == "teacher" else self.layout.student_stages
+
+    @property
+    def stage(self) -> int:
+        return self.role_rank % self.stages
 
     @property
     def dp_rank(self) -> int:
-        if self.online:  # role worlds are built in global-rank order
-            return self.role_members.index(self.rank)
-        return dist.get_rank(self.dp_group) if dist.is_initialized() else 0
+        return self.role_rank // self.stages
 
     @property
     def dp_size(self) -> int:
-        if self.online:
-            return len(self.role_members)
-        return dist.get_world_size(self.dp_group) if dist.is_initialized() else 1
+        return self.role_size // self.stages
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.stages - 1
 
     @property
     def is_logger(self) -> bool:
         """The one rank of its role's world that writes metrics, prints progress and exports."""
-        return self.dp_rank == 0
+        return self.role_rank == 0
 
     def my_teacher(self) -> int:
-        """Global rank of the teacher replica serving this student."""
-        return self.teacher_ranks[self.dp_rank // self.students_per_teacher]
+        """Global rank of the teacher replica's entry (first stage) serving this student pipeline."""
+        return self.layout.entry(self.layout.teacher_of(self.dp_rank))
+
+    def my_teacher_exit(self) -> int:
+        """Global rank that sends this student its teacher's answers (the replica's last stage)."""
+        return self.layout.exit(self.layout.teacher_of(self.dp_rank))
 
     def my_students(self) -> list[int]:
-        """Global ranks of the students this teacher serves, in student dp order."""
-        i = self.teacher_ranks.index(self.rank)
-        s = self.student_ranks
-        return s[i * self.students_per_teacher:(i + 1) * self.students_per_teacher]
+        """Global ranks of the student clients (last stages) this teacher replica serves, in dp order."""
+        return self.layout.clients_of(self.dp_rank)
 
     def describe(self, rank: int) -> str:
         return f"rank {rank} ({self.hosts.get(rank, '?')})"
 
     def barrier(self) -> None:
+        """All ranks of this role's world."""
         if dist.is_initialized():
-            dist.barrier(group=self.dp_group)
+            dist.barrier()
+
+    def role_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank of this role's world."""
+        if dist.is_initialized() and self.role_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks of this stage."""
         if dist.is_initialized() and self.dp_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t
@@ -213,18 +206,42 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _pipeline_groups(layout: Layout, role: str, role_rank: int):
+    """(dp_group, pipe_group) of a pipelined role world (students: train.pipeline_stages, teachers:
+    teacher.pipeline_stages): every rank creates every group, in the same order (new_group's rule)."""
+    P = layout.teacher_stages if role == "teacher" else layout.student_stages
+    if P == 1:
+        return dist.group.WORLD, None
+    dp = (len(layout.teachers) if role == "teacher" else len(layout.students)) // P
+    dp_group = pipe_group = None
+    for stage in range(P):
+        g = dist.new_group([d * P + stage for d in range(dp)])
+        if role_rank % P == stage:
+            dp_group = g
+    for d in range(dp):
+        g = dist.new_group([d * P + s for s in range(P)])
+        if role_rank // P == d:
+            pipe_group = g
+    return dp_group, pipe_group
+
+
 def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
-                  online: Optional[TopologyConfig] = None) -> Topology:
+                  topology: Optional[TopologyConfig] = None, online: bool = False, student_stages: int = 1,
+                  teacher_stages: int = 1, teacher_zero3: bool = False) -> Topology:
     """Start the process groups and return the Topology.
 
-    Without `online`, one default world over all ranks. With it, the role worlds and the bridge."""
+    Without `online`, one default world over all ranks (the students). With it, the role worlds and
+    the bridge. The layout's other parameters are ExperimentConfig.layout_args()."""
     import deepspeed
 
     env = env or LaunchEnv.from_environ()
+    topology = topology or TopologyConfig()
     backend = default_backend()
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    if online is None:
+    kw = dict(online=online, student_stages=student_stages, teacher_stages=teacher_stages,
+              teacher_zero3=teacher_zero3)
+    if not online:
         # deepspeed.init_distributed reads these; Slurm/MPI launches may not have set them.
         os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                           LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
@@ -232,12 +249,16 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         h = socket.gethostname()
-        return Topology(env=env, backend=backend, dp_group=dist.group.WORLD,
-                        hosts={env.rank: h if h == env.node else f"{h}, {env.node}"})
+        nodes = [None] * env.world_size
+        dist.all_gather_object(nodes, (env.node, h))
+        layout = make_layout(topology, env.world_size, [n for n, _ in nodes], **kw)
+        dp_group, pipe_group = _pipeline_groups(layout, "student", env.rank)
+        return Topology(env=env, backend=backend, layout=layout, dp_group=dp_group, pipe_group=pipe_group,
+                        hosts={r: hr if hr == n else f"{hr}, {n}" for r, (n, hr) in enumerate(nodes)})
 
-    timeout = datetime.timedelta(seconds=online.peer_timeout_s)
+    timeout = datetime.timedelta(seconds=topology.peer_timeout_s)
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
-                          timeout=datetime.timedelta(seconds=max(online.peer_timeout_s, 60.0)),
+                          timeout=datetime.timedelta(seconds=max(topology.peer_timeout_s, 60.0)),
                           wait_for_workers=False)
     store.set(f"pd/node/{env.rank}", env.node)
     store.set(f"pd/host/{env.rank}", socket.gethostname())
@@ -246,10 +267,9 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     for r in range(env.world_size):
         h = store.get(f"pd/host/{r}").decode()
         hosts[r] = h if h == nodes[r] else f"{h}, {nodes[r]}"
-    teachers = assign_roles(online, env.world_size, nodes)
-    students = [r for r in range(env.world_size) if r not in set(teachers)]
-    role = "teacher" if env.rank in teachers else "student"
-    members = teachers if role == "teacher" else students
+    layout = make_layout(topology, env.world_size, nodes, **kw)
+    role = "teacher" if env.rank in set(layout.teachers) else "student"
+    members = layout.teachers if role == "teacher" else layout.students
     role_rank = members.index(env.rank)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pd/world/{role}/", store), rank=role_rank,
                             world_size=len(members), timeout=timeout)
@@ -263,8 +283,6 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(members)), LOCAL_RANK=str(env.local_rank))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
-    spt = online.students_per_teacher or len(students) // len(teachers)
-    topo = Topology(env=env, backend=backend, role=role, teacher_ranks=teachers, students_per_teacher=spt,
-                    hosts=hosts, dp_group=dist.group.WORLD, bridge=bridge,
-                    peer_timeout_s=online.peer_timeout_s, store=store)
-    return topo
+    dp_group, pipe_group = _pipeline_groups(layout, role, role_rank)
+    return Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
+                    pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store)

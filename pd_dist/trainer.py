@@ -10,7 +10,6 @@ pd_dist.checkpoint's; obtaining teachers and running whole experiments is pd_dis
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,8 +27,8 @@ from .monitor import Monitor, StepTimer, fmt_duration
 from .runtime import device, use_bf16
 from .schedules import alpha_at, lr_at
 from .signals import SignalSource
-from .models import count_params
-from .student import build_engine
+from .pipeline import PipelineStudent
+from .student import DataParallelStudent
 from .topology import Topology
 
 
@@ -44,12 +43,19 @@ class TrainResult:
     tensorboard_dir: str
     losses: list[float]
     finished: bool = True
-    tokens_per_sec: Optional[float] = None  # mean over the steps of this launch, first step excluded
+    tokens_per_sec: Optional[float] = None  # tokens / seconds over this launch's steps after its first
     # Filled by the orchestration when known: the same held-out samples through the teacher and the
     # student's LM-only twin, and the relative gain (LM - PD) / LM in loss.
     teacher_val_loss: Optional[float] = None
     lm_only_val_loss: Optional[float] = None
     pd_gain: Optional[float] = None
+
+
+def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
+    """The run's student engine: a DeepSpeed pipeline when train.pipeline_stages > 1, else data-parallel."""
+    if cfg.train.pipeline_stages > 1:
+        return PipelineStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
+    return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
 
 
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
@@ -59,17 +65,17 @@ def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
-def _stats(out) -> torch.Tensor:
-    return torch.stack([out.lm_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
-                        out.top1_agree.double()]).cpu()
-
-
 class Trainer:
-    """Builds the engine and runs the loop for one ExperimentConfig on one Topology."""
+    """Builds the student engine and runs the loop for one ExperimentConfig on one Topology.
+
+    `reports_as`: the source class whose figures this rank reports (a pipeline's non-last stages hold no
+    source of their own; their per-step figures come from the last stage)."""
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, source: SignalSource,
-                 run_name: str = "student", resume: bool = False):
+                 run_name: str = "student", resume: bool = False,
+                 reports_as: Optional[type[SignalSource]] = None):
         self.cfg, self.topo, self.data, self.source = cfg, topo, data, source
+        self.reports = reports_as or type(source)
         self.out = Path(cfg.output_dir)
         self.device = device()
         self.bf16 = use_bf16(cfg.train.precision)
@@ -79,8 +85,9 @@ class Trainer:
         cfg.check_world(topo.dp_size)
         self.accum = cfg.grad_accum(topo.dp_size)
         self.sampler = GlobalBatchSampler(data.n_train, cfg.train.global_batch_size, cfg.train.seed)
-        self.engine, self.ds_config = build_engine(cfg, topo, data.vocab_size, data.tokenizer_dir, self.bf16)
-        self.n_params = count_params(self.engine.module.model)
+        self.student = build_student(cfg, topo, data.vocab_size, data.tokenizer_dir, self.bf16)
+        self.engine = self.student.engine
+        self.n_params = self.student.n_params
         self.start_step, self.losses = 0, []
         if resume:
             state = self.checkpoints.load(self.engine)
@@ -103,15 +110,15 @@ class Trainer:
         if topo.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
-            (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
+            (self.out / "deepspeed_config.json").write_text(json.dumps(self.student.ds_config, indent=1))
 
     # ------------------------------------------------------------------------------ one step
     def _micro(self, ids: np.ndarray):
-        """(input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
+        """(ids, input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
         batch = torch.from_numpy(self.data.batch(ids)).to(self.device)
         inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         sig = self.source.signal(ids, inp)
-        return inp, tgt, None if sig is None else sig.to(self.device)
+        return ids, inp, tgt, None if sig is None else sig.to(self.device)
 
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
@@ -119,7 +126,8 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         cfg, source = self.cfg, self.source
-        alpha = alpha_at(step, cfg.train.steps, cfg.distill.alpha) if source.has_signal else 0.0
+        has = self.reports.has_signal
+        alpha = alpha_at(step, cfg.train.steps, cfg.distill.alpha) if has else 0.0
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -128,29 +136,19 @@ class Trainer:
         waited0 = source.waited_s
         n_local = float(sum(int((self.data.batch(ids)[:, 1:] != IGNORE_INDEX).sum()) for ids in micro_ids))
         (normalizer,) = _sum_stats(self.topo, torch.tensor(n_local))
-        # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
-        # the global token sum, so scale by dp size and let the average undo it.
-        scale = float(self.topo.dp_size)
-        sums = torch.zeros(4, dtype=torch.float64)
-        own = None if self.dump is None else self.dump.top_p_k
-        for ids in micro_ids:
-            inp, tgt, teacher = self._micro(ids)
-            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_top_p_k=own)
-            if self.dump is not None:
-                self.dump.add(step, ids, out.own)
-            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
-            self.engine.step()
-            sums += _stats(out)
-        lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, sums)
+        sink = None if self.dump is None else self.dump.at_step(step)
+        sums = self.student.train((self._micro(ids) for ids in micro_ids), alpha, normalizer, own_sink=sink)
+        shared = self.student.share(torch.cat([sums, torch.tensor([source.waited_s - waited0],
+                                                                  dtype=torch.float64)]))
+        lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, shared[:4])
         lm, kd = lm_sum / n_tok, kd_sum / n_tok
         grad_norm = self.engine.get_global_grad_norm()
-        has = source.has_signal
         return {"train/loss": (1 - alpha) * lm + alpha * kd if has else lm,
                 "train/lm_loss": lm, "train/kd_loss": kd if has else None,
                 "train/alpha": alpha, "train/lr": lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "train/teacher_top1_agreement": top1 / n_tok if has else None,
-                "tokens": n_tok, "signal_wait": source.waited_s - waited0}
+                "tokens": n_tok, "signal_wait": float(shared[4])}
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -158,46 +156,29 @@ class Trainer:
         mb = self.cfg.train.micro_batch_size
         # All held-out samples (data.val_samples), sharded over ranks: the same set at any dp size.
         val = self.data.val_ids()[self.topo.dp_rank::self.topo.dp_size]
-        self.engine.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # lm, kd, tokens, top-1, micro-batches without signal
-        for s in range(0, len(val), mb):
-            inp, tgt, teacher = self._micro(val[s:s + mb])
-            sums[:4] += _stats(self.engine(inp, tgt, teacher=teacher))
-            sums[4] += teacher is None
-        self.engine.train()
-        lm_sum, kd_sum, n_tok, top1, unsignalled = _sum_stats(self.topo, sums)
+        micro = [self._micro(val[s:s + mb]) for s in range(0, len(val), mb)]
+        unsignalled = float(sum(m[3] is None for m in micro))
+        sums = self.student.evaluate(micro)
+        shared = self.student.share(torch.cat([sums, torch.tensor([unsignalled], dtype=torch.float64)]))
+        lm_sum, kd_sum, n_tok, top1, unsignalled = _sum_stats(self.topo, shared)
         val_loss = lm_sum / max(n_tok, 1.0)
         out = {"eval/val_loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))}
-        if self.source.has_signal and unsignalled == 0:
+        if self.reports.has_signal and unsignalled == 0:
             out["eval/val_kd_loss"] = kd_sum / max(n_tok, 1.0)
             out["eval/teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
         return out
 
-    # ------------------------------------------------------------------------------ export
     def export(self, out_dir: Path) -> None:
-        """save_pretrained (safetensors) of the student, with the run's tokenizer, from one rank."""
-        import deepspeed
-
-        model = self.engine.module.model
-        ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) \
-            if self.cfg.train.zero_stage == 3 else contextlib.nullcontext()
-        with ctx:
-            if self.topo.is_logger:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-                model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-                from .data import load_tokenizer
-
-                load_tokenizer(self.data.tokenizer_dir).save_pretrained(str(out_dir))
-        self.topo.barrier()
+        """save_pretrained (safetensors) of the student with the run's tokenizer (one directory)."""
+        self.student.export(out_dir, self.data.tokenizer_dir)
 
     # ------------------------------------------------------------------------------ loop
     def _log_step(self, done: int, stats: dict, scalars: dict, dt: float, timer: StepTimer) -> None:
         t = self.cfg.train
         kd = ""
-        if self.source.has_signal:
+        if self.reports.has_signal:
             kd = f" lm {stats['train/lm_loss']:.4f} kd {stats['train/kd_loss']:.4f} alpha {stats['train/alpha']:.3f}"
-        metric = self.source.wait_metric
+        metric = self.reports.wait_metric
         if metric:
             kd += f" | {metric.split('/')[1].removesuffix('_frac').replace('_', ' ')} {scalars[metric]:.0%}"
         gn = stats["train/grad_norm"]
@@ -217,8 +198,9 @@ class Trainer:
         m.print(f"{self.n_params / 1e6:.2f}M params | mode {self.cfg.distill.mode} | dp {self.topo.dp_size} x "
                 f"micro {t.micro_batch_size} x accum {self.accum} = {t.global_batch_size} samples "
                 f"({t.global_batch_size * self.data.seq_len} tokens)/step | ZeRO {t.zero_stage} | "
+                + (f"pipeline {self.topo.stages} stages | " if self.topo.stages > 1 else "") +
                 f"{'bf16' if self.bf16 else 'fp32'} | {t.steps} steps")
-        timer, last, rates = StepTimer(), {}, []
+        timer, last, timed = StepTimer(), {}, [0.0, 0.0]  # tokens and seconds after the first step
         for step in range(self.start_step, self.stop_at):
             stats = self.train_step(step)
             dt = timer.lap()
@@ -227,11 +209,12 @@ class Trainer:
             scalars = {k: v for k, v in stats.items() if "/" in k}
             scalars["perf/step_time"] = dt
             scalars["perf/tokens_per_sec"] = stats["tokens"] / dt
-            if self.source.wait_metric:
-                scalars[self.source.wait_metric] = stats["signal_wait"] / dt
+            if self.reports.wait_metric:
+                scalars[self.reports.wait_metric] = stats["signal_wait"] / dt
             scalars.update(self.source.scalars())
             if step > self.start_step:
-                rates.append(scalars["perf/tokens_per_sec"])
+                timed[0] += stats["tokens"]
+                timed[1] += dt
             m.scalars(done, scalars)
             if done % t.log_every == 0 or done == t.steps or step == self.start_step:
                 self._log_step(done, stats, scalars, dt, timer)
@@ -245,7 +228,7 @@ class Trainer:
                              val_loss=float("nan"), val_ppl=float("nan"), teacher_top1_agreement=None,
                              export_dir=None, tensorboard_dir=str(self.out / "tensorboard"),
                              losses=list(self.losses), finished=self.stop_at == t.steps,
-                             tokens_per_sec=sum(rates) / len(rates) if rates else None)
+                             tokens_per_sec=timed[0] / timed[1] if timed[1] else None)
         if not result.finished:
             if self.checkpoints.latest() != self.checkpoints.tag(self.stop_at):
                 self.save(self.stop_at)

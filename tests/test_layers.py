@@ -11,10 +11,10 @@ PKG = Path(__file__).resolve().parent.parent / "pd_dist"
 # Bottom up (README "How it works").
 LAYERS = [
     ["configlib", "runtime", "monitor", "logits", "schedules", "store", "store.codec", "store.format",
-     "store.reader", "store.writer", "bridge", "topology", "models", "data", "losses", "config"],
+     "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "losses", "config"],
     ["inference"],
     ["online", "signals"],
-    ["student", "checkpoint", "dump", "trainer"],
+    ["student", "pipeline", "checkpoint", "dump", "trainer"],
     ["run", "generate"],
     ["cli", "plan"],
 ]

@@ -20,7 +20,7 @@ from pd_dist.bridge import (PeerError, WireSpec, decode_response, encode_respons
 from pd_dist.configlib import ConfigError
 from pd_dist.logits import SparseLogits, truncate
 from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
-from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, assign_roles
+from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, assign_roles, make_layout
 
 
 class _Work:
@@ -77,8 +77,8 @@ class FakeBridge:
 def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
     env = LaunchEnv(rank, world, 0, "127.0.0.1", 0, "test", "node0")
     role = "teacher" if rank in teachers else "student"
-    return Topology(env=env, backend="gloo", role=role, teacher_ranks=list(teachers),
-                    students_per_teacher=(world - len(teachers)) // len(teachers),
+    layout = make_layout(TopologyConfig(teacher_ranks=list(teachers)), world, online=True)
+    return Topology(env=env, backend="gloo", layout=layout, role=role,
                     hosts={r: f"host{r}, node0" for r in range(world)}, bridge=FakeBridge(net, rank, timeout),
                     peer_timeout_s=timeout)
 
@@ -262,11 +262,11 @@ def test_role_assignment():
     assert assign_roles(TopologyConfig(teacher_nodes=2), 8, nodes + ["c", "c"]) == [0, 1, 2, 3]
     assert assign_roles(TopologyConfig(teacher_ranks=[5]), 6, nodes) == [5]
     with pytest.raises(ConfigError, match="cannot be split evenly"):
-        assign_roles(TopologyConfig(teacher_ranks=[0, 1]), 5, ["a"] * 5)
+        make_layout(TopologyConfig(teacher_ranks=[0, 1]), 5, ["a"] * 5, online=True)
     with pytest.raises(ConfigError, match="must leave nodes for students"):
         assign_roles(TopologyConfig(teacher_nodes=3), 6, nodes)
     with pytest.raises(ConfigError, match="students_per_teacher"):
-        assign_roles(TopologyConfig(students_per_teacher=3), 5, ["a"] * 5)
+        make_layout(TopologyConfig(students_per_teacher=3), 5, ["a"] * 5, online=True)
     net = FakeNet()
     topos = {r: topo_for(r, net, world=6, teachers=(0, 1)) for r in range(6)}
     assert [topos[r].dp_rank for r in range(2, 6)] == [0, 1, 2, 3] and topos[2].dp_size == 4
