@@ -4,14 +4,16 @@ makes a resumed run continue exactly (step, data position, schedules, loss histo
 Tags are ``step<N>`` (zero-padded), so the step names the checkpoint and no tag has to be agreed on
 between ranks; the newest `keep` are kept. What DeepSpeed writes besides the engine state is the
 "client state" built here; on resume it is checked against the new run before anything trains, so a
-resume can only continue the run it came from.
+resume can only continue the run it came from: same data and order, and the same objective (teacher,
+truncation, loss, temperature, schedules, optimizer) unless a change is named with --resume-override.
 """
 from __future__ import annotations
 
 import random
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -21,6 +23,10 @@ from .config import ExperimentConfig
 from .data import GlobalBatchSampler
 from .schedules import check_schedule_state, schedule_state
 from .topology import Topology
+
+
+class ResumeError(RuntimeError):
+    """A resume that would not continue the run it names (the launcher prints it as one line)."""
 
 
 def rng_state() -> dict:
@@ -33,26 +39,87 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+TEACHER_KEYS = ("teacher.preset", "teacher.path", "teacher.weights")
+
+
+def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> dict[str, Any]:
+    """What the student is trained toward and how, as flat config keys: the teacher signal (mode,
+    truncation, loss, temperature), the teacher (preset, path and `teacher_weights`, a
+    models.weights_digest or a store's teacher hash; None where this rank cannot read it), the alpha
+    and LR schedules, the optimizer and clipping. A resumed run must keep every one of them unless
+    told otherwise (`--resume-override KEY`)."""
+    d = cfg.distill
+    keys: dict[str, Any] = {f"distill.{k}": getattr(d, k) for k in ("mode", "top_p", "top_k", "loss", "temperature")}
+    keys.update({f"distill.alpha.{k}": v for k, v in to_dict(d.alpha).items()})
+    keys.update({f"optim.{k}": v for k, v in to_dict(cfg.optim).items()})
+    keys["train.grad_clip"] = cfg.train.grad_clip
+    if d.mode != "none":
+        keys.update(zip(TEACHER_KEYS, (None if cfg.teacher.path else cfg.teacher.preset, cfg.teacher.path,
+                                       teacher_weights)))
+    return keys
+
+
+def objective_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint value, current value) of every key that differs. A teacher digest either side
+    could not read (None) is not a difference; a key only one side has is."""
+    missing = "<absent>"
+    changes = []
+    for k in list(now) + sorted(k for k in saved if k not in now):
+        a, b = saved.get(k, missing), now.get(k, missing)
+        if k == "teacher.weights" and (a is None or b is None):
+            continue
+        if a != b:
+            changes.append((k, a, b))
+    return changes
+
+
 def run_state(cfg: ExperimentConfig, step: int, sampler: GlobalBatchSampler, data_fingerprint: str,
-              losses: list[float]) -> dict:
+              losses: list[float], objective_keys: Optional[dict[str, Any]] = None) -> dict:
     """The client state saved with a checkpoint at `step` (steps done)."""
     return {"step": step, "data": sampler.state(step), "data_fingerprint": data_fingerprint,
             "schedules": schedule_state(cfg.distill.alpha, cfg.optim), "distill": to_dict(cfg.distill),
+            "objective": objective_keys if objective_keys is not None else objective(cfg),
             "losses": list(losses), "rng": rng_state(), "total_steps": cfg.train.steps}
 
 
 def check_run_state(state: dict, cfg: ExperimentConfig, sampler: GlobalBatchSampler,
-                    data_fingerprint: str) -> None:
-    """Refuse to resume a checkpoint into a run that would not continue it (other data, length,
-    data order or schedules)."""
+                    data_fingerprint: str, objective_keys: Optional[dict[str, Any]] = None,
+                    overrides: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """Refuse to resume a checkpoint into a run that would not continue it: other data, length or data
+    order, or another objective (see :func:`objective`) unless each changed key is in `overrides`.
+    Returns the changes `overrides` let through (to be recorded)."""
     if state["data_fingerprint"] != data_fingerprint:
-        raise RuntimeError("--resume: the checkpoint was trained on other data (fingerprint "
+        raise ResumeError("--resume: the checkpoint was trained on other data (fingerprint "
                            f"{state['data_fingerprint']}, now {data_fingerprint})")
     if state["total_steps"] != cfg.train.steps:
-        raise RuntimeError(f"--resume: the checkpoint's run has train.steps={state['total_steps']}, "
+        raise ResumeError(f"--resume: the checkpoint's run has train.steps={state['total_steps']}, "
                            f"now {cfg.train.steps}; schedules would not continue")
     sampler.check_state(state["data"])
-    check_schedule_state(state["schedules"], cfg.distill.alpha, cfg.optim)
+    now = objective_keys if objective_keys is not None else objective(cfg)
+    if "objective" not in state:  # checkpoints written before the objective was recorded
+        check_schedule_state(state["schedules"], cfg.distill.alpha, cfg.optim)
+        return []
+    overrides = set(overrides)
+    if overrides & {"distill.mode", *TEACHER_KEYS}:
+        # The teacher keys name one thing (which teacher), and it appears or goes with the mode: a
+        # deliberate change of one of them may change all of them.
+        overrides |= set(TEACHER_KEYS)
+    changes = objective_changes(state["objective"], now)
+    refused = [c for c in changes if c[0] not in overrides]
+    if refused:
+        raise ResumeError("--resume: the run's objective changed: " + "; ".join(
+            f"{k} was {a!r} in the checkpoint, now {b!r}" for k, a, b in refused)
+            + " (pass --resume-override KEY for each deliberate change)")
+    return [c for c in changes if c[0] in overrides]
+
+
+def check_override_keys(keys: Iterable[str], cfg: ExperimentConfig) -> None:
+    """Refuse a --resume-override KEY that names no objective key."""
+    known = set(objective(cfg)) | set(TEACHER_KEYS)
+    for k in keys:
+        if k not in known:
+            raise ValueError(f"--resume-override {k}: not a key a resume checks (one of: "
+                             + ", ".join(sorted(known)) + ")")
 
 
 class CheckpointManager:
@@ -94,16 +161,16 @@ class CheckpointManager:
     def refuse_overwrite(self) -> None:
         """A fresh run must not start over another run's checkpoints."""
         if self.latest() is not None:
-            raise RuntimeError(f"{self.root} already holds checkpoints: pass --resume to continue "
+            raise ResumeError(f"{self.root} already holds checkpoints: pass --resume to continue "
                                "that run, or choose another output_dir")
 
     def load(self, engine) -> dict:
         """Load the latest checkpoint into `engine`, restore the RNG, return the client state."""
         if self.latest() is None:
-            raise RuntimeError(f"--resume: no checkpoint under {self.root}")
+            raise ResumeError(f"--resume: no checkpoint under {self.root}")
         path, state = engine.load_checkpoint(str(self.root))
         if path is None:
-            raise RuntimeError(f"--resume: could not load the checkpoint in {self.root}")
+            raise ResumeError(f"--resume: could not load the checkpoint in {self.root}")
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {state['step']}")
         return state

@@ -20,6 +20,9 @@ def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pretrain_pd", description="pre-training distillation of a student LM")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume-override", action="append", default=[], metavar="KEY",
+                   help="with --resume: accept a deliberate change of this objective key (e.g. distill.loss); "
+                        "recorded in output_dir/resume_overrides.jsonl; repeatable")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rank map (role, replica, stage, data-parallel rank, who serves whom) and exit")
     p.add_argument("--nodes", type=int, default=None, help="--dry-run: nodes (default: the launcher's)")
@@ -39,6 +42,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
             return print_rank_map(cfg, args.nodes or (env.world_size // local if local else 1),
                                   args.ranks_per_node or local or env.world_size)
+        if args.resume_override:
+            if not args.resume:
+                raise ConfigError("--resume-override is only meaningful with --resume")
+            from .checkpoint import check_override_keys
+
+            check_override_keys(args.resume_override, cfg)
         online = cfg.distill.mode == "online"
         if online and env.world_size < 2:
             raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks (teacher + "
@@ -60,8 +69,14 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
+    from .checkpoint import ResumeError
+
     try:
-        run_experiment(cfg, topo, resume=args.resume)
+        run_experiment(cfg, topo, resume=args.resume, resume_overrides=args.resume_override)
+    except ResumeError as e:
+        if topo.role_rank == 0:
+            print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
     except PeerError as e:
         _die(env.rank, str(e))
     except RuntimeError as e:

@@ -23,6 +23,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
@@ -32,7 +33,9 @@ from .config import ExperimentConfig
 from .configlib import to_dict
 from .data import PackedDataset, prepare_data
 from .inference import FrozenTeacher, held_out_batches
-from .models import ModelConfig, build_model, check_same_tokenizer, model_identity, partitioned_builder
+from .checkpoint import ResumeError, objective
+from .models import (ModelConfig, build_model, check_same_tokenizer, model_identity, partitioned_builder,
+                     weights_digest)
 from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
 from .runtime import device, model_dtype, set_threads
@@ -278,9 +281,10 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
 
 
 # ------------------------------------------------------------------------------------- experiment
-def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
-                   log: Log = print) -> Optional[TrainResult]:
-    """Everything the entry point does between parsing and tearing down."""
+def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False, log: Log = print,
+                   resume_overrides: Sequence[str] = ()) -> Optional[TrainResult]:
+    """Everything the entry point does between parsing and tearing down. `resume_overrides`: objective
+    keys a resume may change (checkpoint.objective)."""
     set_threads(cfg.train.threads)
     say = log if topo.role_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
@@ -300,7 +304,12 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
         source = NoTeacher()
     # The yardstick: the same student trained LM-only (an online teacher waits for its first request).
     baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
-    trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as)
+    try:
+        trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as,
+                          objective_keys=objective(cfg, teacher_digest(cfg)), resume_overrides=resume_overrides)
+    except ResumeError:
+        source.close()  # an online teacher is told this student is done, not left waiting
+        raise
     export = Path(cfg.output_dir) / "student"
     try:
         result = trainer.fit(export_dir=export)
@@ -318,6 +327,24 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False,
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
     return result
+
+
+def teacher_digest(cfg: ExperimentConfig) -> Optional[str]:
+    """Which teacher the run distils, as checkpoint.objective records it: the weights digest of the
+    teacher's directory (models.weights_digest), or for an offline run the teacher hash its store was
+    generated with; None where this rank cannot read either (an online teacher's path may exist only on
+    the teacher's node)."""
+    mode = cfg.distill.mode
+    if mode in ("colocated", "online"):
+        d = teacher_export_dir(cfg)
+        return weights_digest(d) if (d / "config.json").is_file() else None
+    if mode == "offline":
+        manifest = Path(cfg.distill.store) / "manifest.json"
+        try:
+            return json.loads(manifest.read_text())["teacher"]["weights_hash"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
 
 
 def _teacher_val_loss(topo: Topology, source) -> Optional[float]:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager, check_run_state, run_state
+from .checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
 from .config import ExperimentConfig, dump_config
 from .data import GlobalBatchSampler, MicroBatchPlan, PackedDataset
 from .losses import IGNORE_INDEX
@@ -73,7 +75,8 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, source: SignalSource,
                  run_name: str = "student", resume: bool = False,
-                 reports_as: Optional[type[SignalSource]] = None):
+                 reports_as: Optional[type[SignalSource]] = None,
+                 objective_keys: Optional[dict] = None, resume_overrides: Sequence[str] = ()):
         self.cfg, self.topo, self.data, self.source = cfg, topo, data, source
         self.reports = reports_as or type(source)
         self.out = Path(cfg.output_dir)
@@ -89,9 +92,10 @@ class Trainer:
         self.engine = self.student.engine
         self.n_params = self.student.n_params
         self.start_step, self.losses = 0, []
+        self.objective = objective_keys if objective_keys is not None else objective(cfg)
         if resume:
             state = self.checkpoints.load(self.engine)
-            check_run_state(state, cfg, self.sampler, data.fingerprint)
+            self._check_resume(state, resume_overrides)
             self.start_step, self.losses = state["step"], list(state.get("losses", []))
         else:
             self.checkpoints.refuse_overwrite()
@@ -122,7 +126,28 @@ class Trainer:
 
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
-                                                           self.losses))
+                                                           self.losses, self.objective))
+
+    def _check_resume(self, state: dict, overrides: Sequence[str]) -> None:
+        """check_run_state on every rank, agreed over the role world (a teacher digest may be readable
+        on some hosts only), then the changes --resume-override let through recorded in the run's
+        directory."""
+        try:
+            accepted, error = check_run_state(state, self.cfg, self.sampler, self.data.fingerprint,
+                                              self.objective, overrides), None
+        except (RuntimeError, ValueError) as e:
+            accepted, error = [], str(e)
+        errors = [None] * self.topo.role_size
+        torch.distributed.all_gather_object(errors, error)
+        if any(errors):
+            raise ResumeError(next(e for e in errors if e))
+        if accepted and self.topo.is_logger:
+            with open(self.out / "resume_overrides.jsonl", "a") as f:
+                for key, old, new in accepted:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": state["step"],
+                                        "key": key, "checkpoint": old, "now": new}) + "\n")
+                    self.monitor.print(f"--resume-override {key}: {old!r} in the checkpoint, now {new!r} "
+                                       f"(recorded in {self.out / 'resume_overrides.jsonl'})")
 
     def train_step(self, step: int) -> dict:
         cfg, source = self.cfg, self.source
