@@ -205,12 +205,98 @@ def config_main(argv: list[str]) -> int:
     return 0
 
 
+def sweep_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist sweep", description=(
+        "run a design-space sweep: every point a normal run through the real launcher, an LM-only "
+        "baseline per (student, seed), one shared store per teacher; resumable"))
+    p.add_argument("sweep", help="sweep YAML (see pd_dist/sweep.py, launch/configs/paper/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every point (e.g. model.preset=pd-1.9b)")
+    p.add_argument("--dry-run", action="store_true", help="list the points, what they share, their state and cost")
+    p.add_argument("--slurm", action="store_true", help="write the Slurm array scripts and submit them")
+    p.add_argument("--partition", default=None, help="--slurm: partition")
+    p.add_argument("--no-eval", action="store_true", help="do not run pd-dist eval after each point")
+    args = p.parse_args(argv)
+    from .sweep import Sweep, SweepSpec
+
+    try:
+        sweep = Sweep(SweepSpec.load(args.sweep, args.overrides))
+    except (ConfigError, ValueError) as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(sweep.describe())
+        if args.slurm:
+            for name, text in sweep.slurm_scripts(args.partition).items():
+                print(f"\n# {name}\n{text}", end="")
+        return 0
+    try:
+        if args.slurm:
+            ids = sweep.submit_slurm(args.partition)
+            print(f"pd-dist sweep: submitted Slurm job(s) {', '.join(ids)}; scripts in {sweep.out / 'slurm'}")
+        else:
+            sweep.run(evaluate=not args.no_eval)
+    except RuntimeError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist eval", description=(
+        "evaluate a run (held-out loss, agreement and KD loss against its teacher, gain over its LM-only "
+        "baseline, downstream accuracy) or a Hugging Face model directory; writes <run>/eval.json"))
+    p.add_argument("path", help="a run's output_dir, or a save_pretrained model directory")
+    p.add_argument("--tasks", action="append", default=[], metavar="TASK.yaml",
+                   help="lm-eval task file (local data; repeatable)")
+    p.add_argument("--baseline", default=None, help="the LM-only baseline run (default: the run's own)")
+    p.add_argument("--data", default=None, help="model directory: a packed data dir for held-out loss")
+    args = p.parse_args(argv)
+    import json
+
+    from .evaluate import evaluate_model, evaluate_run
+
+    path = Path(args.path)
+    try:
+        for t in args.tasks:
+            if not Path(t).is_file():
+                raise FileNotFoundError(f"--tasks {t}: no such file")
+        if (path / "config.yaml").is_file():
+            evaluate_run(path, [Path(t) for t in args.tasks], Path(args.baseline) if args.baseline else None)
+        else:
+            res = evaluate_model(path, [Path(t) for t in args.tasks], Path(args.data) if args.data else None)
+            print(json.dumps(res, indent=1))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist report", description=(
+        "write <sweep>/report.md (a table per axis, gain over LM-only, seed spread) and plots/ from the "
+        "sweep's run directories"))
+    p.add_argument("sweep_dir")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    from .report import write_report
+
+    try:
+        out = write_report(args.sweep_dir, with_plots=not args.no_plots)
+    except FileNotFoundError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    print(out.read_text(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .plan import main as plan_main
 
     commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main,
-                "store": store_main, "generate": generate_main}
+                "store": store_main, "generate": generate_main, "sweep": sweep_main, "eval": eval_main,
+                "report": report_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: pd-dist {" + ",".join(commands) + "} [options]\n"
               "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
@@ -218,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
               "  config        print the resolved config (--keys: every key, documented)\n"
               "  plan          teacher:student rank split, wire bytes and store size for online PD\n"
               "  store         info|verify PATH: inspect or check a teacher-logits store\n"
-              "  generate      write the store in this process (multi-rank: deepspeed launch/generate_logits.py)",
+              "  generate      write the store in this process (multi-rank: deepspeed launch/generate_logits.py)\n"
+              "  sweep         run a design-space sweep of runs (resumable; --dry-run, --slurm)\n"
+              "  eval          evaluate a run or model: held-out loss, gain over LM-only, lm-eval tasks\n"
+              "  report        tables and plots of a sweep, recomputed from its runs",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

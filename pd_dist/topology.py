@@ -20,7 +20,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -16,6 +16,7 @@ LAYERS = [
     ["online", "signals"],
     ["student", "pipeline", "checkpoint", "dump", "trainer"],
     ["run", "generate"],
+    ["evaluate", "sweep", "report"],
     ["cli", "plan"],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -1,0 +1,181 @@
+"""The report of a sweep: one table per axis like the paper's, loss curves, gain-vs-setting plots.
+
+Every number is recomputed from the run directories the sweep left (each point's summary.json, eval.json
+when `pd-dist eval` ran, and its LM-only baseline's), so `report.md` and `plots/` can be deleted and
+written again. Per axis, the points are grouped by that axis's value (averaged over the other axes' values
+and the seeds) and the table gives, per setting: the held-out loss (mean and spread = max - min over the
+runs), the gain over the matching LM-only baseline (LM - PD) / LM in loss, top-1 agreement with the
+teacher, and downstream accuracy per task where evaluated. The line under each table names the best
+setting and says whether the seeds make the ordering uncertain: the best and the runner-up differ by less
+than the larger of their spreads.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
+    """(sweep.json, one record per finished point with its figures and its baseline's)."""
+    sweep_dir = Path(sweep_dir)
+    plan = _read(sweep_dir / "sweep.json")
+    if not plan:
+        raise FileNotFoundError(f"{sweep_dir}: no sweep.json (not a pd-dist sweep directory)")
+    rows = []
+    for rec in plan["points"]:
+        if rec["kind"] != "pd":
+            continue
+        d = Path(rec["dir"])
+        s, e = _read(d / "summary.json"), _read(d / "eval.json")
+        if not s.get("finished"):
+            continue
+        row = {"name": rec["name"], "settings": rec["settings"], "seed": rec["seed"], "dir": str(d),
+               "val_loss": e.get("val_loss", s.get("val_loss")), "losses": s.get("losses", []),
+               "agreement": e.get("teacher_top1_agreement", s.get("teacher_top1_agreement")),
+               "teacher_val_loss": e.get("teacher_val_loss", s.get("teacher_val_loss")),
+               "downstream": {t: r.get("acc") for t, r in e.get("downstream", {}).items()}}
+        b = Path(rec["baseline_dir"]) if rec.get("baseline_dir") else None
+        lm = e.get("lm_only_val_loss")
+        if lm is None and b is not None:
+            lm = _read(b / "eval.json").get("val_loss", _read(b / "summary.json").get("val_loss"))
+        row["lm_only_val_loss"] = lm
+        row["gain"] = (lm - row["val_loss"]) / lm if lm and row["val_loss"] is not None else None
+        rows.append(row)
+    return plan, rows
+
+
+def _stats(vals: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
+    v = [x for x in vals if x is not None]
+    if not v:
+        return None, None, 0
+    return statistics.mean(v), max(v) - min(v), len(v)
+
+
+def _fmt(mean: Optional[float], spread: Optional[float], n: int, pct: bool = False) -> str:
+    if mean is None:
+        return "—"
+    f = (lambda x: f"{x:+.2%}") if pct else (lambda x: f"{x:.4f}")
+    return f(mean) + (f" ({f(spread).lstrip('+')})" if n > 1 else "")
+
+
+def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
+    """Markdown lines of one axis's table, and its summary line."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    order: list[str] = []
+    for r in rows:
+        key = json.dumps(r["settings"].get(axis))
+        if key not in groups:
+            order.append(key)
+        groups[key].append(r)
+    tasks = sorted({t for r in rows for t in r["downstream"]})
+    head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ranked = []
+    for key in order:
+        rs = groups[key]
+        loss = _stats([r["val_loss"] for r in rs])
+        gain = _stats([r["gain"] for r in rs])
+        agree = _stats([r["agreement"] for r in rs])
+        cells = [json.loads(key), len(rs), _fmt(*loss), _fmt(*gain, pct=True), _fmt(*agree)]
+        cells += [_fmt(*_stats([r["downstream"].get(t) for r in rs])) for t in tasks]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if loss[0] is not None:
+            ranked.append((loss[0], loss[1] or 0.0, loss[2], json.loads(key)))
+    if not ranked:
+        return lines, None
+    ranked.sort(key=lambda x: x[0])
+    best = ranked[0]
+    summary = f"best {axis}: {best[3]!r} (val loss {best[0]:.4f})"
+    if len(ranked) > 1:
+        second = ranked[1]
+        gap = second[0] - best[0]
+        if best[2] < 2 and second[2] < 2:
+            summary += f"; one run per setting: no seed spread to judge the ordering (gap to {second[3]!r}: {gap:.4f})"
+        elif gap < max(best[1], second[1]):
+            summary += (f"; ordering uncertain: the gap to {second[3]!r} ({gap:.4f}) is within the seed spread "
+                        f"({max(best[1], second[1]):.4f})")
+        else:
+            summary += f"; ahead of {second[3]!r} by {gap:.4f}, more than the seed spread ({max(best[1], second[1]):.4f})"
+    return lines, summary
+
+
+def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
+    """Loss curves per setting (seed mean) and gain vs setting for one axis; the PNG file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    safe = axis.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[json.dumps(r["settings"].get(axis))].append(r)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, rs in by.items():
+        curves = [r["losses"] for r in rs if r["losses"]]
+        if curves:
+            n = min(len(c) for c in curves)
+            ax.plot(range(1, n + 1), [statistics.mean(c[i] for c in curves) for i in range(n)], label=json.loads(key))
+    ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.set_title(f"loss curves by {axis}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    f1 = f"loss_{safe}.png"
+    fig.savefig(out / f1, dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels, means, errs = [], [], []
+    for key, rs in by.items():
+        m, s, _ = _stats([r["gain"] for r in rs])
+        if m is not None:
+            labels.append(str(json.loads(key))), means.append(100 * m), errs.append(100 * (s or 0) / 2)
+    ax.bar(range(len(labels)), means, yerr=errs, capsize=3)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("gain over LM-only, % of loss"), ax.set_title(f"gain vs {axis} (bars: half the seed spread)")
+    fig.tight_layout()
+    f2 = f"gain_{safe}.png"
+    fig.savefig(out / f2, dpi=100)
+    plt.close(fig)
+    return [f1, f2]
+
+
+def write_report(sweep_dir: str | Path, with_plots: bool = True) -> Path:
+    """report.md (and plots/) in the sweep directory; returns the report's path."""
+    sweep_dir = Path(sweep_dir)
+    plan, rows = collect(sweep_dir)
+    axes = plan.get("axes") or []
+    total = sum(1 for p in plan["points"] if p["kind"] == "pd")
+    lines = [f"# Sweep report: {sweep_dir}", "",
+             f"{len(rows)} of {total} distilled runs finished; gains are (LM - PD) / LM in held-out loss "
+             "against each run's LM-only baseline (same student, tokens and seed); spread = max - min.",
+             "Recomputed from the run directories by `pd-dist report`."]
+    teacher = _stats([r["teacher_val_loss"] for r in rows])
+    if teacher[0] is not None:
+        lines.append(f"Teacher held-out loss: {teacher[0]:.4f}.")
+    summaries = []
+    for axis in axes or ["(base)"]:
+        lines += ["", f"## {axis}", ""]
+        table, summary = axis_table(axis, rows)
+        lines += table
+        if summary:
+            lines += ["", summary]
+            summaries.append(summary)
+        if with_plots and rows:
+            for f in plots(axis, rows, sweep_dir / "plots"):
+                lines += ["", f"![{f}](plots/{f})"]
+    lines += ["", "## Runs", "", "| run | seed | val loss | LM-only | gain |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['seed']} | {r['val_loss']:.4f} | "
+                     f"{r['lm_only_val_loss'] if r['lm_only_val_loss'] is None else format(r['lm_only_val_loss'], '.4f')} | "
+                     f"{'—' if r['gain'] is None else format(r['gain'], '+.2%')} |")
+    out = sweep_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

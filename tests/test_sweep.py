@@ -1,0 +1,167 @@
+"""pd-dist sweep / eval / report: the grid, what its points share, a real sweep through the launcher that
+is stopped and resumed, every student evaluated alike (lm-eval on a local task), and a report that can be
+deleted and written again from the run directories."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SMOKE
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _sweep(tmp_path, **kw):
+    from pd_dist.sweep import Sweep, SweepSpec
+
+    spec = {"base": str(SMOKE), "output_dir": str(tmp_path / "sw"), **kw}
+    return Sweep(SweepSpec.load(_write(tmp_path / "s.yaml", spec)), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"axes": {"distill.loss": "nll"}}, "sweep axis 'distill.loss': must be a non-empty list"),
+    ({"axes": {"distill.lossy": ["nll"]}}, "distill.lossy"),
+    ({"axes": {"distill.loss": ["nll", "bogus"]}}, "distill.loss"),
+    ({"zip": [{"distill.top_p": [0.9, 0.95], "distill.top_k": [5]}]}, "same length"),
+    ({"axes": {"distill.top_k": [5]}, "zip": [{"distill.top_k": [5]}]}, "varied twice"),
+    ({"axes": {"train.seed": [1, 2]}}, "seeds"),
+    ({"colour": 1}, "sweep key 'colour': unknown"),
+    ({"base": "/nonexistent.yaml"}, "not found"),
+])
+def test_bad_sweeps_are_refused_with_one_line_naming_the_key(tmp_path, spec, needle):
+    from pd_dist.configlib import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _sweep(tmp_path, **spec)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_grid_zip_seeds_baselines_and_shared_stores(tmp_path, tiny_teacher_dir):
+    sw = _sweep(tmp_path, set={"teacher.path": str(tiny_teacher_dir)},
+                axes={"distill.loss": ["nll", "kld"], "distill.temperature": [1.0, 2.0]},
+                zip=[{"distill.top_p": [0.9, 1.0], "distill.top_k": [5, 20]}], seeds=[1, 2])
+    assert len(sw.points) == 2 * 2 * 2 * 2
+    assert len({p.name for p in sw.points}) == len(sw.points)
+    # one teacher and one store for all: they differ only in what is applied at training time
+    assert len(sw.groups) == 1
+    g = next(iter(sw.groups.values()))
+    assert (g.config.generate.top_p, g.config.generate.top_k) == (1.0, 20)  # the widest any point asks for
+    assert all(p.config.distill.mode == "offline" and p.config.distill.store == str(g.store) for p in sw.points)
+    # one LM-only baseline per (student, seed), shared by every point of that seed
+    assert len(sw.baselines) == 2
+    for p in sw.points:
+        b = next(b for b in sw.baselines if b.name == p.baseline)
+        assert b.seed == p.seed and b.config.distill.mode == "none" and b.config.train.seed == p.seed
+    zipped = {(p.config.distill.top_p, p.config.distill.top_k) for p in sw.points}
+    assert zipped == {(0.9, 5), (1.0, 20)}
+
+
+def test_teacher_and_student_axes_split_stores_and_baselines(tmp_path):
+    sw = _sweep(tmp_path, axes={"teacher.preset": ["tiny-teacher", "tiny-student"],
+                                "model.preset": ["tiny-student", "tiny-teacher"]})
+    assert len(sw.groups) == 2  # one store per teacher
+    assert len(sw.baselines) == 2  # one baseline per student
+    assert {p.config.teacher.path for p in sw.points} == {str(g.teacher_dir) for g in sw.groups.values()}
+
+
+def test_dry_run_lists_points_sharing_and_cost(tmp_path, tiny_teacher_dir):
+    f = _write(tmp_path / "s.yaml", {"base": str(SMOKE), "output_dir": str(tmp_path / "sw"),
+                                     "set": {"teacher.path": str(tiny_teacher_dir)},
+                                     "axes": {"distill.loss": ["nll", "kld"]}})
+    out = subprocess.run([sys.executable, "-m", "pd_dist.cli", "sweep", str(f), "--dry-run", "--slurm"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "2 point(s), 1 LM-only baseline(s), 1 teacher/store job(s)" in out
+    assert out.count("| store of teacher-") == 2 and "cost: student training" in out
+    assert "#SBATCH --array=0-2" in out and "--dependency" not in out  # scripts shown, nothing submitted
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory):
+    """A tiny multiple-choice task in lm-eval's YAML + jsonl format, on local files only."""
+    d = tmp_path_factory.mktemp("task")
+    rows = [{"q": "def f(x):\n    return", "choices": [" x", " the", " zebra"], "a": 0},
+            {"q": "import", "choices": [" os", " red", " happily"], "a": 0},
+            {"q": "for i in", "choices": [" range(10):", " blue sky", " quickly"], "a": 0},
+            {"q": "The", "choices": [" same", " ))))", " ::::"], "a": 0}]
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "pd_test_mc.yaml").write_text(yaml.safe_dump({
+        "task": "pd_test_mc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(d / "mc.jsonl")}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{a}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    return d / "pd_test_mc.yaml"
+
+
+@pytest.mark.multiproc
+def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_teacher_dir, mc_task):
+    out = tmp_path / "sw"
+    f = _write(tmp_path / "s.yaml", {
+        "base": str(SMOKE), "output_dir": str(out), "axes": {"distill.loss": ["nll", "mse"]},
+        "set": {"teacher.path": str(tiny_teacher_dir), "data.dir": str(smoke_data.path), "train.steps": 6,
+                "train.save_every": 3, "train.eval_every": 0},
+        "eval_tasks": [str(mc_task)]})
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    def sweep(*args):
+        proc = subprocess.run([sys.executable, "-m", "pd_dist.cli", "sweep", str(f), *args], capture_output=True,
+                              text=True, cwd=tmp_path, env=env, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    # First pass stops every run after 3 of its 6 steps (a time-limited allocation)...
+    log = sweep("--set", "train.exit_after_steps=3")
+    assert log.count("stopped before its last step") == 3
+    # ...the second continues each from its checkpoint.
+    log = sweep()
+    assert log.count(": resuming") == 3 and "generating the store" not in log
+    plan = json.loads((out / "sweep.json").read_text())
+    runs = {p["name"]: p for p in plan["points"]}
+    assert len(runs) == 3
+    stores = list((out / "teachers").glob("*/store/manifest.json"))
+    assert len(stores) == 1  # the teacher's forward paid once for both losses
+    for rec in runs.values():
+        d = Path(rec["dir"])
+        s = json.loads((d / "summary.json").read_text())
+        assert s["finished"] and len(s["losses"]) == 6
+        e = json.loads((d / "eval.json").read_text())
+        # eval recomputes the run's own final evaluation on the same held-out samples
+        assert e["val_loss"] == pytest.approx(s["val_loss"], rel=1e-4)
+        acc = e["downstream"]["pd_test_mc"]["acc"]
+        assert 0.0 <= acc <= 1.0 and e["downstream"]["pd_test_mc"]["samples"] == 4
+        if rec["kind"] == "pd":
+            base = json.loads((Path(rec["baseline_dir"]) / "summary.json").read_text())
+            assert e["lm_only_val_loss"] == pytest.approx(base["val_loss"], rel=1e-4)
+            assert e["pd_gain"] == pytest.approx((e["lm_only_val_loss"] - e["val_loss"]) / e["lm_only_val_loss"])
+            assert 0.0 <= e["teacher_top1_agreement"] <= 1.0 and math.isfinite(e["val_kd_loss"])
+            assert s["teacher_val_loss"] == pytest.approx(e["teacher_val_loss"], rel=1e-4)
+    # The two losses trained differently from the same store (NLL and KLD would not: they differ by the
+    # teacher's entropy, a constant for the student).
+    finals = [json.loads((Path(r["dir"]) / "eval.json").read_text())["val_loss"] for r in runs.values()
+              if r["kind"] == "pd"]
+    assert abs(finals[0] - finals[1]) > 1e-4
+
+    log = sweep()
+    assert log.count("finished, skipped") == 3 and ": running" not in log and ": resuming" not in log
+
+    rep = subprocess.run([sys.executable, "-m", "pd_dist.cli", "report", str(out)], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, check=True).stdout
+    assert "## distill.loss" in rep and "best distill.loss:" in rep and "one run per setting" in rep
+    assert (out / "plots" / "gain_distill.loss.png").stat().st_size > 1000
+    first = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    subprocess.run([sys.executable, "-m", "pd_dist.cli", "report", str(out)], check=True,
+                   capture_output=True, cwd=tmp_path, env=env)
+    assert (out / "report.md").read_text() == first
