@@ -20,6 +20,9 @@ def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pretrain_pd", description="pre-training distillation of a student LM")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume when output_dir holds checkpoints (the objective is still checked), else start; "
+                        "what the Slurm script passes, so a requeued job continues by itself")
     p.add_argument("--resume-override", action="append", default=[], metavar="KEY",
                    help="with --resume: accept a deliberate change of this objective key (e.g. distill.loss); "
                         "recorded in output_dir/resume_overrides.jsonl; repeatable")
@@ -43,8 +46,8 @@ def train_main(argv: list[str] | None = None) -> int:
             return print_rank_map(cfg, args.nodes or (env.world_size // local if local else 1),
                                   args.ranks_per_node or local or env.world_size)
         if args.resume_override:
-            if not args.resume:
-                raise ConfigError("--resume-override is only meaningful with --resume")
+            if not (args.resume or args.auto_resume):
+                raise ConfigError("--resume-override is only meaningful with --resume or --auto-resume")
             from .checkpoint import check_override_keys
 
             check_override_keys(args.resume_override, cfg)
@@ -72,7 +75,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from .checkpoint import ResumeError
 
     try:
-        run_experiment(cfg, topo, resume=args.resume, resume_overrides=args.resume_override)
+        run_experiment(cfg, topo, resume=True if args.resume else "auto" if args.auto_resume else False,
+                       resume_overrides=args.resume_override)
     except ResumeError as e:
         if topo.role_rank == 0:
             print(f"pd-dist: {e}", file=sys.stderr)

@@ -38,7 +38,7 @@ from .models import (ModelConfig, build_model, check_same_tokenizer, model_ident
                      weights_digest)
 from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
-from .runtime import device, model_dtype, set_threads
+from .runtime import StopSignals, device, model_dtype, set_threads
 from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, store_meta,
                       wire_spec)
 from .topology import Topology
@@ -281,10 +281,20 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
 
 
 # ------------------------------------------------------------------------------------- experiment
-def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False, log: Log = print,
+def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool | str = False, log: Log = print,
                    resume_overrides: Sequence[str] = ()) -> Optional[TrainResult]:
-    """Everything the entry point does between parsing and tearing down. `resume_overrides`: objective
-    keys a resume may change (checkpoint.objective)."""
+    """Everything the entry point does between parsing and tearing down. `resume`: True, False or
+    "auto" (resume when checkpoints exist). `resume_overrides`: objective keys a resume may change
+    (checkpoint.objective). SIGUSR1/SIGTERM stop the students after a step with a checkpoint (teacher
+    ranks keep serving until their students are done)."""
+    stop = StopSignals()
+    try:
+        return _run_experiment(cfg, topo, resume, log, resume_overrides, stop)
+    finally:
+        stop.restore()
+
+
+def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[TrainResult]:
     set_threads(cfg.train.threads)
     say = log if topo.role_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
@@ -306,7 +316,8 @@ def run_experiment(cfg: ExperimentConfig, topo: Topology, resume: bool = False, 
     baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
     try:
         trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as,
-                          objective_keys=objective(cfg, teacher_digest(cfg)), resume_overrides=resume_overrides)
+                          objective_keys=objective(cfg, teacher_digest(cfg)), resume_overrides=resume_overrides,
+                          stop=stop)
     except ResumeError:
         source.close()  # an online teacher is told this student is done, not left waiting
         raise

@@ -32,3 +32,41 @@ def set_threads(threads: int) -> None:
     elif not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+class StopSignals:
+    """SIGUSR1 (the warning Slurm sends before a time limit or preemption: `--signal=B:USR1@<s>`) and
+    SIGTERM ask a run to stop cleanly: the trainer finishes its step, agrees with the other ranks, saves
+    a checkpoint and returns; a requeued or resubmitted job then resumes from it. A second SIGTERM ends
+    the process at once (the default action), for a user who means it."""
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
+        import signal
+        import threading
+
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread; nothing to stop then
+        for name in signals:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = self.received or name
+        print(f"pd-dist: {name} received: stopping after this step with a checkpoint", flush=True)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}

@@ -26,7 +26,7 @@ from .config import ExperimentConfig, dump_config
 from .data import GlobalBatchSampler, MicroBatchPlan, PackedDataset
 from .losses import IGNORE_INDEX
 from .monitor import Monitor, StepTimer, fmt_duration
-from .runtime import device, use_bf16
+from .runtime import StopSignals, device, use_bf16
 from .schedules import alpha_at, lr_at
 from .signals import SignalSource
 from .pipeline import PipelineStudent
@@ -74,9 +74,10 @@ class Trainer:
     source of their own; their per-step figures come from the last stage)."""
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, source: SignalSource,
-                 run_name: str = "student", resume: bool = False,
+                 run_name: str = "student", resume: bool | str = False,
                  reports_as: Optional[type[SignalSource]] = None,
-                 objective_keys: Optional[dict] = None, resume_overrides: Sequence[str] = ()):
+                 objective_keys: Optional[dict] = None, resume_overrides: Sequence[str] = (),
+                 stop: Optional[StopSignals] = None):
         self.cfg, self.topo, self.data, self.source = cfg, topo, data, source
         self.reports = reports_as or type(source)
         self.out = Path(cfg.output_dir)
@@ -93,6 +94,9 @@ class Trainer:
         self.n_params = self.student.n_params
         self.start_step, self.losses = 0, []
         self.objective = objective_keys if objective_keys is not None else objective(cfg)
+        self.stop, self.stopped_by = stop, None
+        if resume == "auto":  # resume when there is something to resume (a requeued job), else start
+            resume = self.checkpoints.latest() is not None
         if resume:
             state = self.checkpoints.load(self.engine)
             self._check_resume(state, resume_overrides)
@@ -127,6 +131,17 @@ class Trainer:
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
                                                            self.losses, self.objective))
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank of this role's world has been asked to stop (one tiny all-reduce per step, so
+        every rank stops after the same step even when the signal reached them at different times)."""
+        flag = torch.tensor([1.0 if self.stop.received else 0.0],
+                            device=self.device if self.topo.backend == "nccl" else "cpu")
+        self.topo.role_sum(flag)
+        if flag.item() > 0:
+            self.stopped_by = self.stop.received or "a stop signal (on another rank)"
+            return True
+        return False
 
     def _check_resume(self, state: dict, overrides: Sequence[str]) -> None:
         """check_run_state on every rank, agreed over the role world (a teacher digest may be readable
@@ -249,6 +264,9 @@ class Trainer:
             if t.save_every and done % t.save_every == 0 and done != t.steps:
                 self.save(done)
                 timer.reset()
+            if self.stop is not None and done < self.stop_at and self._agreed_stop():
+                self.stop_at = done
+                break
         result = TrainResult(steps=self.stop_at, final_train_loss=last.get("train/loss", float("nan")),
                              val_loss=float("nan"), val_ppl=float("nan"), teacher_top1_agreement=None,
                              export_dir=None, tensorboard_dir=str(self.out / "tensorboard"),
@@ -257,7 +275,8 @@ class Trainer:
         if not result.finished:
             if self.checkpoints.latest() != self.checkpoints.tag(self.stop_at):
                 self.save(self.stop_at)
-            m.print(f"stopping after {self.stop_at} steps (train.exit_after_steps); continue with --resume")
+            why = f"{self.stopped_by} received" if self.stopped_by else "train.exit_after_steps"
+            m.print(f"stopping after {self.stop_at} steps ({why}); continue with --resume")
             m.flush()
             return result
         ev = self._eval_and_print(t.steps, "final eval")

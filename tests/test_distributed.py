@@ -7,6 +7,8 @@ and resumed must continue with the same losses and end with the same parameters 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,60 @@ def test_default_teacher_is_pretrained_once_then_reused(tmp_path, smoke_data):
     shutil.rmtree(tmp_path / "a" / "checkpoints")
     third = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path)
     assert "reusing the pre-trained teacher" in third.stdout + third.stderr
+
+
+def _rank_pid(out_dir: Path, local_rank: int, timeout: float = 120) -> int:
+    """The pid of the launched rank `local_rank` of the run writing to out_dir (found in /proc)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"pretrain_pd.py" in b" ".join(cmd) and f"--local_rank={local_rank}".encode() in cmd and \
+                    f"output_dir={out_dir}".encode() in cmd:
+                return int(d.name)
+        time.sleep(0.2)
+    raise AssertionError(f"rank {local_rank} of {out_dir} not found")
+
+
+def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_auto_resume_continues(tmp_path, smoke_data,
+                                                                                   tiny_teacher_dir):
+    """SIGUSR1 reaches only rank 1: both ranks agree to stop after the same step, checkpoint and exit
+    cleanly; --auto-resume then continues from that checkpoint to the losses of an uninterrupted run (and
+    starts from scratch where there is none)."""
+    import signal
+    import threading
+    import time
+
+    base = _common(tmp_path / "x", smoke_data, tiny_teacher_dir, "colocated")
+    base = [o for o in base if not o.startswith(("output_dir=", "train.steps="))] + [
+        "train.steps=150", "train.save_every=0", "train.eval_every=0", "train.log_every=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(2, base + [f"output_dir={full}"], cwd=tmp_path, extra_args=["--auto-resume"])  # nothing to resume
+
+    result = {}
+    th = threading.Thread(target=lambda: result.update(p=launch(2, base + [f"output_dir={part}"], cwd=tmp_path)))
+    th.start()
+    pid = _rank_pid(part, 1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (part / "tensorboard").exists():
+        time.sleep(0.2)
+    time.sleep(2.0)  # some steps in
+    os.kill(pid, signal.SIGUSR1)
+    th.join(timeout=600)
+    out = result["p"].stdout + result["p"].stderr
+    stopped = read_summary(part)
+    assert stopped["finished"] is False and 0 < len(stopped["losses"]) < 150, out[-3000:]
+    assert "SIGUSR1 received" in out or "stop signal (on another rank)" in out
+    assert (part / "checkpoints" / "latest").read_text().strip() == f"step{len(stopped['losses']):08d}"
+
+    launch(2, base + [f"output_dir={part}"], cwd=tmp_path, extra_args=["--auto-resume"])
+    a, b = read_summary(full), read_summary(part)
+    assert b["finished"] is True
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)

@@ -75,6 +75,50 @@ def test_sbatch_online_teacher_and_two_students(slurm_ready, tmp_path, smoke_dat
     assert not (REPO / f"pd-dist-{job_id}.out").exists()  # --output was redirected into the work dir
 
 
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_ready, tmp_path, smoke_data,
+                                                                 tiny_teacher_dir):
+    """SIGUSR1 to the batch script mid-run (what --signal=B:USR1@300 sends before a time limit): the
+    ranks finish their step, save a checkpoint and exit; the job requeues itself, the next start resumes
+    with --auto-resume and ends with the per-step losses of an uninterrupted run."""
+    import threading
+
+    from conftest import launch
+
+    base = [f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "train.steps=120",
+            "train.save_every=0", "train.eval_every=0", "train.log_every=5"]
+    launch(2, base + [f"output_dir={tmp_path / 'ref'}"], cwd=tmp_path)
+    out_dir = tmp_path / "run"
+    args = [a for o in base + [f"output_dir={out_dir}"] for a in ("--set", o)]
+    env = {"CONFIG": str(SMOKE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    two = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=10", "--job-name=pd-dist-preempt"]
+    with _cluster(tmp_path) as s:
+        result = {}
+        th = threading.Thread(target=lambda: result.update(r=s.submit(SBATCH, args, env=env, cwd=REPO,
+                                                                      timeout=400, sbatch_args=two)))
+        th.start()
+        deadline = time.monotonic() + 240
+        signalled = None
+        while time.monotonic() < deadline and th.is_alive() and signalled is None:
+            for f in (s.workdir).glob("job-*.out"):
+                if "step 10/120" in f.read_text(errors="replace"):
+                    signalled = f.stem.split("-")[1]
+                    s._client(["scancel", "--batch", "--signal=USR1", signalled], timeout=30)
+            time.sleep(0.2)
+        th.join(timeout=420)
+        assert signalled, "the job never reached step 10"
+        job_id, output, code = result["r"]
+        diag = f"job {job_id} exit {code}; output:\n{output[-6000:]}\n{s.diagnostics()}"
+    assert code == 0, diag
+    assert "SIGUSR1: the ranks checkpoint and stop" in output and "requeueing job" in output, diag
+    assert "start 1" in output and "resumed from" in output, diag  # the requeued start resumed by itself
+    stopped = [ln for ln in output.splitlines() if "stopping after" in ln and "SIGUSR1 received" in ln]
+    assert stopped, diag
+    summary, ref = read_summary(out_dir), read_summary(tmp_path / "ref")
+    assert summary["finished"] and len(summary["losses"]) == 120
+    assert summary["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+
+
 def test_overrunning_job_is_cancelled_and_nothing_is_left(slurm_ready, tmp_path):
     script = tmp_path / "sleep.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\necho started\nsrun sleep 600\n")
