@@ -20,6 +20,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -232,8 +233,6 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
 
     Without `online`, one default world over all ranks (the students). With it, the role worlds and
     the bridge. The layout's other parameters are ExperimentConfig.layout_args()."""
-    import deepspeed
-
     env = env or LaunchEnv.from_environ()
     topology = topology or TopologyConfig()
     backend = default_backend()
@@ -246,8 +245,7 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
         os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                           LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
                           MASTER_PORT=str(env.master_port))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        _init_deepspeed(backend, datetime.timedelta(seconds=timeout_s), env.rank)
         h = socket.gethostname()
         nodes = [None] * env.world_size
         dist.all_gather_object(nodes, (env.node, h))
@@ -281,8 +279,35 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     bridge = dist.ProcessGroupGloo(dist.PrefixStore("pd/bridge/", store), env.rank, env.world_size, timeout)
     # DeepSpeed (and anything else reading the environment) must see the role world, not the job.
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(members)), LOCAL_RANK=str(env.local_rank))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timeout)
+    _init_deepspeed(backend, timeout, role_rank, world_tag=role)
     dp_group, pipe_group = _pipeline_groups(layout, role, role_rank)
     return Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
                     pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store)
+
+
+def _init_deepspeed(backend: str, timeout: datetime.timedelta, rank: int, world_tag: str = "") -> None:
+    """deepspeed.init_distributed (which starts the default world from MASTER_ADDR/PORT unless a role
+    world was started already), without its shared-memory leak.
+
+    On the CPU accelerator, DeepSpeed maps a 69 MB allreduce workspace per rank in /dev/shm, named
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never unlinks it: every
+    launch leaves its files behind until the RAM-backed /dev/shm fills. The name has no world in it, so
+    the teacher and student worlds of one online job would also open each other's buffers; the role is
+    added to the address part while DeepSpeed reads it (`world_tag`, only for a role world already
+    connected, where the address is just a name). Once every rank of the world has mapped its peers' buffers, each unlinks its own
+    name (the memory lives on in the mappings)."""
+    import deepspeed
+
+    addr = os.environ.get("MASTER_ADDR", "")
+    tagged = f"{addr}-{world_tag}" if world_tag else addr
+    os.environ["MASTER_ADDR"] = tagged
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    finally:
+        os.environ["MASTER_ADDR"] = addr
+    dist.barrier()
+    shm = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{tagged}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    try:
+        shm.unlink()
+    except OSError:
+        pass  # not created (no shared-memory op, ranks on several nodes) or already gone

@@ -174,3 +174,17 @@ def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_auto_resume_cont
     a, b = read_summary(full), read_summary(part)
     assert b["finished"] is True
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
+
+
+def test_runs_leave_no_shared_memory_behind(tmp_path, smoke_data, tiny_teacher_dir):
+    """DeepSpeed's CPU allreduce workspace (69 MB per rank in /dev/shm) is unlinked once every rank has
+    mapped it: finished runs must not fill the RAM-backed /dev/shm."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    base = _common(tmp_path / "x", smoke_data, tiny_teacher_dir, "colocated")
+    base = [o for o in base if not o.startswith(("output_dir=", "train.steps="))] + ["train.steps=2"]
+    launch(2, base + [f"output_dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert read_summary(tmp_path / "r")["finished"]
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
