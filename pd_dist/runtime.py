@@ -30,7 +30,8 @@ def set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     elif not torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        local = int(next((os.environ[k] for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                                  "MPI_LOCALNRANKS") if k in os.environ), "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 

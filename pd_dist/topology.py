@@ -51,10 +51,15 @@ class LaunchEnv:
             rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
             local, source = int(env.get("SLURM_LOCALID", 0)), "slurm"
         elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
-            from mpi4py import MPI  # optional extra: pip install pd-dist[mpi]
+            # mpirun: Open MPI and MPICH/Hydra put rank and size in the environment; mpi4py (the `mpi`
+            # extra) is only asked where a launcher gives the rank without the size.
+            rank = int(env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", 0)))
+            size = env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE"))
+            if size is None:
+                from mpi4py import MPI
 
-            comm = MPI.COMM_WORLD
-            rank, world = comm.Get_rank(), comm.Get_size()
+                rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+            world = int(size)
             local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
             source = "mpi"
         else:
