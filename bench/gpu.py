@@ -84,6 +84,7 @@ def _config(work: Path, s: dict) -> Path:
            "train": {"steps": s["steps"], "global_batch_size": s["micro"], "micro_batch_size": s["micro"],
                      "zero_stage": 1, "precision": s["precision"], "log_every": max(1, s["steps"] // 4),
                      "eval_every": 0, "save_every": 0},
+           "optim": {"warmup_steps": 2},
            "distill": {"mode": "colocated", "store": str(work / "store"), "top_p": 0.95, "top_k": 50,
                        "loss": "nll", "alpha": {"schedule": "constant", "value": 0.5}},
            "generate": {"micro_batch_size": s["micro"]},

@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .configlib import ConfigError, build, check_choices, doc, fail, field_docs, parse_override, set_path, to_dict
+from .configlib import (ConfigError, build, check_choices, doc, fail, field_docs, load_yaml, parse_override, set_path,
+                        to_dict)
 from .data import DataConfig
 from .losses import KDLoss
 from .models import ModelConfig
@@ -225,6 +226,13 @@ class ExperimentConfig:
         "offline logits generation"))
 
     def validate(self, prefix: str) -> None:
+        if not str(self.output_dir).strip():
+            fail("output_dir", self.output_dir, "must name a directory")
+        if not 0 <= self.train.seed < 2 ** 63:
+            fail("train.seed", self.train.seed, "must be in [0, 2^63)")
+        if self.optim.lr_schedule != "constant" and self.optim.warmup_steps > self.train.steps:
+            fail("optim.warmup_steps", self.optim.warmup_steps,
+                 f"must not be longer than the run (train.steps = {self.train.steps})")
         if self.distill.dump_logits:
             if self.distill.mode != "none":
                 fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
@@ -272,7 +280,14 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
+    data = load_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"config file {path} is empty (or only comments): it would run the built-in "
+                          "defaults; give the keys to change, or drop --config to use the default file")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for ov in overrides:

@@ -7,6 +7,8 @@ rejecting unknown keys and wrong types by their full dotted name, before any pro
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Union
@@ -16,6 +18,52 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad experiment config. The message is one line naming the key and what is allowed."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML for configs: safe (no python tags), numbers as YAML 1.2 reads them (`1e-3` is a float, not
+    the string YAML 1.1 makes of it; `1:30` is a string, not 1.1's sexagesimal 90; `012` is not octal),
+    and a key given twice in one mapping is refused rather than silently overwritten."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"{mark.name}: key {key!r} given twice in one mapping (lines {seen[key]} and "
+                                  f"{mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def load_yaml(text: str, name: str = "<config>") -> Any:
+    """Parse config YAML with ConfigLoader; a syntax error is one ConfigError line with file, line and
+    column."""
+    loader = ConfigLoader(text)
+    loader.name = name  # marks (line/column in messages) name the file
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}, line {mark.line + 1}, column {mark.column + 1}" if mark else name
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: not valid YAML ({what})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML ({' '.join(str(e).split())})") from None
+    finally:
+        loader.dispose()
 
 
 def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -74,11 +122,19 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(key, value, "must be an integer")
+        if not -2 ** 63 <= value < 2 ** 63:
+            fail(key, value, "is outside the 64-bit integer range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, value, "must be a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            fail(key, value, "is too large for a floating-point number")
+        if not math.isfinite(value):
+            fail(key, value, "must be a finite number")
+        return value
     if tp is str:
         if not isinstance(value, str):
             fail(key, value, "must be a string")
@@ -150,10 +206,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e.__class__.__name__})")
+    value = load_yaml(raw, f"override '{text}'") if raw.strip() else ""
     return key.strip(), value
 
 

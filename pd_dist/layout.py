@@ -45,8 +45,12 @@ class TopologyConfig:
             fail(f"{prefix}.teacher_nodes", self.teacher_nodes, "must be >= 0")
         if self.students_per_teacher < 0:
             fail(f"{prefix}.students_per_teacher", self.students_per_teacher, "must be >= 0")
-        if not self.peer_timeout_s > 0:
-            fail(f"{prefix}.peer_timeout_s", self.peer_timeout_s, "must be > 0")
+        if not 0 < self.peer_timeout_s <= MAX_TIMEOUT_S:
+            fail(f"{prefix}.peer_timeout_s", self.peer_timeout_s,
+                 f"must be > 0 and at most {MAX_TIMEOUT_S:g} s (a week; a dead peer must end the job)")
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def assign_roles(cfg: TopologyConfig, world_size: int, nodes: list[str]) -> list[int]:

@@ -52,6 +52,8 @@ class ModelConfig:
                      "must be one of " + ", ".join(PRESETS) + " (or set `path`)")
         if self.max_position_embeddings < 1:
             fail(f"{prefix}.max_position_embeddings", self.max_position_embeddings, "must be >= 1")
+        if not self.rope_theta > 0:
+            fail(f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
 
 
 def partitioned_builder(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):

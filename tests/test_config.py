@@ -77,8 +77,8 @@ def test_overrides_parse_as_yaml():
     assert parse_override("a=null") == ("a", None)
     with pytest.raises(ConfigError):
         parse_override("no_equals_sign")
-    cfg = load_config(None, ["distill.top_k=20", "distill.alpha.schedule=constant", "train.steps=7"])
-    assert (cfg.distill.top_k, cfg.distill.alpha.schedule, cfg.train.steps) == (20, "constant", 7)
+    cfg = load_config(None, ["distill.top_k=20", "distill.alpha.schedule=constant", "train.steps=70"])
+    assert (cfg.distill.top_k, cfg.distill.alpha.schedule, cfg.train.steps) == (20, "constant", 70)
 
 
 def test_batch_sizes_must_divide_over_ranks():
