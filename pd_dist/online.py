@@ -168,6 +168,15 @@ def receive_requests(topo: Topology, spec: WireSpec, me_desc: str, s: int, inbox
             return
 
 
+def request_header(r: torch.Tensor, micro_batch: int, me_desc: str, student: str) -> tuple[int, int, int]:
+    """(op, request number, samples) of a received request; anything but a stop or a work request of
+    1..micro_batch samples is a PeerError naming the student that sent it."""
+    op, seq, n = int(r[0]), int(r[1]), int(r[2])
+    if op != OP_STOP and (op != OP_WORK or not 0 < n <= micro_batch):
+        raise PeerError(f"{me_desc}: malformed request from student {student}")
+    return op, seq, n
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
@@ -223,12 +232,10 @@ class TeacherServer:
             for s, r in items:
                 if isinstance(r, Exception):
                     raise r
-                op, seq, n = int(r[0]), int(r[1]), int(r[2])
+                op, seq, n = request_header(r, spec.micro_batch, self.me_desc, self.topo.describe(s))
                 if op == OP_STOP:
                     active.discard(s)
                     continue
-                if op != OP_WORK or not 0 < n <= spec.micro_batch:
-                    raise PeerError(f"{self.me_desc}: malformed request from student {self.topo.describe(s)}")
                 ids = r[3:3 + n].numpy().copy()
                 off = 3 + spec.micro_batch
                 work.append((s, seq, ids, r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
@@ -359,12 +366,10 @@ class StagedTeacherServer:
                 for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
                     if isinstance(r, Exception):
                         raise r
-                    op, seq, n = int(r[0]), int(r[1]), int(r[2])
+                    op, seq, n = request_header(r, mb, self.me_desc, self.topo.describe(s))
                     if op == OP_STOP:
                         active.discard(s)
                         continue
-                    if op != OP_WORK or not 0 < n <= mb:
-                        raise PeerError(f"{self.me_desc}: malformed request from student {self.topo.describe(s)}")
                     off = 3 + mb
                     work.append((s, seq, r[3:3 + n].clone(), r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
             rounds, anyone = self.lockstep.agree(len(work), bool(active))
