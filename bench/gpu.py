@@ -29,7 +29,6 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -121,7 +120,7 @@ def _tokens_per_sec(out: Path) -> float:
 
 
 def _flops_per_token(s: dict, vocab: int) -> float:
-    from pd_dist.models import ModelConfig, PRESETS, preset_param_count
+    from pd_dist.models import PRESETS, preset_param_count
 
     hidden, _, layers, *_ = PRESETS[s["student"]]
     n = preset_param_count(s["student"], vocab) - vocab * hidden  # less the input embedding
