@@ -127,7 +127,8 @@ class LoopbackSlurm:
     """munged + slurmctld + slurmd for one node (this host) on 127.0.0.1; a context manager."""
 
     def __init__(self, workdir: Optional[Path] = None, cpus: Optional[int] = None, real_memory_mb: int = 4000,
-                 partition: str = "debug", lock_timeout: float = 900.0, ready_timeout: float = 60.0):
+                 partition: str = "debug", lock_timeout: float = 900.0, ready_timeout: float = 60.0,
+                 cred_expire: Optional[int] = None):
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="pd-slurm-") if workdir is None else workdir).resolve()
         self.cpus = cpus or os.cpu_count() or 1
@@ -135,6 +136,8 @@ class LoopbackSlurm:
         self.partition = partition
         self.lock_timeout = lock_timeout
         self.ready_timeout = ready_timeout
+        # Slurm's credential lifetime (default 120 s) also holds a requeued job back for that long.
+        self.cred_expire = cred_expire
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.node = socket.gethostname().split(".")[0]  # slurmd takes its node name from the short host name
         self.conf = self.workdir / "slurm.conf"
@@ -201,7 +204,8 @@ class LoopbackSlurm:
             "SlurmdUser=root\n"
             "AuthType=auth/munge\n"
             "CredType=cred/munge\n"
-            f"AuthInfo=socket={self.munge_socket}\n"
+            f"AuthInfo=socket={self.munge_socket}"
+            + (f",cred_expire={self.cred_expire}" if self.cred_expire else "") + "\n"
             "CommunicationParameters=NoInAddrAny\n"
             f"StateSaveLocation={w / 'state'}\n"
             f"SlurmdSpoolDir={w / 'spool'}\n"
