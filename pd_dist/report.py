@@ -3,7 +3,7 @@
 Every number is recomputed from the run directories the sweep left (each point's summary.json, eval.json
 when `pd-dist eval` ran, and its LM-only baseline's), so `report.md` and `plots/` can be deleted and
 written again. Per axis, the points are grouped by that axis's value (averaged over the other axes' values
-and the seeds) and the table gives, per setting: the held-out loss (mean and spread = max - min over the
+and the seeds; for a one-at-a-time key, only the base recipe and the points that vary that key alone) and the table gives, per setting: the held-out loss (mean and spread = max - min over the
 runs), the gain over the matching LM-only baseline (LM - PD) / LM in loss, top-1 agreement with the
 teacher, and downstream accuracy per task where evaluated. The line under each table names the best
 setting and says whether the seeds make the ordering uncertain: the best and the runner-up differ by less
@@ -49,6 +49,19 @@ def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
         row["gain"] = (lm - row["val_loss"]) / lm if lm and row["val_loss"] is not None else None
         rows.append(row)
     return plan, rows
+
+
+def axis_rows(axis: str, rows: list[dict], plan: dict) -> list[dict]:
+    """The rows that speak to one axis, each with the axis's value in its settings. A one-at-a-time key
+    (the paper's design) compares the base recipe with the points that vary that key alone, the base
+    point showing the base config's value; a cartesian or zipped axis uses the base recipe's points."""
+    oat = plan.get("oat_base") or {}
+    out = []
+    for r in rows:
+        varied = set(r["settings"]) & set(oat)
+        if varied <= ({axis} if axis in oat else set()):
+            out.append({**r, "settings": {**({axis: oat[axis]} if axis in oat else {}), **r["settings"]}})
+    return out
 
 
 def _stats(vals: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
@@ -163,13 +176,14 @@ def write_report(sweep_dir: str | Path, with_plots: bool = True) -> Path:
     summaries = []
     for axis in axes or ["(base)"]:
         lines += ["", f"## {axis}", ""]
-        table, summary = axis_table(axis, rows)
+        these = axis_rows(axis, rows, plan)
+        table, summary = axis_table(axis, these)
         lines += table
         if summary:
             lines += ["", summary]
             summaries.append(summary)
-        if with_plots and rows:
-            for f in plots(axis, rows, sweep_dir / "plots"):
+        if with_plots and these:
+            for f in plots(axis, these, sweep_dir / "plots"):
                 lines += ["", f"![{f}](plots/{f})"]
     lines += ["", "## Runs", "", "| run | seed | val loss | LM-only | gain |", "|---|---|---|---|---|"]
     for r in rows:

@@ -8,6 +8,9 @@ A sweep file names a base experiment config and the axes to vary::
       distill.loss: [nll, kld, mse]
     zip:                             # optional: groups of keys that vary together, one value at a time
       - {distill.top_p: [0.9, 0.95], distill.top_k: [20, 50]}
+    one_at_a_time:                   # optional: the paper's design, each value alone from the base recipe
+      distill.temperature: [0.5, 2.0]   # (one base point, then one point per value that differs from it)
+      distill.alpha.schedule: [constant, wsd]
     seeds: [1234, 1]                 # train.seed of every point (default: the base config's)
     output_dir: runs/sweeps/loss
     nprocs: 1                        # ranks per point (deepspeed --num_gpus), or
@@ -62,6 +65,7 @@ class SweepSpec:
     set: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, list] = field(default_factory=dict)
     zip: list[dict[str, list]] = field(default_factory=list)
+    one_at_a_time: dict[str, list] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
     nprocs: int = 1
     hostfile: Optional[str] = None
@@ -121,7 +125,13 @@ class SweepSpec:
             lens = {k: len(v) if isinstance(v, list) else -1 for k, v in group.items()}
             if min(lens.values()) < 1 or len(set(lens.values())) != 1:
                 raise ConfigError(f"sweep zip[{i}]: every key needs a list of the same length, got {lens}")
-        keys = list(self.axes) + [k for g in self.zip for k in g]
+        if not isinstance(self.one_at_a_time, dict):
+            raise ConfigError(f"sweep key 'one_at_a_time': must be a mapping of config key -> list, "
+                              f"got {self.one_at_a_time!r}")
+        for k, vals in self.one_at_a_time.items():
+            if not isinstance(vals, list) or not vals:
+                raise ConfigError(f"sweep one_at_a_time {k!r}: must be a non-empty list of values, got {vals!r}")
+        keys = list(self.axes) + [k for g in self.zip for k in g] + list(self.one_at_a_time)
         if len(keys) != len(set(keys)):
             raise ConfigError(f"sweep axes: a key is varied twice ({', '.join(keys)})")
         if "train.seed" in keys:
@@ -139,12 +149,19 @@ class SweepSpec:
             if not self.resolve(t).is_file():
                 raise ConfigError(f"sweep key 'eval_tasks': {self.resolve(t)} not found")
 
-    def settings(self) -> list[dict[str, Any]]:
-        """Every combination of the axes (cartesian) and zipped groups (in step), in file order."""
+    def settings(self, base_values: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+        """Every combination of the axes (cartesian) and zipped groups (in step), in file order, each
+        crossed with the one-at-a-time points: the base recipe ({}), then each one_at_a_time value alone,
+        skipping a value equal to the base's (``base_values``: key -> the base config's value)."""
         dims: list[list[dict[str, Any]]] = [[{k: v} for v in vals] for k, vals in self.axes.items()]
         for group in self.zip:
             n = len(next(iter(group.values())))
             dims.append([{k: vals[i] for k, vals in group.items()} for i in range(n)])
+        if self.one_at_a_time:
+            base_values = base_values or {}
+            oat = [{}] + [{k: v} for k, vals in self.one_at_a_time.items() for v in vals
+                          if not (k in base_values and base_values[k] == v)]
+            dims.append(oat)
         return [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*dims)] or [{}]
 
 
@@ -198,6 +215,16 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _get_path(d: dict, dotted: str) -> Any:
+    """The value at a dotted config key of a to_dict() tree; ConfigError naming the key if absent."""
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"sweep key {dotted!r}: not a config key")
+        node = node[part]
+    return node
+
+
 def _slug(settings: dict[str, Any]) -> str:
     parts = [f"{k.split('.')[-1]}={v}" for k, v in settings.items()]
     s = ",".join(parts) or "base"
@@ -217,11 +244,12 @@ class Sweep:
         base_path = spec.resolve(spec.base)
         base = load_config(base_path, _overrides(spec.set))
         seeds = spec.seeds or [base.train.seed]
+        self.oat_base = {k: _get_path(to_dict(base), k) for k in spec.one_at_a_time}
         data_dir = self.out / "data"
         self.groups: dict[str, TeacherGroup] = {}
         self.points: list[Point] = []
         baselines: dict[str, Point] = {}
-        for settings in spec.settings():
+        for settings in spec.settings(self.oat_base):
             for seed in seeds:
                 over = {**spec.set, **settings, "train.seed": seed, "baseline": False}
                 try:
@@ -326,7 +354,7 @@ class Sweep:
         """sweep.json (the spec and every point) and each point's point.json + point.yaml."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "sweep.json").write_text(json.dumps({
-            "spec": dataclasses.asdict(self.spec), "axes": self.axis_keys(),
+            "spec": dataclasses.asdict(self.spec), "axes": self.axis_keys(), "oat_base": self.oat_base,
             "points": [self._point_record(p) for p in self.points + self.baselines],
             "groups": {g.name: str(g.dir) for g in self.groups.values()}}, indent=1, default=str))
         for job in self.points + self.baselines + list(self.groups.values()):
@@ -336,7 +364,7 @@ class Sweep:
             (p.dir / "point.json").write_text(json.dumps(self._point_record(p), indent=1, default=str))
 
     def axis_keys(self) -> list[str]:
-        return list(self.spec.axes) + [k for g in self.spec.zip for k in g]
+        return list(self.spec.axes) + [k for g in self.spec.zip for k in g] + list(self.spec.one_at_a_time)
 
     def _point_record(self, p: Point) -> dict:
         base = next((b for b in self.baselines if b.name == p.baseline), None)

@@ -35,6 +35,9 @@ def _sweep(tmp_path, **kw):
     ({"zip": [{"distill.top_p": [0.9, 0.95], "distill.top_k": [5]}]}, "same length"),
     ({"axes": {"distill.top_k": [5]}, "zip": [{"distill.top_k": [5]}]}, "varied twice"),
     ({"axes": {"train.seed": [1, 2]}}, "seeds"),
+    ({"one_at_a_time": {"distill.loss": []}}, "sweep one_at_a_time 'distill.loss': must be a non-empty list"),
+    ({"one_at_a_time": {"distill.colour": [1]}}, "'distill.colour': not a config key"),
+    ({"axes": {"distill.loss": ["nll"]}, "one_at_a_time": {"distill.loss": ["kld"]}}, "varied twice"),
     ({"colour": 1}, "sweep key 'colour': unknown"),
     ({"base": "/nonexistent.yaml"}, "not found"),
 ])
@@ -64,6 +67,46 @@ def test_grid_zip_seeds_baselines_and_shared_stores(tmp_path, tiny_teacher_dir):
         assert b.seed == p.seed and b.config.distill.mode == "none" and b.config.train.seed == p.seed
     zipped = {(p.config.distill.top_p, p.config.distill.top_k) for p in sw.points}
     assert zipped == {(0.9, 5), (1.0, 20)}
+
+
+def test_one_at_a_time_varies_each_key_alone_from_the_base(tmp_path, tiny_teacher_dir):
+    from pd_dist.config import load_config
+
+    base = load_config(SMOKE)
+    sw = _sweep(tmp_path, set={"teacher.path": str(tiny_teacher_dir)}, seeds=[1, 2],
+                axes={"distill.top_p": [0.9, 1.0]},
+                one_at_a_time={"distill.loss": [base.distill.loss, "mse"],
+                               "distill.temperature": [0.5, base.distill.temperature, 2.0]})
+    # per (top_p, seed): the base recipe, mse, 0.5, 2.0 (the base's own values are the base point)
+    assert len(sw.points) == 2 * 2 * 4
+    assert sw.oat_base == {"distill.loss": base.distill.loss, "distill.temperature": base.distill.temperature}
+    combos = {(p.config.distill.top_p, p.config.distill.loss, p.config.distill.temperature) for p in sw.points}
+    t0, l0 = base.distill.temperature, base.distill.loss
+    assert combos == {(tp, l, t) for tp in (0.9, 1.0) for l, t in ((l0, t0), ("mse", t0), (l0, 0.5), (l0, 2.0))}
+    assert all(len(set(p.settings) & set(sw.oat_base)) <= 1 for p in sw.points)
+    assert len(sw.groups) == 1 and len(sw.baselines) == 2
+
+
+def test_report_compares_a_one_at_a_time_key_with_the_base_only():
+    from pd_dist.report import axis_rows, axis_table
+
+    plan = {"oat_base": {"distill.loss": "nll", "distill.temperature": 1.0}}
+
+    def row(settings, loss):
+        return {"settings": settings, "val_loss": loss, "gain": (5.0 - loss) / 5.0, "agreement": None,
+                "downstream": {}}
+    rows = [row({}, 4.9), row({"distill.loss": "mse"}, 4.8), row({"distill.temperature": 2.0}, 5.5),
+            row({"distill.temperature": 0.5}, 4.7)]
+    loss = axis_rows("distill.loss", rows, plan)
+    assert [(r["settings"]["distill.loss"], r["val_loss"]) for r in loss] == [("nll", 4.9), ("mse", 4.8)]
+    temp = axis_rows("distill.temperature", rows, plan)
+    assert sorted(r["settings"]["distill.temperature"] for r in temp) == [0.5, 1.0, 2.0]
+    table, summary = axis_table("distill.temperature", temp)
+    assert summary.startswith("best distill.temperature: 0.5 (val loss 4.7000)")
+    assert any(line.startswith("| 1.0 | 1 | 4.9000 | +2.00% |") for line in table), table
+    # a cartesian axis of the same sweep uses only the points at the base recipe
+    both = [{**r, "settings": {**r["settings"], "distill.top_k": 5}} for r in rows]
+    assert [r["val_loss"] for r in axis_rows("distill.top_k", both, plan)] == [4.9]
 
 
 def test_teacher_and_student_axes_split_stores_and_baselines(tmp_path):
