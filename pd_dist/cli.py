@@ -140,10 +140,14 @@ def store_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import json
 
-    from .store import StoreError, store_info, verify_store
+    from .store import StoreCheckError, StoreError, store_info, verify_store
 
-    if args.action == "verify":
-        faults = verify_store(args.path)
+    if args.action == "verify":  # exit 0: sound, 1: faults found, 2: could not check
+        try:
+            faults = verify_store(args.path)
+        except StoreCheckError as e:
+            print(f"pd-dist: {e}", file=sys.stderr)
+            return 2
         for f in faults:
             print(f"FAULT {f}")
         print(f"{args.path}: {'OK' if not faults else f'{len(faults)} fault(s)'}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -497,3 +499,85 @@ def test_pickle_and_dataloader_workers(store_dir):
             assert torch.equal(lse[b], ref[i].lse)
     assert sorted(seen) == list(range(N))
     assert os.getpid() not in pids and len(pids) == 2
+
+
+# ------------------------------------------------------------------------------------- wrong shapes
+def _edit_manifest(root: Path, edit) -> None:
+    """Apply ``edit`` to the manifest's JSON, keeping meta_digest valid (the metadata is not touched)."""
+    path = root / "manifest.json"
+    man = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(man)))
+
+
+def _set(man, dotted, value, delete=False):
+    node = man
+    *head, last = dotted.split(".")
+    for part in head:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if delete:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return man
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: [m], "must be a JSON object, got list"),
+    (lambda m: None, "must be a JSON object, got NoneType"),
+    (lambda m: _set(m, "shards", None), "field 'shards' must be a list, got NoneType"),
+    (lambda m: _set(m, "shards.1", "shard-00001.bin"), "field shards[1] must be an object, got str"),
+    (lambda m: _set(m, "shards.0.bytes", None, delete=True), "field shards[0].bytes is missing"),
+    (lambda m: _set(m, "shards.2.bytes", "12"), "field shards[2].bytes must be a non-negative integer, got '12'"),
+    (lambda m: _set(m, "shards.0.first", -1), "shards[0].first must be a non-negative integer"),
+    (lambda m: _set(m, "shards.0.sha256", 5), "shards[0].sha256 must be a string"),
+    (lambda m: _set(m, "stats", None, delete=True), "field 'stats' must be an object, got NoneType"),
+    (lambda m: _set(m, "stats.kept_hist", None, delete=True), "field stats.kept_hist is missing"),
+    (lambda m: _set(m, "stats.kept_hist", [1, "2"]), "stats.kept_hist must be a list of integers"),
+    (lambda m: _set(m, "stats.tokens", 1.5), "stats.tokens must be an integer, got 1.5"),
+])
+def test_manifest_of_the_wrong_shape_names_the_field(tmp_path, store_dir, edit, needle):
+    root = _copy_store(store_dir, tmp_path / "m")
+    _edit_manifest(root, edit)
+    for call in (lambda: LogitsStore(root), lambda: store_info(root)):
+        with pytest.raises(StoreError) as e:
+            call()
+        assert needle in str(e.value) and "manifest.json" in str(e.value)
+    faults = verify_store(root)  # a fault found, not a crash
+    assert len(faults) == 1 and needle in faults[0]
+
+
+def _verify_cli(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pd_dist.cli", "store", "verify", str(path)],
+                          capture_output=True, text=True)
+
+
+def test_store_verify_exit_codes(tmp_path, store_dir):
+    assert _verify_cli(store_dir).returncode == 0
+    bad = _copy_store(store_dir, tmp_path / "bad")
+    _edit_manifest(bad, lambda m: _set(m, "stats.kept_entries", 0))
+    r = _verify_cli(bad)
+    assert r.returncode == 1 and "stats disagree" in r.stdout
+    r = _verify_cli(tmp_path / "nowhere")
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = _verify_cli(tmp_path / "empty")
+    assert r.returncode == 2 and "no manifest" in r.stderr
+    if os.geteuid() != 0:  # root reads anything: an unreadable shard cannot be made here as root
+        locked = _copy_store(store_dir, tmp_path / "locked")
+        (locked / "shards" / "shard-00000.bin").chmod(0)
+        r = _verify_cli(locked)
+        assert r.returncode == 2 and "could not read" in r.stderr
+
+
+def test_generation_rerun_rechecks_shard_checksums(tmp_path, gauss_full):
+    meta = make_meta()
+    root = write_store(tmp_path / "s", gauss_full, meta)
+    assert all(shard_done(root, meta, i) for i in range(3))
+    path = root / "shards" / "shard-00001.bin"
+    off, n = _block_span(path, 2)  # sample 6: header, table and footer still parse
+    data = bytearray(path.read_bytes())
+    data[off + n // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert [shard_done(root, meta, i) for i in range(3)] == [True, False, True]

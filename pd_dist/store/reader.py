@@ -30,6 +30,8 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
         man = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(man, dict):
+        raise StoreError(f"{path}: the manifest must be a JSON object, got {type(man).__name__}")
     if man.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a pd-dist logits store manifest")
     if man.get("format_version") != FORMAT_VERSION:
@@ -41,14 +43,48 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
         raise StoreError(f"{path}: invalid store metadata ({e})") from None
     if man.get("meta_digest") != meta.digest():
         raise StoreError(f"{path}: meta_digest does not match the manifest's metadata (edited manifest?)")
+    _check_manifest_fields(man, path)
     ranges = shard_ranges(meta.n_samples, meta.shard_size)
-    shards = man.get("shards")
-    if not isinstance(shards, list) or len(shards) != len(ranges) or any(
+    shards = man["shards"]
+    if len(shards) != len(ranges) or any(
             (s.get("index"), s.get("file"), s.get("first"), s.get("end")) != (i, shard_name(i), a, b)
             for i, (s, (a, b)) in enumerate(zip(shards, ranges))):
         raise StoreError(f"{path}: shard list does not match n_samples={meta.n_samples}, "
                          f"shard_size={meta.shard_size}")
     return man, meta
+
+
+_SHARD_FIELDS = {"index": int, "file": str, "first": int, "end": int, "bytes": int, "sha256": str}
+_STATS_FIELDS = {"tokens": int, "kept_entries": int, "kept_hist": list, "shard_bytes": int}
+
+
+def _check_manifest_fields(man: dict, path: Path) -> None:
+    """The shape of the manifest's shard list and stats (what the writer writes): StoreError naming the
+    field, so valid JSON of the wrong shape never surfaces as an AttributeError or KeyError later."""
+    shards = man.get("shards")
+    if not isinstance(shards, list):
+        raise StoreError(f"{path}: manifest field 'shards' must be a list, got {type(shards).__name__}")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise StoreError(f"{path}: manifest field shards[{i}] must be an object, got {type(s).__name__}")
+        for name, tp in _SHARD_FIELDS.items():
+            v = s.get(name)
+            if name not in s:
+                raise StoreError(f"{path}: manifest field shards[{i}].{name} is missing")
+            if not isinstance(v, tp) or isinstance(v, bool) or (tp is int and v < 0):
+                raise StoreError(f"{path}: manifest field shards[{i}].{name} must be "
+                                 f"{'a non-negative integer' if tp is int else 'a string'}, got {v!r}")
+    stats = man.get("stats")
+    if not isinstance(stats, dict):
+        raise StoreError(f"{path}: manifest field 'stats' must be an object, got {type(stats).__name__}")
+    for name, tp in _STATS_FIELDS.items():
+        v = stats.get(name)
+        if name not in stats:
+            raise StoreError(f"{path}: manifest field stats.{name} is missing")
+        if not isinstance(v, tp) or isinstance(v, bool) or (tp is list and not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise StoreError(f"{path}: manifest field stats.{name} must be "
+                             f"{'a list of integers' if tp is list else 'an integer'}, got {v!r}")
 
 
 class _Shard:
@@ -312,10 +348,27 @@ def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_
     return store
 
 
+class StoreCheckError(StoreError):
+    """The check could not run (no such store directory, no manifest, a file that cannot be read)."""
+
+
 def verify_store(root) -> list[str]:
     """Full check: manifest consistency, every shard's size and sha256, header/table/footer, and every
-    sample's crc32 and decodability. Returns fault descriptions (empty list = the store is sound)."""
+    sample's crc32 and decodability. Returns fault descriptions (empty list = the store is sound);
+    raises StoreCheckError when it could not check."""
     root = Path(root)
+    if not root.is_dir():
+        raise StoreCheckError(f"{root}: not a directory")
+    if not (root / MANIFEST).is_file():
+        raise StoreCheckError(f"{root / MANIFEST}: no manifest (not a logits store, or its generation "
+                              "did not finish)")
+    try:
+        return _verify(root)
+    except OSError as e:  # permissions, I/O errors: the check could not run, which says nothing of the store
+        raise StoreCheckError(f"{root}: could not read ({e})") from None
+
+
+def _verify(root: Path) -> list[str]:
     try:
         man, meta = _load_manifest(root)
     except StoreError as e:
@@ -367,7 +420,7 @@ def verify_store(root) -> list[str]:
                     if int(counts.sum()) != int(row["n_kept"]):
                         faults.append(f"{path}: sample {sid}: kept count disagrees with the table")
                     n_kept += int(counts.sum())
-    stats = man.get("stats", {})
+    stats = man["stats"]
     if not faults:
         if [int(x) for x in hist] != stats.get("kept_hist") or n_kept != stats.get("kept_entries"):
             faults.append(f"{root / MANIFEST}: stats disagree with the shards")

@@ -152,8 +152,11 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _read_layout(path: Path, meta: StoreMeta, index: int):
+def _read_layout(path: Path, meta: StoreMeta, index: int, check_data: bool = False):
+    """The shard's parsed layout, checked against ``meta``; with ``check_data`` also every sample's crc32
+    (reads the whole shard)."""
     import mmap
+    import zlib
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -161,19 +164,25 @@ def _read_layout(path: Path, meta: StoreMeta, index: int):
             raise StoreError(f"{path}: empty file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             lay = parse_shard(mm, size, str(path))
-    check_layout(lay, meta, index, str(path))
+            check_layout(lay, meta, index, str(path))
+            if check_data:
+                for j, row in enumerate(lay.table):
+                    off, n = int(row["offset"]), int(row["nbytes"])
+                    if zlib.crc32(mm[off:off + n]) != int(row["crc"]):
+                        raise StoreError(f"{path}: sample {j} of the shard: checksum mismatch")
     return lay
 
 
 def shard_done(root, meta: StoreMeta, shard_index: int) -> bool:
-    """True if shard ``shard_index`` is present, complete and was written for this ``meta`` (header,
-    table and footer check out; sample data is not read: that is verify_store's job)."""
+    """True if shard ``shard_index`` is present, complete and was written for this ``meta``: header,
+    table and footer check out and every sample's crc32 matches (a rerun of the generation rewrites a
+    shard that is damaged rather than counting it done)."""
     meta = meta.resolved()
     path = shard_path(root, shard_index)
     if not path.is_file():
         return False
     try:
-        _read_layout(path, meta, shard_index)
+        _read_layout(path, meta, shard_index, check_data=True)
     except (StoreError, OSError):
         return False
     return True
