@@ -8,9 +8,14 @@ Messages are fixed-size tensors, so receivers post their buffers ahead of time:
 - response (teacher -> student): one uint8 buffer: int64 header [seq, n, sample_ids[mb]], then the
   top-p-k indices packed to `index_bytes` bytes each (3 when the vocabulary fits in 24 bits), then the
   kept raw logits in the wire dtype (bf16 on GPU, fp32 on CPU by default). Dropped entries travel as
-  -inf values, so the student rebuilds the same SparseLogits the colocated path computes.
+  -inf values, so the student rebuilds the same SparseLogits the colocated path computes. A refused
+  request is answered with n = REFUSED and [reason code, offending value] in the sample-id slots.
 
 Every wait has the peer timeout; a peer that closes its connection fails at once. Errors name the peer.
+Both sides check what they receive (a request's op, count and token ids; a reply's count, indices and
+values) and refuse it naming the sender, so a faulty peer never becomes a wrong gradient. Every buffer
+size is a function of the hello's fields and the hello has one size, so once the handshake agrees no
+message can reach a buffer of another size (gloo aborts the process when one does).
 """
 from __future__ import annotations
 
@@ -26,6 +31,10 @@ from .logits import SparseLogits
 MAGIC = 0x5044_4453  # "PDDS"
 VERSION = 1
 OP_WORK, OP_STOP = 1, 2
+REFUSED = -1  # a response's n when the teacher refused the request
+REFUSE_MALFORMED, REFUSE_TOKENS = 1, 2
+REFUSALS = {REFUSE_MALFORMED: "a malformed request (op or sample count)",
+            REFUSE_TOKENS: "token ids outside the vocabulary"}
 TAG_HELLO, TAG_REQ, TAG_RESP, TAG_PROBE = 11, 12, 13, 14
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
@@ -35,6 +44,14 @@ HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "
 
 class PeerError(RuntimeError):
     """A peer is gone, silent past the timeout, or speaks another protocol. The message names it."""
+
+
+class BadRequest(PeerError):
+    """A student's request that the teacher refuses (only that student is ended)."""
+
+    def __init__(self, message: str, code: int, value: int = 0):
+        super().__init__(message)
+        self.code, self.value = code, value
 
 
 def tokenizer_hash_int(hex_hash: str) -> int:
@@ -118,10 +135,32 @@ def encode_response(spec: WireSpec, seq: int, sample_ids: np.ndarray, sparse: Sp
     return out
 
 
-def decode_response(spec: WireSpec, buf: torch.Tensor) -> tuple[int, np.ndarray, SparseLogits]:
+def encode_refusal(spec: WireSpec, seq: int, code: int, value: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (uint8, response_nbytes) with the answer to a refused request."""
+    h = spec.response_layout()[0]
+    head = torch.zeros(2 + spec.micro_batch, dtype=torch.int64)
+    head[0], head[1], head[2] = seq, REFUSED, code
+    if spec.micro_batch > 1:
+        head[3] = value
+    out.zero_()
+    out[:h] = head.view(torch.uint8)
+    return out
+
+
+def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teacher"
+                    ) -> tuple[int, np.ndarray, SparseLogits]:
+    """(request number, sample ids, sparse logits) of one response; a refusal, or a reply whose count,
+    indices (outside the vocabulary) or values (NaN, +inf, a position with nothing kept) are out of
+    range, is a PeerError naming ``sender``."""
     h, ib, vb = spec.response_layout()
     head = buf[:h].view(torch.int64)
     seq, n = int(head[0]), int(head[1])
+    if n == REFUSED:
+        code = int(head[2])
+        detail = f" ({int(head[3])})" if spec.micro_batch > 1 and code == REFUSE_TOKENS else ""
+        raise PeerError(f"{sender} refused request {seq}: {REFUSALS.get(code, f'reason {code}')}{detail}")
+    if not 0 < n <= spec.micro_batch:
+        raise PeerError(f"{sender} answered request {seq} with {n} samples (1..{spec.micro_batch} expected)")
     ids = head[2:2 + n].numpy().copy()
     shape = (n, spec.seq_len, spec.width)
     per = spec.seq_len * spec.width
@@ -130,7 +169,35 @@ def decode_response(spec: WireSpec, buf: torch.Tensor) -> tuple[int, np.ndarray,
     vbytes = torch.finfo(dt).bits // 8
     # A copy, never a view: the buffer is reused for the next answer.
     vals = buf[h + ib:h + ib + n * per * vbytes].view(dt).reshape(shape).to(torch.float32, copy=True)
+    bad = (idx < 0) | (idx >= spec.vocab_size)
+    if bool(bad.any()):
+        raise PeerError(f"{sender} answered request {seq} with token index {int(idx[bad][0])} outside the "
+                        f"vocabulary [0, {spec.vocab_size})")
+    if bool(torch.isnan(vals).any()) or bool((vals == float("inf")).any()):
+        raise PeerError(f"{sender} answered request {seq} with NaN or +inf logits")
+    if not bool(torch.isfinite(vals).any(-1).all()):
+        raise PeerError(f"{sender} answered request {seq} with a position that keeps no entry")
     return seq, ids, SparseLogits(idx, vals)
+
+
+def check_request(r: torch.Tensor, spec: WireSpec, me_desc: str, student: str) -> tuple[int, int, int]:
+    """(op, request number, samples) of a received request; a BadRequest naming the student for
+    anything but a stop or a work request of 1..micro_batch samples whose token ids are in the
+    vocabulary."""
+    op, seq, n = int(r[0]), int(r[1]), int(r[2])
+    if op == OP_STOP:
+        return op, seq, n
+    if op != OP_WORK or not 0 < n <= spec.micro_batch:
+        raise BadRequest(f"{me_desc}: malformed request {seq} from student {student} (op {op}, {n} samples; "
+                         f"1..{spec.micro_batch} allowed)", REFUSE_MALFORMED)
+    off = 3 + spec.micro_batch
+    tok = r[off:off + n * spec.seq_len]
+    bad = (tok < 0) | (tok >= spec.vocab_size)
+    if bool(bad.any()):
+        v = int(tok[bad][0])
+        raise BadRequest(f"{me_desc}: request {seq} from student {student} has token id {v} outside the "
+                         f"vocabulary [0, {spec.vocab_size})", REFUSE_TOKENS, v)
+    return op, seq, n
 
 
 def wait(work, timeout_s: float, what: str) -> None:

@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .bridge import (OP_STOP, OP_WORK, TAG_REQ, TAG_RESP, PeerError, WireSpec, decode_response,
-                     encode_response, exchange_hello, wait)
+from .bridge import (OP_STOP, OP_WORK, REFUSED, TAG_REQ, TAG_RESP, BadRequest, PeerError, WireSpec,
+                     check_request, decode_response, encode_refusal, encode_response, exchange_hello, wait)
 from .logits import SparseLogits
 from .topology import Topology
 
@@ -91,7 +91,7 @@ class TeacherClient:
         wait(p.recv_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
         wait(p.send_work, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
         self.wait_time += time.perf_counter() - t0
-        seq, ids, sparse = decode_response(self.spec, p.resp_buf)
+        seq, ids, sparse = decode_response(self.spec, p.resp_buf, f"{self.me_desc}: {self.peer_desc}")
         if seq != p.seq or not np.array_equal(ids, p.ids):
             raise PeerError(f"{self.me_desc}: {self.peer_desc} answered request {seq} with sample ids "
                             f"{ids.tolist()[:8]} but request {p.seq} asked for {p.ids.tolist()[:8]}")
@@ -168,13 +168,16 @@ def receive_requests(topo: Topology, spec: WireSpec, me_desc: str, s: int, inbox
             return
 
 
-def request_header(r: torch.Tensor, micro_batch: int, me_desc: str, student: str) -> tuple[int, int, int]:
-    """(op, request number, samples) of a received request; anything but a stop or a work request of
-    1..micro_batch samples is a PeerError naming the student that sent it."""
-    op, seq, n = int(r[0]), int(r[1]), int(r[2])
-    if op != OP_STOP and (op != OP_WORK or not 0 < n <= micro_batch):
-        raise PeerError(f"{me_desc}: malformed request from student {student}")
-    return op, seq, n
+def refuse(topo: Topology, spec: WireSpec, s: int, seq: int, err: BadRequest, log: Callable[[str], None]
+           ) -> None:
+    """Answer a bad request with a refusal (the student fails at once, naming why) and say so here; the
+    teacher goes on serving its other students. Best effort: the student may already be gone."""
+    log(f"{err}; refused, and student {topo.describe(s)} is no longer served")
+    buf = encode_refusal(spec, seq, err.code, err.value, torch.empty(spec.response_nbytes(), dtype=torch.uint8))
+    try:
+        wait(topo.bridge.send([buf], s, TAG_RESP), topo.peer_timeout_s, "refusal")
+    except PeerError:
+        pass
 
 
 @dataclass
@@ -223,6 +226,7 @@ class TeacherServer:
         sends: dict[int, deque] = {s: deque() for s in self.students}
         free: list[torch.Tensor] = []
         active = set(self.students)
+        refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
         last_log = time.perf_counter()
         while True:
             if lockstep is None and not active:
@@ -230,9 +234,17 @@ class TeacherServer:
             items = self._collect(inbox, None if lockstep is None else lockstep.poll_s)
             work = []
             for s, r in items:
+                if s in refused:
+                    continue
                 if isinstance(r, Exception):
                     raise r
-                op, seq, n = request_header(r, spec.micro_batch, self.me_desc, self.topo.describe(s))
+                try:
+                    op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
+                except BadRequest as e:
+                    refuse(self.topo, spec, s, int(r[1]), e, self.log)
+                    refused.add(s)
+                    active.discard(s)
+                    continue
                 if op == OP_STOP:
                     active.discard(s)
                     continue
@@ -360,13 +372,24 @@ class StagedTeacherServer:
                 threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
                                  daemon=True, name=f"pd-teacher-recv-{s}").start()
         sends: deque = deque()
+        refused: set[int] = set()
         while True:
             work = []
             if self.is_entry:
                 for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
+                    if s in refused:
+                        continue
                     if isinstance(r, Exception):
                         raise r
-                    op, seq, n = request_header(r, mb, self.me_desc, self.topo.describe(s))
+                    try:
+                        op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
+                    except BadRequest as e:
+                        # The exit stage answers: the refusal rides this round's meta (n = REFUSED).
+                        self.log(f"{e}; refused, and student {self.topo.describe(s)} is no longer served")
+                        refused.add(s)
+                        active.discard(s)
+                        work.append((s, int(r[1]), torch.tensor([e.code, e.value])[:mb], None))
+                        continue
                     if op == OP_STOP:
                         active.discard(s)
                         continue
@@ -386,9 +409,10 @@ class StagedTeacherServer:
                     t = torch.zeros(mb, spec.seq_len, dtype=torch.int64)
                     if i < len(work):
                         s, seq, ids, tok = work[i]
-                        meta[i, :3] = torch.tensor([s, seq, len(ids)])
+                        meta[i, :3] = torch.tensor([s, seq, len(ids) if tok is not None else REFUSED])
                         meta[i, 3:3 + len(ids)] = ids
-                        t[:len(ids)] = tok
+                        if tok is not None:
+                            t[:len(ids)] = tok
                     tokens.append(t)
             dist.broadcast(meta, src=self._entry_role_rank, group=self.group)
             t0 = time.perf_counter()
@@ -404,6 +428,10 @@ class StagedTeacherServer:
                     w, _ = sends.popleft()
                     wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
                 buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+                if n == REFUSED:
+                    encode_refusal(spec, seq, int(meta[i, 3]), int(meta[i, 4]) if mb > 1 else 0, buf)
+                    sends.append((self.topo.bridge.send([buf], s, TAG_RESP), buf))
+                    continue
                 encode_response(spec, seq, meta[i, 3:3 + n].numpy(), out[i][:n].to("cpu"), buf)
                 sends.append((self.topo.bridge.send([buf], s, TAG_RESP), buf))
                 self.stats.requests += 1

@@ -89,8 +89,8 @@ class Topology:
     pipe_group: Optional[dist.ProcessGroup] = None
     bridge: Optional[dist.ProcessGroup] = None
     peer_timeout_s: float = 300.0
-    # Online mode: the job's TCPStore (global rank 0 hosts its server, which lives as long as this
-    # object); roles also use it to publish small facts to each other (data ready, teacher figures).
+    # The job's TCPStore (global rank 0 hosts its server, on MASTER_ADDR only, which lives as long as
+    # this object); online roles also publish small facts to each other on it (data ready, teacher figures).
     store: Optional[dist.Store] = None
 
     def __post_init__(self):
@@ -250,19 +250,22 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
         os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                           LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
                           MASTER_PORT=str(env.master_port))
-        _init_deepspeed(backend, datetime.timedelta(seconds=timeout_s), env.rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = job_store(env, timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore("pd/world/all/", store), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
+        _init_deepspeed(backend, timeout, env.rank)
         h = socket.gethostname()
         nodes = [None] * env.world_size
         dist.all_gather_object(nodes, (env.node, h))
         layout = make_layout(topology, env.world_size, [n for n, _ in nodes], **kw)
         dp_group, pipe_group = _pipeline_groups(layout, "student", env.rank)
         return Topology(env=env, backend=backend, layout=layout, dp_group=dp_group, pipe_group=pipe_group,
-                        hosts={r: hr if hr == n else f"{hr}, {n}" for r, (n, hr) in enumerate(nodes)})
+                        hosts={r: hr if hr == n else f"{hr}, {n}" for r, (n, hr) in enumerate(nodes)},
+                        store=store)
 
     timeout = datetime.timedelta(seconds=topology.peer_timeout_s)
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
-                          timeout=datetime.timedelta(seconds=max(topology.peer_timeout_s, 60.0)),
-                          wait_for_workers=False)
+    store = job_store(env, datetime.timedelta(seconds=max(topology.peer_timeout_s, 60.0)))
     store.set(f"pd/node/{env.rank}", env.node)
     store.set(f"pd/host/{env.rank}", socket.gethostname())
     nodes = [store.get(f"pd/node/{r}").decode() for r in range(env.world_size)]
@@ -288,6 +291,43 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     dp_group, pipe_group = _pipeline_groups(layout, role, role_rank)
     return Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
                     pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store)
+
+
+def _listen_socket(addr: str, port: int) -> Optional[socket.socket]:
+    """A listening TCP socket on ``addr``:``port`` only, or None when ``addr`` is not an address of this
+    host (a name that resolves elsewhere, e.g. behind NAT): then the store listens on every interface."""
+    import errno
+
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RuntimeError(f"MASTER_ADDR {addr!r} does not resolve: {e.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(4096)
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRNOTAVAIL:
+                raise RuntimeError(f"cannot listen on MASTER_ADDR {addr} port {port}: {e.strerror} "
+                                   "(another job on this port? set MASTER_PORT)") from None
+    return None
+
+
+def job_store(env: LaunchEnv, timeout: datetime.timedelta) -> "dist.TCPStore":
+    """The job's TCPStore, served by global rank 0. torch's own listens on every interface; this one
+    listens on MASTER_ADDR only (the store has no authentication: see docs/operations.md), unless that
+    is not an address of this host."""
+    kw = {}
+    if env.rank == 0:
+        sock = _listen_socket(env.master_addr, env.master_port)
+        if sock is not None:
+            kw["master_listen_fd"] = sock.detach()  # the store owns the descriptor from here on
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,
+                         wait_for_workers=False, **kw)
 
 
 def _init_deepspeed(backend: str, timeout: datetime.timedelta, rank: int, world_tag: str = "") -> None:

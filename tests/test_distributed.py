@@ -188,3 +188,44 @@ def test_runs_leave_no_shared_memory_behind(tmp_path, smoke_data, tiny_teacher_d
     launch(2, base + [f"output_dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert read_summary(tmp_path / "r")["finished"]
     assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on ``port``."""
+    out = set()
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(f).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if state == "0A" and int(p, 16) == port:
+                out.add(addr)
+    return out
+
+
+def test_the_job_store_listens_on_master_addr_only():
+    """torch's TCPStore listens on every interface and has no authentication; the job's listens on
+    MASTER_ADDR (here 127.0.0.1) and still serves its clients."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from conftest import free_port
+    from pd_dist.topology import LaunchEnv, _listen_socket, job_store
+
+    port = free_port()
+    env = LaunchEnv(0, 2, 0, "127.0.0.1", port, "test", "node0")
+    store = job_store(env, datetime.timedelta(seconds=10))
+    assert _listening(port) == {"0100007F"}  # 127.0.0.1, not 00000000 (all) or :: (all, v6)
+    client = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=10))
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    # an address that is not this host's (TEST-NET-1): the store falls back to every interface
+    assert _listen_socket("192.0.2.1", free_port()) is None
+    with pytest.raises(RuntimeError, match="does not resolve"):
+        _listen_socket("no-such-host.invalid", free_port())
+    with pytest.raises(RuntimeError, match=f"cannot listen on MASTER_ADDR 127.0.0.1 port {port}"):
+        job_store(env, datetime.timedelta(seconds=10))  # the port is taken by the first store

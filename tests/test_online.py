@@ -131,6 +131,117 @@ def test_wire_round_trip_keeps_indices_values_and_dropped_entries():
     assert torch.equal(sp.indices, idx) and torch.equal(sp.values, vals)  # bf16-exact values chosen
 
 
+def _reply(spec=SPEC, n=2, seq=3):
+    model = TinyTeacher()
+    tok = torch.arange(n * spec.seq_len).reshape(n, spec.seq_len) % spec.vocab_size
+    buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+    return encode_response(spec, seq, np.arange(n), model.sparse(tok, spec), buf)
+
+
+def _poke(buf, spec, what, value):
+    """Overwrite one field of an encoded reply: the count, the first index or a value."""
+    h, ib, _ = spec.response_layout()
+    if what == "n":
+        buf[:h].view(torch.int64)[1] = value
+    elif what == "index":
+        buf[h:h + ib].view(torch.uint8)[:spec.index_bytes] = torch.tensor(
+            [value & 0xFF, (value >> 8) & 0xFF], dtype=torch.uint8)[:spec.index_bytes]
+    elif what == "value":
+        buf[h + ib:].view(torch.float32)[value[0]] = value[1]
+    elif what == "row":  # every entry of the first position dropped
+        buf[h + ib:].view(torch.float32)[:spec.width] = float("-inf")
+    return buf
+
+
+@pytest.mark.parametrize("what,value,needle", [
+    ("n", 0, "with 0 samples (1..2 expected)"), ("n", 3, "with 3 samples"), ("n", -7, "with -7 samples"),
+    ("index", 97, "token index 97 outside the vocabulary [0, 97)"),
+    ("index", 65535, "token index 65535 outside"),
+    ("value", (0, float("nan")), "NaN or +inf logits"), ("value", (4, float("inf")), "NaN or +inf logits"),
+    ("row", None, "a position that keeps no entry"),
+])
+def test_a_reply_out_of_range_is_refused_naming_the_sender(what, value, needle):
+    seq, ids, sp = decode_response(SPEC, _reply())  # the unmodified reply decodes
+    assert seq == 3 and ids.tolist() == [0, 1] and torch.isfinite(sp.values).any(-1).all()
+    with pytest.raises(PeerError) as e:
+        decode_response(SPEC, _poke(_reply(), SPEC, what, value), sender="student X: teacher rank 0")
+    assert str(e.value).startswith("student X: teacher rank 0 answered request 3") and needle in str(e.value)
+
+
+def test_every_message_size_follows_from_the_hello():
+    """gloo aborts the process when a message reaches a smaller buffer: every buffer size is a function
+    of the hello (one size for every spec), so two sides that agree on the hello agree on every size."""
+    import itertools
+
+    specs = [WireSpec(v, "t", s, k, 0.9, d, mb) for v, s, k, d, mb in itertools.product(
+        (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2))]
+    assert len({sp.hello().numel() for sp in specs}) == 1
+    for a, b in itertools.combinations(specs, 2):
+        if torch.equal(a.hello(), b.hello()):
+            assert (a.request_numel(), a.response_nbytes()) == (b.request_numel(), b.response_nbytes())
+        elif (a.request_numel(), a.response_nbytes()) != (b.request_numel(), b.response_nbytes()):
+            assert not torch.equal(a.hello(), b.hello())
+
+
+def test_a_bad_request_ends_only_its_student():
+    from pd_dist.bridge import TAG_REQ, TAG_RESP
+
+    net = FakeNet()
+    logs = []
+    model = TinyTeacher()
+    out = {}
+
+    def run():
+        try:
+            server = TeacherServer(topo_for(0, net), SPEC, lambda t: model.sparse(t), max_batch=8,
+                                   log=logs.append, startup_timeout_s=5)
+            out["stats"] = server.serve()
+        except Exception as e:
+            out["error"] = e
+    server = threading.Thread(target=run, daemon=True)
+    server.start()
+    clients = {}
+
+    def connect(r):
+        clients[r] = TeacherClient(topo_for(r, net), SPEC, startup_timeout_s=5)
+    hs = [threading.Thread(target=connect, args=(r,)) for r in (1, 2)]
+    [t.start() for t in hs]
+    [t.join(10) for t in hs]
+    bad, good = clients[1], clients[2]
+    tok = torch.zeros(2, 6, dtype=torch.int64)
+    assert torch.equal(good.result(good.submit(np.array([1, 2]), tok)).values, model.sparse(tok).values)
+    bad_tok = tok.clone()
+    bad_tok[1, 4] = 97
+    t1 = bad.submit(np.array([5, 6]), bad_tok)
+    t2 = bad.submit(np.array([7, 8]), tok)  # already in flight: ignored once its student is refused
+    with pytest.raises(PeerError, match=r"teacher rank 0 \(host0, node0\) refused request 0: token ids "
+                                        r"outside the vocabulary \(97\)"):
+        bad.result(t1)
+    assert t2 in bad.pending
+    net.dead.add(1)  # the refused student exits; the teacher does not take that for a fault
+    assert any("request 0 from student rank 1 (host1, node0) has token id 97 outside the vocabulary [0, 97)"
+               in line for line in logs), logs
+    for i in range(3):
+        assert torch.equal(good.result(good.submit(np.array([10 + i]), tok[:1])).values,
+                           model.sparse(tok[:1]).values)
+    good.close()
+    server.join(10)
+    assert not server.is_alive() and "error" not in out, out.get("error")
+    assert out["stats"].requests == 4
+
+    # a malformed header (0 samples) is refused the same way
+    net = FakeNet()
+    _, out, _ = start_server(topo_for(0, net, world=2))
+    c = TeacherClient(topo_for(1, net, world=2), SPEC, startup_timeout_s=5)
+    req = torch.zeros(SPEC.request_numel(), dtype=torch.int64)
+    req[:3] = torch.tensor([1, 0, 0])
+    c.topo.bridge.send([req], 0, TAG_REQ)
+    buf = torch.empty(SPEC.response_nbytes(), dtype=torch.uint8)
+    c.topo.bridge.recv([buf], 0, TAG_RESP).wait()
+    with pytest.raises(PeerError, match="refused request 0: a malformed request"):
+        decode_response(SPEC, buf)
+
+
 def test_two_students_get_their_own_logits_with_prefetch():
     net = FakeNet()
     server, out, model = start_server(topo_for(0, net))
