@@ -9,6 +9,8 @@ truncation, loss, temperature, schedules, optimizer) unless a change is named wi
 """
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -122,6 +124,13 @@ def check_override_keys(keys: Iterable[str], cfg: ExperimentConfig) -> None:
                              + ", ".join(sorted(known)) + ")")
 
 
+DISK_FULL_BYTES = 16 << 20  # a failed write with less than this left is taken for a full disk
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the disk is full); the previous one stays `latest`."""
+
+
 class CheckpointManager:
     """Save, find, load and prune one run's checkpoints. Every rank calls save/load (DeepSpeed
     writes its shards from all of them); `latest` and pruning are the logging rank's."""
@@ -151,12 +160,40 @@ class CheckpointManager:
                 shutil.rmtree(self.root / t, ignore_errors=True)
 
     def save(self, engine, step: int, state: dict) -> None:
+        """Every rank writes its part; `latest` moves to the new tag only once all have (DeepSpeed's own
+        `latest` is written by rank 0 before the others finish, and not atomically), so a crash
+        while a checkpoint is written leaves the previous one `latest` and loadable."""
         tag = self.tag(step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=state)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as "unexpected pos" from its zip writer, not as ENOSPC.
+            free = shutil.disk_usage(self.root).free if self.root.exists() else -1
+            if getattr(e, "errno", None) == errno.ENOSPC or 0 <= free < DISK_FULL_BYTES:
+                raise CheckpointWriteError(
+                    f"checkpoint {self.root / tag}: No space left on device ({free:,} bytes free under "
+                    f"{self.root}); the previous checkpoint ({self.latest() or 'none'}) stays latest. Free "
+                    "space (or lower train.keep_checkpoints) and continue with --resume") from None
+            raise
         self.topo.barrier()
         if self.topo.is_logger:
+            self._write_latest(tag)
             self.prune()
+        self.topo.barrier()
         self.log(f"checkpoint {self.root / tag}")
+
+    def _write_latest(self, tag: str) -> None:
+        tmp = self.root / f".latest.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / "latest")
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def refuse_overwrite(self) -> None:
         """A fresh run must not start over another run's checkpoints."""

@@ -72,7 +72,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    from .checkpoint import ResumeError
+    from .checkpoint import CheckpointWriteError, ResumeError
 
     try:
         run_experiment(cfg, topo, resume=True if args.resume else "auto" if args.auto_resume else False,
@@ -81,22 +81,28 @@ def train_main(argv: list[str] | None = None) -> int:
         if topo.role_rank == 0:
             print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    except PeerError as e:
+    except (PeerError, CheckpointWriteError) as e:
         _die(env.rank, str(e))
     except RuntimeError as e:
-        if not topo.online:
-            raise
-        # A collective failed because some rank left: name the teacher if it is the one gone.
+        # A collective failed because some rank left: name it (its heartbeat stopped), and for a student
+        # the teacher if it is the one gone.
+        me = f"{topo.role} {topo.describe(topo.rank)}"
+        first = str(e).splitlines()[0][:200]
+        gone = topo.dead_ranks()
+        if gone:
+            _die(env.rank, f"{me}: {', '.join(topo.describe(r) for r in gone)} stopped mid-run (no heartbeat); "
+                           f"its log says why; continue with --resume. Here: {first}")
         import traceback
 
         traceback.print_exc()
-        from .bridge import peer_is_gone
+        if topo.online:
+            from .bridge import peer_is_gone
 
-        me = f"{topo.role} {topo.describe(topo.rank)}"
-        if topo.role == "student" and peer_is_gone(topo.bridge, topo.my_teacher()):
-            _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
-                           "(exited or crashed)")
-        _die(env.rank, f"{me}: a peer in the {topo.role} world failed: {str(e).splitlines()[0][:200]}")
+            if topo.role == "student" and peer_is_gone(topo.bridge, topo.my_teacher()):
+                _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
+                               "(exited or crashed)")
+            _die(env.rank, f"{me}: a peer in the {topo.role} world failed: {first}")
+        raise
     topo.close()
     return 0
 

@@ -92,6 +92,45 @@ class Topology:
     # The job's TCPStore (global rank 0 hosts its server, on MASTER_ADDR only, which lives as long as
     # this object); online roles also publish small facts to each other on it (data ready, teacher figures).
     store: Optional[dist.Store] = None
+    _beat: Optional[object] = field(default=None, repr=False)  # the heartbeat thread's stop event
+
+    HEARTBEAT_S = 1.0
+
+    def start_heartbeat(self) -> None:
+        """Count this rank's heartbeats on the job store (a counter, not a clock: nodes' clocks differ), so
+        that after a failed collective the survivors can name the rank that stopped (dead_ranks)."""
+        import threading
+
+        if self.store is None or self._beat is not None:
+            return
+        stop = threading.Event()
+        self._beat = stop
+        key, store = f"pd/beat/{self.rank}", self.store
+
+        def beat():
+            while not stop.is_set():
+                try:
+                    store.add(key, 1)
+                except Exception:  # the store's host is gone: nothing left to tell
+                    return
+                stop.wait(self.HEARTBEAT_S)
+        threading.Thread(target=beat, daemon=True, name="pd-heartbeat").start()
+
+    def dead_ranks(self, wait_s: float = 4.0) -> list[int]:
+        """Ranks of the job whose heartbeat did not advance over ``wait_s`` (a few beats). Rank 0 hosts
+        the store: when the store cannot be reached, rank 0 is the one gone."""
+        import time
+
+        if self.store is None or self._beat is None:
+            return []
+        try:
+            keys = [f"pd/beat/{r}" for r in range(self.env.world_size)]
+            first = [self.store.add(k, 0) for k in keys]
+            time.sleep(wait_s)
+            then = [self.store.add(k, 0) for k in keys]
+        except Exception:
+            return [0] if self.rank != 0 else []
+        return [r for r, (a, b) in enumerate(zip(first, then)) if a == b and r != self.rank]
 
     def __post_init__(self):
         if self.backend not in ("gloo", "nccl"):
@@ -190,6 +229,8 @@ class Topology:
         return t
 
     def close(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
         if self.bridge is not None:
             # Everyone leaves together: global rank 0 hosts the job's TCPStore, and a rank that exits
             # while its peers still tear down their groups can take them (or itself) down uncleanly.
@@ -260,9 +301,11 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
         dist.all_gather_object(nodes, (env.node, h))
         layout = make_layout(topology, env.world_size, [n for n, _ in nodes], **kw)
         dp_group, pipe_group = _pipeline_groups(layout, "student", env.rank)
-        return Topology(env=env, backend=backend, layout=layout, dp_group=dp_group, pipe_group=pipe_group,
+        topo = Topology(env=env, backend=backend, layout=layout, dp_group=dp_group, pipe_group=pipe_group,
                         hosts={r: hr if hr == n else f"{hr}, {n}" for r, (n, hr) in enumerate(nodes)},
                         store=store)
+        topo.start_heartbeat()
+        return topo
 
     timeout = datetime.timedelta(seconds=topology.peer_timeout_s)
     store = job_store(env, datetime.timedelta(seconds=max(topology.peer_timeout_s, 60.0)))
@@ -289,8 +332,10 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(members)), LOCAL_RANK=str(env.local_rank))
     _init_deepspeed(backend, timeout, role_rank, world_tag=role)
     dp_group, pipe_group = _pipeline_groups(layout, role, role_rank)
-    return Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
+    topo = Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
                     pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store)
+    topo.start_heartbeat()
+    return topo
 
 
 def _listen_socket(addr: str, port: int) -> Optional[socket.socket]:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -60,16 +61,18 @@ def deepspeed_cmd() -> list[str]:
 
 
 def launch(nprocs: int, overrides: list[str], cwd: Path, config: Path = SMOKE, extra_args=(),
-           timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+           timeout: float = 600, check: bool = True, script: Path = REPO / "launch" / "pretrain_pd.py",
+           env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N launch/pretrain_pd.py --config ... --set ...` as a user would run it."""
     cmd = deepspeed_cmd() + ["--num_gpus", str(nprocs), "--master_port", str(free_port()),
-                             str(REPO / "launch" / "pretrain_pd.py"), "--config", str(config)]
+                             str(script), "--config", str(config)]
     for o in overrides:
         cmd += ["--set", o]
     cmd += list(extra_args)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
