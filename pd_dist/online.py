@@ -168,6 +168,20 @@ def receive_requests(topo: Topology, spec: WireSpec, me_desc: str, s: int, inbox
             return
 
 
+WATCH_POLL_S = 1.0  # how often an idle teacher looks at its students' heartbeats
+
+
+def check_students(watch, topo: Topology, me_desc: str) -> None:
+    """PeerError naming a student whose heartbeat stopped for the peer timeout (dead, hung, or cut off:
+    a cut link closes no connection, so the teacher's wait for its next request would never end)."""
+    for r, age in watch.stalled():
+        if age != age:  # NaN: the job store (rank 0) is unreachable
+            raise PeerError(f"{me_desc}: the job's store on {topo.describe(0)} is unreachable (rank 0 died "
+                            "or the network to it is cut)")
+        raise PeerError(f"{me_desc}: student {topo.describe(r)} stopped: no heartbeat for {age:.0f}s (it "
+                        "died, hangs, or the network to it is cut)")
+
+
 def refuse(topo: Topology, spec: WireSpec, s: int, seq: int, err: BadRequest, log: Callable[[str], None]
            ) -> None:
     """Answer a bad request with a refusal (the student fails at once, naming why) and say so here; the
@@ -227,11 +241,13 @@ class TeacherServer:
         free: list[torch.Tensor] = []
         active = set(self.students)
         refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
+        watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
         last_log = time.perf_counter()
         while True:
             if lockstep is None and not active:
                 break
-            items = self._collect(inbox, None if lockstep is None else lockstep.poll_s)
+            items = self._collect(inbox, WATCH_POLL_S if lockstep is None else lockstep.poll_s)
+            check_students(watch, self.topo, self.me_desc)
             work = []
             for s, r in items:
                 if s in refused:
@@ -244,9 +260,11 @@ class TeacherServer:
                     refuse(self.topo, spec, s, int(r[1]), e, self.log)
                     refused.add(s)
                     active.discard(s)
+                    watch.forget(s)
                     continue
                 if op == OP_STOP:
                     active.discard(s)
+                    watch.forget(s)
                     continue
                 ids = r[3:3 + n].numpy().copy()
                 off = 3 + spec.micro_batch
@@ -373,9 +391,11 @@ class StagedTeacherServer:
                                  daemon=True, name=f"pd-teacher-recv-{s}").start()
         sends: deque = deque()
         refused: set[int] = set()
+        watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
         while True:
             work = []
             if self.is_entry:
+                check_students(watch, self.topo, self.me_desc)
                 for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
                     if s in refused:
                         continue
@@ -388,10 +408,12 @@ class StagedTeacherServer:
                         self.log(f"{e}; refused, and student {self.topo.describe(s)} is no longer served")
                         refused.add(s)
                         active.discard(s)
+                        watch.forget(s)
                         work.append((s, int(r[1]), torch.tensor([e.code, e.value])[:mb], None))
                         continue
                     if op == OP_STOP:
                         active.discard(s)
+                        watch.forget(s)
                         continue
                     off = 3 + mb
                     work.append((s, seq, r[3:3 + n].clone(), r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))

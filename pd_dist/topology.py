@@ -132,6 +132,10 @@ class Topology:
             return [0] if self.rank != 0 else []
         return [r for r, (a, b) in enumerate(zip(first, then)) if a == b and r != self.rank]
 
+    def watch(self, ranks: list[int], timeout_s: float) -> "HeartbeatWatch":
+        """A HeartbeatWatch over ``ranks`` (a server that waits on peers with no deadline of its own)."""
+        return HeartbeatWatch(self, list(ranks), timeout_s)
+
     def __post_init__(self):
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend {self.backend!r}: must be gloo or nccl")
@@ -247,6 +251,47 @@ class Topology:
             self.bridge = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class HeartbeatWatch:
+    """Notices peers whose heartbeat stopped advancing for ``timeout_s``: they died, hang, or the network
+    to them is cut. A teacher waits for its students' next request with no deadline (they pause for
+    evaluation and checkpoints), so without this a cut link would leave it waiting forever."""
+
+    def __init__(self, topo: "Topology", ranks: list[int], timeout_s: float, every_s: float = 1.0):
+        import time
+
+        self.topo, self.ranks, self.timeout_s, self.every_s = topo, ranks, timeout_s, every_s
+        now = time.monotonic()
+        self._seen = {r: (-1, now) for r in ranks}
+        self._last_check = 0.0
+
+    def stalled(self) -> list[tuple[int, float]]:
+        """(rank, seconds since its heartbeat last advanced) for each watched rank past the timeout;
+        reads the store at most every ``every_s``. The store's host (rank 0) unreachable: rank 0."""
+        import time
+
+        now = time.monotonic()
+        if self.topo.store is None or now - self._last_check < self.every_s:
+            return []
+        self._last_check = now
+        out = []
+        for r in self.ranks:
+            try:
+                n = self.topo.store.add(f"pd/beat/{r}", 0)
+            except Exception:
+                return [(0, float("nan"))]
+            last, t = self._seen[r]
+            if n != last:
+                self._seen[r] = (n, now)
+            elif now - t > self.timeout_s:
+                out.append((r, now - t))
+        return out
+
+    def forget(self, rank: int) -> None:
+        """Stop watching a peer that left on purpose."""
+        if rank in self.ranks:
+            self.ranks.remove(rank)
 
 
 def default_backend() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -161,3 +162,94 @@ def test_disk_full_while_writing_a_store_shard_is_a_clear_error(tmp_path, smoke_
     assert verify_store(tmp_path / "store") == []
     for p in sorted((ref / "shards").glob("shard-*.bin")):
         assert (tmp_path / "store" / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+class _TwoHosts:
+    """Two network namespaces joined by one veth pair (10.213.<n>.1 and .2): two hosts with their own
+    network stacks, so taking one end down is a real partition (no connection closes, packets vanish)."""
+
+    def __init__(self, tag: str):
+        self.ns = [f"pd{tag}a", f"pd{tag}b"]
+        self.dev = [f"pd{tag}x", f"pd{tag}y"]
+        self.addr = [f"10.213.{int(tag) % 250}.1", f"10.213.{int(tag) % 250}.2"]
+
+    def _ip(self, *args, ns=None):
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+    def __enter__(self):
+        if shutil.which("ip") is None:
+            pytest.skip("iproute2 (ip) is not installed")
+        try:
+            for ns in self.ns:
+                self._ip("netns", "add", ns)
+                self._ip("link", "set", "lo", "up", ns=ns)
+            self._ip("link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+            for ns, dev, addr in zip(self.ns, self.dev, self.addr):
+                self._ip("link", "set", dev, "netns", ns)
+                self._ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
+                self._ip("link", "set", dev, "up", ns=ns)
+        except RuntimeError as e:
+            self.__exit__()
+            pytest.skip(f"cannot create network namespaces here: {e}")
+        return self
+
+    def cut(self, i: int) -> None:
+        self._ip("link", "set", self.dev[i], "down", ns=self.ns[i])
+
+    def __exit__(self, *exc):
+        for ns in self.ns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_cut_link_between_teacher_and_student_hosts_ends_both_within_the_timeout(
+        tmp_path, smoke_data, tiny_teacher_dir):
+    """Online mode, the teacher on one host and the student on another (each in its own network
+    namespace, started as srun or mpirun would: RANK/WORLD_SIZE/MASTER_ADDR). The link is cut mid-run:
+    the student fails waiting for logits and the teacher notices the student's heartbeat stopped, both
+    with one line, well before the test's own deadline."""
+    import os
+    import sys
+    import threading
+
+    from conftest import free_port
+
+    sets = _base(tmp_path, smoke_data, tiny_teacher_dir, steps=400) + [
+        "distill.mode=online", f"output_dir={tmp_path / 'run'}", "topology.peer_timeout_s=10",
+        "train.log_every=1", "train.save_every=0"]
+    with _TwoHosts(str(os.getpid() % 10000)) as net:
+        port = free_port()
+        procs, outs = [], []
+        for rank in (0, 1):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", CROSS_RANK=str(rank),
+                       MASTER_ADDR=net.addr[0], MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=net.dev[rank],
+                       PYTHONUNBUFFERED="1")
+            cmd = ["ip", "netns", "exec", net.ns[rank], sys.executable, str(REPO / "launch" / "pretrain_pd.py"),
+                   "--config", str(SMOKE)] + [a for o in sets for a in ("--set", o)]
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+            outs.append([])
+        for p, out in zip(procs, outs):
+            threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True).start()
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not any("step 20/400" in ln for ln in outs[1]):
+                assert all(p.poll() is None for p in procs), "".join(outs[0][-40:] + outs[1][-40:])
+                time.sleep(0.2)
+            assert any("step 20/400" in ln for ln in outs[1]), "".join(outs[1][-40:])
+            net.cut(1)
+            codes = [p.wait(timeout=120) for p in procs]  # the 10 s peer timeout, not a hang
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        student, teacher = "".join(outs[1]), "".join(outs[0])
+        assert codes[1] != 0 and codes[0] != 0, (codes, teacher[-2000:], student[-2000:])
+        assert any("pd-dist: rank 1:" in ln and "teacher rank 0" in ln and "silent for 10s" in ln
+                   for ln in student.splitlines()), student[-3000:]
+        assert any("pd-dist: rank 0:" in ln and "student rank 1" in ln and "no heartbeat" in ln
+                   for ln in teacher.splitlines()), teacher[-3000:]
+        assert "step 400/400" not in student
