@@ -64,6 +64,31 @@ def axis_rows(axis: str, rows: list[dict], plan: dict) -> list[dict]:
     return out
 
 
+def lm_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, LM loss on the training batch) from the run's TensorBoard events: the part of the
+    objective that is comparable across alpha, temperature and loss kinds; [] when unavailable."""
+    tb = Path(run_dir) / "tensorboard"
+    if not tb.is_dir():
+        return []
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return []
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/lm_loss" not in acc.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in acc.Scalars("train/lm_loss")]
+
+
+def _ordered(keys: list[str]) -> list[str]:
+    """Settings in file order, or by value when every value is a number."""
+    vals = [json.loads(k) for k in keys]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return [k for _, k in sorted(zip(vals, keys))]
+    return keys
+
+
 def _stats(vals: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
     v = [x for x in vals if x is not None]
     if not v:
@@ -91,7 +116,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
     head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = []
-    for key in order:
+    for key in _ordered(order):
         rs = groups[key]
         loss = _stats([r["val_loss"] for r in rs])
         gain = _stats([r["gain"] for r in rs])
@@ -132,12 +157,21 @@ def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
     for r in rows:
         by[json.dumps(r["settings"].get(axis))].append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, rs in by.items():
-        curves = [r["losses"] for r in rs if r["losses"]]
+    lm = {key: [lm_curve(Path(r["dir"])) for r in rs] for key, rs in by.items()}
+    use_lm = all(all(c) for c in lm.values())  # the total objective mixes LM and KD by alpha
+    for key in _ordered(list(by)):
+        if use_lm:
+            curves = [[v for _, v in c] for c in lm[key]]
+            steps = [t for t, _ in lm[key][0]]
+        else:
+            curves = [r["losses"] for r in by[key] if r["losses"]]
+            steps = list(range(1, 1 + min((len(c) for c in curves), default=0)))
         if curves:
             n = min(len(c) for c in curves)
-            ax.plot(range(1, n + 1), [statistics.mean(c[i] for c in curves) for i in range(n)], label=json.loads(key))
-    ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.set_title(f"loss curves by {axis}")
+            ax.plot(steps[:n], [statistics.mean(c[i] for c in curves) for i in range(n)], label=json.loads(key))
+    ax.set_xlabel("step")
+    ax.set_ylabel("LM loss on the training batch" if use_lm else "training objective")
+    ax.set_title(f"{'LM loss' if use_lm else 'loss'} curves by {axis}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     f1 = f"loss_{safe}.png"
@@ -145,8 +179,8 @@ def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     labels, means, errs = [], [], []
-    for key, rs in by.items():
-        m, s, _ = _stats([r["gain"] for r in rs])
+    for key in _ordered(list(by)):
+        m, s, _ = _stats([r["gain"] for r in by[key]])
         if m is not None:
             labels.append(str(json.loads(key))), means.append(100 * m), errs.append(100 * (s or 0) / 2)
     ax.bar(range(len(labels)), means, yerr=errs, capsize=3)
