@@ -84,6 +84,12 @@ class DistillConfig:
     temperature: float = field(default=1.0, metadata=doc(
         "tau in p_t = softmax(kept_logits / tau), > 0"))
     loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
+    signal: Literal["top_p_k", "sampled"] = field(default="top_p_k", metadata=doc(
+        "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
+        "distill.top_p/top_k) or sampled (distill.samples draws per position at distill.temperature: "
+        "an unbiased estimate of the full-distribution KD gradient, pd_dist.logits.sample_signal; "
+        "colocated and online modes, nll or kld)"))
+    samples: int = field(default=50, metadata=doc("signal sampled: draws per position, >= 1"))
     alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
     store: Optional[str] = field(default=None, metadata=doc(
@@ -106,6 +112,25 @@ class DistillConfig:
             fail(f"{prefix}.temperature", self.temperature, "must be > 0")
         if self.prefetch < 0:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
+        if self.samples < 1:
+            fail(f"{prefix}.samples", self.samples, "must be >= 1")
+        if self.signal == "sampled":
+            if self.loss not in ("nll", "kld"):
+                fail(f"{prefix}.loss", self.loss, "must be nll or kld with distill.signal sampled (the "
+                     "sampled weights estimate the cross-entropy, not logits)")
+            if self.mode == "offline" or self.dump_logits:
+                fail(f"{prefix}.signal", self.signal, "is not stored yet: use distill.mode colocated or online")
+
+    @property
+    def width(self) -> int:
+        """Entries per position of the teacher signal: top_k, or the number of draws."""
+        return self.samples if self.signal == "sampled" else self.top_k
+
+    @property
+    def loss_temperature(self) -> float:
+        """The temperature the loss applies to the signal: tau for top-p-k logits; 1 for the sampled
+        signal, whose draws were made at tau already."""
+        return 1.0 if self.signal == "sampled" else self.temperature
 
 
 @dataclass
@@ -244,6 +269,8 @@ class ExperimentConfig:
         if pb and pb % self.train.micro_batch_size:
             fail("teacher.pretrain_batch_size", pb,
                  f"must be a multiple of train.micro_batch_size ({self.train.micro_batch_size})")
+        if self.distill.signal == "sampled" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
+            fail("distill.signal", "sampled", "is not supported with pipelined students or teachers yet")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

@@ -225,3 +225,78 @@ def target_probs(sparse: SparseLogits, temperature: float) -> torch.Tensor:
     mask = sparse.mask
     logp = teacher_log_probs(sparse.values, mask, temperature, torch.float32)
     return torch.where(mask, logp.exp(), torch.zeros_like(logp))
+
+
+# ------------------------------------------------------------------------------------- sampled signal
+def _u64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (>> on int64 is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 on int64 tensors (wrapping arithmetic): a stateless, well-mixed 64-bit hash."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def sample_keys(seed: int, sample_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """int64 [n, seq_len]: one key per (seed, sample id, position), from which that position's draws
+    are derived. The draws of a token depend on nothing else (not the batch, chunking or device), so
+    a regenerated store, a colocated and an online run draw the same tokens."""
+    ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1, 1)
+    pos = torch.arange(seq_len, dtype=torch.int64).reshape(1, -1)
+    k = _splitmix64(torch.full_like(ids, int(seed)) ^ _splitmix64(ids))
+    return _splitmix64(k ^ _splitmix64(pos + (1 << 32)))
+
+
+def sample_signal(logits: torch.Tensor, keys: torch.Tensor, n_samples: int, temperature: float) -> SparseLogits:
+    """The sampled teacher signal (Anshumann et al. 2025, "Sparse Logit Sampling"): per position, draw
+    ``n_samples`` tokens with replacement from p = softmax(logits / tau); keep the distinct tokens with
+    weights w = count / n_samples, as SparseLogits of width ``n_samples`` whose values are log w (so
+    target_probs(signal, 1.0) == w), sorted by weight descending; unused slots are -inf (index 0).
+
+    Estimator. For any student distribution q, L = -sum_i w_i log q_i is an unbiased estimate of the
+    cross-entropy CE(p, q) = -sum_v p_v log q_v (E[w_v] = p_v), and its gradient in the student logits,
+    q - w, is an unbiased estimate of the full-vocabulary gradient q - p. Per vocabulary entry the
+    variance is p_v (1 - p_v) / n_samples (multinomial counts), so the total squared error of the
+    gradient is (1 - sum_v p_v^2) / n_samples. The temperature is applied here, at sampling time: the
+    loss reads the weights at temperature 1. (KL = CE - H(p) has the same gradient; its value with the
+    plug-in entropy of w is biased, which does not affect training.)
+
+    ``keys`` (int64, the logits' leading shape; see :func:`sample_keys`) seed each position's draws:
+    draw j of a position uses u = splitmix64(key + j) / 2^64 by inverse CDF over the probabilities in
+    vocabulary order (cumulated in float64)."""
+    _check_temperature(temperature)
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if keys.shape != logits.shape[:-1]:
+        raise ValueError(f"keys shape {tuple(keys.shape)} != logits leading shape {tuple(logits.shape[:-1])}")
+    n = int(n_samples)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    p = torch.softmax(logits.reshape(-1, vocab).double() / float(temperature), dim=-1)
+    cdf = p.cumsum(-1)
+    k = keys.reshape(-1, 1).to(torch.int64).cpu()
+    bits = _shr(_splitmix64(k + torch.arange(n, dtype=torch.int64).reshape(1, -1)), 11)  # 53 random bits
+    u = (bits.double() * 2.0 ** -53).to(cdf.device) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp_max(vocab - 1)  # [rows, n]
+    d, _ = torch.sort(draws, dim=-1)
+    first = torch.ones_like(d, dtype=torch.bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    group = first.long().cumsum(-1) - 1  # slot of each draw's distinct token
+    counts = torch.zeros(d.shape, dtype=torch.float64, device=d.device).scatter_add_(
+        1, group, torch.ones_like(d, dtype=torch.float64))
+    idx = torch.zeros_like(d).scatter_(1, group, d)
+    vals = torch.where(counts > 0, (counts / n).log(), torch.full_like(counts, _NEG_INF))
+    vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+    idx = torch.where(vals > _NEG_INF, idx.gather(-1, order), torch.zeros_like(idx))
+    return SparseLogits(idx.reshape(*lead, n).contiguous(), vals.float().reshape(*lead, n).contiguous())

@@ -204,9 +204,10 @@ class ServeStats:
 
 
 class TeacherServer:
-    """Teacher side: serve the students this replica is paired with until each has said stop."""
+    """Teacher side: serve the students this replica is paired with until each has said stop.
+    ``logits_fn(tokens [n, T], sample_ids [n] or None)`` answers a batch (None: a padding forward)."""
 
-    def __init__(self, topo: Topology, spec: WireSpec, logits_fn: Callable[[torch.Tensor], SparseLogits],
+    def __init__(self, topo: Topology, spec: WireSpec, logits_fn: Callable[..., SparseLogits],
                  max_batch: int, log: Callable[[str], None] = lambda s: None, log_every_s: float = 30.0,
                  metrics: Callable[[int, dict], None] = lambda n, d: None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S):
@@ -270,7 +271,8 @@ class TeacherServer:
                 off = 3 + spec.micro_batch
                 work.append((s, seq, ids, r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
             tokens = torch.cat([w[3] for w in work]) if work else None
-            chunks = [] if tokens is None else [tokens[i:i + self.max_batch]
+            sample_ids = np.concatenate([w[2] for w in work]) if work else None
+            chunks = [] if tokens is None else [(tokens[i:i + self.max_batch], sample_ids[i:i + self.max_batch])
                                                 for i in range(0, len(tokens), self.max_batch)]
             rounds = len(chunks)
             if lockstep is not None:
@@ -282,9 +284,9 @@ class TeacherServer:
             elif not work:
                 continue
             t0 = time.perf_counter()
-            parts = [self.logits_fn(c) for c in chunks]
+            parts = [self.logits_fn(c, ids) for c, ids in chunks]
             for _ in range(rounds - len(chunks)):  # keep the collective forwards in step with the others
-                self.logits_fn(lockstep.dummy(spec.seq_len))
+                self.logits_fn(lockstep.dummy(spec.seq_len), None)
             self.stats.forward_s += time.perf_counter() - t0
             if not work:
                 continue

@@ -150,7 +150,7 @@ class PipelineStudent:
             check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
         self.conf = conf
         weights = _Weights(cfg.train.seed, conf.initializer_range, cfg.model.path)
-        self.loss = PipelineLoss(cfg.distill.loss, cfg.distill.temperature, cfg.train.loss_chunk_size)
+        self.loss = PipelineLoss(cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
         specs = [LayerSpec(EmbeddingPipe, conf, weights)]
         specs += [LayerSpec(DecoderPipe, conf, i, weights) for i in range(conf.num_hidden_layers)]
         specs += [LayerSpec(NormHeadPipe, conf, weights, self.loss)]

@@ -39,8 +39,8 @@ from .models import (ModelConfig, build_model, check_same_tokenizer, model_ident
 from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
 from .runtime import StopSignals, device, model_dtype, set_threads
-from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, store_meta,
-                      wire_spec)
+from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, sampled_args,
+                      store_meta, wire_spec)
 from .topology import Topology
 from .trainer import Trainer, TrainResult
 
@@ -199,7 +199,8 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
         lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-    teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather)
+    teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
+                            sampled=sampled_args(cfg))
     publish_teacher_val_loss(topo, teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size)))
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher

@@ -147,21 +147,31 @@ class ColocatedTeacher(SignalSource):
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
         d = ctx.cfg.distill
         return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size), ctx.data, ctx.cfg.train.micro_batch_size)
+                                 d.top_k, ctx.cfg.train.loss_chunk_size, sampled=sampled_args(ctx.cfg)),
+                   ctx.data, ctx.cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
-        return self.teacher(input_ids)
+        return self.teacher(input_ids, ids)
 
     def teacher_val_loss(self):
         return self.teacher.val_loss(held_out_batches(self.data, self.micro_batch))
 
 
+def sampled_args(cfg: ExperimentConfig) -> Optional[tuple[int, float, int]]:
+    """(draws, temperature, seed) for FrozenTeacher when the run trains on the sampled signal."""
+    d = cfg.distill
+    return (d.samples, d.temperature, cfg.train.seed) if d.signal == "sampled" else None
+
+
 def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
-    """What a teacher replica and its students agree on (checked by the bridge's handshake)."""
+    """What a teacher replica and its students agree on (checked by the bridge's handshake). For the
+    sampled signal the width is the number of draws and top_p is 0 (no truncation), so a student and a
+    teacher that disagree on the signal fail the handshake."""
     d = cfg.distill
     dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    sampled = d.signal == "sampled"
     return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
-                    seq_len=data.seq_len, top_k=d.top_k, top_p=d.top_p, value_dtype=dtype,
+                    seq_len=data.seq_len, top_k=d.width, top_p=0.0 if sampled else d.top_p, value_dtype=dtype,
                     micro_batch=cfg.train.micro_batch_size)
 
 

@@ -105,7 +105,7 @@ def start_server(topo, spec=SPEC, model=None, errors=None):
 
     def run():
         try:
-            server = TeacherServer(topo, spec, lambda t: model.sparse(t, spec), max_batch=8,
+            server = TeacherServer(topo, spec, lambda t, ids: model.sparse(t, spec), max_batch=8,
                                    startup_timeout_s=5)
             out["stats"] = server.serve()
         except Exception as e:  # surfaced by the test
@@ -193,7 +193,7 @@ def test_a_bad_request_ends_only_its_student():
 
     def run():
         try:
-            server = TeacherServer(topo_for(0, net), SPEC, lambda t: model.sparse(t), max_batch=8,
+            server = TeacherServer(topo_for(0, net), SPEC, lambda t, ids: model.sparse(t), max_batch=8,
                                    log=logs.append, startup_timeout_s=5)
             out["stats"] = server.serve()
         except Exception as e:
