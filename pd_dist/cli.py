@@ -84,23 +84,26 @@ def train_main(argv: list[str] | None = None) -> int:
     except (PeerError, CheckpointWriteError) as e:
         _die(env.rank, str(e))
     except RuntimeError as e:
-        # A collective failed because some rank left: name it (its heartbeat stopped), and for a student
-        # the teacher if it is the one gone.
+        # A collective failed because some rank left: for a student, the teacher if it is the one gone
+        # (its connection closed); else the rank whose heartbeat stopped.
         me = f"{topo.role} {topo.describe(topo.rank)}"
         first = str(e).splitlines()[0][:200]
+        if topo.online and topo.role == "student":
+            from .bridge import peer_is_gone
+
+            if peer_is_gone(topo.bridge, topo.my_teacher()):
+                _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
+                               "(exited or crashed)")
         gone = topo.dead_ranks()
         if gone:
-            _die(env.rank, f"{me}: {', '.join(topo.describe(r) for r in gone)} stopped mid-run (no heartbeat); "
-                           f"its log says why; continue with --resume. Here: {first}")
+            role = (lambda r: "teacher " if r in topo.layout.teachers else "student ") if topo.online else \
+                (lambda r: "")
+            _die(env.rank, f"{me}: {', '.join(role(r) + topo.describe(r) for r in gone)} stopped mid-run "
+                           f"(no heartbeat); its log says why; continue with --resume. Here: {first}")
         import traceback
 
         traceback.print_exc()
         if topo.online:
-            from .bridge import peer_is_gone
-
-            if topo.role == "student" and peer_is_gone(topo.bridge, topo.my_teacher()):
-                _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
-                               "(exited or crashed)")
             _die(env.rank, f"{me}: a peer in the {topo.role} world failed: {first}")
         raise
     topo.close()
