@@ -235,7 +235,9 @@ class Trainer:
 
     def fit(self, export_dir: Optional[Path] = None) -> TrainResult:
         t, m = self.cfg.train, self.monitor
-        m.print(f"{self.n_params / 1e6:.2f}M params | mode {self.cfg.distill.mode} | dp {self.topo.dp_size} x "
+        d = self.cfg.distill
+        signal = f" ({d.samples} sampled draws/token)" if d.signal == "sampled" and d.mode != "none" else ""
+        m.print(f"{self.n_params / 1e6:.2f}M params | mode {d.mode}{signal} | dp {self.topo.dp_size} x "
                 f"micro {t.micro_batch_size} x accum {self.accum} = {t.global_batch_size} samples "
                 f"({t.global_batch_size * self.data.seq_len} tokens)/step | ZeRO {t.zero_stage} | "
                 + (f"pipeline {self.topo.stages} stages | " if self.topo.stages > 1 else "") +

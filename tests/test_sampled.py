@@ -97,10 +97,10 @@ def test_online_sampled_signal_matches_colocated(tmp_path, smoke_data, tiny_teac
             "train.global_batch_size=8", "train.micro_batch_size=4", "distill.alpha.schedule=constant",
             "distill.alpha.value=0.5", "distill.signal=sampled", "distill.samples=16",
             f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}"]
-    col, onl, top = tmp_path / "colocated", tmp_path / "online", tmp_path / "top"
-    launch(1, base + [f"output_dir={col}", "distill.mode=colocated"], cwd=tmp_path)
-    launch(2, base + [f"output_dir={onl}", "distill.mode=online"], cwd=tmp_path)
-    launch(1, base + [f"output_dir={top}", "distill.mode=colocated", "distill.signal=top_p_k"], cwd=tmp_path)
-    a, b, c = read_summary(col), read_summary(onl), read_summary(top)
+    col, onl = tmp_path / "colocated", tmp_path / "online"
+    outs = [launch(1, base + [f"output_dir={col}", "distill.mode=colocated"], cwd=tmp_path),
+            launch(2, base + [f"output_dir={onl}", "distill.mode=online"], cwd=tmp_path)]
+    for p in outs:
+        assert "(16 sampled draws/token)" in p.stdout + p.stderr  # the signal is the sampled one
+    a, b = read_summary(col), read_summary(onl)
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
-    assert a["losses"][0] != pytest.approx(c["losses"][0], rel=1e-4)  # the sampled signal is what trained
