@@ -97,10 +97,12 @@ def test_a_crash_while_a_checkpoint_is_written_leaves_the_previous_one_latest(
 def _small_fs(path: Path, size: str):
     """A size-limited tmpfs mounted at ``path`` (root only); skips where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
+    from cluster import skip_or_fail
+
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                        capture_output=True, text=True)
     if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
+        skip_or_fail(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
 
 
 def _umount(path: Path) -> None:
@@ -180,8 +182,12 @@ class _TwoHosts:
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
     def __enter__(self):
-        if shutil.which("ip") is None:
-            pytest.skip("iproute2 (ip) is not installed")
+        from cluster import apt_install, skip_or_fail
+
+        reason = apt_install(["iproute2"], lambda: [] if shutil.which("ip") else ["ip"]) \
+            if shutil.which("ip") is None else None
+        if reason:
+            skip_or_fail(reason)
         try:
             for ns in self.ns:
                 self._ip("netns", "add", ns)
@@ -193,7 +199,9 @@ class _TwoHosts:
                 self._ip("link", "set", dev, "up", ns=ns)
         except RuntimeError as e:
             self.__exit__()
-            pytest.skip(f"cannot create network namespaces here: {e}")
+            from cluster import skip_or_fail
+
+            skip_or_fail(f"cannot create network namespaces here: {e}")
         return self
 
     def cut(self, i: int) -> None:
