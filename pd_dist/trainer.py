@@ -236,7 +236,7 @@ class Trainer:
     def fit(self, export_dir: Optional[Path] = None) -> TrainResult:
         t, m = self.cfg.train, self.monitor
         d = self.cfg.distill
-        signal = f" ({d.samples} sampled draws/token)" if d.signal == "sampled" and d.mode != "none" else ""
+        signal = f" ({d.samples} sampled draws/token)" if d.signal == "sampled" and self.source.has_signal else ""
         m.print(f"{self.n_params / 1e6:.2f}M params | mode {d.mode}{signal} | dp {self.topo.dp_size} x "
                 f"micro {t.micro_batch_size} x accum {self.accum} = {t.global_batch_size} samples "
                 f"({t.global_batch_size * self.data.seq_len} tokens)/step | ZeRO {t.zero_stage} | "
