@@ -8,6 +8,7 @@ import os
 import zlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,8 +55,31 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
     return man, meta
 
 
-_SHARD_FIELDS = {"index": int, "file": str, "first": int, "end": int, "bytes": int, "sha256": str}
-_STATS_FIELDS = {"tokens": int, "kept_entries": int, "kept_hist": list, "shard_bytes": int}
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_count(v) -> bool:
+    return _is_int(v) and v >= 0
+
+
+_COUNT, _STR = (_is_count, "a non-negative integer"), (lambda v: isinstance(v, str), "a string")
+_INT = (_is_int, "an integer")
+_SHARD_FIELDS = {"index": _COUNT, "file": _STR, "first": _COUNT, "end": _COUNT, "bytes": _COUNT, "sha256": _STR}
+_STATS_FIELDS = {"tokens": _INT, "kept_entries": _INT, "shard_bytes": _INT,
+                 "kept_hist": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers")}
+
+
+def _check_fields(obj, fields: dict, where: str, path: Path, label: Optional[str] = None) -> None:
+    """``obj`` is an object holding each of ``fields`` (name -> (check, what it must be)); else a
+    StoreError naming the field (``where``.name; ``label`` names the object itself)."""
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: manifest field {label or where} must be an object, got {type(obj).__name__}")
+    for name, (ok, what) in fields.items():
+        if name not in obj:
+            raise StoreError(f"{path}: manifest field {where}.{name} is missing")
+        if not ok(obj[name]):
+            raise StoreError(f"{path}: manifest field {where}.{name} must be {what}, got {obj[name]!r}")
 
 
 def _check_manifest_fields(man: dict, path: Path) -> None:
@@ -64,27 +88,9 @@ def _check_manifest_fields(man: dict, path: Path) -> None:
     shards = man.get("shards")
     if not isinstance(shards, list):
         raise StoreError(f"{path}: manifest field 'shards' must be a list, got {type(shards).__name__}")
-    for i, s in enumerate(shards):
-        if not isinstance(s, dict):
-            raise StoreError(f"{path}: manifest field shards[{i}] must be an object, got {type(s).__name__}")
-        for name, tp in _SHARD_FIELDS.items():
-            v = s.get(name)
-            if name not in s:
-                raise StoreError(f"{path}: manifest field shards[{i}].{name} is missing")
-            if not isinstance(v, tp) or isinstance(v, bool) or (tp is int and v < 0):
-                raise StoreError(f"{path}: manifest field shards[{i}].{name} must be "
-                                 f"{'a non-negative integer' if tp is int else 'a string'}, got {v!r}")
-    stats = man.get("stats")
-    if not isinstance(stats, dict):
-        raise StoreError(f"{path}: manifest field 'stats' must be an object, got {type(stats).__name__}")
-    for name, tp in _STATS_FIELDS.items():
-        v = stats.get(name)
-        if name not in stats:
-            raise StoreError(f"{path}: manifest field stats.{name} is missing")
-        if not isinstance(v, tp) or isinstance(v, bool) or (tp is list and not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in v)):
-            raise StoreError(f"{path}: manifest field stats.{name} must be "
-                             f"{'a list of integers' if tp is list else 'an integer'}, got {v!r}")
+    for i, entry in enumerate(shards):
+        _check_fields(entry, _SHARD_FIELDS, f"shards[{i}]", path)
+    _check_fields(man.get("stats"), _STATS_FIELDS, "stats", path, label="'stats'")
 
 
 class _Shard:
