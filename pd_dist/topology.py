@@ -123,14 +123,12 @@ class Topology:
 
         if self.store is None or self._beat is None:
             return []
-        try:
-            keys = [f"pd/beat/{r}" for r in range(self.env.world_size)]
-            first = [self.store.add(k, 0) for k in keys]
+        watch = self.watch([r for r in range(self.env.world_size) if r != self.rank], 0.9 * wait_s)
+        stalled = watch.stalled()  # reads every counter once
+        if not stalled:
             time.sleep(wait_s)
-            then = [self.store.add(k, 0) for k in keys]
-        except Exception:
-            return [0] if self.rank != 0 else []
-        return [r for r, (a, b) in enumerate(zip(first, then)) if a == b and r != self.rank]
+            stalled = watch.stalled()
+        return [r for r, age in stalled if age == age or self.rank != 0]  # NaN age: rank 0's store is gone
 
     def watch(self, ranks: list[int], timeout_s: float) -> "HeartbeatWatch":
         """A HeartbeatWatch over ``ranks`` (a server that waits on peers with no deadline of its own)."""
