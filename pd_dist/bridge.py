@@ -3,10 +3,11 @@
 Messages are fixed-size tensors, so receivers post their buffers ahead of time:
 
 - hello (both ways, once): int64 [MAGIC, VERSION, vocab, tokenizer hash, seq_len, top_k, top_p*1e6,
-  value dtype, micro-batch, index bytes]; each side checks the other's and fails naming both ranks.
+  value dtype, micro-batch, index bytes, signal kind, hash of the signal's draw parameters]; each side
+  checks the other's and fails naming both ranks. (Version 2 added the last two fields.)
 - request (student -> teacher): int64 [op, seq, n, sample_ids[mb], tokens[mb * seq_len]].
 - response (teacher -> student): one uint8 buffer: int64 header [seq, n, sample_ids[mb]], then the
-  top-p-k indices packed to `index_bytes` bytes each (3 when the vocabulary fits in 24 bits), then the
+  signal's indices packed to `index_bytes` bytes each (3 when the vocabulary fits in 24 bits), then the
   kept raw logits in the wire dtype (bf16 on GPU, fp32 on CPU by default). Dropped entries travel as
   -inf values, so the student rebuilds the same SparseLogits the colocated path computes. A refused
   request is answered with n = REFUSED and [reason code, offending value] in the sample-id slots.
@@ -29,7 +30,7 @@ import torch
 from .logits import SparseLogits
 
 MAGIC = 0x5044_4453  # "PDDS"
-VERSION = 1
+VERSION = 2
 OP_WORK, OP_STOP = 1, 2
 REFUSED = -1  # a response's n when the teacher refused the request
 REFUSE_MALFORMED, REFUSE_TOKENS = 1, 2
@@ -39,7 +40,8 @@ TAG_HELLO, TAG_REQ, TAG_RESP, TAG_PROBE = 11, 12, 13, 14
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
 HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
-                "value_dtype", "micro_batch", "index_bytes")
+                "value_dtype", "micro_batch", "index_bytes", "signal", "signal_params_hash")
+SIGNAL_CODES = {"top_p_k": 0, "sampled": 1, "head_tail": 2}
 
 
 class PeerError(RuntimeError):
@@ -68,6 +70,8 @@ class WireSpec:
     top_p: float
     value_dtype: str      # fp32 | bf16 | fp16
     micro_batch: int
+    signal: str = "top_p_k"  # pd_dist.logits.SIGNAL_KINDS; top_k is the signal's width
+    signal_params: str = ""  # canonical JSON of the draws' parameters (SignalSpec.params)
 
     @property
     def index_bytes(self) -> int:
@@ -80,7 +84,8 @@ class WireSpec:
     def hello(self) -> torch.Tensor:
         return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
                              self.seq_len, self.top_k, round(self.top_p * 1e6), DTYPE_CODES[self.value_dtype],
-                             self.micro_batch, self.index_bytes], dtype=torch.int64)
+                             self.micro_batch, self.index_bytes, SIGNAL_CODES[self.signal],
+                             tokenizer_hash_int(self.signal_params)], dtype=torch.int64)
 
     def request_numel(self) -> int:
         return 3 + self.micro_batch + self.micro_batch * self.seq_len

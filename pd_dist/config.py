@@ -18,6 +18,7 @@ import yaml
 from .configlib import (ConfigError, build, check_choices, doc, fail, field_docs, load_yaml, parse_override, set_path,
                         to_dict)
 from .data import DataConfig
+from .logits import SignalSpec
 from .losses import KDLoss
 from .models import ModelConfig
 from .schedules import AlphaConfig, LRConfig
@@ -84,12 +85,13 @@ class DistillConfig:
     temperature: float = field(default=1.0, metadata=doc(
         "tau in p_t = softmax(kept_logits / tau), > 0"))
     loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
-    signal: Literal["top_p_k", "sampled"] = field(default="top_p_k", metadata=doc(
+    signal: Literal["top_p_k", "sampled", "head_tail"] = field(default="top_p_k", metadata=doc(
         "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
-        "distill.top_p/top_k) or sampled (distill.samples draws per position at distill.temperature: "
-        "an unbiased estimate of the full-distribution KD gradient, pd_dist.logits.sample_signal; "
-        "colocated and online modes, nll or kld)"))
-    samples: int = field(default=50, metadata=doc("signal sampled: draws per position, >= 1"))
+        "distill.top_p/top_k), sampled (distill.samples draws per position at distill.temperature: "
+        "an unbiased estimate of the full-distribution KD gradient, pd_dist.logits.sample_signal) or "
+        "head_tail (the exact top-p-k head plus distill.samples draws from the tail, weighted by the "
+        "tail's exact mass, pd_dist.logits.head_tail_signal); sampled and head_tail need nll or kld"))
+    samples: int = field(default=50, metadata=doc("signal sampled / head_tail: draws per position, >= 1"))
     alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
     store: Optional[str] = field(default=None, metadata=doc(
@@ -114,23 +116,28 @@ class DistillConfig:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.samples < 1:
             fail(f"{prefix}.samples", self.samples, "must be >= 1")
-        if self.signal == "sampled":
+        if self.signal != "top_p_k":
             if self.loss not in ("nll", "kld"):
-                fail(f"{prefix}.loss", self.loss, "must be nll or kld with distill.signal sampled (the "
-                     "sampled weights estimate the cross-entropy, not logits)")
-            if self.mode == "offline" or self.dump_logits:
-                fail(f"{prefix}.signal", self.signal, "is not stored yet: use distill.mode colocated or online")
+                fail(f"{prefix}.loss", self.loss, f"must be nll or kld with distill.signal {self.signal} (its "
+                     "weights estimate the cross-entropy, not logits)")
+            if self.dump_logits:
+                fail(f"{prefix}.signal", self.signal, "cannot be dumped by a training run (dump_logits keeps "
+                     "the model's own top-p-k logits): write the store with launch/generate_logits.py")
+
+    def signal_spec(self, seed: int) -> SignalSpec:
+        """The signal of this config; draws keyed by ``seed`` (train.seed)."""
+        return SignalSpec(self.signal, self.top_p, self.top_k, self.samples, self.temperature, seed)
 
     @property
     def width(self) -> int:
-        """Entries per position of the teacher signal: top_k, or the number of draws."""
-        return self.samples if self.signal == "sampled" else self.top_k
+        """Entries per position of the teacher signal (before capping the head at the vocabulary)."""
+        return {"top_p_k": self.top_k, "sampled": self.samples, "head_tail": self.top_k + self.samples}[self.signal]
 
     @property
     def loss_temperature(self) -> float:
-        """The temperature the loss applies to the signal: tau for top-p-k logits; 1 for the sampled
-        signal, whose draws were made at tau already."""
-        return 1.0 if self.signal == "sampled" else self.temperature
+        """The temperature the loss applies to the signal: tau for top-p-k logits; 1 for drawn signals
+        (sampled, head_tail), whose log weights were formed at tau already."""
+        return 1.0 if self.signal != "top_p_k" else self.temperature
 
 
 @dataclass
@@ -143,10 +150,14 @@ class GenerateConfig:
     micro_batch_size: int = field(default=0, metadata=doc(
         "samples per teacher forward (0 = train.micro_batch_size)"))
     compress: bool = field(default=True, metadata=doc("zstd-compress sample blocks where it pays"))
+    encoding: Literal["auto", "qgap", "exact"] = field(default="auto", metadata=doc(
+        "how stored values are encoded (pd_dist.store.codec): auto (qgap: logits quantized to 2^-8 of "
+        "the token's max, or for the sampled signal its exact draw counts), qgap, or exact (lossless fp32)"))
     include_val: bool = field(default=True, metadata=doc(
         "also store the held-out samples, so evaluation reports KD loss and teacher agreement"))
 
     def validate(self, prefix: str) -> None:
+        check_choices(self, prefix)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
@@ -269,8 +280,16 @@ class ExperimentConfig:
         if pb and pb % self.train.micro_batch_size:
             fail("teacher.pretrain_batch_size", pb,
                  f"must be a multiple of train.micro_batch_size ({self.train.micro_batch_size})")
-        if self.distill.signal == "sampled" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
-            fail("distill.signal", "sampled", "is not supported with pipelined students or teachers yet")
+        g = self.generate
+        if self.distill.signal != "top_p_k" and (g.top_p is not None or g.top_k is not None):
+            fail("generate.top_p" if g.top_p is not None else "generate.top_k",
+                 g.top_p if g.top_p is not None else g.top_k,
+                 f"narrows top-p-k stores only: the {self.distill.signal} signal is stored as distill draws it")
+        if self.distill.signal == "sampled" and g.encoding == "qgap":
+            fail("generate.encoding", "qgap", "would round the sampled signal's weights: use auto (its exact "
+                 "draw counts) or exact")
+        if self.distill.signal != "top_p_k" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
+            fail("distill.signal", self.distill.signal, "is not supported with pipelined students or teachers yet")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

@@ -33,9 +33,11 @@ from .topology import Topology
 
 
 def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
-                logits_fn: Callable[[torch.Tensor], SparseLogits], micro_batch: int, compress: bool = True,
+                logits_fn: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int,
+                compress: bool = True,
                 on_tokens: Callable[[int], None] = lambda n: None) -> dict:
     """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry.
+    ``logits_fn(tokens, sample_ids)`` forms the store's signal (the ids key a drawn signal's draws).
 
     Encoding and writing run on a background thread (zstd and most of numpy release the GIL), so on
     a GPU the next forward overlaps the previous micro-batch's encoding."""
@@ -67,7 +69,7 @@ def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
                     break
                 ids = np.arange(s, min(s + micro_batch, end))
                 tokens = torch.from_numpy(data.batch(ids))[:, :-1]
-                jobs.put((ids, logits_fn(tokens).to("cpu")))
+                jobs.put((ids, logits_fn(tokens, ids).to("cpu")))
         finally:
             jobs.put(None)
             thread.join()
@@ -129,7 +131,7 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
         say(f"[generate] {root} is complete already")
         return root
     teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,
-                            cfg.train.loss_chunk_size, keep_lse=True)
+                            cfg.train.loss_chunk_size, keep_lse=True, signal=meta.signal_spec)
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     n_shards = meta.n_shards
     mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
@@ -138,7 +140,7 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     n_todo_all = sum(1 for i in range(n_shards) if not shard_done(root, meta, i))
     total = sum((ranges[i][1] - ranges[i][0]) * meta.seq_len for i in range(n_shards)
                 if not shard_done(root, meta, i))
-    say(f"[generate] {meta.n_samples} samples x {meta.seq_len} tokens, top-{meta.top_p}-{meta.top_k}, "
+    say(f"[generate] {meta.n_samples} samples x {meta.seq_len} tokens, {meta.signal_spec.describe()}, "
         f"{n_shards} shards ({n_shards - n_todo_all} complete already) over {topo.dp_size} rank(s) -> {root}")
     progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
 

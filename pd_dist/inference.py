@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .logits import SparseLogits, sample_keys, sample_signal, truncate
+from .logits import SignalSpec, SparseLogits, sample_keys, truncate
 from .models import final_norm_and_head
 
 
@@ -26,19 +26,19 @@ def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
 
 @torch.no_grad()
 def sparse_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, top_p: float, top_k: int,
-                              chunk_size: int, keep_lse: bool = False,
-                              sampled: Optional[tuple[int, float, torch.Tensor]] = None) -> SparseLogits:
+                              chunk_size: int, keep_lse: bool = False, signal: Optional[SignalSpec] = None,
+                              keys: Optional[torch.Tensor] = None) -> SparseLogits:
     """Top-p-k truncation of ``hidden @ head_weight.T`` computed `chunk_size` tokens at a time.
 
     ``hidden`` is [..., H]; the result has the same leading shape. With ``keep_lse`` (or top_p < 1) it
-    carries each token's full-vocabulary logsumexp, which an offline store keeps. With ``sampled`` =
-    (draws, temperature, keys of the leading shape) it is the sampled signal instead (sample_signal)."""
+    carries each token's full-vocabulary logsumexp, which an offline store keeps. With a drawn
+    ``signal`` (sampled, head_tail) it is that signal instead, its draws keyed by ``keys`` (the leading
+    shape; pd_dist.logits.sample_keys)."""
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if sampled is not None:
-        n, tau, keys = sampled
+    if signal is not None and signal.drawn:
         keys = keys.reshape(-1)
-        parts = [sample_signal(flat[s:s + chunk_size] @ head_weight.T, keys[s:s + chunk_size], n, tau)
+        parts = [signal.form(flat[s:s + chunk_size] @ head_weight.T, keys[s:s + chunk_size])
                  for s in range(0, flat.shape[0], chunk_size)]
         return SparseLogits.cat(parts).reshape(*lead)
     # Truncated in the head's dtype (topk on bf16 is exact; the normalizer is fp32 inside truncate).
@@ -55,30 +55,29 @@ class FrozenTeacher:
     that makes the given parameters whole for its duration (deepspeed.zero.GatheredParameters); the
     LM head is applied outside its module's forward, so its weight is gathered explicitly. Such a model
     is already placed by its engine and is not moved here.
-    ``sampled`` = (draws, temperature, seed): answer with the sampled signal (distill.signal sampled),
-    whose draws are keyed by (seed, sample id, position): ``teacher(input_ids, sample_ids)``."""
+    ``signal``: a drawn signal (distill.signal sampled or head_tail) answers with it instead of the
+    top-p-k truncation; its draws are keyed by (seed, sample id, position), so it is called as
+    ``teacher(input_ids, sample_ids)``."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, top_p: float, top_k: int,
-                 chunk_size: int, keep_lse: bool = False, gather=None,
-                 sampled: Optional[tuple[int, float, int]] = None):
+                 chunk_size: int, keep_lse: bool = False, gather=None, signal: Optional[SignalSpec] = None):
         self.model = freeze(model, device, dtype) if gather is None else model.eval().requires_grad_(False)
         self.device, self.gather = device, gather or (lambda params: contextlib.nullcontext())
         self.top_p, self.top_k, self.chunk_size, self.keep_lse = top_p, top_k, chunk_size, keep_lse
-        self.sampled = sampled
+        self.signal = signal if signal is not None and signal.drawn else None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, sample_ids=None) -> SparseLogits:
         body, head = final_norm_and_head(self.model)
         hidden = body(input_ids=input_ids.to(self.device)).last_hidden_state
-        sampled = None
-        if self.sampled is not None:
-            n, tau, seed = self.sampled
+        keys = None
+        if self.signal is not None:
             if sample_ids is None:  # a dummy forward (lockstep padding): its answer is dropped
                 sample_ids = torch.zeros(input_ids.shape[0], dtype=torch.int64)
-            sampled = (n, tau, sample_keys(seed, torch.as_tensor(sample_ids), input_ids.shape[1]))
+            keys = sample_keys(self.signal.seed, torch.as_tensor(sample_ids), input_ids.shape[1])
         with self.gather([head.weight]):
             return sparse_logits_from_hidden(hidden, head.weight, self.top_p, self.top_k, self.chunk_size,
-                                             self.keep_lse, sampled)
+                                             self.keep_lse, self.signal, keys)
 
     @torch.no_grad()
     def val_loss(self, batches) -> Optional[float]:

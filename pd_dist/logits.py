@@ -259,6 +259,50 @@ def sample_keys(seed: int, sample_ids: torch.Tensor, seq_len: int) -> torch.Tens
     return _splitmix64(k ^ _splitmix64(pos + (1 << 32)))
 
 
+def _draws(p: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n draws per row from the (unnormalized, float64) weights ``p`` [rows, V] by inverse CDF in
+    vocabulary order, draw j of a row using u = splitmix64(key + j) / 2^64 (53 bits); ``keys`` [rows].
+    Returns (counts, ids), each [rows, n]: the distinct drawn ids of a row in the first slots (ascending),
+    each with its number of draws; unused slots have count 0 and id 0."""
+    vocab = p.shape[-1]
+    cdf = p.cumsum(-1)
+    k = keys.reshape(-1, 1).to(torch.int64).cpu()
+    bits = _shr(_splitmix64(k + torch.arange(n, dtype=torch.int64).reshape(1, -1)), 11)  # 53 random bits
+    u = (bits.double() * 2.0 ** -53).to(cdf.device) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True)  # [rows, n]
+    # u can round up to the total: such a draw takes the row's last token of positive weight
+    last = vocab - 1 - torch.argmax((p.flip(-1) > 0).to(torch.uint8), dim=-1, keepdim=True).to(draws.device)
+    draws = torch.minimum(draws, last)
+    d, _ = torch.sort(draws, dim=-1)
+    first = torch.ones_like(d, dtype=torch.bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    group = first.long().cumsum(-1) - 1  # slot of each draw's distinct token
+    counts = torch.zeros(d.shape, dtype=torch.float64, device=d.device).scatter_add_(
+        1, group, torch.ones_like(d, dtype=torch.float64))
+    return counts, torch.zeros_like(d).scatter_(1, group, d)
+
+
+def _by_weight(log_w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries sorted by log weight descending (stable), ids of -inf slots set to 0; values as fp32."""
+    vals, order = torch.sort(log_w, dim=-1, descending=True, stable=True)
+    idx = torch.where(vals > _NEG_INF, idx.gather(-1, order), torch.zeros_like(idx))
+    return vals.float().contiguous(), idx.contiguous()
+
+
+def _check_draws(n_samples) -> int:
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    return int(n_samples)
+
+
+def count_log_weights(n_samples: int) -> torch.Tensor:
+    """fp32 log(c / n) for c = 0..n (c = 0 gives -inf): the values a sampled signal of n draws can hold,
+    computed exactly as :func:`sample_signal` computes them (so a store can keep counts and give back the
+    same bits)."""
+    n = _check_draws(n_samples)
+    return (torch.arange(n + 1, dtype=torch.float64) / n).log().float()
+
+
 def sample_signal(logits: torch.Tensor, keys: torch.Tensor, n_samples: int, temperature: float) -> SparseLogits:
     """The sampled teacher signal (Anshumann et al. 2025, "Sparse Logit Sampling"): per position, draw
     ``n_samples`` tokens with replacement from p = softmax(logits / tau); keep the distinct tokens with
@@ -277,26 +321,124 @@ def sample_signal(logits: torch.Tensor, keys: torch.Tensor, n_samples: int, temp
     draw j of a position uses u = splitmix64(key + j) / 2^64 by inverse CDF over the probabilities in
     vocabulary order (cumulated in float64)."""
     _check_temperature(temperature)
-    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    n = _check_draws(n_samples)
     if keys.shape != logits.shape[:-1]:
         raise ValueError(f"keys shape {tuple(keys.shape)} != logits leading shape {tuple(logits.shape[:-1])}")
-    n = int(n_samples)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     p = torch.softmax(logits.reshape(-1, vocab).double() / float(temperature), dim=-1)
-    cdf = p.cumsum(-1)
-    k = keys.reshape(-1, 1).to(torch.int64).cpu()
-    bits = _shr(_splitmix64(k + torch.arange(n, dtype=torch.int64).reshape(1, -1)), 11)  # 53 random bits
-    u = (bits.double() * 2.0 ** -53).to(cdf.device) * cdf[:, -1:]
-    draws = torch.searchsorted(cdf, u, right=True).clamp_max(vocab - 1)  # [rows, n]
-    d, _ = torch.sort(draws, dim=-1)
-    first = torch.ones_like(d, dtype=torch.bool)
-    first[:, 1:] = d[:, 1:] != d[:, :-1]
-    group = first.long().cumsum(-1) - 1  # slot of each draw's distinct token
-    counts = torch.zeros(d.shape, dtype=torch.float64, device=d.device).scatter_add_(
-        1, group, torch.ones_like(d, dtype=torch.float64))
-    idx = torch.zeros_like(d).scatter_(1, group, d)
-    vals = torch.where(counts > 0, (counts / n).log(), torch.full_like(counts, _NEG_INF))
-    vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
-    idx = torch.where(vals > _NEG_INF, idx.gather(-1, order), torch.zeros_like(idx))
-    return SparseLogits(idx.reshape(*lead, n).contiguous(), vals.float().reshape(*lead, n).contiguous())
+    counts, idx = _draws(p, keys.reshape(-1), n)
+    log_w = torch.where(counts > 0, (counts / n).log(), torch.full_like(counts, _NEG_INF))
+    vals, idx = _by_weight(log_w, idx)
+    return SparseLogits(idx.reshape(*lead, n), vals.reshape(*lead, n))
+
+
+def head_tail_signal(logits: torch.Tensor, keys: torch.Tensor, top_p: float, top_k: int, n_samples: int,
+                     temperature: float) -> SparseLogits:
+    """The head-and-tail teacher signal: the exact top-p-k head (the entries :func:`truncate` keeps) with
+    their probabilities p_v = softmax(logits / tau)_v, plus ``n_samples`` draws from the rest of the
+    vocabulary (the tail, renormalized) weighted by the tail's exact total mass M: a tail token drawn c
+    times has weight M c / n. Values are log weights (read by the loss at temperature 1), width
+    min(top_k, V) + n_samples, sorted by weight descending; unused slots -inf (index 0).
+
+    M = exp(lse_tail - lse) with both log-normalizers over the full vocabulary at tau in float64, on the
+    teacher's side: never 1 - sum(head), which cancels catastrophically when the head holds nearly all
+    the mass. Estimator: E[w_v] = p_v for every v (head entries exactly, tail entries E[M c_v / n] =
+    M p_v / M), so -sum w log q is an unbiased estimate of CE(p, q) and q - w of its gradient q - p. The
+    head carries no variance; a tail entry's variance is M^2 r_v (1 - r_v) / n with r_v = p_v / M, so
+    the total squared gradient error is M^2 (1 - sum_tail r_v^2) / n: a factor M^2 below
+    :func:`sample_signal`'s at the same n. When the head covers the vocabulary (M = 0) nothing is
+    drawn. Draws are keyed as in :func:`sample_signal`, by ``keys``."""
+    _check_truncate_args(logits, top_p, top_k)
+    _check_temperature(temperature)
+    n = _check_draws(n_samples)
+    if keys.shape != logits.shape[:-1]:
+        raise ValueError(f"keys shape {tuple(keys.shape)} != logits leading shape {tuple(logits.shape[:-1])}")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    head = truncate(logits.reshape(-1, vocab), top_p, top_k)
+    z = logits.reshape(-1, vocab).double() / float(temperature)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    in_head = torch.zeros_like(z, dtype=torch.bool).scatter_(1, head.indices, head.mask)
+    z_tail = z.masked_fill(in_head, _NEG_INF)
+    lse_tail = torch.logsumexp(z_tail, -1, keepdim=True)
+    has_tail = torch.isfinite(lse_tail)
+    log_mass = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, _NEG_INF))
+    head_w = torch.where(head.mask, z.gather(1, head.indices) - lse, torch.full_like(lse, _NEG_INF))
+    # rows without a tail draw from a dummy uniform row; their draws get weight 0 below
+    r = torch.where(has_tail, torch.exp(z_tail - torch.where(has_tail, lse_tail, 0.0)), 1.0 / vocab)
+    counts, idx = _draws(r, keys.reshape(-1), n)
+    tail_w = torch.where((counts > 0) & has_tail, log_mass + (counts / n).log(),
+                         torch.full_like(counts, _NEG_INF))
+    vals, idx = _by_weight(torch.cat([head_w, tail_w], 1), torch.cat([head.indices, idx], 1))
+    width = head.k + n
+    return SparseLogits(idx.reshape(*lead, width), vals.reshape(*lead, width))
+
+
+# ------------------------------------------------------------------------------------ signal kinds
+SIGNAL_KINDS = ("top_p_k", "sampled", "head_tail")
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """What of the teacher's distribution is kept per position (distill.signal), and how the loss reads it.
+
+    * ``top_p_k``: the truncated raw logits (:func:`truncate` at top_p, top_k); the loss applies tau.
+    * ``sampled``: ``samples`` draws at ``temperature`` (:func:`sample_signal`); log weights, loss at 1.
+    * ``head_tail``: the top-p-k head plus ``samples`` tail draws (:func:`head_tail_signal`); log
+      weights, loss at 1.
+    Draws are keyed by (``seed``, sample id, position) (:func:`sample_keys`)."""
+    kind: str = "top_p_k"
+    top_p: float = 1.0
+    top_k: int = 50
+    samples: int = 50
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"signal kind must be one of {', '.join(SIGNAL_KINDS)}, got {self.kind!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"signal top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1:
+            raise ValueError(f"signal top_k must be an integer >= 1, got {self.top_k!r}")
+        _check_draws(self.samples)
+        _check_temperature(self.temperature)
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
+            raise ValueError(f"signal seed must be an integer, got {self.seed!r}")
+
+    @property
+    def drawn(self) -> bool:
+        """True when the signal holds draws (needs each sample's id to key them)."""
+        return self.kind != "top_p_k"
+
+    def width(self, vocab_size: int) -> int:
+        """Entries per position."""
+        head = min(int(self.top_k), int(vocab_size))
+        return {"top_p_k": head, "sampled": int(self.samples), "head_tail": head + int(self.samples)}[self.kind]
+
+    @property
+    def loss_temperature(self) -> float:
+        """The temperature the loss applies: tau to truncated logits; 1 to log weights (drawn at tau)."""
+        return float(self.temperature) if self.kind == "top_p_k" else 1.0
+
+    def params(self) -> dict:
+        """The parameters that decide the drawn values besides top_p/top_k (empty for top_p_k): what a
+        store records and a teacher and its students must agree on."""
+        if not self.drawn:
+            return {}
+        return {"samples": int(self.samples), "temperature": float(self.temperature), "seed": int(self.seed)}
+
+    def describe(self) -> str:
+        if self.kind == "top_p_k":
+            return f"top-{self.top_p:g}-{self.top_k}"
+        head = f"top-{self.top_p:g}-{self.top_k} head + " if self.kind == "head_tail" else ""
+        return f"{head}{self.samples} draws at tau {self.temperature:g} (seed {self.seed})"
+
+    def form(self, logits: torch.Tensor, keys: Optional[torch.Tensor] = None, keep_lse: bool = False) -> SparseLogits:
+        """The signal of ``logits`` [..., V]; ``keys`` (the leading shape) for drawn kinds."""
+        if not self.drawn:
+            return truncate(logits, self.top_p, self.top_k, keep_lse=keep_lse)
+        if keys is None:
+            raise ValueError(f"signal {self.kind} needs per-position keys (sample_keys)")
+        if self.kind == "sampled":
+            return sample_signal(logits, keys, self.samples, self.temperature)
+        return head_tail_signal(logits, keys, self.top_p, self.top_k, self.samples, self.temperature)

@@ -39,7 +39,7 @@ from .models import (ModelConfig, build_model, check_same_tokenizer, model_ident
 from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
 from .runtime import StopSignals, device, model_dtype, set_threads
-from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, sampled_args,
+from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, signal_spec,
                       store_meta, wire_spec)
 from .topology import Topology
 from .trainer import Trainer, TrainResult
@@ -200,7 +200,7 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
     teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
-                            sampled=sampled_args(cfg))
+                            signal=signal_spec(cfg))
     publish_teacher_val_loss(topo, teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size)))
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher

@@ -12,6 +12,9 @@ samples). The trainer never asks which source it holds. The sources:
 | online    | OnlineTeacher     | a teacher replica on its own ranks, prefetched over the bridge      |
 | offline   | StoredLogits      | a logits store on disk, read ahead in DataLoader workers            |
 
+Every source gives the run's signal (distill.signal: top-p-k logits, or the sampled or head-and-tail
+log weights of pd_dist.logits), the same values whichever source it is.
+
 Sources that can read ahead are given the rank's training plan (:class:`pd_dist.data.MicroBatchPlan`)
 once; a request for the next planned micro-batch is served from what was read ahead, any other request
 (evaluation) directly. Adding a way to feed the signal (a remote HTTP teacher, dense logits, a sampled
@@ -34,10 +37,11 @@ from .bridge import WireSpec
 from .config import DistillMode, ExperimentConfig
 from .data import PackedDataset
 from .inference import FrozenTeacher, held_out_batches
-from .logits import SparseLogits
+from .logits import SignalSpec, SparseLogits
 from .online import PrefetchingTeacher, TeacherClient
 from .runtime import model_dtype
 from .store import StoreMeta, open_for_training
+from .store.codec import default_encoding
 from .topology import Topology
 
 
@@ -147,7 +151,7 @@ class ColocatedTeacher(SignalSource):
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
         d = ctx.cfg.distill
         return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size, sampled=sampled_args(ctx.cfg)),
+                                 d.top_k, ctx.cfg.train.loss_chunk_size, signal=signal_spec(ctx.cfg)),
                    ctx.data, ctx.cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
@@ -157,22 +161,23 @@ class ColocatedTeacher(SignalSource):
         return self.teacher.val_loss(held_out_batches(self.data, self.micro_batch))
 
 
-def sampled_args(cfg: ExperimentConfig) -> Optional[tuple[int, float, int]]:
-    """(draws, temperature, seed) for FrozenTeacher when the run trains on the sampled signal."""
-    d = cfg.distill
-    return (d.samples, d.temperature, cfg.train.seed) if d.signal == "sampled" else None
+def signal_spec(cfg: ExperimentConfig) -> SignalSpec:
+    """The run's teacher signal (distill.signal and its parameters; draws keyed by train.seed)."""
+    return cfg.distill.signal_spec(cfg.train.seed)
 
 
 def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
-    """What a teacher replica and its students agree on (checked by the bridge's handshake). For the
-    sampled signal the width is the number of draws and top_p is 0 (no truncation), so a student and a
-    teacher that disagree on the signal fail the handshake."""
+    """What a teacher replica and its students agree on (checked by the bridge's handshake): besides
+    shapes and truncation, the signal's kind and the parameters of its draws, so a student and a teacher
+    that disagree on the signal fail the handshake."""
     d = cfg.distill
     dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    sampled = d.signal == "sampled"
+    sig = signal_spec(cfg)
     return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
-                    seq_len=data.seq_len, top_k=d.width, top_p=0.0 if sampled else d.top_p, value_dtype=dtype,
-                    micro_batch=cfg.train.micro_batch_size)
+                    seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
+                    top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
+                    micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
+                    signal_params=json.dumps(sig.params(), sort_keys=True))
 
 
 @register
@@ -250,11 +255,14 @@ class StoredLogits(SignalSource):
         d, data = ctx.cfg.distill, ctx.data
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
+                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k,
+                                  signal=signal_spec(ctx.cfg))
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):
         m = self.store.meta
+        if m.signal:
+            return f"offline signal: {self.store.root} ({len(self.store)} samples, {m.signal_spec.describe()})"
         return (f"offline logits: {self.store.root} ({len(self.store)} samples, stored top-{m.top_p}-"
                 f"{m.top_k}, used top-{self.store.default_top_p}-{self.store.default_top_k})")
 
@@ -280,14 +288,21 @@ class StoredLogits(SignalSource):
 
 
 def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
-    """The store a run of `cfg` writes (generation, or dump_logits): truncation generate.top_p/top_k
-    (default: distill's), the training samples plus the held-out ones when generate.include_val."""
+    """The store a run of `cfg` writes (generation, or dump_logits): the run's signal; for top-p-k at
+    truncation generate.top_p/top_k (default: distill's); the training samples plus the held-out ones
+    when generate.include_val."""
     g = cfg.generate
     top_p, top_k = cfg.stored_truncation()
+    sig = signal_spec(cfg)
+    signal = {}
+    if sig.drawn:  # drawn signals are stored as the run draws them (they cannot be narrowed later)
+        signal = {"kind": sig.kind, **sig.params()}
+        top_p, top_k = (1.0, sig.samples) if sig.kind == "sampled" else (sig.top_p, sig.top_k)
     return StoreMeta(teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
                      data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
                      top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
-                     shard_size=g.shard_size).resolved()
+                     shard_size=g.shard_size, signal=signal,
+                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding)).resolved()
 
 
 # --------------------------------------------------------------------- the teacher's held-out loss

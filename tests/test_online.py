@@ -173,8 +173,8 @@ def test_every_message_size_follows_from_the_hello():
     of the hello (one size for every spec), so two sides that agree on the hello agree on every size."""
     import itertools
 
-    specs = [WireSpec(v, "t", s, k, 0.9, d, mb) for v, s, k, d, mb in itertools.product(
-        (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2))]
+    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig) for v, s, k, d, mb, sig in itertools.product(
+        (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2), ("top_p_k", "head_tail"))]
     assert len({sp.hello().numel() for sp in specs}) == 1
     for a, b in itertools.combinations(specs, 2):
         if torch.equal(a.hello(), b.hello()):
@@ -303,7 +303,8 @@ def test_wrong_sample_ids_are_detected():
 
 
 @pytest.mark.parametrize("field,change", [("top_k", 20), ("seq_len", 8), ("vocab_size", 98),
-                                          ("tokenizer_hash", "xyz"), ("value_dtype", "bf16")])
+                                          ("tokenizer_hash", "xyz"), ("value_dtype", "bf16"),
+                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}')])
 def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change):
     net = FakeNet()
     _, out, _ = start_server(topo_for(0, net, world=2))
@@ -312,7 +313,7 @@ def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change)
         TeacherClient(topo_for(1, net, world=2), bad, startup_timeout_s=5)
     msg = str(e.value)
     assert "rank 1 (host1" in msg and "teacher rank 0 (host0" in msg
-    hello_name = {"tokenizer_hash": "tokenizer_hash", "value_dtype": "value_dtype"}.get(field, field)
+    hello_name = {"signal_params": "signal_params_hash"}.get(field, field)
     assert hello_name in msg
     time.sleep(0.3)
     assert isinstance(out.get("error"), PeerError) and "handshake" in str(out["error"])

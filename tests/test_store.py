@@ -581,3 +581,25 @@ def test_generation_rerun_rechecks_shard_checksums(tmp_path, gauss_full):
     data[off + n // 2] ^= 0x01
     path.write_bytes(bytes(data))
     assert [shard_done(root, meta, i) for i in range(3)] == [True, False, True]
+
+
+def test_a_format_version_1_store_still_reads():
+    """tests/data/store_v1 was written before the format gained drawn signals (version 2): it opens as a
+    top-p-k store, verifies, decodes within the qgap tolerance of the logits it was written from, and
+    serves narrower truncations."""
+    from pd_dist.store import store_info, verify_store
+
+    root = Path(__file__).parent / "data" / "store_v1"
+    full = torch.randn(6, 16, 96, generator=torch.Generator().manual_seed(11)) * 3
+    assert verify_store(root) == []
+    info = store_info(root)
+    assert info["format_version"] == 1 and info["signal"]["kind"] == "top_p_k" and info["top_k"] == 12
+    store = open_for_training(root, data_fingerprint="fp-v1", tokenizer_hash="tok-v1", seq_len=16,
+                              vocab_size=96, top_p=0.9, top_k=12)
+    for s in range(6):
+        ref = truncate(full[s], 0.9, 12, keep_lse=True)
+        got = store.get(s)
+        assert torch.equal(got.indices, ref.indices) and torch.equal(got.lse, ref.lse)
+        m = ref.mask
+        assert (got.values[m] - ref.values[m]).abs().max() <= store.value_tolerance()
+        assert torch.equal(store.get(s, top_k=5).indices, ref.indices[:, :5])

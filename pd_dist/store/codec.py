@@ -17,7 +17,11 @@ a zstd frame (magicless, no checksum: the shard's crc32 covers the block) when t
 
 Every kept value is represented by its non-negative integer gap to the token's max, G_tj, which is
 non-decreasing along the value order: encoding ``qgap``: G = rint((m_t - v_tj) / step), step =
-2^step_log2 (default 2^-8); encoding ``exact``: G = ord(m_t) - ord(v_tj) (lossless fp32).
+2^step_log2 (default 2^-8); encoding ``exact``: G = ord(m_t) - ord(v_tj) (lossless fp32); encoding
+``counts`` (sampled signals of n draws, whose values are the fp32 log(c / n) of
+pd_dist.logits.count_log_weights): G = c_max,t - c_tj, the difference of draw counts (lossless: the
+decoder reads c_max,t back from the exact m_t and gives the same fp32 values). A drawn signal keeps no
+full-vocabulary normalizer, so its writer passes lse = m_t and the lse stream is zeros.
 
 * index-order layout (usually smaller on trained teachers, whose kept sets cluster on frequent tokens):
   per token the entries sorted by ascending index; ``idx`` [n_kept] = the first index, then
@@ -72,18 +76,20 @@ DEFAULT_STEP_LOG2 = -8  # quantization step 2^-8 of the gap to the per-token max
 QGAP_MAX_ABS_LOGIT = 256.0  # |logit| bound under which the fp32 rounding of a decoded value is <= 2^-16
 _MIN_COMPRESS = 32  # streams shorter than this are stored raw
 
-ENCODINGS = ("qgap", "exact")
+ENCODINGS = ("qgap", "exact", "counts")
 
 
 class CodecError(ValueError):
     """A block that cannot be encoded (bad input) or decoded (corrupt, inconsistent)."""
 
 
-def default_encoding(name: str = "qgap") -> dict:
+def default_encoding(name: str = "qgap", samples: int | None = None) -> dict:
     if name == "qgap":
         return {"name": "qgap", "step_log2": DEFAULT_STEP_LOG2}
     if name == "exact":
         return {"name": "exact"}
+    if name == "counts":
+        return {"name": "counts", "samples": samples}
     raise ValueError(f"unknown value encoding {name!r}; known: {', '.join(ENCODINGS)}")
 
 
@@ -96,6 +102,11 @@ def check_encoding(enc: dict) -> None:
         extra = set(enc) - {"name", "step_log2"}
     elif name == "exact":
         extra = set(enc) - {"name"}
+    elif name == "counts":
+        n = enc.get("samples")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 1 << 24:
+            raise ValueError(f"encoding counts needs an integer samples in [1, 2^24), got {n!r}")
+        extra = set(enc) - {"name", "samples"}
     else:
         raise ValueError(f"unknown value encoding {name!r}; known: {', '.join(ENCODINGS)}")
     if extra:
@@ -109,15 +120,15 @@ def _rounding_slack() -> float:
 
 
 def value_tolerance(enc: dict) -> float:
-    """Max |decoded - original| of a kept value (0 for ``exact``)."""
-    if enc["name"] == "exact":
+    """Max |decoded - original| of a kept value (0 for ``exact`` and ``counts``)."""
+    if enc["name"] != "qgap":
         return 0.0
     return 2.0 ** enc["step_log2"] / 2 + _rounding_slack()
 
 
 def tv_bound(enc: dict, temperature: float = 1.0) -> float:
     """Guaranteed per-token total variation between softmax(kept / tau) before and after encoding."""
-    if enc["name"] == "exact":
+    if enc["name"] != "qgap":
         return 0.0
     width = 2.0 ** enc["step_log2"] + 2 * _rounding_slack()
     return math.tanh(width / (4.0 * float(temperature)))
@@ -196,6 +207,29 @@ def zstd_decompressor():
     return zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
 
 
+_COUNT_TABLES: dict[int, np.ndarray] = {}
+
+
+def _count_table(n: int) -> np.ndarray:
+    """fp32 log(c / n), c = 0..n: pd_dist.logits.count_log_weights, the values sample_signal forms."""
+    t = _COUNT_TABLES.get(n)
+    if t is None:
+        from ..logits import count_log_weights
+
+        t = _COUNT_TABLES[n] = count_log_weights(n).numpy()
+    return t
+
+
+def _counts_of(values: np.ndarray, n: int) -> np.ndarray:
+    """The draw counts c whose fp32 log(c / n) are ``values`` exactly; CodecError for any other value."""
+    table = _count_table(n)
+    c = np.clip(np.searchsorted(table, values), 1, n)
+    if not np.array_equal(table[c], values):
+        raise CodecError(f"encoding counts: values must be log(c / {n}) of a draw count c in 1..{n} "
+                         "(a sampled signal of that many draws)")
+    return c.astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------- encode
 def encode_block(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab_size: int, enc: dict,
                  zc=None, layout: str | None = None) -> tuple[bytes, int]:
@@ -227,6 +261,9 @@ def encode_block(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab
                              f"{np.abs(kv).max():g}); use encoding 'exact'")
         gaps = vmax[:, None].astype(np.float64) - np.where(mask, values, vmax[:, None]).astype(np.float64)
         G = np.rint(gaps * 2.0 ** -enc["step_log2"]).astype(np.int64)
+    elif enc["name"] == "counts":
+        c = _counts_of(np.where(mask, values, vmax[:, None]), enc["samples"])
+        G = c[:, :1] - c
     else:
         G = _f32_ord(vmax)[:, None] - _f32_ord(np.where(mask, values, vmax[:, None]))
     # rank among equal gaps, in value order: position minus the start of its run of equal G
@@ -367,6 +404,12 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
             Gv = np.take_along_axis(key, order, 1) // (k + 1)
     if enc["name"] == "qgap":
         vals = vmax[:, None] - Gv.astype(np.float32) * np.float32(2.0 ** enc["step_log2"])
+    elif enc["name"] == "counts":
+        table = _count_table(enc["samples"])
+        c = _counts_of(vmax[:, None], enc["samples"]) - np.where(mo, Gv, 0)
+        if (c[mo] < 1).any():
+            raise CodecError("draw counts out of range")
+        vals = table[np.clip(c, 0, enc["samples"])]
     else:
         vals = _ord_f32(_f32_ord(vmax)[:, None] - np.where(mo, Gv, 0))
     vals = np.where(mo, vals, np.float32(_NEG_INF)).astype(np.float32, copy=False)

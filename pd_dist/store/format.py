@@ -1,5 +1,10 @@
 """On-disk layout of the teacher-logits store: manifest, shard header, sample table and footer.
 
+A store holds one teacher signal per token (StoreMeta.signal, pd_dist.logits.SignalSpec): top-p-k
+truncated logits (the default; the only kind of format version 1), or a drawn signal (sampled,
+head_tail) whose values are log weights. Version 2 added the signal; a version-1 store reads as
+top-p-k, and a top-p-k store's metadata digest is the same in both versions.
+
 A store is a directory::
 
     manifest.json               written last (atomically) by write_manifest(); deterministic JSON
@@ -33,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..logits import SIGNAL_KINDS, SignalSpec
 from .codec import check_encoding, default_encoding
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: top-p-k only, no `signal` in the manifest
 FORMAT_NAME = "pd-dist-teacher-logits"
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -68,11 +75,24 @@ class StoreMeta:
     n_samples: int
     shard_size: int  # samples per shard (the last one may be shorter)
     encoding: dict = field(default_factory=dict)  # value encoding: name + params (+ zstd_level)
+    # The teacher signal: {} for top-p-k (top_p, top_k above); else {"kind": "sampled" | "head_tail",
+    # "samples", "temperature", "seed"} (head_tail's head is top_p, top_k; sampled has top_p 1, top_k n)
+    signal: dict = field(default_factory=dict)
+
+    @property
+    def signal_spec(self) -> SignalSpec:
+        """The stored signal as a SignalSpec (top-p-k: this store's top_p, top_k)."""
+        sig = self.signal or {"kind": "top_p_k"}
+        kind = sig.get("kind", "top_p_k")
+        if kind == "top_p_k":
+            return SignalSpec("top_p_k", float(self.top_p), int(self.top_k))
+        return SignalSpec(kind, float(self.top_p), int(self.top_k), sig["samples"], sig["temperature"], sig["seed"])
 
     @property
     def width(self) -> int:
-        """Stored entries per token, k = min(top_k, vocab_size) (as pd_dist.logits.truncate)."""
-        return min(int(self.top_k), int(self.vocab_size))
+        """Stored entries per token: k = min(top_k, vocab_size) for top-p-k (as pd_dist.logits.truncate),
+        the draws for sampled, the head plus the draws for head_tail."""
+        return self.signal_spec.width(self.vocab_size)
 
     @property
     def value_encoding(self) -> dict:
@@ -85,13 +105,22 @@ class StoreMeta:
 
     def resolved(self) -> "StoreMeta":
         """A validated copy with the encoding filled from the defaults where empty."""
-        enc = dict(self.encoding) if self.encoding else default_encoding()
+        sig = dict(self.signal) if self.signal else {}
+        if sig.get("kind") == "top_p_k" and set(sig) == {"kind"}:
+            sig = {}
+        if self.encoding:
+            enc = dict(self.encoding)
+        elif sig.get("kind") == "sampled":  # counts are exact and small integers
+            enc = default_encoding("counts", samples=sig.get("samples"))
+        else:
+            enc = default_encoding()
         if "zstd_level" not in enc:
             enc["zstd_level"] = DEFAULT_ZSTD_LEVEL
         m = StoreMeta(teacher=dict(self.teacher), tokenizer_hash=str(self.tokenizer_hash),
                       data_fingerprint=str(self.data_fingerprint), seq_len=int(self.seq_len),
                       vocab_size=int(self.vocab_size), top_p=float(self.top_p), top_k=int(self.top_k),
-                      n_samples=int(self.n_samples), shard_size=int(self.shard_size), encoding=enc)
+                      n_samples=int(self.n_samples), shard_size=int(self.shard_size), encoding=enc,
+                      signal=sig)
         m.validate()
         return m
 
@@ -111,12 +140,47 @@ class StoreMeta:
         if self.vocab_size >= 1 << 32:
             raise ValueError("StoreMeta.vocab_size must be < 2^32")
         check_encoding(self.value_encoding)
+        self._validate_signal()
         lvl = self.encoding.get("zstd_level", DEFAULT_ZSTD_LEVEL)
         if isinstance(lvl, bool) or not isinstance(lvl, int) or not 1 <= lvl <= 22:
             raise ValueError(f"encoding zstd_level must be an integer in [1, 22], got {lvl!r}")
 
+    def _validate_signal(self) -> None:
+        sig = self.signal
+        if not isinstance(sig, dict):
+            raise ValueError(f"StoreMeta.signal must be an object, got {sig!r}")
+        if not sig:
+            if self.value_encoding["name"] == "counts":
+                raise ValueError("encoding counts holds sampled signals only (StoreMeta.signal is top-p-k)")
+            return
+        kind = sig.get("kind")
+        if kind not in SIGNAL_KINDS or kind == "top_p_k":
+            raise ValueError(f"StoreMeta.signal kind must be sampled or head_tail (top-p-k is an empty "
+                             f"signal), got {kind!r}")
+        want = {"kind", "samples", "temperature", "seed"}
+        if set(sig) != want:
+            raise ValueError(f"StoreMeta.signal {kind} needs exactly {sorted(want)}, got {sorted(sig)}")
+        spec = self.signal_spec  # validates the values
+        if spec.params() != {k: sig[k] for k in ("samples", "temperature", "seed")}:
+            raise ValueError(f"StoreMeta.signal parameters must be samples: int, temperature: float, seed: "
+                             f"int, got {sig!r}")
+        enc = self.value_encoding
+        if kind == "sampled":
+            if (self.top_p, self.top_k) != (1.0, spec.samples):
+                raise ValueError(f"a sampled store has top_p 1 and top_k = samples ({spec.samples}), got "
+                                 f"top_p={self.top_p}, top_k={self.top_k}")
+            if enc["name"] == "qgap":
+                raise ValueError("a sampled store needs encoding counts (or exact): qgap would round its weights")
+            if enc["name"] == "counts" and enc["samples"] != spec.samples:
+                raise ValueError(f"encoding counts has samples={enc['samples']}, the signal draws {spec.samples}")
+        elif enc["name"] == "counts":
+            raise ValueError(f"encoding counts holds sampled signals only, not {kind}")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["signal"]:
+            del d["signal"]  # top-p-k: the metadata (and its digest) of format version 1
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreMeta":
@@ -125,7 +189,7 @@ class StoreMeta:
         missing = [n for n in names if n not in d]
         if missing:
             raise StoreError(f"manifest lacks {missing}")
-        return cls(**{n: d[n] for n in names})
+        return cls(**{n: d[n] for n in names}, signal=d.get("signal") or {})
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved meta (identifies what the shards were written for)."""
@@ -186,8 +250,9 @@ def parse_shard(buf, size: int, what: str) -> ShardLayout:
     magic, ver, index, first, end, seq_len, k, vocab, _flags, dig = HEADER.unpack_from(buf, 0)
     if magic != HEADER_MAGIC:
         raise StoreError(f"{what}: not a pd-dist logits shard (bad header magic)")
-    if ver != FORMAT_VERSION:
-        raise StoreError(f"{what}: shard format version {ver}, this code reads {FORMAT_VERSION}")
+    if ver not in READABLE_VERSIONS:
+        raise StoreError(f"{what}: shard format version {ver}, this code reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     t_off, n, fk, t_crc, h_crc, fmagic = FOOTER.unpack_from(buf, size - FOOTER.size)
     if fmagic != FOOTER_MAGIC:
         raise StoreError(f"{what}: file is truncated or corrupt (no footer)")

@@ -13,9 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..logits import SparseLogits, top_p_keep
+from ..logits import SignalSpec, SparseLogits, top_p_keep
 from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
-from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardLayout, StoreError,
+from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, READABLE_VERSIONS, MANIFEST, ShardLayout, StoreError,
                      StoreMeta, check_layout, parse_shard, shard_name, shard_ranges)
 
 _NEG_INF = float("-inf")
@@ -35,9 +35,12 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
         raise StoreError(f"{path}: the manifest must be a JSON object, got {type(man).__name__}")
     if man.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a pd-dist logits store manifest")
-    if man.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {man.get('format_version')}, this code reads "
-                         f"{FORMAT_VERSION}")
+    version = man.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"{path}: store format version {version!r}, this code reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version == 1 and "signal" in man:
+        raise StoreError(f"{path}: a format-version-1 manifest has no signal field (top-p-k only)")
     try:
         meta = StoreMeta.from_dict(man).resolved()
     except (ValueError, TypeError) as e:
@@ -224,12 +227,15 @@ class LogitsStore:
         return self.meta.n_samples
 
     def check_compatible(self, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p,
-                         top_k) -> None:
-        """Refuse (StoreError) a store that was not made for this run's data and truncation.
+                         top_k, signal: Optional[SignalSpec] = None) -> None:
+        """Refuse (StoreError) a store that was not made for this run's data and signal.
 
-        Data fingerprint, tokenizer, seq_len and vocabulary must match. The store's truncation must be
-        at least as wide as asked (store top_k >= top_k and store top_p >= top_p); a wider store is
-        re-truncated on load by get(..., top_p, top_k)."""
+        Data fingerprint, tokenizer, seq_len and vocabulary must match. For top-p-k (``signal`` None or
+        top_p_k), the store must hold top-p-k logits truncated at least as wide as asked (store top_k
+        >= top_k and store top_p >= top_p); a wider store is re-truncated on load by
+        get(..., top_p, top_k). A drawn signal (sampled, head_tail) cannot be re-drawn: the store must
+        hold the same kind with the same draws (samples, temperature, seed) and, for head_tail, the same
+        head truncation."""
         m, where = self.meta, f"teacher-logits store {self.root}"
         problems = []
         if m.data_fingerprint != data_fingerprint:
@@ -241,16 +247,33 @@ class LogitsStore:
             problems.append(f"its seq_len is {m.seq_len}, the run's is {seq_len}")
         if m.vocab_size != vocab_size:
             problems.append(f"its vocab_size is {m.vocab_size}, the run's is {vocab_size}")
-        if self.k < min(int(top_k), int(vocab_size)):
-            problems.append(f"it keeps top_k={m.top_k} entries per token, fewer than the asked top_k={top_k} "
-                            "(a store can only be narrowed on load, not widened)")
-        if m.top_p < float(top_p) - _P_EPS:
-            problems.append(f"it was truncated at top_p={m.top_p}, narrower than the asked top_p={top_p} "
-                            "(a store can only be narrowed on load, not widened)")
+        have = m.signal_spec
+        want = signal if signal is not None else SignalSpec("top_p_k", float(top_p), int(top_k))
+        if have.kind != want.kind:
+            problems.append(f"it holds the {have.kind} signal ({have.describe()}), the run asks for "
+                            f"{want.kind} ({want.describe()})")
+        elif want.drawn:
+            same_head = want.kind == "sampled" or (abs(have.top_p - want.top_p) <= _P_EPS and have.top_k == want.top_k)
+            if have.params() != want.params() or not same_head:
+                problems.append(f"it holds {have.describe()}, the run asks for {want.describe()} (drawn "
+                                "signals are not re-drawn on load)")
+        else:
+            if self.k < min(int(top_k), int(vocab_size)):
+                problems.append(f"it keeps top_k={m.top_k} entries per token, fewer than the asked "
+                                f"top_k={top_k} (a store can only be narrowed on load, not widened)")
+            if m.top_p < float(top_p) - _P_EPS:
+                problems.append(f"it was truncated at top_p={m.top_p}, narrower than the asked top_p={top_p} "
+                                "(a store can only be narrowed on load, not widened)")
         if problems:
             raise StoreError(f"{where} cannot be used for this run:\n  - " + "\n  - ".join(problems))
 
     def _resolve(self, top_p, top_k) -> tuple[float, int]:
+        if self.meta.signal:  # a drawn signal is read whole
+            if (top_p is not None and abs(float(top_p) - self.meta.top_p) > _P_EPS) or \
+                    (top_k is not None and int(top_k) != self.meta.top_k):
+                raise StoreError(f"the store {self.root} holds the {self.meta.signal['kind']} signal, which "
+                                 f"cannot be re-truncated (asked top_p={top_p}, top_k={top_k})")
+            return self.meta.top_p, self.k
         p = self.default_top_p if top_p is None else top_p
         kk = self.default_top_k if top_k is None else top_k
         p = self.meta.top_p if p is None else float(p)
@@ -291,7 +314,8 @@ class LogitsStore:
         lse_out[...] = lse
 
     def get(self, sample_id: int, top_p: float | None = None, top_k: int | None = None) -> SparseLogits:
-        """Sample ``sample_id``: SparseLogits [seq_len, k'] carrying the full-vocabulary lse [seq_len].
+        """Sample ``sample_id``: SparseLogits [seq_len, k'] carrying the full-vocabulary lse [seq_len]
+        (none for a drawn signal, whose values are normalized log weights).
 
         ``top_p`` / ``top_k`` (default: the store's, or the ones set by open_for_training) may be
         narrower than the store's; k' = top_k (min with the vocabulary)."""
@@ -301,7 +325,10 @@ class LogitsStore:
         idx = np.empty((T, kk), np.int64)
         lse = np.empty(T, np.float32)
         self._decode_into(int(sample_id), p, kk, vals, idx, lse)
-        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(lse))
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
+
+    def _lse(self, lse: np.ndarray) -> Optional[torch.Tensor]:
+        return None if self.meta.signal else torch.from_numpy(lse)  # a drawn signal keeps no normalizer
 
     def get_batch(self, ids, top_p: float | None = None, top_k: int | None = None) -> SparseLogits:
         """Samples ``ids`` stacked: SparseLogits [B, seq_len, k'] with lse [B, seq_len]."""
@@ -313,7 +340,7 @@ class LogitsStore:
         lse = np.empty((len(ids), T), np.float32)
         for b, i in enumerate(ids):
             self._decode_into(i, p, kk, vals[b], idx[b], lse[b])
-        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(lse))
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
 
     def __getitem__(self, sample_id: int):
         return self.get(sample_id)
@@ -329,7 +356,7 @@ class LogitsStore:
     def __repr__(self) -> str:
         m = self.meta
         return (f"LogitsStore({str(self.root)!r}, n_samples={m.n_samples}, seq_len={m.seq_len}, "
-                f"vocab={m.vocab_size}, top_p={m.top_p}, top_k={m.top_k}, encoding={m.encoding})")
+                f"vocab={m.vocab_size}, signal={m.signal_spec.describe()!r}, encoding={m.encoding})")
 
     # ------------------------------------------------------------------------------- fidelity
     def value_tolerance(self) -> float:
@@ -343,14 +370,15 @@ class LogitsStore:
 
 
 def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p, top_k,
-                      verify: bool = False) -> LogitsStore:
+                      signal: Optional[SignalSpec] = None, verify: bool = False) -> LogitsStore:
     """Open a store for a run: check_compatible, then make get/get_batch/iteration default to the
-    run's (top_p, top_k), re-truncating a wider store on load."""
+    run's (top_p, top_k), re-truncating a wider top-p-k store on load (a drawn signal is read whole)."""
     store = LogitsStore(root, verify=verify)
     store.check_compatible(data_fingerprint=data_fingerprint, tokenizer_hash=tokenizer_hash,
-                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k)
-    store.default_top_p = float(top_p)
-    store.default_top_k = min(int(top_k), int(vocab_size))
+                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k, signal=signal)
+    if not store.meta.signal:
+        store.default_top_p = float(top_p)
+        store.default_top_k = min(int(top_k), int(vocab_size))
     return store
 
 
@@ -458,6 +486,8 @@ def store_info(root) -> dict:
         "root": str(root), "format_version": man["format_version"], "teacher": meta.teacher,
         "tokenizer_hash": meta.tokenizer_hash, "data_fingerprint": meta.data_fingerprint,
         "seq_len": meta.seq_len, "vocab_size": meta.vocab_size, "top_p": meta.top_p, "top_k": meta.top_k,
+        "signal": {"kind": meta.signal_spec.kind, **meta.signal_spec.params(), "width": meta.width,
+                   "describe": meta.signal_spec.describe()},
         "encoding": meta.encoding, "n_samples": meta.n_samples, "shard_size": meta.shard_size,
         "n_shards": len(man["shards"]), "tokens": tokens, "kept_entries": kept,
         "total_bytes": total, "shard_bytes": shard_bytes,

@@ -54,8 +54,9 @@ class ShardWriter:
         self._pos += len(b)
 
     def add(self, sample_id: int, sparse: SparseLogits) -> None:
-        """Append sample ``sample_id`` (must be the next one): sparse [seq_len, k] as returned by
-        ``truncate(logits, top_p, top_k, keep_lse=True)``, carrying its full-vocabulary logsumexp."""
+        """Append sample ``sample_id`` (must be the next one): sparse [seq_len, width] as the store's signal
+        forms it: for top-p-k ``truncate(logits, top_p, top_k, keep_lse=True)``, carrying its
+        full-vocabulary logsumexp; for a drawn signal (sampled, head_tail) its log weights (no lse)."""
         if self._done or self._fh is None:
             raise StoreError(f"{self.final}: writer is closed")
         if sample_id != self._next:
@@ -64,16 +65,20 @@ class ShardWriter:
         T, k = self.meta.seq_len, self.meta.width
         if tuple(sparse.values.shape) != (T, k):
             raise ValueError(f"sample {sample_id}: sparse logits have shape {tuple(sparse.values.shape)}, "
-                             f"the store holds [seq_len, k] = [{T}, {k}]")
-        lse = sparse.lse
-        if lse is None:
-            raise ValueError(f"sample {sample_id}: the sparse logits carry no lse (truncate with "
-                             "keep_lse=True): a store keeps each token's full-vocabulary logsumexp")
+                             f"the store holds [seq_len, width] = [{T}, {k}]")
         vals = sparse.values.detach().to("cpu", torch.float32).numpy()
         idx = sparse.indices.detach().cpu().numpy()
+        if self.meta.signal:
+            # A drawn signal is normalized: no full-vocabulary lse; the per-token max stands in for it
+            # (the lse stream is then zeros).
+            lse = np.where(vals[:, 0] > float("-inf"), vals[:, 0], np.float32(0.0))
+        elif sparse.lse is None:
+            raise ValueError(f"sample {sample_id}: the sparse logits carry no lse (truncate with "
+                             "keep_lse=True): a store keeps each token's full-vocabulary logsumexp")
+        else:
+            lse = sparse.lse.detach().to("cpu", torch.float32).numpy()
         try:
-            data, n_kept = encode_block(vals, idx, lse.detach().to("cpu", torch.float32).numpy(),
-                                        self.meta.vocab_size, self._enc, self._zc)
+            data, n_kept = encode_block(vals, idx, lse, self.meta.vocab_size, self._enc, self._zc)
         except CodecError as e:
             raise ValueError(f"sample {sample_id}: {e}") from None
         codec = CODEC_BLOCK
