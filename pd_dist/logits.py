@@ -357,7 +357,8 @@ def head_tail_signal(logits: torch.Tensor, keys: torch.Tensor, top_p: float, top
     head = truncate(logits.reshape(-1, vocab), top_p, top_k)
     z = logits.reshape(-1, vocab).double() / float(temperature)
     lse = torch.logsumexp(z, -1, keepdim=True)
-    in_head = torch.zeros_like(z, dtype=torch.bool).scatter_(1, head.indices, head.mask)
+    # dropped head slots hold index 0 too: add, so they cannot clear a kept token 0
+    in_head = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, head.indices, head.mask.to(torch.int32)) > 0
     z_tail = z.masked_fill(in_head, _NEG_INF)
     lse_tail = torch.logsumexp(z_tail, -1, keepdim=True)
     has_tail = torch.isfinite(lse_tail)
