@@ -13,6 +13,9 @@ token at tau = 1, see pd_dist.store.codec):
   * bytes per token of the shard files (headers, tables and footers included; the manifest, a few KB
     per store whatever its size, is left out), against the naive layout: int32 index + fp16 value per
     kept entry + a 1-byte count per token, and the paper's ~150 B/token (15 TB per 100B tokens);
+  * sampled_bytes_per_token: the sampled signal of 50 draws at tau 1 (distill.signal sampled, stored
+    as exact draw counts), and sampled_vs_top_p_k, its ratio to top-0.95-50; head_tail_bytes_per_token
+    for a top-0.95-20 head plus 30 tail draws (qgap), the same 50-entry budget;
   * bytes_per_token_151k: the same at top-0.95-50 for a random-weights tiny-teacher with a 151552
     vocabulary whose LM head is scaled up so its distributions are far from uniform (reported only);
   * read_tokens_per_s: tokens/s decoded by get_batch (batch 8) in a random sample order, one process
@@ -38,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import emit, log  # noqa: E402
-from pd_dist.logits import truncate  # noqa: E402
+from pd_dist.logits import SignalSpec, sample_keys, truncate  # noqa: E402
 from pd_dist.store import LogitsStore, ShardWriter, StoreMeta, shard_ranges, store_info, write_manifest  # noqa: E402
 
 PAPER_BYTES_PER_TOKEN = 150.0  # ~15 TB per 100B tokens at top-0.95-100 over a ~150k vocabulary
@@ -114,6 +117,29 @@ def build_stores(root: Path, full: list[torch.Tensor], vocab: int, seq_len: int,
                 w.finish()
         write_manifest(d, meta)
     return {key: root / f"top{key[0]}-{key[1]}" for key in metas}
+
+
+DRAWN = {"sampled": SignalSpec("sampled", 1.0, 50, 50, 1.0, 0),  # 50 draws: the top-50 budget
+         "head_tail": SignalSpec("head_tail", 0.95, 20, 30, 1.0, 0)}  # top-0.95-20 head + 30 tail draws
+
+
+def build_drawn_stores(root: Path, full: list[torch.Tensor], vocab: int, seq_len: int, shard_size: int):
+    """One store per drawn signal in DRAWN (default encodings: counts for sampled, qgap for head_tail)."""
+    n = len(full)
+    out = {}
+    for name, spec in DRAWN.items():
+        top_p, top_k = (1.0, spec.samples) if spec.kind == "sampled" else (spec.top_p, spec.top_k)
+        meta = StoreMeta(teacher={"name": "bench", "config_hash": "-", "weights_hash": "-"}, tokenizer_hash="-",
+                         data_fingerprint="-", seq_len=seq_len, vocab_size=vocab, top_p=top_p, top_k=top_k,
+                         n_samples=n, shard_size=shard_size, signal={"kind": spec.kind, **spec.params()}).resolved()
+        d = out[name] = root / name
+        for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
+            with ShardWriter(d, meta, i) as w:
+                for s in range(a, b):
+                    w.add(s, spec.form(full[s], sample_keys(spec.seed, torch.tensor([s]), seq_len)[0]))
+                w.finish()
+        write_manifest(d, meta)
+    return out
 
 
 def size_summary(d: Path) -> dict:
@@ -227,12 +253,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pd_store_bench_") as tmp:
         root = Path(tmp)
         stores = build_stores(root, full, src.vocab, src.seq_len, [(0.95, 50), (0.95, 100)], args.shard_size)
+        drawn = build_drawn_stores(root, full, src.vocab, src.seq_len, args.shard_size)
         del full
         log(f"stores written ({time.perf_counter() - t0:.1f}s)")
         for (p, k), d in stores.items():
             s = size_summary(d)
             result[f"top{p}_{k}"] = s
             log(f"top-{p}-{k}: {s}")
+        for name, d in drawn.items():
+            info = store_info(d)
+            result[name] = {"signal": DRAWN[name].describe(), "encoding": info["encoding"]["name"],
+                            "bytes_per_token": round(info["shard_bytes"] / info["tokens"], 3),
+                            "kept_per_token_mean": round(info["kept_per_token"]["mean"], 2)}
+            log(f"{name}: {result[name]}")
+        result["sampled_bytes_per_token"] = result["sampled"]["bytes_per_token"]
+        result["sampled_vs_top_p_k"] = round(result["sampled_bytes_per_token"]
+                                             / result["top0.95_50"]["bytes_per_token"], 4)
+        result["head_tail_bytes_per_token"] = result["head_tail"]["bytes_per_token"]
         result["bytes_ratio"] = result["top0.95_50"]["ratio_vs_naive"]
         result["bytes_per_token"] = result["top0.95_50"]["bytes_per_token"]
         rate = read_throughput(stores[(0.95, 50)], args.read_seconds, args.read_batch)

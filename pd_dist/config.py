@@ -99,6 +99,10 @@ class DistillConfig:
     dump_logits: bool = field(default=False, metadata=doc(
         "mode none: write this model's own top-p-k logits (generate.top_p/top_k) to distill.store as it "
         "trains (the logits of a moving model; samples never trained on come from the final model)"))
+    write_through: Optional[str] = field(default=None, metadata=doc(
+        "online: every teacher replica also keeps the signals it serves and, when its students are done, "
+        "completes them into an offline store in this directory (samples nobody asked for filled by the "
+        "teacher; generate.shard_size/encoding/include_val apply), so later runs train offline from it"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=doc(
@@ -280,6 +284,17 @@ class ExperimentConfig:
         if pb and pb % self.train.micro_batch_size:
             fail("teacher.pretrain_batch_size", pb,
                  f"must be a multiple of train.micro_batch_size ({self.train.micro_batch_size})")
+        g = self.generate
+        if self.distill.write_through:
+            wt = self.distill.write_through
+            if self.distill.mode != "online":
+                fail("distill.write_through", wt, "needs distill.mode online (a teacher rank writes it)")
+            if self.teacher.zero_stage == 3 or self.teacher.pipeline_stages > 1:
+                fail("distill.write_through", wt, "is not supported with ZeRO-3 or pipelined teachers yet")
+            if g.top_p is not None or g.top_k is not None:
+                fail("generate.top_p" if g.top_p is not None else "generate.top_k",
+                     g.top_p if g.top_p is not None else g.top_k,
+                     "does not apply to distill.write_through, which stores the signal as it is served")
         g = self.generate
         if self.distill.signal != "top_p_k" and (g.top_p is not None or g.top_k is not None):
             fail("generate.top_p" if g.top_p is not None else "generate.top_k",

@@ -101,15 +101,17 @@ class TeacherClient:
         self.tokens_received += len(ids) * self.spec.seq_len
         return sparse
 
-    def close(self) -> None:
-        """Tell the teacher this student is done (after collecting anything still pending)."""
+    def close(self, finished: bool = False) -> None:
+        """Tell the teacher this student is done (after collecting anything still pending); ``finished``:
+        it trained to the end of the run (not stopped or interrupted), which the stop carries in its
+        count slot."""
         if self.closed:
             return
         self.closed = True
         for t in sorted(self.pending):
             self.result(t)
         stop = torch.zeros(self.spec.request_numel(), dtype=torch.int64)
-        stop[0] = OP_STOP
+        stop[0], stop[2] = OP_STOP, int(bool(finished))
         wait(self.topo.bridge.send([stop], self.peer, TAG_REQ), self.timeout,
              f"{self.me_desc} stopping {self.peer_desc}")
 
@@ -201,6 +203,7 @@ class ServeStats:
     forward_s: float = 0.0
     batches: int = 0
     started: float = field(default_factory=time.perf_counter)
+    finished: bool = False  # every student said it trained to the end of the run
 
 
 class TeacherServer:
@@ -242,6 +245,7 @@ class TeacherServer:
         free: list[torch.Tensor] = []
         active = set(self.students)
         refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
+        finished: set[int] = set()  # students whose stop said they trained to the end
         watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
         last_log = time.perf_counter()
         while True:
@@ -266,6 +270,8 @@ class TeacherServer:
                 if op == OP_STOP:
                     active.discard(s)
                     watch.forget(s)
+                    if n == 1:
+                        finished.add(s)
                     continue
                 ids = r[3:3 + n].numpy().copy()
                 off = 3 + spec.micro_batch
@@ -313,6 +319,7 @@ class TeacherServer:
         for s in self.students:
             for w, _ in sends[s]:
                 wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+        self.stats.finished = finished >= set(self.students)
         return self.stats
 
     @staticmethod

@@ -40,7 +40,8 @@ from .monitor import Monitor
 from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
 from .runtime import StopSignals, device, model_dtype, set_threads
 from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, signal_spec,
-                      store_meta, wire_spec)
+                      store_meta, wire_spec, write_store_teacher_eval)
+from .store import StoreMeta
 from .topology import Topology
 from .trainer import Trainer, TrainResult
 
@@ -200,14 +201,26 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
     teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
-                            signal=signal_spec(cfg))
-    publish_teacher_val_loss(topo, teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size)))
+                            signal=signal_spec(cfg), keep_lse=bool(d.write_through))
+    val_loss = teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size))
+    publish_teacher_val_loss(topo, val_loss)
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
     me = f"[teacher {topo.rank}] "
+    answer, through = teacher, None
+    if d.write_through:
+        from .spool import WriteThrough, store_is_complete
+
+        meta = write_through_meta(cfg, data)
+        if store_is_complete(Path(d.write_through), meta):
+            print(f"{me}the write-through store {d.write_through} is complete already: not written again",
+                  flush=True)
+        else:
+            answer = through = WriteThrough(teacher, Path(d.write_through), f"teacher{topo.rank:05d}",
+                                            data.seq_len, meta.width)
     # One event directory per teacher replica: their throughputs differ.
     tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
-    server = TeacherServer(topo, spec, teacher, max_batch, log=lambda s: print(me + s, flush=True),
+    server = TeacherServer(topo, spec, answer, max_batch, log=lambda s: print(me + s, flush=True),
                            metrics=lambda n, m: (tb.scalars(n, m), tb.flush()))
     how = f", weights partitioned over {topo.role_size} teacher ranks (ZeRO-3)" if lockstep else ""
     print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
@@ -219,6 +232,29 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     el = time.perf_counter() - stats.started
     print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
           f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
+    if through is not None:
+        from .spool import build_store
+
+        through.close()
+        print(f"{me}kept {through.kept} served samples for the write-through store {d.write_through}", flush=True)
+        # Complete the store only when every student of every replica trained to the end: a stopped or
+        # interrupted run leaves the spools for its resumed run to continue.
+        if int(topo.role_sum(torch.tensor([int(stats.finished)]))[0]) < topo.role_size:
+            print(f"{me}the students stopped before the end of the run: the write-through spools stay in "
+                  f"{d.write_through} for the resumed run", flush=True)
+            return
+        build_store(Path(d.write_through), write_through_meta(cfg, data), topo, data, teacher,
+                    cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
+                    fill_from="the teacher", log=log)
+        if topo.dp_rank == 0:  # runs trained from the store report the teacher's held-out loss beside theirs
+            write_store_teacher_eval(Path(d.write_through), data, val_loss)
+
+
+def write_through_meta(cfg: ExperimentConfig, data: PackedDataset) -> StoreMeta:
+    """The store distill.write_through completes: the run's signal as served, from this teacher."""
+    ident = model_identity(teacher_export_dir(cfg), cfg.teacher.path or f"{cfg.teacher.preset} "
+                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
+    return store_meta(cfg, data, ident)
 
 
 def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
@@ -271,14 +307,15 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
                 log: Log = print) -> None:
     """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
     exported final model."""
-    from .dump import build_store
+    from .spool import build_store
 
     final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
                           torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")
     build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), topo, data, final,
-                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, log=log)
+                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="dump",
+                fill_from="the final model", log=log)
 
 
 # ------------------------------------------------------------------------------------- experiment
@@ -329,7 +366,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
             teacher_loss = _teacher_val_loss(topo, source)
             if topo.is_logger:
                 result = compare(result, teacher_loss, baseline)
-        source.close()
+        source.close(finished=result.finished)
     finally:
         trainer.close()
     if result.finished and cfg.distill.dump_logits:

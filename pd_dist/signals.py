@@ -107,8 +107,9 @@ class SignalSource:
         read against), where the source can know it; None otherwise."""
         return None
 
-    def close(self) -> None:
-        """Release what the source holds (and tell a remote teacher this student is done)."""
+    def close(self, finished: bool = False) -> None:
+        """Release what the source holds (and tell a remote teacher this student is done; ``finished``:
+        the run trained to its last step, so a teacher writing through to a store may complete it)."""
 
 
 SOURCES: dict[str, type[SignalSource]] = {}
@@ -218,8 +219,8 @@ class OnlineTeacher(SignalSource):
     def scalars(self):
         return {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
 
-    def close(self):
-        self.client.close()
+    def close(self, finished: bool = False):
+        self.client.close(finished)
 
 
 class _StoredMicroBatches(torch.utils.data.Dataset):
@@ -283,7 +284,7 @@ class StoredLogits(SignalSource):
             return None  # the store holds no logits for these (held-out) samples
         return self.store.get_batch(ids).without_lse()
 
-    def close(self):
+    def close(self, finished: bool = False):
         self._loader = None
 
 

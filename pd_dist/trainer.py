@@ -111,7 +111,7 @@ class Trainer:
             self.monitor.print(source.describe())
         self.dump = None
         if cfg.distill.dump_logits:
-            from .dump import LogitsDump
+            from .spool import LogitsDump
 
             p, k = cfg.stored_truncation()
             self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, p, min(k, data.vocab_size))

@@ -14,7 +14,7 @@ LAYERS = [
      "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "losses", "config"],
     ["inference"],
     ["online", "signals"],
-    ["student", "pipeline", "checkpoint", "dump", "trainer"],
+    ["student", "pipeline", "checkpoint", "spool", "trainer"],
     ["run", "generate"],
     ["evaluate", "sweep", "report"],
     ["cli", "plan"],

@@ -151,7 +151,7 @@ def test_dump_logits_from_the_teachers_own_pretraining(tmp_path, smoke_data):
            cwd=tmp_path)
     assert verify_store(root) == []
     info = json.loads((root / "dump_info.json").read_text())
-    assert info["samples_from_training"] == 16
+    assert info["samples_from_spools"] == 16 and info["filled_from"] == "the final model"
     store = LogitsStore(root)
     cfg = __import__("pd_dist.config", fromlist=["load_config"]).load_config(SMOKE)
     first = GlobalBatchSampler(smoke_data.n_train, 8, cfg.train.seed).global_batch_ids(0)

@@ -1,0 +1,224 @@
+"""Signals spooled to disk as they are produced, then turned into an ordinary teacher-logits store.
+
+Two producers use it:
+
+* `distill.dump_logits` (:class:`LogitsDump`): an LM-only run writes its own truncated logits as it
+  trains, so a teacher's pre-training pays for the logits (the paper's second source of offline
+  logits). These are the logits of a *moving* model: each sample's entry comes from the model as it was
+  at the step that trained on it (the last such step when a sample is seen more than once). Samples the
+  run never reached are filled at the end from the final model.
+* `distill.write_through` (:class:`WriteThrough`): an online teacher replica keeps every signal it
+  serves, so later runs (another student, a sweep point, a rerun) train offline from the store with no
+  teacher cost. The teacher is frozen and deterministic, so a sample served more than once (by a
+  resumed run, or to evaluation) has the same signal each time; it is written once. Samples nobody
+  asked for are filled at the end by the same teacher.
+
+Each rank appends fixed-size records (sample id, step, indices, values, lse) to its own spool file
+(``<store>/.spool/<name>.bin``; a record cut short by a crash is dropped when the file is reopened, so a
+resumed run appends whole records). At the end the ranks build the shards round-robin from all spools,
+each under a temporary name renamed when complete, and the first rank writes the manifest: the store is
+the same format with the same checks and tools as a generated one.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import PackedDataset
+from .logits import SparseLogits
+from .store import ShardWriter, StoreMeta, shard_done, shard_ranges, write_manifest
+from .topology import Topology
+
+SPOOL_DIR = ".spool"
+
+
+def record_dtype(seq_len: int, k: int) -> np.dtype:
+    return np.dtype([("sample", "<i8"), ("step", "<i8"), ("idx", "<i4", (seq_len, k)),
+                     ("val", "<f4", (seq_len, k)), ("lse", "<f4", (seq_len,))])
+
+
+class Spool:
+    """One rank's append-only file of (sample id, step, signal) records of width ``width``."""
+
+    def __init__(self, root: Path, name: str, seq_len: int, width: int):
+        self.dir = Path(root) / SPOOL_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = record_dtype(seq_len, width)
+        self.path = self.dir / f"{name}.bin"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size % self.dtype.itemsize:  # the last record was cut short by a crash: drop it
+            with open(self.path, "r+b") as fh:
+                fh.truncate(size - size % self.dtype.itemsize)
+        self.fh = open(self.path, "ab")
+
+    def add(self, step: int, ids: np.ndarray, sig: SparseLogits) -> None:
+        """The signals of samples ``ids`` ([B, T, width]; lse kept when present, else 0)."""
+        rec = np.zeros(len(ids), self.dtype)
+        rec["sample"] = ids
+        rec["step"] = step
+        rec["idx"] = sig.indices.to("cpu", torch.int32).numpy()
+        rec["val"] = sig.values.to("cpu", torch.float32).numpy()
+        if sig.lse is not None:
+            rec["lse"] = sig.lse.to("cpu", torch.float32).numpy()
+        self.fh.write(rec.tobytes())
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+class LogitsDump(Spool):
+    """Per-rank spool of a training run's own logits, truncated to top-p-k (``top_p_k``)."""
+
+    def __init__(self, root: Path, rank: int, seq_len: int, top_p: float, k: int):
+        super().__init__(root, f"rank{rank:05d}", seq_len, k)
+        self.top_p_k = (top_p, k)
+
+    def at_step(self, step: int) -> "_StepSink":
+        """What the student's forward hands its own logits to during `step`."""
+        return _StepSink(self, step)
+
+
+class WriteThrough:
+    """A teacher's answer function that also spools what it answers (distill.write_through).
+
+    ``fn(tokens, sample_ids)`` is the teacher; ``wrapped(tokens, ids)`` returns its answer unchanged and
+    queues it for a background thread that appends it to this replica's spool, so the disk write
+    overlaps the next forward. Padding forwards (ids None) are not kept."""
+
+    def __init__(self, fn: Callable[..., SparseLogits], root: Path, name: str, seq_len: int, width: int):
+        self.fn = fn
+        self.spool = Spool(root, name, seq_len, width)
+        self.kept = 0
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._write, name="pd-write-through", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._failure:
+                continue
+            try:
+                ids, sig = item
+                self.spool.add(0, ids, sig.to("cpu"))
+                self.kept += len(ids)
+            except BaseException as e:  # re-raised on the serving thread
+                self._failure.append(e)
+
+    def __call__(self, tokens: torch.Tensor, ids=None) -> SparseLogits:
+        if self._failure:
+            raise RuntimeError(f"write-through to {self.spool.path} failed: {self._failure[0]}") from self._failure[0]
+        out = self.fn(tokens, ids)
+        if ids is not None:
+            self._q.put((np.asarray(ids, np.int64).copy(), out))
+        return out
+
+    def close(self) -> None:
+        """Write what is queued and close the spool (raises what the writer hit)."""
+        self._q.put(None)
+        self._thread.join()
+        self.spool.close()
+        if self._failure:
+            raise RuntimeError(f"write-through to {self.spool.path} failed: {self._failure[0]}") from self._failure[0]
+
+
+class _StepSink:
+    def __init__(self, dump: LogitsDump, step: int):
+        self.dump, self.step, self.top_p_k = dump, step, dump.top_p_k
+
+    def __call__(self, ids: np.ndarray, own: SparseLogits) -> None:
+        self.dump.add(self.step, ids, own)
+
+
+def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memmap, int]]:
+    """sample id -> (spool, record index) of the latest step that produced it."""
+    best: dict[int, tuple[int, int, np.memmap, int]] = {}
+    for f in sorted(spool_dir.glob("*.bin")):
+        n = f.stat().st_size // dtype.itemsize  # a record cut by a crash is ignored
+        if n == 0:
+            continue
+        mm = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
+        samples, steps = np.asarray(mm["sample"]), np.asarray(mm["step"])
+        for j in range(n):  # later records of equal step (a resumed run redoing it) win
+            key = (int(steps[j]), j)
+            cur = best.get(int(samples[j]))
+            if cur is None or key >= cur[:2]:
+                best[int(samples[j])] = (key[0], key[1], mm, j)
+    return {s: (v[2], v[3]) for s, v in best.items()}
+
+
+def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset,
+                fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int, source: str,
+                fill_from: str, log=print) -> None:
+    """Shards from the spools (round-robin over this role's data-parallel ranks), the samples no spool
+    holds from ``fill(tokens, sample_ids)``; then the manifest (rank 0) and ``<source>_info.json``."""
+    root = Path(root)
+    dtype = record_dtype(meta.seq_len, meta.width)
+    latest = _latest_records(root / SPOOL_DIR, dtype)
+    ranges = shard_ranges(meta.n_samples, meta.shard_size)
+    filled = 0
+    for i in range(topo.dp_rank, len(ranges), topo.dp_size):
+        if shard_done(root, meta, i):
+            continue
+        first, end = ranges[i]
+        missing = [s for s in range(first, end) if s not in latest]
+        computed = {}
+        for b in range(0, len(missing), micro_batch):
+            ids = np.asarray(missing[b:b + micro_batch])
+            sparse = fill(torch.from_numpy(data.batch(ids))[:, :-1], ids).to("cpu")
+            for j, sid in enumerate(ids):
+                computed[int(sid)] = sparse[j]
+        filled += len(missing)
+        with ShardWriter(root, meta, i) as w:
+            for sid in range(first, end):
+                if sid in computed:
+                    sparse = computed[sid]
+                else:
+                    mm, j = latest[sid]
+                    rec = mm[j]
+                    sparse = SparseLogits(torch.from_numpy(np.array(rec["idx"], np.int64)),
+                                          torch.from_numpy(np.array(rec["val"])),
+                                          torch.from_numpy(np.array(rec["lse"])))
+                w.add(sid, sparse)
+            w.finish()
+    print(f"[{source} rank {topo.dp_rank}] {filled} sample(s) not in the spools were filled from {fill_from}",
+          flush=True)
+    topo.barrier()
+    if topo.dp_rank == 0:
+        write_manifest(root, meta)
+        kept = sum(1 for s in latest if s < meta.n_samples)
+        info = {"source": source, "samples_from_spools": kept, "samples_filled": meta.n_samples - kept,
+                "filled_from": fill_from}
+        (root / f"{source}_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        for f in (root / SPOOL_DIR).glob("*"):
+            f.unlink()
+        (root / SPOOL_DIR).rmdir()
+        log(f"[{source}] store complete: {root} ({kept} samples from the spools, "
+            f"{meta.n_samples - kept} filled from {fill_from})")
+    topo.barrier()
+
+
+def store_is_complete(root: Path, meta: StoreMeta) -> bool:
+    """True when ``root`` holds a finished store for ``meta``; StoreError when it holds one for other
+    inputs (which a run must not overwrite)."""
+    from .store import StoreError
+
+    man = Path(root) / "manifest.json"
+    if not man.is_file():
+        return False
+    old = StoreMeta.from_dict(json.loads(man.read_text()))
+    if old.resolved().digest() != meta.digest():
+        raise StoreError(f"{root} already holds a store for other inputs (teacher, data or signal differ); "
+                         "choose another directory or remove it")
+    return True
