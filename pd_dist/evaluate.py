@@ -7,7 +7,7 @@ packed data it trained on) and recomputes, on the run's held-out samples:
 - ``val_loss`` / ``ppl``: the student's next-token cross-entropy (the run's own final evaluation, redone);
 - ``val_kd_loss`` and ``teacher_top1_agreement``: against the run's teacher signal (the teacher model
   when its directory is readable, otherwise the run's store if it holds the held-out samples), with the
-  run's truncation, loss kind and temperature;
+  run's signal (truncation or draws), loss kind and temperature;
 - ``teacher_val_loss``: the teacher's own held-out loss;
 - ``lm_only_val_loss`` and ``pd_gain = (LM - PD) / LM`` in loss (positive: distillation helped) against
   the matching LM-only baseline run, evaluated here on the same samples;
@@ -108,19 +108,24 @@ def _teacher_for(cfg, data, log: Log):
     if d.mode == "none":
         return None, None
     tdir = teacher_export_dir(cfg)
+    val = data.val_ids()
+    mb = cfg.train.micro_batch_size
+    # the held-out micro-batches' sample ids, in the order held_out_batches yields them (a drawn
+    # signal's draws are keyed by them)
+    ids = iter([val[s:s + mb] for s in range(0, len(val), mb)])
+    signal = d.signal_spec(cfg.train.seed)
     if (tdir / "config.json").is_file():
         model = build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
-        frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, d.top_p, d.top_k, cfg.train.loss_chunk_size)
-        return frozen, frozen
+        frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, d.top_p, d.top_k, cfg.train.loss_chunk_size,
+                               signal=signal)
+        return (lambda inp: frozen(inp, next(ids))), frozen
     if d.mode == "offline" and d.store:
         from .store import open_for_training
 
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k)
-        val = data.val_ids()
+                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k, signal=signal)
         if len(store) > int(val.max()):
-            ids = iter([val[s:s + cfg.train.micro_batch_size] for s in range(0, len(val), cfg.train.micro_batch_size)])
             return (lambda inp: store.get_batch(next(ids)).without_lse()), None
     log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")
     return None, None
@@ -145,7 +150,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
     batches = list(held_out_batches(data, cfg.train.micro_batch_size))
     teacher, frozen = _teacher_for(cfg, data, log)
     result = held_out_metrics(_load_causal_lm(run_dir / "student"), batches, teacher, cfg.distill.loss,
-                              cfg.distill.temperature, cfg.train.loss_chunk_size)
+                              cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
     result["teacher_val_loss"] = frozen.val_loss(batches) if frozen is not None else _summary(run_dir).get(
         "teacher_val_loss")
     result["downstream"] = downstream(run_dir / "student", tasks, log=log)
