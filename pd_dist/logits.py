@@ -428,11 +428,12 @@ class SignalSpec:
             return {}
         return {"samples": int(self.samples), "temperature": float(self.temperature), "seed": int(self.seed)}
 
-    def describe(self) -> str:
+    def describe(self, seed: bool = True) -> str:
+        """One phrase, e.g. "top-0.95-20 head + 30 draws at tau 1 (seed 0)"."""
         if self.kind == "top_p_k":
             return f"top-{self.top_p:g}-{self.top_k}"
         head = f"top-{self.top_p:g}-{self.top_k} head + " if self.kind == "head_tail" else ""
-        return f"{head}{self.samples} draws at tau {self.temperature:g} (seed {self.seed})"
+        return f"{head}{self.samples} draws at tau {self.temperature:g}" + (f" (seed {self.seed})" if seed else "")
 
     def form(self, logits: torch.Tensor, keys: Optional[torch.Tensor] = None, keep_lse: bool = False) -> SparseLogits:
         """The signal of ``logits`` [..., V]; ``keys`` (the leading shape) for drawn kinds."""
