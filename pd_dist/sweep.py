@@ -26,8 +26,9 @@ from a store generated once per teacher (and data): one generation job, which al
 teacher when the config has no teacher.path, writes the widest top-p-k any point asks for and the
 teacher's held-out loss; every point that differs only in what is applied at training time (loss,
 temperature, alpha, LR, a narrower top-p-k) reads it, so the teacher's forward is paid once. Online
-points run as configured, with their teacher.path or the group's teacher (whose store is then written
-but unused).
+points, and points with a drawn signal (distill.signal sampled or head_tail, whose draws cannot be
+formed from stored top-p-k logits), run as configured, with their teacher.path or the group's teacher
+(whose store is then written but unused).
 
 Resumable: a point with a finished summary.json is skipped, one with checkpoints continues with
 --resume. `--slurm` writes the generation and the points as two Slurm arrays (the second depending on
@@ -262,7 +263,9 @@ class Sweep:
                     group = self._group(cfg)
                     if not cfg.teacher.path:
                         cfg.teacher.path = str(group.teacher_dir)
-                    if cfg.distill.mode in ("colocated", "offline"):
+                    # the shared store holds top-p-k logits; a drawn signal (sampled, head_tail) cannot be
+                    # formed from them, so such points run as configured (with the group's teacher)
+                    if cfg.distill.mode in ("colocated", "offline") and cfg.distill.signal == "top_p_k":
                         cfg.distill.mode, cfg.distill.store = "offline", str(group.store)
                 name = f"{_slug(settings)}-seed{seed}"
                 cfg.output_dir = str(self.out / "points" / name)
@@ -298,7 +301,8 @@ class Sweep:
         if name not in self.groups:
             g = copy.deepcopy(cfg)
             g.output_dir = str(self.out / "teachers" / name)
-            g.distill = dataclasses.replace(cfg.distill, mode="offline", store=str(self.out / "teachers" / name / "store"))
+            g.distill = dataclasses.replace(cfg.distill, mode="offline", signal="top_p_k",
+                                            store=str(self.out / "teachers" / name / "store"))
             g.generate = dataclasses.replace(cfg.generate, include_val=True)
             self.groups[name] = TeacherGroup(name, g)
         return self.groups[name]

@@ -69,6 +69,18 @@ def test_grid_zip_seeds_baselines_and_shared_stores(tmp_path, tiny_teacher_dir):
     assert zipped == {(0.9, 5), (1.0, 20)}
 
 
+def test_drawn_signal_points_run_as_configured_beside_a_top_p_k_store(tmp_path, tiny_teacher_dir):
+    """A drawn signal cannot be formed from stored top-p-k logits: its points keep their mode (with the
+    group's teacher) while the top-p-k points share the group's store, which stays top-p-k."""
+    sw = _sweep(tmp_path, set={"teacher.path": str(tiny_teacher_dir), "distill.loss": "kld"},
+                axes={"distill.signal": ["sampled", "top_p_k", "head_tail"]})
+    g = next(iter(sw.groups.values()))
+    assert len(sw.groups) == 1 and g.config.distill.signal == "top_p_k"
+    modes = {p.config.distill.signal: (p.config.distill.mode, p.config.distill.store) for p in sw.points}
+    assert modes == {"top_p_k": ("offline", str(g.store)), "sampled": ("colocated", None),
+                     "head_tail": ("colocated", None)}
+
+
 def test_one_at_a_time_varies_each_key_alone_from_the_base(tmp_path, tiny_teacher_dir):
     from pd_dist.config import load_config
 
