@@ -271,6 +271,14 @@ class ExperimentConfig:
                  f"must be a multiple of train.micro_batch_size ({self.train.micro_batch_size})")
         if self.distill.signal == "sampled" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
             fail("distill.signal", "sampled", "is not supported with pipelined students or teachers yet")
+        if self.topology.teacher_failover and self.distill.mode == "online":
+            # Those teacher ranks step in lockstep collectives: with one of them gone the others hang.
+            if self.teacher.zero_stage == 3:
+                fail("topology.teacher_failover", True, "cannot work with teacher.zero_stage 3 (every teacher "
+                     "rank's forward needs the weights of all of them)")
+            if self.teacher.pipeline_stages > 1:
+                fail("topology.teacher_failover", True, "cannot work with teacher.pipeline_stages > 1 (the "
+                     "replicas' stages run in lockstep)")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 
