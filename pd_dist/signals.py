@@ -211,7 +211,10 @@ class OnlineTeacher(SignalSource):
         return self.client.wait_time  # blocked on answers, not the (asynchronous) sends
 
     def scalars(self):
-        return {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+        out = {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+        if self.client.failover:
+            out["teacher/replicas_alive"] = self.client.replicas_alive()
+        return out
 
     def close(self):
         self.client.close()
