@@ -101,12 +101,21 @@ class TeacherClient:
         off = 3 + spec.micro_batch
         req[off:off + n * spec.seq_len] = tokens.reshape(-1).to("cpu", torch.int64)
         resp = self._free_resp.pop() if self._free_resp else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
-        bridge = self.topo.bridge
-        recv_work = bridge.recv([resp], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
-        send_work = bridge.send([req], self.peer, TAG_REQ)
-        self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), recv_work, send_work, resp, req)
+        p = self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), None, None, resp, req)
         self.seq += 1
-        return self.seq - 1
+        try:
+            self._post(p)
+        except RuntimeError:  # gloo refuses to post on a connection already closed
+            if not self.failover:
+                raise
+            self._fail_over(PeerError(f"{self.me_desc} sending a request to {self.peer_desc}: peer closed "
+                                      "the connection (exited or crashed)"))
+        return p.seq
+
+    def _post(self, p: _Pending) -> None:
+        bridge = self.topo.bridge
+        p.recv_work = bridge.recv([p.resp_buf], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
+        p.send_work = bridge.send([p.req_buf], self.peer, TAG_REQ)
 
     def result(self, ticket: int) -> SparseLogits:
         """The answer to `ticket`, [n, seq_len, k]; blocks up to the peer timeout."""
@@ -181,13 +190,17 @@ class TeacherClient:
             self.log(f"pd-dist: {self.me_desc}: lost {lost_desc} ({str(err).split(': ')[-1]}); continuing "
                      f"with {desc}, re-sending {len(self.pending)} request(s) in flight "
                      f"({self.replicas_alive()} of {n} teacher replicas alive)")
-            for seq in sorted(self.pending):  # in order: the new replica answers them in this order
-                old = self.pending[seq]
-                req = old.req_buf.clone()
-                resp = torch.empty(self.spec.response_nbytes(), dtype=torch.uint8)
-                recv_work = topo.bridge.recv([resp], rank, TAG_RESP)
-                send_work = topo.bridge.send([req], rank, TAG_REQ)
-                self.pending[seq] = _Pending(seq, old.ids, recv_work, send_work, resp, req)
+            # Fresh buffers (the old ones may still be written by a silent replica), sent in order: the
+            # new replica answers them in this order.
+            self.pending = {seq: _Pending(seq, p.ids, None, None,
+                                          torch.empty(self.spec.response_nbytes(), dtype=torch.uint8),
+                                          p.req_buf.clone()) for seq, p in sorted(self.pending.items())}
+            try:
+                for p in self.pending.values():
+                    self._post(p)
+            except RuntimeError:  # this one died meanwhile
+                return self._fail_over(PeerError(f"{self.me_desc} sending a request to {desc}: peer closed "
+                                                 "the connection (exited or crashed)"))
             return
         raise err
 
