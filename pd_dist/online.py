@@ -299,6 +299,7 @@ class _Adoption:
         self.done: set[int] = set()
         self.others = None  # the heartbeats of the clients not done, once this replica has no student left
         self.last = 0.0
+        self.given_up = False  # its students recorded this replica lost (it was silent past the timeout)
 
     def poll(self, active: set[int]) -> list[int]:
         """Students handshaken and adopted since the last poll (none between polls)."""
@@ -306,6 +307,7 @@ class _Adoption:
         if now - self.last < ADOPT_POLL_S:
             return []
         self.last = now
+        self.given_up = teacher_is_lost(self.topo.store, self.topo.dp_rank)
         for s in self.done_log.new():
             self.done.add(s)
             if self.others is not None:
@@ -397,6 +399,11 @@ class TeacherServer:
                     watch.add(s)
                     threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
                                      daemon=True, name=f"pd-teacher-recv-{s}").start()
+            if adoption is not None and adoption.given_up:
+                # Its students re-sent their requests elsewhere and wait for nothing from it.
+                self.log("the students of this replica gave it up (it was silent past topology.peer_timeout_s) "
+                         "and were adopted by others; leaving")
+                return self.stats
             check_students(watch, self.topo, self.me_desc)
             work = []
             for s, r in items:

@@ -155,9 +155,20 @@ def test_a_silent_replica_is_left_after_the_peer_timeout():
     the answers it may still send land in buffers the client no longer reads."""
     job = Job(4, 2, timeout=0.5)
     job.serve(0)
-    from pd_dist.bridge import exchange_hello
+    stuck = threading.Event()
+    stalled = {}
 
-    threading.Thread(target=exchange_hello, args=(job.topos[1].bridge, SPEC, 3, "t", "s", 5), daemon=True).start()
+    def run_stalled():  # replica 1 hangs in its first forward until the test lets it go
+        def forward(t, ids):
+            stuck.wait(30)
+            return job.model.sparse(t)
+        try:
+            stalled["stats"] = TeacherServer(job.topos[1], SPEC, forward, max_batch=8, startup_timeout_s=5,
+                                             log=lambda s: job.logs.append(f"[teacher 1] {s}")).serve()
+        except Exception as e:
+            stalled["error"] = e
+    th1 = threading.Thread(target=run_stalled, daemon=True)
+    th1.start()
     other = {}
     th = threading.Thread(target=lambda: other.update(c=TeacherClient(job.topos[2], SPEC, startup_timeout_s=5)))
     th.start()
@@ -168,6 +179,10 @@ def test_a_silent_replica_is_left_after_the_peer_timeout():
     sp = client.result(t)  # replica 1 never answers: after 0.5 s the request goes to replica 0
     assert client.replica == 0 and torch.equal(sp.values, job.model.sparse(tok).values)
     assert any("lost teacher rank 1" in ln and "silent for 0.5s" in ln for ln in job.logs), job.logs
+    stuck.set()  # replica 1 wakes up, answers into buffers nobody reads, sees it was given up and leaves
+    th1.join(10)
+    assert not th1.is_alive() and "error" not in stalled, stalled.get("error")
+    assert any(ln.startswith("[teacher 1] the students of this replica gave it up") for ln in job.logs), job.logs
     client.close()
     other["c"].close()
     job.servers[0]["thread"].join(10)
