@@ -88,7 +88,8 @@ def _student(job: Job, rank: int, steps: int, kill_at: dict, results: dict, erro
             _together(sync)
             sp = pf.next(ids)
             want = job.model.sparse(torch.stack([tokens[int(i)] for i in ids]))
-            got.append(torch.equal(sp.indices[sp.mask], want.indices[want.mask]) and torch.equal(sp.values, want.values))
+            got.append(torch.equal(sp.indices[sp.mask], want.indices[want.mask])
+                       and torch.equal(sp.values, want.values))
             replicas.append(client.replica)
         client.close()
         results[rank] = (got, replicas, client.replicas_alive())
@@ -200,3 +201,21 @@ def test_failover_is_refused_where_the_teachers_run_in_lockstep(override, what):
         load_config(SMOKE, sets)
     assert str(e.value).startswith("config key 'topology.teacher_failover' = True: cannot work with " + what)
     load_config(SMOKE, sets[:2])  # accepted on its own
+
+
+def test_a_replica_dead_before_the_handshake_is_replaced_at_start():
+    job = Job(4, 2)
+    job.serve(0)
+    job.kill(1)  # never started serving
+    other = {}
+    th = threading.Thread(target=lambda: other.update(c=TeacherClient(job.topos[2], SPEC, startup_timeout_s=5)))
+    th.start()
+    client = TeacherClient(job.topos[3], SPEC, startup_timeout_s=5, log=job.logs.append)
+    th.join(10)
+    assert client.replica == 0 and client.replicas_alive() == 1
+    tok = torch.arange(6).reshape(1, 6)
+    assert torch.equal(client.result(client.submit(np.array([3]), tok)).values, job.model.sparse(tok).values)
+    client.close()
+    other["c"].close()
+    job.servers[0]["thread"].join(10)
+    assert "error" not in job.servers[0] and job.servers[0]["stats"].requests == 1
