@@ -8,7 +8,6 @@ re-sent request answered late, twice, out of order or by the wrong replica fails
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -219,3 +218,16 @@ def test_a_replica_dead_before_the_handshake_is_replaced_at_start():
     other["c"].close()
     job.servers[0]["thread"].join(10)
     assert "error" not in job.servers[0] and job.servers[0]["stats"].requests == 1
+
+
+def test_the_end_of_the_run_does_not_wait_for_a_teacher_that_died_unnoticed():
+    """A replica that dies after its students are done is recorded by nobody: the end-of-run barrier
+    finds it by its stopped heartbeat (after the peer timeout) and lets the others leave."""
+    job = Job(4, 2, timeout=0.5)
+    job.kill(1)
+    closers = [threading.Thread(target=job.topos[r].close) for r in (0, 2, 3)]
+    assert not job.store.check(["pd/failover/lost-replica/1"])
+    [t.start() for t in closers]
+    [t.join(20) for t in closers]
+    assert not any(t.is_alive() for t in closers)
+    assert job.store.check(["pd/failover/lost-replica/1"])  # found by the barrier, not by a student
