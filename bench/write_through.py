@@ -37,14 +37,6 @@ from pd_dist.spool import WriteThrough, build_store  # noqa: E402
 from pd_dist.store import StoreMeta, verify_store  # noqa: E402
 
 
-class _OneRank:
-    """The topology build_store needs on a single teacher rank."""
-    dp_rank, dp_size = 0, 1
-
-    def barrier(self) -> None:
-        pass
-
-
 class _Tokens:
     """The data build_store reads windows from (random tokens, fixed seed)."""
 
@@ -107,7 +99,7 @@ def main() -> int:
         root = Path(tmp) / f"round{args.rounds - 1}"
         spool_bytes = sum(f.stat().st_size for f in (root / ".spool").glob("*.bin"))
         t0 = time.perf_counter()
-        build_store(root, meta, _OneRank(), data, teacher, args.micro_batch, source="write_through",
+        build_store(root, meta, data, teacher, args.micro_batch, source="write_through",
                     fill_from="the teacher", log=log)
         complete = time.perf_counter() - t0
         assert verify_store(root) == []

@@ -88,7 +88,7 @@ def train_main(argv: list[str] | None = None) -> int:
         # (its connection closed); else the rank whose heartbeat stopped.
         me = f"{topo.role} {topo.describe(topo.rank)}"
         first = str(e).splitlines()[0][:200]
-        if topo.online and topo.role == "student":
+        if topo.online and topo.role == "student" and not topo.teacher_failover:  # else it was replaced
             from .bridge import peer_is_gone
 
             if peer_is_gone(topo.bridge, topo.my_teacher()):

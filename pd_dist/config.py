@@ -295,7 +295,6 @@ class ExperimentConfig:
                 fail("generate.top_p" if g.top_p is not None else "generate.top_k",
                      g.top_p if g.top_p is not None else g.top_k,
                      "does not apply to distill.write_through, which stores the signal as it is served")
-        g = self.generate
         if self.distill.signal != "top_p_k" and (g.top_p is not None or g.top_k is not None):
             fail("generate.top_p" if g.top_p is not None else "generate.top_k",
                  g.top_p if g.top_p is not None else g.top_k,
@@ -305,6 +304,14 @@ class ExperimentConfig:
                  "draw counts) or exact")
         if self.distill.signal != "top_p_k" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
             fail("distill.signal", self.distill.signal, "is not supported with pipelined students or teachers yet")
+        if self.topology.teacher_failover and self.distill.mode == "online":
+            # Those teacher ranks step in lockstep collectives: with one of them gone the others hang.
+            if self.teacher.zero_stage == 3:
+                fail("topology.teacher_failover", True, "cannot work with teacher.zero_stage 3 (every teacher "
+                     "rank's forward needs the weights of all of them)")
+            if self.teacher.pipeline_stages > 1:
+                fail("topology.teacher_failover", True, "cannot work with teacher.pipeline_stages > 1 (the "
+                     "replicas' stages run in lockstep)")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

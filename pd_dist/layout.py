@@ -37,6 +37,11 @@ class TopologyConfig:
     cross_node: bool = field(default=False, metadata=doc(
         "allow a teacher replica or a student pipeline to span nodes (refused by default: their "
         "stages exchange activations every micro-batch)"))
+    teacher_failover: bool = field(default=False, metadata=doc(
+        "online: when a teacher replica dies or is silent for peer_timeout_s, its students re-send what "
+        "was in flight to the next live replica (in replica order) and go on with the same logits; the "
+        "run fails only when no replica is left. Global rank 0 (the job's store) must survive; one "
+        "replica per teacher rank (no teacher.zero_stage 3 or teacher.pipeline_stages > 1)"))
 
     def validate(self, prefix: str) -> None:
         if any(r < 0 for r in self.teacher_ranks) or len(set(self.teacher_ranks)) != len(self.teacher_ranks):

@@ -5,6 +5,13 @@ truncates top-p-k, and answers with indices + kept logits + the same sample ids.
 waiting from several students are batched into one forward. Students own the data order: their
 client sends requests `distill.prefetch` micro-batches ahead, so the teacher computes step n+1 while
 the student trains on step n, and checks the sample ids of every answer.
+
+With topology.teacher_failover, students outlive a teacher replica: a client whose replica dies or is
+silent for the peer timeout records it lost on the job's store, asks the next live replica (in replica
+order after its own) to adopt it, and re-sends its requests in flight there in order. The teacher is
+deterministic and stateless and every request carries its sample ids and tokens, so the answers are the
+ones the lost replica would have sent. A serving replica polls the store for students to adopt and
+serves until every student of the job is done.
 """
 from __future__ import annotations
 
@@ -22,13 +29,31 @@ import torch
 from .bridge import (OP_STOP, OP_WORK, REFUSED, TAG_REQ, TAG_RESP, BadRequest, PeerError, WireSpec,
                      check_request, decode_response, encode_refusal, encode_response, exchange_hello, wait)
 from .logits import SparseLogits
-from .topology import Topology
+from .topology import LOST_TEACHERS, StoreLog, Topology, mark_teacher_lost, teacher_is_lost
 
 # The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
 # own pre-training); a peer that dies meanwhile still fails it at once.
 STARTUP_TIMEOUT_S = 3600.0
 # How long a teacher waits for a student's next request: no limit in practice (see receive_requests).
 IDLE_WAIT = datetime.timedelta(days=3650)
+# topology.teacher_failover: the store keys of the students each teacher rank is asked to adopt
+# (ADOPT/<teacher rank>), of the student clients done with their teacher, and how often a serving
+# replica looks at them.
+ADOPT = "pd/failover/adopt"
+STUDENTS_DONE = "pd/failover/done"
+STUDENTS_FINISHED = "pd/failover/finished"  # a count: clients that trained to the end of the run
+
+
+def job_finished(topo: Topology) -> bool:
+    """With topology.teacher_failover: every student client of the job said it trained to the end (read
+    once all are done; a replica's own stats cannot know, its students may have gone elsewhere)."""
+    return topo.store.add(STUDENTS_FINISHED, 0) >= topo.layout.dp
+
+
+def first_live_replica(topo: Topology) -> Optional[int]:
+    """The lowest teacher replica not recorded lost (the one that completes shared work), or None."""
+    return next((r for r in range(topo.layout.n_replicas) if not teacher_is_lost(topo.store, r)), None)
+ADOPT_POLL_S = 0.5
 
 
 @dataclass
@@ -44,18 +69,29 @@ class _Pending:
 class TeacherClient:
     """Student side: submit requests ahead, collect answers into preallocated buffers, check ids."""
 
-    def __init__(self, topo: Topology, spec: WireSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S):
-        self.topo, self.spec = topo, spec
+    def __init__(self, topo: Topology, spec: WireSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                 log: Callable[[str], None] = lambda s: print(s, flush=True)):
+        self.topo, self.spec, self.log = topo, spec, log
         # Requests go to the teacher replica's first stage, answers come from its last (the same rank
         # unless the teacher is pipelined).
         self.peer, self.peer_out = topo.my_teacher(), topo.my_teacher_exit()
         self.peer_desc = f"teacher {topo.describe(self.peer)}"
         self.me_desc = f"student {topo.describe(topo.rank)}"
         self.timeout = topo.peer_timeout_s
-        for peer in dict.fromkeys((self.peer, self.peer_out)):
-            exchange_hello(topo.bridge, spec, peer, self.me_desc, f"teacher {topo.describe(peer)}",
-                           max(startup_timeout_s, self.timeout))
+        self.failover = topo.teacher_failover
+        self.home = self.replica = topo.layout.teacher_of(topo.dp_rank)
         self.pending: dict[int, _Pending] = {}
+        # Requests sent to a lost replica: kept alive, since a silent (not dead) peer may still write
+        # into their buffers.
+        self._abandoned: list[_Pending] = []
+        try:
+            for peer in dict.fromkeys((self.peer, self.peer_out)):
+                exchange_hello(topo.bridge, spec, peer, self.me_desc, f"teacher {topo.describe(peer)}",
+                               max(startup_timeout_s, self.timeout))
+        except PeerError as e:
+            if not self.failover:
+                raise
+            self._fail_over(e, max(startup_timeout_s, self.timeout))  # the others may still be starting
         self._free_resp: list[torch.Tensor] = []
         self._free_req: list[torch.Tensor] = []
         self.seq = 0
@@ -77,19 +113,36 @@ class TeacherClient:
         off = 3 + spec.micro_batch
         req[off:off + n * spec.seq_len] = tokens.reshape(-1).to("cpu", torch.int64)
         resp = self._free_resp.pop() if self._free_resp else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
-        bridge = self.topo.bridge
-        recv_work = bridge.recv([resp], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
-        send_work = bridge.send([req], self.peer, TAG_REQ)
-        self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), recv_work, send_work, resp, req)
+        p = self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), None, None, resp, req)
         self.seq += 1
-        return self.seq - 1
+        try:
+            self._post(p)
+        except RuntimeError:  # gloo refuses to post on a connection already closed
+            if not self.failover:
+                raise
+            self._fail_over(PeerError(f"{self.me_desc} sending a request to {self.peer_desc}: peer closed "
+                                      "the connection (exited or crashed)"))
+        return p.seq
+
+    def _post(self, p: _Pending) -> None:
+        bridge = self.topo.bridge
+        p.recv_work = bridge.recv([p.resp_buf], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
+        p.send_work = bridge.send([p.req_buf], self.peer, TAG_REQ)
 
     def result(self, ticket: int) -> SparseLogits:
         """The answer to `ticket`, [n, seq_len, k]; blocks up to the peer timeout."""
         p = self.pending.pop(ticket)
         t0 = time.perf_counter()
-        wait(p.recv_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
-        wait(p.send_work, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
+        try:
+            wait(p.recv_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
+            wait(p.send_work, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
+        except PeerError as e:
+            self.wait_time += time.perf_counter() - t0
+            if not self.failover:
+                raise
+            self.pending[ticket] = p
+            self._fail_over(e)  # every request in flight, this one too, now goes to another replica
+            return self.result(ticket)
         self.wait_time += time.perf_counter() - t0
         seq, ids, sparse = decode_response(self.spec, p.resp_buf, f"{self.me_desc}: {self.peer_desc}")
         if seq != p.seq or not np.array_equal(ids, p.ids):
@@ -112,8 +165,66 @@ class TeacherClient:
             self.result(t)
         stop = torch.zeros(self.spec.request_numel(), dtype=torch.int64)
         stop[0], stop[2] = OP_STOP, int(bool(finished))
-        wait(self.topo.bridge.send([stop], self.peer, TAG_REQ), self.timeout,
-             f"{self.me_desc} stopping {self.peer_desc}")
+        try:
+            wait(self.topo.bridge.send([stop], self.peer, TAG_REQ), self.timeout,
+                 f"{self.me_desc} stopping {self.peer_desc}")
+        except PeerError:
+            if not self.failover:
+                raise  # with failover, a replica gone after the last answer needs no stop
+        if self.failover:
+            if finished:  # counted before "done", so whoever sees every client done sees the final count
+                self.topo.store.add(STUDENTS_FINISHED, 1)
+            StoreLog(self.topo.store, STUDENTS_DONE).push(self.topo.rank)
+
+    def abandon(self) -> None:
+        """Every replica is lost and the caller answers from elsewhere: forget the requests in flight (their
+        buffers are kept: a silent replica may still write into them), so close() waits for none."""
+        self._abandoned.extend(self.pending.values())
+        self.pending = {}
+
+    def replicas_alive(self) -> int:
+        """Teacher replicas of the job not recorded lost (by any student)."""
+        return self.topo.layout.n_replicas - StoreLog(self.topo.store, LOST_TEACHERS).count()
+
+    def _fail_over(self, err: PeerError, hello_timeout_s: Optional[float] = None) -> None:
+        """This client's replica is gone (``err`` says how): record it lost, have the next live replica in
+        replica order after this client's own adopt it, and re-send the requests in flight there, in
+        order. Raises the last replica's error when none is left."""
+        topo, layout, store = self.topo, self.topo.layout, self.topo.store
+        lost_desc = self.peer_desc
+        mark_teacher_lost(store, self.replica)
+        self._abandoned.extend(self.pending.values())
+        n = layout.n_replicas
+        for k in range(1, n):
+            cand = (self.home + k) % n
+            if cand == self.replica or teacher_is_lost(store, cand):
+                continue
+            rank = layout.entry(cand)
+            desc = f"teacher {topo.describe(rank)}"
+            StoreLog(store, f"{ADOPT}/{rank}").push(topo.rank)
+            try:
+                exchange_hello(topo.bridge, self.spec, rank, self.me_desc, desc, hello_timeout_s or self.timeout)
+            except PeerError as e:
+                mark_teacher_lost(store, cand)
+                err = PeerError(f"{self.me_desc}: {e}")
+                continue
+            self.replica, self.peer, self.peer_out, self.peer_desc = cand, rank, rank, desc
+            self.log(f"pd-dist: {self.me_desc}: lost {lost_desc} ({str(err).split(': ')[-1]}); continuing "
+                     f"with {desc}, re-sending {len(self.pending)} request(s) in flight "
+                     f"({self.replicas_alive()} of {n} teacher replicas alive)")
+            # Fresh buffers (the old ones may still be written by a silent replica), sent in order: the
+            # new replica answers them in this order.
+            self.pending = {seq: _Pending(seq, p.ids, None, None,
+                                          torch.empty(self.spec.response_nbytes(), dtype=torch.uint8),
+                                          p.req_buf.clone()) for seq, p in sorted(self.pending.items())}
+            try:
+                for p in self.pending.values():
+                    self._post(p)
+            except RuntimeError:  # this one died meanwhile
+                return self._fail_over(PeerError(f"{self.me_desc} sending a request to {desc}: peer closed "
+                                                 "the connection (exited or crashed)"))
+            return
+        raise err
 
 
 class PrefetchingTeacher:
@@ -196,6 +307,58 @@ def refuse(topo: Topology, spec: WireSpec, s: int, seq: int, err: BadRequest, lo
         pass
 
 
+class _Adoption:
+    """A serving replica's side of topology.teacher_failover: the students it is asked to adopt (from
+    the job's store, polled at most every ADOPT_POLL_S), and whether every student client of the job is
+    done, so that it does not leave while a lost replica's students may still turn to it. Waiting for
+    the others, it watches their heartbeats as it watches its own students'."""
+
+    def __init__(self, topo: Topology, spec: WireSpec, me_desc: str, log: Callable[[str], None]):
+        self.topo, self.spec, self.me_desc, self.log = topo, spec, me_desc, log
+        self.asks = StoreLog(topo.store, f"{ADOPT}/{topo.rank}")
+        self.done_log = StoreLog(topo.store, STUDENTS_DONE)
+        self.clients = {topo.layout.client(d) for d in range(topo.layout.dp)}
+        self.done: set[int] = set()
+        self.others = None  # the heartbeats of the clients not done, once this replica has no student left
+        self.last = 0.0
+        self.given_up = False  # its students recorded this replica lost (it was silent past the timeout)
+
+    def poll(self, active: set[int]) -> list[int]:
+        """Students handshaken and adopted since the last poll (none between polls)."""
+        now = time.monotonic()
+        if now - self.last < ADOPT_POLL_S:
+            return []
+        self.last = now
+        self.given_up = teacher_is_lost(self.topo.store, self.topo.dp_rank)
+        for s in self.done_log.new():
+            self.done.add(s)
+            if self.others is not None:
+                self.others.forget(s)
+        adopted = []
+        for s in self.asks.new():
+            if s in active or s in self.done:
+                continue
+            try:
+                exchange_hello(self.topo.bridge, self.spec, s, self.me_desc, f"student {self.topo.describe(s)}",
+                               self.topo.peer_timeout_s)
+            except PeerError as e:  # it gave up on this replica or died: its own replica's problem
+                self.log(f"student {self.topo.describe(s)} asked to be adopted but {e}")
+                continue
+            self.log(f"adopted student {self.topo.describe(s)}: its teacher replica was lost")
+            adopted.append(s)
+        return adopted
+
+    def all_done(self) -> bool:
+        """Every student client of the job said it is done; raises a PeerError naming one of the
+        others whose heartbeat stopped meanwhile (the run failed elsewhere: nobody is left to serve)."""
+        if self.done >= self.clients:
+            return True
+        if self.others is None:
+            self.others = self.topo.watch(sorted(self.clients - self.done), self.topo.peer_timeout_s)
+        check_students(self.others, self.topo, self.me_desc)
+        return False
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
@@ -247,11 +410,24 @@ class TeacherServer:
         refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
         finished: set[int] = set()  # students whose stop said they trained to the end
         watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
+        adoption = _Adoption(self.topo, spec, self.me_desc, self.log) if self.topo.teacher_failover else None
         last_log = time.perf_counter()
         while True:
-            if lockstep is None and not active:
+            if lockstep is None and not active and (adoption is None or adoption.all_done()):
                 break
             items = self._collect(inbox, WATCH_POLL_S if lockstep is None else lockstep.poll_s)
+            if adoption is not None:
+                for s in adoption.poll(active):
+                    sends[s] = deque()
+                    active.add(s)
+                    watch.add(s)
+                    threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
+                                     daemon=True, name=f"pd-teacher-recv-{s}").start()
+            if adoption is not None and adoption.given_up:
+                # Its students re-sent their requests elsewhere and wait for nothing from it.
+                self.log("the students of this replica gave it up (it was silent past topology.peer_timeout_s) "
+                         "and were adopted by others; leaving")
+                return self.stats
             check_students(watch, self.topo, self.me_desc)
             work = []
             for s, r in items:
@@ -316,7 +492,7 @@ class TeacherServer:
                 last_log = now
                 self._report(now)
         self._report(time.perf_counter())
-        for s in self.students:
+        for s in sends:
             for w, _ in sends[s]:
                 wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
         self.stats.finished = finished >= set(self.students)

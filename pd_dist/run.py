@@ -233,21 +233,40 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
           f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
     if through is not None:
-        from .spool import build_store
-
         through.close()
         print(f"{me}kept {through.kept} served samples for the write-through store {d.write_through}", flush=True)
-        # Complete the store only when every student of every replica trained to the end: a stopped or
-        # interrupted run leaves the spools for its resumed run to continue.
-        if int(topo.role_sum(torch.tensor([int(stats.finished)]))[0]) < topo.role_size:
-            print(f"{me}the students stopped before the end of the run: the write-through spools stay in "
-                  f"{d.write_through} for the resumed run", flush=True)
+        _complete_write_through(cfg, topo, data, teacher, stats.finished, val_loss, me, log)
+
+
+def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, teacher: FrozenTeacher,
+                            finished_here: bool, val_loss: Optional[float], me: str, log: Log) -> None:
+    """Complete distill.write_through's store, only when every student trained to the end of the run (a
+    stopped or interrupted run leaves the spools for its resumed run to continue). The teacher ranks
+    share the shards; with topology.teacher_failover (a replica may be gone, so no collective among
+    them) the first live replica completes it alone."""
+    from .spool import build_store
+
+    root = Path(cfg.distill.write_through)
+    share = dict(rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
+    if topo.teacher_failover:
+        from .online import first_live_replica, job_finished
+
+        first = first_live_replica(topo)
+        if first != topo.dp_rank:
+            print(f"{me}teacher replica {first} completes the write-through store {root}", flush=True)
             return
-        build_store(Path(d.write_through), write_through_meta(cfg, data), topo, data, teacher,
-                    cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
-                    fill_from="the teacher", log=log)
-        if topo.dp_rank == 0:  # runs trained from the store report the teacher's held-out loss beside theirs
-            write_store_teacher_eval(Path(d.write_through), data, val_loss)
+        finished, share = job_finished(topo), {}
+    else:
+        finished = int(topo.role_sum(torch.tensor([int(finished_here)]))[0]) == topo.role_size
+    if not finished:
+        print(f"{me}the students stopped before the end of the run: the write-through spools stay in {root} "
+              "for the resumed run", flush=True)
+        return
+    build_store(root, write_through_meta(cfg, data), data, teacher,
+                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
+                fill_from="the teacher", log=log, **share)
+    if share.get("rank", 0) == 0:  # runs trained from the store report the teacher's held-out loss
+        write_store_teacher_eval(root, data, val_loss)
 
 
 def write_through_meta(cfg: ExperimentConfig, data: PackedDataset) -> StoreMeta:
@@ -313,9 +332,9 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
                           torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")
-    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), topo, data, final,
+    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,
                 cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="dump",
-                fill_from="the final model", log=log)
+                fill_from="the final model", log=log, rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
 
 
 # ------------------------------------------------------------------------------------- experiment

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .bridge import WireSpec
+from .bridge import PeerError, WireSpec
 from .config import DistillMode, ExperimentConfig
 from .data import PackedDataset
 from .inference import FrozenTeacher, held_out_batches
 from .logits import SignalSpec, SparseLogits
 from .online import PrefetchingTeacher, TeacherClient
 from .runtime import model_dtype
+from .spool import SpoolReader
 from .store import StoreMeta, open_for_training
 from .store.codec import default_encoding
 from .topology import Topology
@@ -188,14 +189,23 @@ class OnlineTeacher(SignalSource):
     mode = "online"
     wait_metric = "perf/teacher_wait_frac"
 
-    def __init__(self, client: TeacherClient, data: PackedDataset, prefetch: int):
+    def __init__(self, client: TeacherClient, data: PackedDataset, prefetch: int,
+                 spools: Optional[Callable[[], SpoolReader]] = None, log: Callable[[str], None] = print):
         super().__init__()
         self.client, self.data, self.prefetch = client, data, prefetch
         self.ahead: Optional[PrefetchingTeacher] = None
+        # topology.teacher_failover with distill.write_through: when every replica is lost, what the
+        # teachers kept in their spools answers instead (opened then)
+        self.open_spools, self.spools, self.log = spools, None, log
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "OnlineTeacher":
-        return cls(TeacherClient(ctx.topo, wire_spec(ctx.cfg, ctx.data)), ctx.data, ctx.cfg.distill.prefetch)
+        cfg, spools = ctx.cfg, None
+        if cfg.topology.teacher_failover and cfg.distill.write_through:
+            root, width = Path(cfg.distill.write_through), signal_spec(cfg).width(ctx.data.vocab_size)
+            spools = lambda: SpoolReader(root, ctx.data.seq_len, width)  # noqa: E731
+        return cls(TeacherClient(ctx.topo, wire_spec(cfg, ctx.data)), ctx.data, cfg.distill.prefetch, spools,
+                   log=lambda line: print(line, flush=True))
 
     def teacher_val_loss(self):
         return read_teacher_val_loss(self.client.topo, self.client.peer)
@@ -208,16 +218,39 @@ class OnlineTeacher(SignalSource):
         self.ahead = PrefetchingTeacher(self.client, iter(micro_batches), self._tokens, self.prefetch)
 
     def _fetch(self, ids, input_ids, planned):
-        if planned:
-            return self.ahead.next(ids)
-        return self.client.result(self.client.submit(ids, input_ids.cpu()))  # behind what is in flight
+        if self.spools is None:
+            try:
+                if planned:
+                    return self.ahead.next(ids)
+                return self.client.result(self.client.submit(ids, input_ids.cpu()))  # behind what is in flight
+            except PeerError as e:
+                if self.open_spools is None or self.client.replicas_alive() > 0:
+                    raise
+                self._to_spools(e)
+        missing = self.spools.missing(ids)
+        if missing:
+            if not planned:
+                return None  # held-out samples nobody asked a teacher for: evaluation without KD figures
+            raise PeerError(f"{self.lost}; the write-through spools in {self.spools.root} lack samples "
+                            f"{missing[:8]}") from None
+        return self.spools.get_batch(ids)
+
+    def _to_spools(self, err: PeerError) -> None:
+        self.lost = str(err)
+        self.spools = self.open_spools()
+        self.client.abandon()
+        self.log(f"pd-dist: {self.client.me_desc}: every teacher replica is lost ({self.lost.split(': ')[-1]}); "
+                 f"continuing from the write-through spools in {self.spools.root} ({len(self.spools)} samples)")
 
     @property
     def waited_s(self) -> float:
         return self.client.wait_time  # blocked on answers, not the (asynchronous) sends
 
     def scalars(self):
-        return {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+        out = {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+        if self.client.failover:
+            out["teacher/replicas_alive"] = self.client.replicas_alive()
+        return out
 
     def close(self, finished: bool = False):
         self.client.close(finished)

@@ -33,7 +33,6 @@ import torch
 from .data import PackedDataset
 from .logits import SparseLogits
 from .store import ShardWriter, StoreMeta, shard_done, shard_ranges, write_manifest
-from .topology import Topology
 
 SPOOL_DIR = ".spool"
 
@@ -158,17 +157,19 @@ def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memm
     return {s: (v[2], v[3]) for s, v in best.items()}
 
 
-def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset,
+def build_store(root: Path, meta: StoreMeta, data: PackedDataset,
                 fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int, source: str,
-                fill_from: str, log=print) -> None:
-    """Shards from the spools (round-robin over this role's data-parallel ranks), the samples no spool
-    holds from ``fill(tokens, sample_ids)``; then the manifest (rank 0) and ``<source>_info.json``."""
+                fill_from: str, log=print, rank: int = 0, ranks: int = 1,
+                barrier: Callable[[], None] = lambda: None) -> None:
+    """Shards from the spools (round-robin over ``ranks`` ranks, ``barrier`` waiting for all of them),
+    the samples no spool holds from ``fill(tokens, sample_ids)``; then the manifest (rank 0) and
+    ``<source>_info.json``."""
     root = Path(root)
     dtype = record_dtype(meta.seq_len, meta.width)
     latest = _latest_records(root / SPOOL_DIR, dtype)
     ranges = shard_ranges(meta.n_samples, meta.shard_size)
     filled = 0
-    for i in range(topo.dp_rank, len(ranges), topo.dp_size):
+    for i in range(rank, len(ranges), ranks):
         if shard_done(root, meta, i):
             continue
         first, end = ranges[i]
@@ -192,10 +193,10 @@ def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset
                                           torch.from_numpy(np.array(rec["lse"])))
                 w.add(sid, sparse)
             w.finish()
-    print(f"[{source} rank {topo.dp_rank}] {filled} sample(s) not in the spools were filled from {fill_from}",
+    print(f"[{source} rank {rank}] {filled} sample(s) not in the spools were filled from {fill_from}",
           flush=True)
-    topo.barrier()
-    if topo.dp_rank == 0:
+    barrier()
+    if rank == 0:
         write_manifest(root, meta)
         kept = sum(1 for s in latest if s < meta.n_samples)
         info = {"source": source, "samples_from_spools": kept, "samples_filled": meta.n_samples - kept,
@@ -206,7 +207,29 @@ def build_store(root: Path, meta: StoreMeta, topo: Topology, data: PackedDataset
         (root / SPOOL_DIR).rmdir()
         log(f"[{source}] store complete: {root} ({kept} samples from the spools, "
             f"{meta.n_samples - kept} filled from {fill_from})")
-    topo.barrier()
+    barrier()
+
+
+class SpoolReader:
+    """The signals in a store directory's spools, by sample id (what a write-through teacher kept before
+    the store was completed): the students' last resort when every teacher replica is lost."""
+
+    def __init__(self, root: Path, seq_len: int, width: int):
+        self.root = Path(root)
+        self.latest = _latest_records(self.root / SPOOL_DIR, record_dtype(seq_len, width))
+
+    def __len__(self) -> int:
+        return len(self.latest)
+
+    def missing(self, ids) -> list[int]:
+        return [int(i) for i in ids if int(i) not in self.latest]
+
+    def get_batch(self, ids) -> SparseLogits:
+        """[B, seq_len, width] signals of ``ids`` (KeyError for one no spool holds)."""
+        recs = [self.latest[int(i)] for i in ids]
+        idx = np.stack([np.asarray(mm[j]["idx"], np.int64) for mm, j in recs])
+        val = np.stack([np.asarray(mm[j]["val"]) for mm, j in recs])
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(val))
 
 
 def store_is_complete(root: Path, meta: StoreMeta) -> bool:

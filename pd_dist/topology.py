@@ -92,6 +92,9 @@ class Topology:
     # The job's TCPStore (global rank 0 hosts its server, on MASTER_ADDR only, which lives as long as
     # this object); online roles also publish small facts to each other on it (data ready, teacher figures).
     store: Optional[dist.Store] = None
+    # topology.teacher_failover: students outlive a teacher replica (online.TeacherClient), so the end of
+    # the run must not wait on a teacher that is gone (close).
+    teacher_failover: bool = False
     _beat: Optional[object] = field(default=None, repr=False)  # the heartbeat thread's stop event
 
     HEARTBEAT_S = 1.0
@@ -230,18 +233,57 @@ class Topology:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
+    def _leave_with_survivors(self) -> None:
+        """The end-of-run barrier of a job whose teacher replicas may be gone (topology.teacher_failover):
+        a bridge barrier would wait on them, so every rank counts itself closing on the job's store and
+        waits until every rank has, or is a teacher lost mid-run (recorded by its students, or found
+        here with no heartbeat for the peer timeout). Heartbeats go on until this rank has passed."""
+        import time
+
+        store = self.store
+        lost = StoreLog(store, LOST_TEACHERS)
+        try:
+            teachers = self.layout.teachers
+            if self.role != "teacher" or not teacher_is_lost(store, teachers.index(self.rank)):
+                store.set(f"pd/closing/{self.rank}", "1")  # a lost teacher that comes back counts as lost
+                store.add("pd/closing", 1)
+            watch = self.watch([r for r in teachers if r != self.rank], self.peer_timeout_s)
+            gone: set[int] = set()
+            deadline = time.monotonic() + max(3600.0, self.peer_timeout_s)
+            while time.monotonic() < deadline:
+                gone.update(teachers[i] for i in lost.new())
+                if store.add("pd/closing", 0) + len(gone) >= self.env.world_size:
+                    break
+                for r, age in watch.stalled():
+                    if age != age:  # NaN: rank 0's store is gone, nobody left to wait for
+                        return
+                    watch.forget(r)
+                    # One with its closing key set has passed the barrier and stopped beating: not lost.
+                    if not store.check([f"pd/closing/{r}"]):
+                        mark_teacher_lost(store, teachers.index(r))
+                time.sleep(0.1)
+        except Exception:  # the store's host is gone: nothing to wait for
+            pass
+        finally:
+            if self._beat is not None:
+                self._beat.set()
+
     def close(self) -> None:
-        if self._beat is not None:
+        survivors = self.teacher_failover and self.bridge is not None
+        if self._beat is not None and not survivors:  # else beats go on until the barrier is passed
             self._beat.set()
         if self.bridge is not None:
             # Everyone leaves together: global rank 0 hosts the job's TCPStore, and a rank that exits
             # while its peers still tear down their groups can take them (or itself) down uncleanly.
-            try:
-                opts = dist.BarrierOptions()
-                opts.timeout = datetime.timedelta(seconds=max(3600.0, self.peer_timeout_s))
-                self.bridge.barrier(opts).wait()
-            except Exception:  # a peer already gone: nothing to wait for
-                pass
+            if survivors:
+                self._leave_with_survivors()
+            else:
+                try:
+                    opts = dist.BarrierOptions()
+                    opts.timeout = datetime.timedelta(seconds=max(3600.0, self.peer_timeout_s))
+                    self.bridge.barrier(opts).wait()
+                except Exception:  # a peer already gone: nothing to wait for
+                    pass
             try:
                 self.bridge.shutdown() if hasattr(self.bridge, "shutdown") else None
             except Exception:  # a peer already gone: nothing left to flush
@@ -249,6 +291,45 @@ class Topology:
             self.bridge = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# The teacher replicas (by index) found lost mid-run, in the order they were found (topology.teacher_failover).
+LOST_TEACHERS = "pd/failover/lost"
+
+
+class StoreLog:
+    """An append-only list of ints on the job's store: any rank pushes, each reader sees every entry once
+    (a counter, then one key per entry). A reader polls with one store round trip."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key, self.seen = store, key, 0
+
+    def push(self, value: int) -> None:
+        i = self.store.add(f"{self.key}/n", 1)
+        self.store.set(f"{self.key}/{i}", str(value))
+
+    def count(self) -> int:
+        return self.store.add(f"{self.key}/n", 0)
+
+    def new(self) -> list[int]:
+        """The entries pushed since the last call (get waits for an entry whose pusher has counted it
+        but not yet written it)."""
+        n = self.count()
+        out = [int(self.store.get(f"{self.key}/{i}")) for i in range(self.seen + 1, n + 1)]
+        self.seen = max(self.seen, n)
+        return out
+
+
+def mark_teacher_lost(store, replica: int) -> bool:
+    """Record teacher replica ``replica`` as lost (once, whoever finds it first); True for the first."""
+    first = store.add(f"pd/failover/lost-replica/{replica}", 1) == 1
+    if first:
+        StoreLog(store, LOST_TEACHERS).push(replica)
+    return first
+
+
+def teacher_is_lost(store, replica: int) -> bool:
+    return store.check([f"pd/failover/lost-replica/{replica}"])
 
 
 class HeartbeatWatch:
@@ -290,6 +371,14 @@ class HeartbeatWatch:
         """Stop watching a peer that left on purpose."""
         if rank in self.ranks:
             self.ranks.remove(rank)
+
+    def add(self, rank: int) -> None:
+        """Start watching one more peer (a student adopted from a lost teacher replica)."""
+        import time
+
+        if rank not in self.ranks:
+            self.ranks.append(rank)
+            self._seen[rank] = (-1, time.monotonic())
 
 
 def default_backend() -> str:
@@ -376,7 +465,8 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     _init_deepspeed(backend, timeout, role_rank, world_tag=role)
     dp_group, pipe_group = _pipeline_groups(layout, role, role_rank)
     topo = Topology(env=env, backend=backend, layout=layout, role=role, hosts=hosts, dp_group=dp_group,
-                    pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store)
+                    pipe_group=pipe_group, bridge=bridge, peer_timeout_s=topology.peer_timeout_s, store=store,
+                    teacher_failover=topology.teacher_failover)
     topo.start_heartbeat()
     return topo
 

@@ -6,6 +6,8 @@ The faults are patched in here, around the real code, so pd-dist itself carries 
                                  backward), as the OOM killer or a dead node would
   PD_FAULT=torn:RANK:STEP        rank RANK writes its part of the step-STEP checkpoint, cuts its ZeRO
                                  shard in half (a crash mid-write), waits 2 s and dies
+  PD_FAULT=killserve:RANK:N      SIGKILL teacher rank RANK (online mode) as it is about to send its N-th
+                                 answer, so its students have requests in flight
   PD_LEDGER=DIR                  every rank appends (step, its sample ids) to DIR/rank<R>.jsonl
 """
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RANK = int(os.environ.get("RANK", "0"))
+RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun sets no RANK
 
 
 def _ledger(directory: str) -> None:
@@ -48,6 +50,19 @@ def _kill(rank: int, step: int) -> None:
     eng.DeepSpeedEngine.backward = backward
 
 
+def _killserve(rank: int, n: int) -> None:
+    import pd_dist.online as online
+
+    orig, sent = online.encode_response, [0]
+
+    def encode(*a, **kw):
+        sent[0] += 1
+        if RANK == rank and sent[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(*a, **kw)
+    online.encode_response = encode
+
+
 def _torn(rank: int, step: int) -> None:
     import deepspeed.runtime.engine as eng
 
@@ -68,7 +83,7 @@ if os.environ.get("PD_LEDGER"):
 fault = os.environ.get("PD_FAULT", "")
 if fault:
     kind, r, s = fault.split(":")
-    {"kill": _kill, "torn": _torn}[kind](int(r), int(s))
+    {"kill": _kill, "torn": _torn, "killserve": _killserve}[kind](int(r), int(s))
 
 from pd_dist.cli import train_main  # noqa: E402
 

@@ -12,9 +12,9 @@ PKG = Path(__file__).resolve().parent.parent / "pd_dist"
 LAYERS = [
     ["configlib", "runtime", "monitor", "logits", "schedules", "store", "store.codec", "store.format",
      "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "losses", "config"],
-    ["inference"],
+    ["inference", "spool"],
     ["online", "signals"],
-    ["student", "pipeline", "checkpoint", "spool", "trainer"],
+    ["student", "pipeline", "checkpoint", "trainer"],
     ["run", "generate"],
     ["evaluate", "sweep", "report"],
     ["cli", "plan"],

@@ -8,6 +8,7 @@ of the cluster (daemons, slurmstepd, job processes) is left running after exit, 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -87,8 +88,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_ready, tmp
     base = [f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "train.steps=120",
             "train.save_every=0", "train.eval_every=0", "train.log_every=5"]
     launch(2, base + [f"output_dir={tmp_path / 'ref'}"], cwd=tmp_path)
-    out_dir = tmp_path / "run"
-    args = [a for o in base + [f"output_dir={out_dir}"] for a in ("--set", o)]
+    out_dir, wt = tmp_path / "run", tmp_path / "through"
+    # the run also writes through to a store: completed by the surviving replica from both spools
+    args = [a for o in base + [f"output_dir={out_dir}", f"distill.write_through={wt}", "generate.shard_size=800"]
+            for a in ("--set", o)]
     env = {"CONFIG": str(SMOKE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     two = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
            "--time=10", "--job-name=pd-dist-preempt"]
@@ -144,3 +147,68 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "?"
+
+
+def test_students_outlive_a_teacher_replica_killed_under_srun(slurm_ready, tmp_path, smoke_data, tiny_teacher_dir):
+    """topology.teacher_failover under srun, which leaves the other tasks running when one dies
+    (--kill-on-bad-exit=0): 2 teacher replicas (ranks 0, 1) and 2 students (ranks 2, 3, served by one
+    each). Teacher rank 1 is SIGKILLed as it answers its fourth request, with more in flight; student 3
+    re-sends them to teacher 0 and both students finish with the per-step losses of the same run
+    uninterrupted (launched with deepspeed)."""
+    from conftest import launch
+
+    faulty = REPO / "tests" / "fault_launch.py"
+    base = [f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "distill.mode=online",
+            "topology.teacher_ranks=[0,1]", "topology.teacher_failover=true", "topology.peer_timeout_s=30",
+            "train.steps=6", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+            "distill.top_k=8"]
+    launch(4, base + [f"output_dir={tmp_path / 'ref'}"], cwd=tmp_path)
+    script = tmp_path / "failover.sbatch"
+    # The Slurm script's own srun line with KILL_ON_BAD_EXIT=0, around the fault injector.
+    script.write_text("#!/bin/bash\nset -euo pipefail\n"
+                      f"srun --label --kill-on-bad-exit=0 python {faulty} --config {SMOKE} \"$@\"\n")
+    out_dir, wt = tmp_path / "run", tmp_path / "through"
+    # the run also writes through to a store: completed by the surviving replica from both spools
+    args = [a for o in base + [f"output_dir={out_dir}", f"distill.write_through={wt}", "generate.shard_size=800"]
+            for a in ("--set", o)]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PD_FAULT": "killserve:1:4"}
+    four = ["--nodes=1", "--ntasks=4", "--ntasks-per-node=4", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--time=10", "--job-name=pd-dist-failover"]
+    with LoopbackSlurm(tmp_path / "slurm", cpus=max(4, os.cpu_count() or 1)) as s:
+        job_id, output, code = s.submit(script, args, env=env, cwd=REPO, timeout=300, sbatch_args=four)
+        diag = f"job {job_id} exit {code}; output:\n{output[-6000:]}\n{s.diagnostics()}"
+    failed = [ln for ln in output.splitlines() if ln.startswith("srun: error:") and ": task " in ln]
+    assert len(failed) == 1 and failed[0].endswith("task 1: Killed"), diag  # only the killed teacher failed
+    lines = output.splitlines()
+    assert any(ln.startswith("3: pd-dist: student rank 3 (") and "lost teacher rank 1 (" in ln
+               and "continuing with teacher rank 0 (" in ln for ln in lines), diag
+    assert any(ln.startswith("0: [teacher 0] adopted student rank 3 (") for ln in lines), diag
+    assert any(ln.startswith("0: [teacher 0] done:") for ln in lines), diag
+    assert not any(ln.startswith("1: [teacher 1] done:") for ln in lines), diag  # it did die mid-run
+    ref, run = read_summary(tmp_path / "ref"), read_summary(out_dir)
+    assert run["finished"] and len(run["losses"]) == 6, diag
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+    assert run["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
+    # Student 3 cannot notice before its step 3 (the requests of steps 1-3 were answered), and student 2
+    # logs step 1 before either passes step 2's all-reduce; by step 4 at the latest replica 1 is lost.
+    alive = _tb_series(out_dir / "tensorboard", "teacher/replicas_alive")
+    assert alive[0] == 2 and alive[3:] == [1] * 3 and alive == sorted(alive, reverse=True), alive
+    assert _tb_series(tmp_path / "ref" / "tensorboard", "teacher/replicas_alive") == [2] * 6
+    from pd_dist.store import verify_store
+
+    assert any(ln.startswith("0: [write_through] store complete") for ln in lines), diag
+    assert verify_store(wt) == []
+    info = json.loads((wt / "write_through_info.json").read_text())
+    assert info["samples_from_spools"] >= 6 * 8  # every trained sample, whichever replica served it
+
+
+def _tb_series(tb_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    for f in sorted(tb_dir.glob("events.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out += [e.value for e in acc.Scalars(tag)]
+    return out

@@ -98,3 +98,60 @@ def test_an_online_run_writes_through_a_store_that_reproduces_it_offline(tmp_pat
     assert a["finished"] and len(a["losses"]) == 4
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
     assert b["teacher_val_loss"] == pytest.approx(a["teacher_val_loss"], rel=1e-6)
+
+
+class _DeadClient:
+    """A TeacherClient whose every teacher replica is lost: each answer fails over to nobody."""
+    me_desc, peer, failover = "student rank 2 (host2)", 0, True
+
+    def __init__(self):
+        self.abandoned = self.closed = False
+        self.tickets = 0
+
+    def submit(self, ids, tokens):
+        self.tickets += 1
+        return self.tickets
+
+    def result(self, ticket):
+        from pd_dist.bridge import PeerError
+
+        raise PeerError("student rank 2 (host2) waiting for logits from teacher rank 1 (host1): peer closed")
+
+    def replicas_alive(self):
+        return 0
+
+    def abandon(self):
+        self.abandoned = True
+
+
+class _Windows:
+    def batch(self, ids):
+        return np.zeros((len(ids), 6), np.int64)
+
+
+def test_students_fall_back_to_the_write_through_spools_when_every_replica_is_lost(tmp_path):
+    """With failover and write-through, the last replica's loss turns the source to the teachers' spools:
+    planned micro-batches they hold train on, held-out ones they lack evaluate without KD, and a planned
+    one they lack ends the run with the teacher's line and the missing ids."""
+    from pd_dist.bridge import PeerError
+    from pd_dist.signals import OnlineTeacher
+    from pd_dist.spool import SpoolReader
+
+    a = _sig(3)
+    sp = Spool(tmp_path, "teacher00001", 5, 4)
+    sp.add(0, np.array([10, 11]), a)
+    sp.close()
+    lines = []
+    client = _DeadClient()
+    src = OnlineTeacher(client, _Windows(), prefetch=1, spools=lambda: SpoolReader(tmp_path, 5, 4), log=lines.append)
+    src.plan([np.array([10, 11]), np.array([12, 13])])
+    got = src.signal(np.array([10, 11]), torch.zeros(2, 5, dtype=torch.int64))
+    assert torch.equal(got.indices, a.indices) and torch.equal(got.values, a.values)
+    assert client.abandoned and len(lines) == 1 and "every teacher replica is lost" in lines[0]
+    assert src.signal(np.array([40, 41]), torch.zeros(2, 5, dtype=torch.int64)) is None  # held-out: no KD
+    with pytest.raises(PeerError, match=r"teacher rank 1 .*lack samples \[12, 13\]"):
+        src.signal(np.array([12, 13]), torch.zeros(2, 5, dtype=torch.int64))
+    # without write-through spools the loss of the last replica ends the run as before
+    bare = OnlineTeacher(_DeadClient(), _Windows(), prefetch=0)
+    with pytest.raises(PeerError, match="peer closed"):
+        bare.signal(np.array([10, 11]), torch.zeros(2, 5, dtype=torch.int64))
