@@ -88,10 +88,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_ready, tmp
     base = [f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "train.steps=120",
             "train.save_every=0", "train.eval_every=0", "train.log_every=5"]
     launch(2, base + [f"output_dir={tmp_path / 'ref'}"], cwd=tmp_path)
-    out_dir, wt = tmp_path / "run", tmp_path / "through"
-    # the run also writes through to a store: completed by the surviving replica from both spools
-    args = [a for o in base + [f"output_dir={out_dir}", f"distill.write_through={wt}", "generate.shard_size=800"]
-            for a in ("--set", o)]
+    out_dir = tmp_path / "run"
+    args = [a for o in base + [f"output_dir={out_dir}"] for a in ("--set", o)]
     env = {"CONFIG": str(SMOKE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     two = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
            "--time=10", "--job-name=pd-dist-preempt"]
