@@ -17,8 +17,9 @@ log weights of pd_dist.logits), the same values whichever source it is.
 
 Sources that can read ahead are given the rank's training plan (:class:`pd_dist.data.MicroBatchPlan`)
 once; a request for the next planned micro-batch is served from what was read ahead, any other request
-(evaluation) directly. Adding a way to feed the signal (a remote HTTP teacher, dense logits, a sampled
-signal) is one subclass here, registered under a new `distill.mode` value.
+(evaluation) directly. Adding a way to feed the signal (a remote HTTP teacher, say) is one subclass
+here, registered under a new `distill.mode` value; adding a kind of signal (what of the teacher's
+distribution is kept) is one `SignalSpec` kind in pd_dist.logits, which every source then carries.
 """
 from __future__ import annotations
 

@@ -275,22 +275,25 @@ def test_counts_encoding_refuses_values_that_are_not_draw_counts():
 @pytest.mark.parametrize("signal", ["sampled", "head_tail"])
 def test_a_drawn_signal_trains_the_same_in_all_three_modes(signal, tmp_path, smoke_data, tiny_teacher_dir):
     """The teacher draws by (seed, sample id, position): a teacher in the student's process, a teacher
-    rank serving over the bridge and a store written by the generation job (lossless encodings) give
-    the same per-step losses; and the drawn signal is what trains."""
+    rank serving over the bridge and a store (lossless encodings) give the same per-step losses, and the
+    drawn signal is what trains. The sampled store is written by the generation job; the head_tail one
+    by the online run's teacher as it serves (distill.write_through)."""
     from conftest import launch, read_summary
     from test_offline_launch import _launch_gen
 
     base = ["train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.steps=3",
             "train.global_batch_size=8", "train.micro_batch_size=4", "distill.alpha.schedule=constant",
             "distill.alpha.value=0.5", f"distill.signal={signal}", "distill.samples=16", "distill.top_k=6",
-            f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}"]
+            f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "generate.shard_size=500",
+            "generate.include_val=false"]
     col, onl, off, store = (tmp_path / d for d in ("colocated", "online", "offline", "store"))
-    outs = [launch(1, base + [f"output_dir={col}", "distill.mode=colocated"], cwd=tmp_path),
-            launch(2, base + [f"output_dir={onl}", "distill.mode=online"], cwd=tmp_path)]
-    gen = base + [f"distill.store={store}", "generate.shard_size=500", "generate.include_val=false"]
+    online = base + [f"output_dir={onl}", "distill.mode=online"]
     if signal == "head_tail":
-        gen.append("generate.encoding=exact")
-    _launch_gen(1, gen, cwd=tmp_path)
+        online += [f"distill.write_through={store}", "generate.encoding=exact"]
+    outs = [launch(1, base + [f"output_dir={col}", "distill.mode=colocated"], cwd=tmp_path),
+            launch(2, online, cwd=tmp_path)]
+    if signal == "sampled":
+        _launch_gen(1, base + [f"distill.store={store}"], cwd=tmp_path)
     outs.append(launch(1, base + [f"output_dir={off}", "distill.mode=offline", f"distill.store={store}"],
                        cwd=tmp_path))
     want = "16 draws at tau 1" if signal == "sampled" else "top-0.95-6 head + 16 draws at tau 1"
