@@ -133,11 +133,6 @@ class DistillConfig:
         return SignalSpec(self.signal, self.top_p, self.top_k, self.samples, self.temperature, seed)
 
     @property
-    def width(self) -> int:
-        """Entries per position of the teacher signal (before capping the head at the vocabulary)."""
-        return {"top_p_k": self.top_k, "sampled": self.samples, "head_tail": self.top_k + self.samples}[self.signal]
-
-    @property
     def loss_temperature(self) -> float:
         """The temperature the loss applies to the signal: tau for top-p-k logits; 1 for drawn signals
         (sampled, head_tail), whose log weights were formed at tau already."""
@@ -291,14 +286,14 @@ class ExperimentConfig:
                 fail("distill.write_through", wt, "needs distill.mode online (a teacher rank writes it)")
             if self.teacher.zero_stage == 3 or self.teacher.pipeline_stages > 1:
                 fail("distill.write_through", wt, "is not supported with ZeRO-3 or pipelined teachers yet")
-            if g.top_p is not None or g.top_k is not None:
+        if g.top_p is not None or g.top_k is not None:  # a narrower stored truncation: where it cannot apply
+            why = ("does not apply to distill.write_through, which stores the signal as it is served"
+                   if self.distill.write_through else
+                   f"narrows top-p-k stores only: the {self.distill.signal} signal is stored as distill draws it"
+                   if self.distill.signal != "top_p_k" else None)
+            if why:
                 fail("generate.top_p" if g.top_p is not None else "generate.top_k",
-                     g.top_p if g.top_p is not None else g.top_k,
-                     "does not apply to distill.write_through, which stores the signal as it is served")
-        if self.distill.signal != "top_p_k" and (g.top_p is not None or g.top_k is not None):
-            fail("generate.top_p" if g.top_p is not None else "generate.top_k",
-                 g.top_p if g.top_p is not None else g.top_k,
-                 f"narrows top-p-k stores only: the {self.distill.signal} signal is stored as distill draws it")
+                     g.top_p if g.top_p is not None else g.top_k, why)
         if self.distill.signal == "sampled" and g.encoding == "qgap":
             fail("generate.encoding", "qgap", "would round the sampled signal's weights: use auto (its exact "
                  "draw counts) or exact")

@@ -23,12 +23,12 @@ from .config import ExperimentConfig
 from .data import PackedDataset
 from .inference import FrozenTeacher, held_out_batches
 from .logits import SparseLogits
-from .models import model_identity
 from .monitor import fmt_duration
-from .run import obtain_teacher, prepare_run_data, teacher_export_dir
+from .run import obtain_teacher, prepare_run_data, teacher_store_meta
 from .runtime import device, model_dtype, set_threads
-from .signals import store_meta, write_store_teacher_eval
-from .store import StoreError, StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
+from .signals import write_store_teacher_eval
+from .spool import store_is_complete
+from .store import StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
 from .topology import Topology
 
 
@@ -119,15 +119,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     say = log if topo.dp_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
     model = obtain_teacher(cfg, topo, data, log=say)
-    model_dir = teacher_export_dir(cfg)
-    meta = store_meta(cfg, data, model_identity(model_dir, cfg.teacher.path or f"{cfg.teacher.preset} "
-                                                f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)"))
-    man = root / "manifest.json"
-    if man.is_file():
-        old = StoreMeta.from_dict(json.loads(man.read_text()))
-        if old.resolved().digest() != meta.digest():
-            raise StoreError(f"{root} already holds a store for other inputs (teacher, data or truncation "
-                             "differ); choose another distill.store or remove it")
+    meta = teacher_store_meta(cfg, data)
+    if store_is_complete(root, meta):  # (raises for a store of other inputs)
         say(f"[generate] {root} is complete already")
         return root
     teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,

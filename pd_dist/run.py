@@ -211,7 +211,7 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     if d.write_through:
         from .spool import WriteThrough, store_is_complete
 
-        meta = write_through_meta(cfg, data)
+        meta = teacher_store_meta(cfg, data)
         if store_is_complete(Path(d.write_through), meta):
             print(f"{me}the write-through store {d.write_through} is complete already: not written again",
                   flush=True)
@@ -235,11 +235,12 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     if through is not None:
         through.close()
         print(f"{me}kept {through.kept} served samples for the write-through store {d.write_through}", flush=True)
-        _complete_write_through(cfg, topo, data, teacher, stats.finished, val_loss, me, log)
+        _complete_write_through(cfg, topo, data, meta, teacher, stats.finished, val_loss, me, log)
 
 
-def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, teacher: FrozenTeacher,
-                            finished_here: bool, val_loss: Optional[float], me: str, log: Log) -> None:
+def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, meta: StoreMeta,
+                            teacher: FrozenTeacher, finished_here: bool, val_loss: Optional[float], me: str,
+                            log: Log) -> None:
     """Complete distill.write_through's store, only when every student trained to the end of the run (a
     stopped or interrupted run leaves the spools for its resumed run to continue). The teacher ranks
     share the shards; with topology.teacher_failover (a replica may be gone, so no collective among
@@ -262,15 +263,16 @@ def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedD
         print(f"{me}the students stopped before the end of the run: the write-through spools stay in {root} "
               "for the resumed run", flush=True)
         return
-    build_store(root, write_through_meta(cfg, data), data, teacher,
+    build_store(root, meta, data, teacher,
                 cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
                 fill_from="the teacher", log=log, **share)
     if share.get("rank", 0) == 0:  # runs trained from the store report the teacher's held-out loss
         write_store_teacher_eval(root, data, val_loss)
 
 
-def write_through_meta(cfg: ExperimentConfig, data: PackedDataset) -> StoreMeta:
-    """The store distill.write_through completes: the run's signal as served, from this teacher."""
+def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset) -> StoreMeta:
+    """The store this run's teacher writes (the generation job, or distill.write_through): the run's
+    signal, identified by the teacher's weights (hashed: read once per caller)."""
     ident = model_identity(teacher_export_dir(cfg), cfg.teacher.path or f"{cfg.teacher.preset} "
                            f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
     return store_meta(cfg, data, ident)
