@@ -1,4 +1,4 @@
-"""`pd-dist` command line: train, prepare-data, config inspection. Thin: parse, build, run, close."""
+"""`pd-dist` command line: train, data preparation, config inspection. Thin: parse, build, run, close."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,7 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from .config import load_config
+    from .data import DataError, resolve_sources
     from .topology import LaunchEnv
 
     try:
@@ -51,6 +52,7 @@ def train_main(argv: list[str] | None = None) -> int:
             from .checkpoint import check_override_keys
 
             check_override_keys(args.resume_override, cfg)
+        resolve_sources(cfg.data)  # inputs exist and are of a known kind, before any process group
         online = cfg.distill.mode == "online"
         if online and env.world_size < 2:
             raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks (teacher + "
@@ -59,7 +61,7 @@ def train_main(argv: list[str] | None = None) -> int:
         nodes = [f"node{r // local}" for r in range(env.world_size)] if local else None
         if not online or nodes or cfg.topology.teacher_ranks:
             cfg.check_world(cfg.layout(env.world_size, nodes).dp)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:  # DataError is a ValueError
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
     from .bridge import PeerError
@@ -80,6 +82,9 @@ def train_main(argv: list[str] | None = None) -> int:
     except ResumeError as e:
         if topo.role_rank == 0:
             print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
         return 2
     except (PeerError, CheckpointWriteError) as e:
         _die(env.rank, str(e))
@@ -118,13 +123,15 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from .config import load_config
+    from .data import DataError, resolve_sources
     from .store import StoreError
 
     try:
         cfg = load_config(args.config, args.overrides)
         if not cfg.distill.store:
             raise ConfigError("config key 'distill.store' = None: name the directory to write the store to")
-    except ConfigError as e:
+        resolve_sources(cfg.data)
+    except (ConfigError, DataError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
     from .generate import run_generation
@@ -136,6 +143,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     except StoreError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 1
+    except DataError as e:
+        print(f"pd-dist: {e}", file=sys.stderr)
+        return 2
     finally:
         topo.close()
     return 0
@@ -181,23 +191,59 @@ def _die(rank: int, message: str) -> None:
     os._exit(3)
 
 
-def prepare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pd-dist prepare-data",
-                                description="tokenize and pack the configured corpus (train a BPE if needed)")
-    _add_config_args(p)
-    p.add_argument("--out", default=None, help="output directory (default data.dir or <output_dir>/data)")
+def data_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pd-dist data", description="prepare or inspect a run's data")
+    sub = p.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", description=(
+        "tokenize the configured sources into Megatron-format shards (train a BPE first if no tokenizer is "
+        "given) and check indexed ones; under a launcher (deepspeed launch/prepare_data.py, srun, mpirun, "
+        "torchrun) the ranks split the work; resumable"))
+    _add_config_args(prep)
+    prep.add_argument("--out", default=None, help="output directory (default data.dir or <output_dir>/data)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="tokenizer processes on this rank (default data.prepare_workers, 0: the cores / ranks here)")
+    prep.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    info = sub.add_parser("info", description="what a prepared data directory holds")
+    info.add_argument("path")
     args = p.parse_args(argv)
+    from .data import DataError
+
+    if args.action == "info":
+        from .data import PackedDataset
+
+        try:
+            d = PackedDataset(args.path)
+        except DataError as e:
+            print(f"pd-dist: {e}", file=sys.stderr)
+            return 2
+        m = d.meta
+        print(f"{args.path}: {m['n_tokens']:,} tokens, {m['n_docs']:,} documents, {m['n_samples']:,} samples of "
+              f"{m['seq_len']} ({m['n_val']} held out), vocab {m['vocab_size']}, fingerprint {m['fingerprint']}")
+        for e in m["sources"]:
+            print(f"  {e['kind']:9s} {e['label']}: weight {e['weight']:g} ({100 * e['share']:.2f}% of samples), "
+                  f"{e['n_tokens']:,} tokens, {e['n_docs']:,} documents, {len(e['prefixes'])} shard(s)"
+                  + (f", cut by data.max_chars after {e['truncated']['documents']:,} documents" if e["truncated"] else ""))
+        return 0
     from .config import load_config
     from .data import prepare_data
+    from .runtime import local_ranks
+    from .topology import LaunchEnv
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        env = LaunchEnv.from_environ()
+        workers = args.workers or cfg.data.prepare_workers or max(1, (os.cpu_count() or 1) // local_ranks())
+        out = args.out or cfg.data.dir or str(Path(cfg.output_dir) / "data")
+        prepare_data(cfg.data, out, rank=env.rank, world=env.world_size, workers=workers)
+    except (ConfigError, DataError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    out = args.out or cfg.data.dir or str(Path(cfg.output_dir) / "data")
-    prepare_data(cfg.data, out)
     return 0
+
+
+def prepare_main(argv: list[str]) -> int:
+    """`pd-dist prepare-data`: the earlier name of `pd-dist data prepare`."""
+    return data_main(["prepare", *argv])
 
 
 def config_main(argv: list[str]) -> int:
@@ -311,13 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .plan import main as plan_main
 
-    commands = {"train": train_main, "prepare-data": prepare_main, "config": config_main, "plan": plan_main,
+    commands = {"train": train_main, "data": data_main, "prepare-data": prepare_main, "config": config_main,
+                "plan": plan_main,
                 "store": store_main, "generate": generate_main, "sweep": sweep_main, "eval": eval_main,
                 "report": report_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: pd-dist {" + ",".join(commands) + "} [options]\n"
               "  train         run training in this process (multi-rank: deepspeed launch/pretrain_pd.py)\n"
-              "  prepare-data  tokenize and pack the corpus\n"
+              "  data          prepare CONFIG: tokenize the sources into shards (multi-rank: deepspeed\n"
+              "                launch/prepare_data.py); info DIR: what prepared data holds\n"
               "  config        print the resolved config (--keys: every key, documented)\n"
               "  plan          teacher:student rank split, wire bytes and store size for online PD\n"
               "  store         info|verify PATH: inspect or check a teacher-logits store\n"

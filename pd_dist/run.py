@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.nn as nn
 
 from .config import ExperimentConfig
 from .configlib import to_dict
-from .data import PackedDataset, prepare_data
+from .data import DataError, PackedDataset, prepare_data
 from .inference import FrozenTeacher, held_out_batches
 from .checkpoint import ResumeError, objective
 from .models import (ModelConfig, build_model, check_same_tokenizer, model_identity, partitioned_builder,
@@ -58,8 +59,8 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
     preparer = topo.role_rank == 0 and (not topo.online or topo.role == "teacher")
     err = None
     if preparer:
-        try:
-            prepare_data(cfg.data, data_dir, log=log)
+        try:  # the only rank at work: all the host's cores tokenize
+            prepare_data(cfg.data, data_dir, log=log, workers=cfg.data.prepare_workers or os.cpu_count() or 1)
         except Exception as e:  # reported on every rank below, raised here
             err = e
     if topo.online:
@@ -71,7 +72,7 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
         if err is not None:
             raise err
         if status != "ok":
-            raise RuntimeError(f"data preparation failed on the first teacher rank: {status[7:]}")
+            raise DataError(f"data preparation failed on the first teacher rank: {status[7:]}")
         return PackedDataset(data_dir)
     ok = torch.tensor([0.0 if err else 1.0])
     topo.barrier()
@@ -79,8 +80,32 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
     if err is not None:
         raise err
     if ok.item() < topo.role_size:
-        raise RuntimeError("data preparation failed on rank 0 (see its error)")
+        raise DataError("data preparation failed on rank 0 (its log says why)")
     return PackedDataset(data_dir)
+
+
+def data_summary(data: PackedDataset, sampler, steps: int) -> dict:
+    """What the run trained on, for summary.json: each source with its weight, its share of the blend
+    schedule and its share of the samples this run drew; and what a cap cut."""
+    drawn = sampler.mix(steps * sampler.global_batch)
+    total = max(1, sum(drawn))
+    return {"fingerprint": data.fingerprint, "n_tokens": data.meta["n_tokens"], "truncated": data.meta["truncated"],
+            "sources": [{"label": e["label"], "kind": e["kind"], "weight": e["weight"], "share": e["share"],
+                         "samples_drawn": n, "realised_share": n / total, "n_tokens": e["n_tokens"],
+                         "n_train": e["n_train"], "n_val": e["n_val"]} for e, n in zip(data.sources, drawn)]}
+
+
+def describe_data(data: PackedDataset, samples: int) -> str:
+    """The run's data in one line at start: sources and the realised mix of the samples it will draw."""
+    line = f"[data] {data.meta['n_tokens'] / 1e6:.2f}M tokens, {data.n_train:,} training samples"
+    if len(data.sources) > 1:
+        drawn = data.sampler(1, 0).mix(samples)
+        line += "; blend (weight -> share of this run's samples): " + ", ".join(
+            f"{e['label']} {e['weight']:g} -> {100 * n / max(1, samples):.2f}%" for e, n in zip(data.sources, drawn))
+    for t in data.meta["truncated"]:
+        line += (f"; data.max_chars cut {t['source']} after {t['documents']:,} documents "
+                 f"({t['characters']:,} characters)")
+    return line
 
 
 # ---------------------------------------------------------------------------------------- teacher
@@ -363,6 +388,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, data, log=say),
                         log=say)
     reports_as = SOURCES[cfg.distill.mode]
+    say(describe_data(data, cfg.train.steps * cfg.train.global_batch_size))
     if topo.is_last_stage:
         source = build_source(ctx)
     else:
@@ -393,7 +419,8 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     if result.finished and cfg.distill.dump_logits:
         finish_dump(cfg, topo, data, export, log=say)
     if topo.is_logger:
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
+        summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps))
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
     return result

@@ -30,9 +30,14 @@ def set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     elif not torch.cuda.is_available():
-        local = int(next((os.environ[k] for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                                                  "MPI_LOCALNRANKS") if k in os.environ), "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks()))
+
+
+def local_ranks() -> int:
+    """How many ranks the launcher started on this host (1 outside a launcher)."""
+    local = int(next((os.environ[k] for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                              "MPI_LOCALNRANKS") if k in os.environ), "1"))
+    return max(local, 1)
 
 
 class StopSignals:

@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
 from .config import ExperimentConfig, dump_config
-from .data import GlobalBatchSampler, MicroBatchPlan, PackedDataset
+from .data import MicroBatchPlan, PackedDataset
 from .losses import IGNORE_INDEX
 from .monitor import Monitor, StepTimer, fmt_duration
 from .runtime import StopSignals, device, use_bf16
@@ -88,7 +88,7 @@ class Trainer:
                                              self.monitor.print)
         cfg.check_world(topo.dp_size)
         self.accum = cfg.grad_accum(topo.dp_size)
-        self.sampler = GlobalBatchSampler(data.n_train, cfg.train.global_batch_size, cfg.train.seed)
+        self.sampler = data.sampler(cfg.train.global_batch_size, cfg.train.seed)
         self.student = build_student(cfg, topo, data.vocab_size, data.tokenizer_dir, self.bf16)
         self.engine = self.student.engine
         self.n_params = self.student.n_params

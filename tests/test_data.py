@@ -1,4 +1,4 @@
-"""Data preparation (through `datasets` for local files), packing, fingerprint and the sampler."""
+"""Data preparation of local files, packing, fingerprint and the sampler."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pd_dist.configlib import build
-from pd_dist.data import DataConfig, GlobalBatchSampler, PackedDataset, embedded_corpus_files, prepare_data
+from pd_dist.data import DataConfig, DataError, GlobalBatchSampler, PackedDataset, embedded_corpus_files, prepare_data
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex jolly bakers".split()
 
@@ -50,7 +50,7 @@ def test_prepare_packs_every_token_once(tmp_path, corpus):
     expect = []
     for d in docs:
         expect += tok(d, add_special_tokens=False)["input_ids"] + [eos]
-    assert np.array_equal(np.asarray(ds.tokens), np.asarray(expect))
+    assert np.array_equal(ds.stream(), np.asarray(expect))
     L = ds.seq_len
     assert ds.n_train + ds.n_val == (len(expect) - 1) // L
     # Windows overlap by one token: targets of sample i are inputs shifted by one, and consecutive
@@ -65,9 +65,10 @@ def test_prepared_data_is_reused_and_fingerprinted(tmp_path, corpus):
     _, files = corpus
     out = prepare_data(_cfg(files), tmp_path / "p", log=lambda *_: None)
     fp = PackedDataset(out).fingerprint
-    mtime = (out / "tokens.bin").stat().st_mtime_ns
+    shard = next(out.glob("src-*/shard-00000.bin"))
+    mtime = shard.stat().st_mtime_ns
     prepare_data(_cfg(files), tmp_path / "p", log=lambda *_: None)
-    assert (out / "tokens.bin").stat().st_mtime_ns == mtime, "identical inputs must reuse the preparation"
+    assert shard.stat().st_mtime_ns == mtime, "identical inputs must reuse the preparation"
     again = prepare_data(_cfg(files), tmp_path / "q", log=lambda *_: None)
     assert PackedDataset(again).fingerprint == fp, "preparation must be deterministic"
     other = prepare_data(_cfg(files, seq_len=8), tmp_path / "p", log=lambda *_: None)
@@ -81,14 +82,14 @@ def test_local_tokenizer_path_is_used(tmp_path, corpus):
                           log=lambda *_: None)
     a, b = PackedDataset(first), PackedDataset(second)
     assert a.meta["tokenizer_hash"] == b.meta["tokenizer_hash"]
-    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert np.array_equal(a.stream(), b.stream())
 
 
 def test_bad_inputs_are_reported(tmp_path, corpus):
     _, files = corpus
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl"):
         prepare_data(_cfg([tmp_path / "nope.jsonl"]), tmp_path / "x", log=lambda *_: None)
-    with pytest.raises(ValueError, match="no column 'body'"):
+    with pytest.raises(DataError, match="a.jsonl, line 1: no field 'body'"):
         prepare_data(_cfg(files[:1], text_field="body"), tmp_path / "y", log=lambda *_: None)
     with pytest.raises(ValueError, match="data.val_samples"):
         prepare_data(_cfg(files[1:2], val_samples=10_000), tmp_path / "z", log=lambda *_: None)
@@ -97,8 +98,8 @@ def test_bad_inputs_are_reported(tmp_path, corpus):
 def test_truncated_token_file_is_refused(tmp_path, corpus):
     _, files = corpus
     out = prepare_data(_cfg(files), tmp_path / "p", log=lambda *_: None)
-    raw = (out / "tokens.bin").read_bytes()
-    (out / "tokens.bin").write_bytes(raw[:-8])
+    shard = next(out.glob("src-*/shard-00000.bin"))
+    shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(ValueError, match="prepare the data again"):
         PackedDataset(out)
 

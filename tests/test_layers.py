@@ -11,7 +11,8 @@ PKG = Path(__file__).resolve().parent.parent / "pd_dist"
 # Bottom up (README "How it works").
 LAYERS = [
     ["configlib", "runtime", "monitor", "logits", "schedules", "store", "store.codec", "store.format",
-     "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "losses", "config"],
+     "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "data.config", "data.corpus", "data.documents",
+     "data.indexed", "data.prepare", "data.dataset", "losses", "config"],
     ["inference", "spool"],
     ["online", "signals"],
     ["student", "pipeline", "checkpoint", "trainer"],
