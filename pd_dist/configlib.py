@@ -224,6 +224,12 @@ def field_docs(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(inner):
             rows.extend(field_docs(inner, key))
             continue
+        elem = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        if elem is not None and dataclasses.is_dataclass(elem):  # a list of entries: the list, then each field
+            names = ", ".join(g.name for g in dataclasses.fields(elem))
+            rows.append((key, f"list of {{{names}}}", [], f.metadata.get("doc", "")))
+            rows.extend(field_docs(elem, f"{key}[]"))
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
