@@ -65,11 +65,20 @@ def test_zero_two_ranks_match_single_rank(reference, zero, micro, tmp_path, smok
 
 
 def test_resume_matches_uninterrupted(tmp_path, smoke_data, tiny_teacher_dir):
+    """On a blend (the embedded corpus and a JSON-lines file, 3:1): the resumed run draws the same
+    samples, so it continues with the uninterrupted run's losses; both report the blend's realised mix."""
+    from pd_dist.data import embedded_documents
+
     steps = 6
+    extra = tmp_path / "extra.jsonl"
+    docs = [d for i, d in enumerate(embedded_documents()) if 200 <= i < 230]
+    extra.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    blend = f"[{{path: embedded, weight: 3}}, {{path: {extra}, weight: 1}}]"
     base = _common(tmp_path / "x", smoke_data, tiny_teacher_dir, "colocated")
-    base = [o for o in base if not o.startswith(("output_dir=", "train.steps="))] + [
+    base = [o for o in base if not o.startswith(("output_dir=", "train.steps=", "data.dir="))] + [
         f"train.steps={steps}", "train.zero_stage=2", "train.micro_batch_size=2", "train.save_every=2",
-        "distill.alpha.schedule=wsd", "distill.alpha.warmup_frac=0.3"]
+        "distill.alpha.schedule=wsd", "distill.alpha.warmup_frac=0.3", "data.source=blend", f"data.blend={blend}",
+        f"data.tokenizer={smoke_data.tokenizer_dir}", f"data.dir={tmp_path / 'blend_data'}"]
     full = tmp_path / "full"
     launch(2, base + [f"output_dir={full}"], cwd=tmp_path)
     part = tmp_path / "part"
@@ -84,6 +93,8 @@ def test_resume_matches_uninterrupted(tmp_path, smoke_data, tiny_teacher_dir):
     launch(2, base + [f"output_dir={part}"], cwd=tmp_path, extra_args=["--resume"])
     a, b = read_summary(full), read_summary(part)
     assert b["finished"] is True
+    mix = [(s["kind"], s["samples_drawn"]) for s in a["data"]["sources"]]
+    assert mix == [("embedded", 36), ("files", 12)] and a["data"] == b["data"]
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
     assert_same_params(read_student(part), read_student(full), read_initial(smoke_data), rel=1e-6)
@@ -173,6 +184,8 @@ def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_auto_resume_cont
     launch(2, base + [f"output_dir={part}"], cwd=tmp_path, extra_args=["--auto-resume"])
     a, b = read_summary(full), read_summary(part)
     assert b["finished"] is True
+    mix = [(s["kind"], s["samples_drawn"]) for s in a["data"]["sources"]]
+    assert mix == [("embedded", 36), ("files", 12)] and a["data"] == b["data"]
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
 
 

@@ -65,7 +65,7 @@ class DataConfig:
         "offline mode: DataLoader worker processes reading the logits store ahead of the step"))
     prepare_workers: int = field(default=0, metadata=doc(
         "tokenizer processes preparing the data (0: the host's cores, shared by the ranks on it)"))
-    shard_bytes: int = field(default=64 << 20, metadata=doc(
+    shard_bytes: int = field(default=32 << 20, metadata=doc(
         "input bytes per preparation shard: the unit of parallel work and of resuming an interrupted "
         "preparation"))
     dir: Optional[str] = field(default=None, metadata=doc(
