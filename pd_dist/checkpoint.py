@@ -10,6 +10,7 @@ truncation, loss, temperature, schedules, optimizer) unless a change is named wi
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -42,20 +43,31 @@ def set_rng_state(state: dict) -> None:
 
 
 TEACHER_KEYS = ("teacher.preset", "teacher.path", "teacher.weights")
+# Keys of `distill` that say where things are or how far ahead to fetch, not what the student learns.
+DISTILL_OPERATIONAL = ("store", "write_through", "prefetch", "dump_logits")
+
+
+def _flat(prefix: str, d: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(f"{prefix}.{k}", v) if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
 
 
 def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> dict[str, Any]:
-    """What the student is trained toward and how, as flat config keys: the teacher signal (mode,
-    truncation, loss, temperature), the teacher (preset, path and `teacher_weights`, a
-    models.weights_digest or a store's teacher hash; None where this rank cannot read it), the alpha
-    and LR schedules, the optimizer and clipping. A resumed run must keep every one of them unless
-    told otherwise (`--resume-override KEY`)."""
-    d = cfg.distill
-    keys: dict[str, Any] = {f"distill.{k}": getattr(d, k) for k in ("mode", "top_p", "top_k", "loss", "temperature")}
-    keys.update({f"distill.alpha.{k}": v for k, v in to_dict(d.alpha).items()})
-    keys.update({f"optim.{k}": v for k, v in to_dict(cfg.optim).items()})
+    """What the student is and is trained toward, as flat config keys, derived from the sections the
+    result depends on: the student model (every `model` key), the whole teacher signal (every `distill`
+    key but where files are and how far ahead to fetch: mode, signal, samples, truncation, loss,
+    temperature, the alpha schedule, wire dtype), the teacher (preset, path and `teacher_weights`, a
+    models.weights_digest or a store's teacher hash; None where this rank cannot read it), the
+    optimizer and LR schedule, and clipping. A resumed run must keep every one of them unless told
+    otherwise (`--resume-override KEY`); a key added to those sections is covered without listing it."""
+    distill = {k: v for k, v in to_dict(cfg.distill).items() if k not in DISTILL_OPERATIONAL}
+    keys: dict[str, Any] = _flat("model", to_dict(cfg.model))
+    keys.update(_flat("distill", distill))
+    keys.update(_flat("optim", to_dict(cfg.optim)))
     keys["train.grad_clip"] = cfg.train.grad_clip
-    if d.mode != "none":
+    if cfg.distill.mode != "none":
         keys.update(zip(TEACHER_KEYS, (None if cfg.teacher.path else cfg.teacher.preset, cfg.teacher.path,
                                        teacher_weights)))
     return keys
@@ -66,8 +78,12 @@ def objective_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[
     could not read (None) is not a difference; a key only one side has is."""
     missing = "<absent>"
     changes = []
+
+    def norm(v):  # a state read back from JSON (the checkpoint's sidecar) has lists for tuples
+        return json.loads(json.dumps(v, default=str))
+
     for k in list(now) + sorted(k for k in saved if k not in now):
-        a, b = saved.get(k, missing), now.get(k, missing)
+        a, b = norm(saved.get(k, missing)), norm(now.get(k, missing))
         if k == "teacher.weights" and (a is None or b is None):
             continue
         if a != b:
@@ -159,6 +175,20 @@ class CheckpointManager:
             if t != latest:
                 shutil.rmtree(self.root / t, ignore_errors=True)
 
+    SIDECAR = "pd_dist_run_state.json"
+    SIDECAR_KEYS = ("step", "data", "data_fingerprint", "objective", "total_steps", "schedules", "distill")
+
+    def peek(self) -> Optional[dict]:
+        """The latest checkpoint's run state as saved beside it (no weights), for checking a resume
+        before DeepSpeed loads tensors of perhaps another shape; None for older checkpoints."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        try:
+            return json.loads((self.root / tag / self.SIDECAR).read_text())
+        except (OSError, ValueError):
+            return None
+
     def save(self, engine, step: int, state: dict) -> None:
         """Every rank writes its part; `latest` moves to the new tag only once all have (DeepSpeed's own
         `latest` is written by rank 0 before the others finish, and not atomically), so a crash
@@ -177,6 +207,8 @@ class CheckpointManager:
             raise
         self.topo.barrier()
         if self.topo.is_logger:
+            side = self.root / tag / self.SIDECAR
+            side.write_text(json.dumps({k: state[k] for k in self.SIDECAR_KEYS if k in state}, default=str))
             self._write_latest(tag)
             self.prune()
         self.topo.barrier()

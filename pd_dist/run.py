@@ -140,24 +140,35 @@ def teacher_export_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.teacher.path) if cfg.teacher.path else Path(cfg.output_dir) / "teacher" / "export"
 
 
+# How often a run logs, evaluates, saves and stops, and on how many threads: not what it trains to.
+OPERATIONAL_TRAIN_KEYS = ("log_every", "eval_every", "save_every", "keep_checkpoints", "threads",
+                          "exit_after_steps")
+
+
 def _run_stamp(rc: ExperimentConfig, data: PackedDataset) -> str:
-    """What a cached LM-only run depends on: model, training, optimizer and the data."""
-    blob = json.dumps({"model": to_dict(rc.model), "train": to_dict(rc.train), "optim": to_dict(rc.optim),
+    """What a cached LM-only run's result depends on: model, training (not its operational keys),
+    optimizer and the data."""
+    train = {k: v for k, v in to_dict(rc.train).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    blob = json.dumps({"model": to_dict(rc.model), "train": train, "optim": to_dict(rc.optim),
                        "data": data.fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _cached_lm_run(rc: ExperimentConfig, topo: Topology, data: PackedDataset, export: Path, name: str,
-                   starting: str, reusing: str, log: Log, need_summary: bool = False) -> dict:
+                   starting: str, reusing: str, log: Log, need_summary: bool = False,
+                   keep_existing: bool = False) -> dict:
     """Run the LM-only config `rc` once and cache it: the export carries a stamp of what it depends on,
-    and a later call with the same inputs reuses it. Returns the run's summary ({} if none was kept)."""
+    and a later call with the same inputs reuses it. With `keep_existing` a cached export is kept
+    whatever its stamp (the run it belongs to is being resumed: retraining would replace what the
+    checkpoint was trained with). Returns the run's summary ({} if none was kept)."""
     stamp = _run_stamp(rc, data)
     stamp_file = export / f"pd_dist_{name}_stamp.txt"
     summary_file = Path(rc.output_dir) / "summary.json"
-    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp and \
-            (summary_file.is_file() or not need_summary):
+    cached = stamp_file.read_text().strip() if stamp_file.is_file() else None
+    if cached is not None and (cached == stamp or keep_existing) and (summary_file.is_file() or not need_summary):
         if topo.is_logger:
-            log(f"[{name}] {reusing}")
+            log(f"[{name}] {reusing}" + ("" if cached == stamp else
+                                         " (the run has checkpoints: its own is kept, although its inputs changed)"))
         return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if topo.is_logger:
         log(f"[{name}] {starting}")
@@ -186,9 +197,12 @@ def teacher_weights(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, 
         return cfg.teacher
     export = teacher_export_dir(cfg)
     tc = teacher_run_config(cfg, data.path)
+    # A run with student checkpoints (a resume, or a fresh start that will be refused) keeps its teacher.
+    resuming = (Path(cfg.output_dir) / "checkpoints" / "latest").is_file()
     _cached_lm_run(tc, topo, data, export, "teacher",
                    f"no teacher.path: pre-training a {tc.model.preset} teacher for {tc.train.steps} steps "
-                   f"(LM only) in {tc.output_dir}", f"reusing the pre-trained teacher in {export}", log)
+                   f"(LM only) in {tc.output_dir}", f"reusing the pre-trained teacher in {export}", log,
+                   keep_existing=resuming)
     return ModelConfig(path=str(export))
 
 

@@ -98,6 +98,9 @@ class Trainer:
         if resume == "auto":  # resume when there is something to resume (a requeued job), else start
             resume = self.checkpoints.latest() is not None
         if resume:
+            early = self.checkpoints.peek()
+            if early is not None:  # refused before DeepSpeed loads tensors (another model would not fit)
+                self._check_resume(early, resume_overrides, record=False)
             state = self.checkpoints.load(self.engine)
             self._check_resume(state, resume_overrides)
             self.start_step, self.losses = state["step"], list(state.get("losses", []))
@@ -143,7 +146,7 @@ class Trainer:
             return True
         return False
 
-    def _check_resume(self, state: dict, overrides: Sequence[str]) -> None:
+    def _check_resume(self, state: dict, overrides: Sequence[str], record: bool = True) -> None:
         """check_run_state on every rank, agreed over the role world (a teacher digest may be readable
         on some hosts only), then the changes --resume-override let through recorded in the run's
         directory."""
@@ -156,7 +159,7 @@ class Trainer:
         torch.distributed.all_gather_object(errors, error)
         if any(errors):
             raise ResumeError(next(e for e in errors if e))
-        if accepted and self.topo.is_logger:
+        if accepted and record and self.topo.is_logger:
             with open(self.out / "resume_overrides.jsonl", "a") as f:
                 for key, old, new in accepted:
                     f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": state["step"],

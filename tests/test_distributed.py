@@ -120,9 +120,20 @@ def test_default_teacher_is_pretrained_once_then_reused(tmp_path, smoke_data):
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     assert (export / "pd_dist_teacher_stamp.txt").is_file()
     assert read_summary(tmp_path / "a")["teacher_top1_agreement"] is not None
-    again = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path, check=False)
-    # Same output_dir with student checkpoints present: refused without --resume, teacher untouched.
+    weights = export / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, (export / "pd_dist_teacher_stamp.txt").read_text())
+    # Same output_dir with student checkpoints present, and settings the cached teacher was stamped
+    # with changed: refused without --resume, teacher untouched (not pre-trained again first).
+    changed = ["train.log_every=1", "optim.weight_decay=0.05"]
+    again = launch(1, over + changed + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path, check=False)
     assert again.returncode != 0 and "pass --resume" in again.stdout + again.stderr
+    assert "pre-training a" not in again.stdout + again.stderr
+    assert (weights.stat().st_mtime_ns, (export / "pd_dist_teacher_stamp.txt").read_text()) == before
+    # A resume that changes how often the run logs keeps its teacher (and the stamp ignores such keys).
+    resumed = launch(1, over + ["train.log_every=1", f"output_dir={tmp_path / 'a'}"], cwd=tmp_path,
+                     extra_args=["--resume"])
+    assert "reusing the pre-trained teacher" in resumed.stdout + resumed.stderr
+    assert weights.stat().st_mtime_ns == before[0]
     import shutil
 
     shutil.rmtree(tmp_path / "a" / "checkpoints")

@@ -1,5 +1,5 @@
-"""A resume continues the run it came from: a changed objective (teacher, truncation, loss, temperature,
-schedules, optimizer) is refused with one line naming the key and both values, unless the change is
+"""A resume continues the run it came from: a changed objective (student model, teacher, signal,
+truncation, loss, temperature, schedules, optimizer) is refused with one line naming the key and both values, unless the change is
 named with --resume-override, which records it in the run's directory."""
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _state(cfg, digest="w1"):
     ("distill.mode", "none"), ("distill.top_k", 7), ("distill.top_p", 0.8), ("distill.loss", "kld"),
     ("distill.temperature", 2.0), ("distill.alpha.max", 0.5), ("optim.lr", 0.001), ("optim.beta2", 0.99),
     ("optim.weight_decay", 0.0), ("train.grad_clip", 0.5), ("teacher.preset", "tiny-student"),
-    ("teacher.path", "/elsewhere")])
+    ("teacher.path", "/elsewhere"), ("distill.signal", "sampled"), ("distill.samples", 20),
+    ("distill.wire_dtype", "fp32"), ("model.preset", "tiny-teacher"), ("model.rope_theta", 500000.0)])
 def test_each_objective_key_is_refused_then_let_through_by_its_override(key, value):
     from pd_dist.checkpoint import ResumeError, check_run_state, objective
 
@@ -44,6 +45,30 @@ def test_each_objective_key_is_refused_then_let_through_by_its_override(key, val
     assert "\n" not in msg and key in msg and repr(state["objective"][key]) in msg and repr(now[key]) in msg
     accepted = check_run_state(state, new, sampler, "fp", now, overrides=[key])
     assert (key, state["objective"][key], now[key]) in accepted
+
+
+def test_the_objective_covers_every_model_and_distill_key():
+    """Derived, not listed: every key of the sections the result depends on is checked on resume,
+    so a key added to them later is covered without touching the checkpoint code."""
+    from pd_dist.checkpoint import DISTILL_OPERATIONAL, objective
+    from pd_dist.config import ExperimentConfig
+    from pd_dist.configlib import field_docs
+
+    keys = set(objective(_cfg(), "w1"))
+    for key, *_ in field_docs(ExperimentConfig):
+        section, _, rest = key.partition(".")
+        if section in ("model", "optim") or (section == "distill" and rest.split(".")[0] not in DISTILL_OPERATIONAL):
+            assert key in keys, f"{key} is not checked on resume"
+
+
+def test_the_state_saved_beside_a_checkpoint_reads_back_unchanged():
+    """The JSON sidecar (checked before DeepSpeed loads tensors) compares equal to the live objective."""
+    from pd_dist.checkpoint import CheckpointManager, check_run_state, objective
+
+    cfg = _cfg()
+    state, sampler = _state(cfg)
+    side = json.loads(json.dumps({k: state[k] for k in CheckpointManager.SIDECAR_KEYS if k in state}, default=str))
+    assert check_run_state(side, cfg, sampler, "fp", objective(cfg, "w1")) == []
 
 
 def test_other_teacher_weights_are_refused_unknown_ones_are_not():
@@ -117,6 +142,14 @@ def test_launcher_refuses_a_changed_loss_and_a_retrained_teacher_and_records_an_
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("pd-dist: --resume")]
     assert len(lines) == 1 and "distill.loss was 'nll' in the checkpoint, now 'kld'" in lines[0], lines
     assert "Traceback" not in proc.stdout + proc.stderr
+
+    # Another student model: refused from the state saved beside the checkpoint, before DeepSpeed
+    # would load tensors of another shape.
+    proc = launch(1, base + ["model.preset=tiny-teacher"], cwd=tmp_path, extra_args=["--resume"], check=False)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("pd-dist: --resume")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "model.preset was 'tiny-student' in the checkpoint, now 'tiny-teacher'" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and "size mismatch" not in proc.stdout + proc.stderr
 
     # the same path, other weights: a retrained teacher
     build_model(ModelConfig(preset="tiny-teacher"), smoke_data.vocab_size, seed=99).save_pretrained(str(teacher))

