@@ -471,6 +471,34 @@ def init_topology(timeout_s: float = 1800.0, env: Optional[LaunchEnv] = None,
     return topo
 
 
+def loopback_name(addr: str) -> bool:
+    """Whether ``addr`` is a host name (not an IP literal) that resolves only to loopback here, as
+    Debian's and Ubuntu's `/etc/hosts` line `127.0.1.1 node1` makes node1 on node1 itself."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(addr)
+        return False
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def single_host(env: Optional[dict] = None, world_size: Optional[int] = None) -> bool:
+    """Whether the launcher says every rank runs on this host (its local size is the world size).
+    Unknown counts as several hosts."""
+    env = os.environ if env is None else env
+    world = world_size if world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if str(env.get(k, "")).isdigit():
+            return int(env[k]) >= world
+    return world <= 1
+
+
 def _listen_socket(addr: str, port: int) -> Optional[socket.socket]:
     """A listening TCP socket on ``addr``:``port`` only, or None when ``addr`` is not an address of this
     host (a name that resolves elsewhere, e.g. behind NAT): then the store listens on every interface."""
@@ -498,10 +526,18 @@ def _listen_socket(addr: str, port: int) -> Optional[socket.socket]:
 def job_store(env: LaunchEnv, timeout: datetime.timedelta) -> "dist.TCPStore":
     """The job's TCPStore, served by global rank 0. torch's own listens on every interface; this one
     listens on MASTER_ADDR only (the store has no authentication: see docs/operations.md), unless that
-    is not an address of this host."""
+    is not an address of this host, or is a name that resolves to loopback here in a job of several
+    hosts (where the others could not reach a loopback listener)."""
     kw = {}
     if env.rank == 0:
-        sock = _listen_socket(env.master_addr, env.master_port)
+        if loopback_name(env.master_addr) and not single_host(world_size=env.world_size):
+            # The other nodes reach this name at its real address, which a loopback listener refuses.
+            print(f"pd-dist: MASTER_ADDR {env.master_addr} resolves to loopback on this host (an /etc/hosts "
+                  "line): the job store listens on every interface so the other nodes can reach it; pass "
+                  "this node's IP as MASTER_ADDR to listen on that address only", flush=True)
+            sock = None
+        else:
+            sock = _listen_socket(env.master_addr, env.master_port)
         if sock is not None:
             kw["master_listen_fd"] = sock.detach()  # the store owns the descriptor from here on
     return dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,

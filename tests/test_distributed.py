@@ -253,3 +253,51 @@ def test_the_job_store_listens_on_master_addr_only():
         _listen_socket("no-such-host.invalid", free_port())
     with pytest.raises(RuntimeError, match=f"cannot listen on MASTER_ADDR 127.0.0.1 port {port}"):
         job_store(env, datetime.timedelta(seconds=10))  # the port is taken by the first store
+
+
+def test_a_host_name_resolving_to_loopback_still_lets_other_nodes_in(monkeypatch):
+    """MASTER_ADDR is this host's name, which resolves to loopback here (as Debian's `127.0.1.1 node1`
+    line does): in a job of several hosts the store listens on every interface, and a client on
+    another host (another network namespace, reaching this one at its real address) gets in; in a
+    job the launcher says is on this host alone it still listens on loopback only."""
+    import datetime
+    import socket as sk
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from pd_dist.topology import LaunchEnv, job_store, loopback_name
+
+    name = sk.gethostname()
+    if not loopback_name(name):
+        pytest.skip(f"this host's name {name} does not resolve to loopback here")
+    for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(k, raising=False)
+    port = free_port()
+    store = job_store(LaunchEnv(0, 2, 0, name, port, "test", "node0"), datetime.timedelta(seconds=10))
+    assert _listening(port) & {"00000000", "00000000000000000000000000000000"}, _listening(port)
+    del store
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    port = free_port()
+    store = job_store(LaunchEnv(0, 2, 0, name, port, "test", "node0"), datetime.timedelta(seconds=10))
+    assert _listening(port) <= {"0100007F", "00000000000000000000000000000001"}, _listening(port)
+    del store
+
+    from test_faults import _TwoHosts
+
+    server = ("import datetime, sys; from pd_dist.topology import LaunchEnv, job_store\n"
+              f"s = job_store(LaunchEnv(0, 2, 0, {name!r}, {port}, 'test', 'node0'), datetime.timedelta(seconds=30))\n"
+              "s.set('ready', '1'); print(s.get('from_b').decode(), flush=True)")
+    with _TwoHosts(str((os.getpid() + 7) % 10000)) as net:
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE")}
+        a = subprocess.Popen(["ip", "netns", "exec", net.ns[0], sys.executable, "-c", server], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = ("import datetime; import torch.distributed as dist\n"
+                  f"c = dist.TCPStore({net.addr[0]!r}, {port}, 2, False, timeout=datetime.timedelta(seconds=30))\n"
+                  "c.set('from_b', 'hello'); print(c.get('ready').decode())")
+        b = subprocess.run(["ip", "netns", "exec", net.ns[1], sys.executable, "-c", client], env=env,
+                           capture_output=True, text=True, timeout=90)
+        out, err = a.communicate(timeout=90)
+        assert b.returncode == 0 and b.stdout.strip() == "1", b.stderr[-2000:]
+        assert a.returncode == 0 and out.strip().endswith("hello"), err[-2000:]
+        assert "resolves to loopback on this host" in out
