@@ -500,7 +500,8 @@ def _prepare(cfg: DataConfig, out: Path, sources: list[Source], key: str, log: L
     if rank != 0:
         peers.wait(lambda: is_prepared(out, key), lambda: _count_records(plans), "rank 0 to complete the data")
         return
-    peers.wait(lambda: all(_record_ok(t) is not None for t in free), lambda: _count_records(plans),
+    # A record is written last, once its shard is in place (and checked in full when the source completes).
+    peers.wait(lambda: all(os.path.exists(t.prefix + ".json") for t in free), lambda: _count_records(plans),
                "the other ranks' shards")
     entries = []
     for s in sources:
