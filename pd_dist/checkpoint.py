@@ -108,7 +108,8 @@ def check_run_state(state: dict, cfg: ExperimentConfig, sampler: GlobalBatchSamp
     Returns the changes `overrides` let through (to be recorded)."""
     if state["data_fingerprint"] != data_fingerprint:
         raise ResumeError("--resume: the checkpoint was trained on other data (fingerprint "
-                           f"{state['data_fingerprint']}, now {data_fingerprint})")
+                           f"{state['data_fingerprint']}, now {data_fingerprint}: another corpus, blend of "
+                           "sources or weights, tokenizer or seq_len)")
     if state["total_steps"] != cfg.train.steps:
         raise ResumeError(f"--resume: the checkpoint's run has train.steps={state['total_steps']}, "
                            f"now {cfg.train.steps}; schedules would not continue")

@@ -240,7 +240,7 @@ class LogitsStore:
         problems = []
         if m.data_fingerprint != data_fingerprint:
             problems.append(f"it was generated for data fingerprint {m.data_fingerprint}, the run's data "
-                            f"has {data_fingerprint} (different corpus, tokenization or seq_len)")
+                            f"has {data_fingerprint} (different corpus, blend of sources, tokenization or seq_len)")
         if m.tokenizer_hash != tokenizer_hash:
             problems.append(f"its tokenizer hash is {m.tokenizer_hash}, the run's is {tokenizer_hash}")
         if m.seq_len != seq_len:
