@@ -375,6 +375,9 @@ An experiment is one YAML file (`launch/configs/default.yaml` when `--config` is
 group starts, with one line naming the key and what is allowed. The resolved config is written to
 `<output_dir>/config.yaml` and the derived DeepSpeed JSON to `<output_dir>/deepspeed_config.json`.
 
+YAML merge keys (`<<: *anchor`) are read (explicit keys win over merged ones); a key given twice in one
+mapping, a list or mapping as a key, control characters and nesting deeper than 64 levels are refused.
+
 The DeepSpeed JSON files in `ds_configs/` hold only what is DeepSpeed's own (ZeRO options); batch
 sizes, gradient clipping, precision and the ZeRO stage come from the experiment config. A base file
 that sets any of them to something other than `"auto"` and different from the experiment is refused.

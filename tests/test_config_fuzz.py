@@ -1,9 +1,12 @@
 """No config input crashes or silently misleads a run: generated bad values for every key and type, the
-non-finite and out-of-range numbers, broken or empty YAML files, duplicate keys and YAML 1.1's number
-surprises. Every bad case is one ConfigError line naming the key; nothing is silently accepted."""
+non-finite and out-of-range numbers, broken or empty YAML files, control characters, non-scalar keys,
+deep nesting, aliases expanding past bounds, duplicate keys and YAML 1.1's number surprises. Every bad
+case is one ConfigError line naming the key (or the file and place) from load_config; nothing is
+silently accepted. Merge keys work."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import typing
@@ -141,3 +144,158 @@ def test_invalid_utf8_and_the_cli_answer_in_one_line(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and str(cfg) in proc.stderr
     assert "not UTF-8" in subprocess.run([sys.executable, "-m", "pd_dist.cli", "config", "--config", str(f)],
                                          capture_output=True, text=True, cwd=REPO).stderr
+
+
+def _one_line_error(fn, *needles):
+    """The ConfigError message fn raises: one line holding every needle."""
+    from pd_dist.configlib import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------- YAML input
+# Every C0 and C1 control character and DEL. YAML refuses all but tab, LF, CR and NEL (0x85) outright;
+# those four are line structure or whitespace, and still may not end up inside a name or path.
+CONTROLS = [chr(c) for c in list(range(0x20)) + list(range(0x7F, 0xA0))]
+YAML_ALLOWED = {"\t", "\n", "\r", "\x85"}
+PLACES = {  # where in a file the character goes
+    "value": "output_dir: runs/a{c}b\n", "number": "train:\n  steps: 5{c}\n", "comment": "# a{c}b\ntrain: {{steps: 5}}\n",
+    "key": "out{c}put_dir: x\n", "quoted": 'output_dir: "runs/a{c}b"\n'}
+
+
+@pytest.mark.parametrize("c", CONTROLS, ids=lambda c: f"x{ord(c):02x}")
+def test_control_characters_in_files_and_overrides_are_one_line(tmp_path, c):
+    from pd_dist.config import load_config
+    from pd_dist.configlib import ConfigError
+
+    inputs = []
+    for place, text in PLACES.items():
+        f = tmp_path / f"{place}.yaml"
+        f.write_text(text.format(c=c), encoding="utf-8", newline="")
+        inputs.append((lambda f=f: load_config(f), str(f)))
+    for over in (f"output_dir=runs/a{c}b", f"train.steps=5{c}", f"distill.loss=nll{c}"):
+        inputs.append((lambda over=over: load_config(SMOKE, [over]), "override"))
+    for load, where in inputs:
+        try:
+            cfg = load()
+        except ConfigError as e:
+            msg = str(e)
+            assert "\n" not in msg and (where in msg or "config key" in msg), msg
+            if c not in YAML_ALLOWED:
+                assert f"control character #x{ord(c):04x}" in msg, msg
+            continue
+        assert c in YAML_ALLOWED, f"{where}: {c!r} was accepted"
+        assert c not in cfg.output_dir
+
+
+def _nested(kind: str, depth: int, indent: int = 1) -> str:
+    """A YAML value nested depth levels deep (block mappings start below a key indented `indent` levels)."""
+    if kind == "flow_list":
+        return "[" * depth + "1" + "]" * depth
+    if kind == "flow_map":
+        return "{a: " * depth + "1" + "}" * depth
+    return "".join("\n" + "  " * (indent + i + 1) + f"k{i}:" for i in range(depth)) + " 1"
+
+
+@pytest.mark.parametrize("depth", [65, 200, 3000, 20000])
+@pytest.mark.parametrize("kind", ["flow_list", "flow_map", "block_map"])
+def test_deep_nesting_is_refused_before_the_stack_runs_out(tmp_path, kind, depth):
+    from pd_dist.config import load_config
+
+    f = tmp_path / "deep.yaml"
+    f.write_text(f"data:\n  files: {_nested(kind, depth)}\n")
+    _one_line_error(lambda: load_config(f), str(f), "nested more than 64 levels")
+    if kind != "block_map":
+        _one_line_error(lambda: load_config(SMOKE, [f"data.files={_nested(kind, depth)}"]), "override 'data.files=",
+                        "nested more than 64 levels")
+    f.write_text(f"train:\n  steps: {_nested(kind, 20)}\n")  # shallow: refused by type, by name
+    _one_line_error(lambda: load_config(f), "'train.steps'")
+
+
+NON_SCALAR_KEYS = ["[a, b]", "{a: 1}", "[]", "{}", "*L", "*M"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("key", NON_SCALAR_KEYS)
+def test_a_list_or_mapping_as_a_key_is_refused(tmp_path, nested, key):
+    from pd_dist.config import load_config
+
+    anchors = "model: {path: &L [x], preset: &M {y: 1}}\n" if key.startswith("*") else ""
+    entry = f"? {key}\n: 1\n"
+    f = tmp_path / "key.yaml"
+    f.write_text(anchors + ("train:\n" + "".join(f"  {line}\n" for line in entry.splitlines()) if nested else entry))
+    _one_line_error(lambda: load_config(f), str(f), "cannot be a config key")
+    if not key.startswith("*"):
+        _one_line_error(lambda: load_config(SMOKE, [f"train={{{key}: 1}}"]), "override", "cannot be a config key")
+
+
+def _split(section: dict) -> tuple[dict, dict]:
+    items = list(section.items())
+    return dict(items[: len(items) // 2]), dict(items[len(items) // 2:])
+
+
+def _flow(d) -> str:
+    return json.dumps(d)  # JSON is YAML flow syntax
+
+
+def test_merge_keys_spread_mappings_under_the_explicit_keys(tmp_path):
+    """Every section of smoke.yaml written as merges (an inline list of mappings, an anchored sibling) plus
+    explicit keys loads to the same config; explicit keys win; a merged-in key overridden explicitly is no
+    duplicate, an explicit key given twice still is; --set on an aliased mapping changes that one only."""
+    import yaml
+
+    from pd_dist.config import load_config
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    want = load_config(SMOKE)
+    for name, section in raw.items():
+        if not isinstance(section, dict) or len(section) < 2:
+            continue
+        merged, explicit = _split(section)
+        decoy = {k: "decoy" for k in explicit}  # a later merge: the explicit keys win over it
+        rest = {k: v for k, v in raw.items() if k != name}
+        body = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in explicit.items())
+        f = tmp_path / f"merge_{name}.yaml"
+        f.write_text(yaml.safe_dump(rest) + f"{name}:\n  <<: [{_flow(merged)}, {_flow(decoy)}]\n{body}")
+        assert load_config(f) == want, f.read_text()
+        k0 = next(iter(explicit))
+        f.write_text(yaml.safe_dump(rest) + f"{name}:\n  <<: {_flow(merged)}\n{body}  {k0}: {json.dumps(explicit[k0])}\n")
+        _one_line_error(lambda: load_config(f), str(f), f"'{k0}' given twice")
+    # model and teacher share ModelConfig's keys: an anchor on one merged into the other
+    f = tmp_path / "anchor.yaml"
+    f.write_text(SMOKE.read_text().replace("model:\n  preset: tiny-student\n",
+                                           "model: &m\n  preset: tiny-student\n  rope_theta: 500.0\n")
+                 .replace("teacher:\n  preset: tiny-teacher\n", "teacher:\n  <<: *m\n  preset: tiny-teacher\n"))
+    cfg = load_config(f, ["model.rope_theta=700"])
+    assert (cfg.model.rope_theta, cfg.teacher.rope_theta, cfg.teacher.preset) == (700.0, 500.0, "tiny-teacher")
+    f.write_text(SMOKE.read_text().replace("model:\n  preset: tiny-student\n", "model: &m {preset: tiny-teacher}\n")
+                 .replace("teacher:\n  preset: tiny-teacher\n  pretrain_steps: 20\n", "teacher: *m\nx:\n"
+                          "  pretrain_steps: 20\n").replace("x:\n  pretrain_steps: 20\n  pretrain_lr: 0.005\n", ""))
+    assert "teacher: *m\ntrain:" in f.read_text()
+    cfg = load_config(f, ["model.preset=tiny-student"])  # the alias is a copy once loaded
+    assert (cfg.model.preset, cfg.teacher.preset) == ("tiny-student", "tiny-teacher")
+
+
+def _alias_bomb(kind: str, n: int) -> list[str]:
+    """Entries of a YAML list whose aliases expand exponentially (laughs), nest n deep (chain), or refer to
+    themselves (a recursive list or mapping)."""
+    if kind == "laughs":
+        return ["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, n)]
+    if kind == "chain":
+        return ["&a0 [x]"] + [f"&a{i} [*a{i - 1}]" for i in range(1, n)]
+    return ["&r [*r]" if kind == "recursive_list" else "&r {k: *r}"]
+
+
+@pytest.mark.parametrize("kind,n,what", [("laughs", 6, "values"), ("laughs", 9, "values"), ("chain", 70, "levels"),
+                                         ("chain", 500, "levels"), ("recursive_list", 1, "levels"),
+                                         ("recursive_map", 1, "levels")])
+def test_aliases_that_expand_past_the_bounds_are_refused(tmp_path, kind, n, what):
+    from pd_dist.config import load_config
+
+    f = tmp_path / "aliases.yaml"
+    f.write_text("data:\n  files:\n" + "".join(f"    - {v}\n" for v in _alias_bomb(kind, n)))
+    _one_line_error(lambda: load_config(f), str(f), what, "once its aliases are expanded")
