@@ -21,7 +21,7 @@ from .data import DataConfig
 from .logits import SignalSpec
 from .losses import KDLoss
 from .models import ModelConfig
-from .schedules import AlphaConfig, LRConfig
+from .schedules import MAX_LR, AlphaConfig, LRConfig
 from .layout import Layout, TopologyConfig, make_layout
 
 # Where the teacher signal comes from; each value is one source class in pd_dist.signals.
@@ -31,6 +31,11 @@ DistillMode = Literal["none", "colocated", "online", "offline"]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DS_CONFIG_DIR = CONFIG_DIR / "deepspeed"
+# Below this p_t is one-hot to fp32 precision anyway, and kept_logits / tau heads for overflow (inf - inf
+# is NaN in the softmax).
+MIN_TEMPERATURE = 1e-4
+MIN_EPS = 1e-20
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -41,7 +46,8 @@ class TeacherConfig(ModelConfig):
         "architecture of the teacher pre-trained when `path` is null"))
     pretrain_steps: int = field(default=300, metadata=doc(
         "optimizer steps of the teacher's own LM pre-training (only when `path` is null)"))
-    pretrain_lr: float = field(default=1e-3, metadata=doc("peak LR of the teacher's pre-training"))
+    pretrain_lr: float = field(default=1e-3, metadata=doc(
+        f"peak LR of the teacher's pre-training, in (0, {MAX_LR:g}]"))
     pretrain_batch_size: int = field(default=0, metadata=doc(
         "global batch (samples) of the teacher's pre-training (0 = train.global_batch_size)"))
     micro_batch_size: int = field(default=0, metadata=doc(
@@ -60,8 +66,8 @@ class TeacherConfig(ModelConfig):
         super().validate(prefix)
         if self.pretrain_steps < 1:
             fail(f"{prefix}.pretrain_steps", self.pretrain_steps, "must be >= 1")
-        if not self.pretrain_lr > 0:
-            fail(f"{prefix}.pretrain_lr", self.pretrain_lr, "must be > 0")
+        if not 0 < self.pretrain_lr <= MAX_LR:
+            fail(f"{prefix}.pretrain_lr", self.pretrain_lr, f"must be > 0 and <= {MAX_LR:g}")
         if self.micro_batch_size < 0:
             fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
         if self.pretrain_batch_size < 0:
@@ -83,7 +89,7 @@ class DistillConfig:
     top_p: float = field(default=0.95, metadata=doc("top-p truncation of teacher logits, in (0, 1]"))
     top_k: int = field(default=50, metadata=doc("top-k truncation after top-p, >= 1"))
     temperature: float = field(default=1.0, metadata=doc(
-        "tau in p_t = softmax(kept_logits / tau), > 0"))
+        f"tau in p_t = softmax(kept_logits / tau), >= {MIN_TEMPERATURE:g}"))
     loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
     signal: Literal["top_p_k", "sampled", "head_tail"] = field(default="top_p_k", metadata=doc(
         "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
@@ -114,8 +120,9 @@ class DistillConfig:
             fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         if self.top_k < 1:
             fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
-        if not self.temperature > 0:
-            fail(f"{prefix}.temperature", self.temperature, "must be > 0")
+        if not self.temperature >= MIN_TEMPERATURE:
+            fail(f"{prefix}.temperature", self.temperature, f"must be >= {MIN_TEMPERATURE:g} (> 0, and not so "
+                 "small that logits / tau overflow)")
         if self.prefetch < 0:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.samples < 1:
@@ -170,20 +177,25 @@ class GenerateConfig:
 @dataclass
 class OptimConfig(LRConfig):
     """The per-step learning-rate schedule (schedules.LRConfig) and AdamW."""
-    weight_decay: float = field(default=0.1, metadata=doc("AdamW weight decay (not on norms)"))
+    weight_decay: float = field(default=0.1, metadata=doc(
+        "AdamW weight decay (not on norms), >= 0; lr x weight_decay < 1 (and teacher.pretrain_lr x it)"))
     beta1: float = field(default=0.9, metadata=doc("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=doc("AdamW beta2"))
-    eps: float = field(default=1e-8, metadata=doc("AdamW epsilon"))
+    eps: float = field(default=1e-8, metadata=doc(f"AdamW epsilon, >= {MIN_EPS:g}"))
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         if self.weight_decay < 0:
             fail(f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales every weight by 1 - lr x weight_decay per step
+            fail(f"{prefix}.weight_decay", self.weight_decay,
+                 f"times optim.lr ({self.lr:g}) must be < 1 (each step scales the weights by 1 - lr x weight_decay)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be in [0, 1)")
-        if not self.eps > 0:
-            fail(f"{prefix}.eps", self.eps, "must be > 0")
+        if not self.eps >= MIN_EPS:  # smaller: a gradient whose square underflows fp32 is divided by ~eps
+            fail(f"{prefix}.eps", self.eps, f"must be >= {MIN_EPS:g} (> 0, and not so small that a tiny "
+                 "gradient is divided by ~0)")
 
 
 @dataclass
@@ -195,7 +207,8 @@ class TrainConfig:
     micro_batch_size: int = field(default=8, metadata=doc(
         "samples per forward on one rank; accumulation = global / (micro * data-parallel size)"))
     grad_clip: float = field(default=1.0, metadata=doc("global gradient-norm clip (0 = off)"))
-    seed: int = field(default=1234, metadata=doc("seed for initialisation and data order"))
+    seed: int = field(default=1234, metadata=doc("seed for initialisation and data order, in [0, 2^63)",
+                                                 int_bits=63))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
         "training dtype (auto: bf16 on GPU, fp32 on CPU)"))
     zero_stage: int = field(default=1, metadata=doc(
@@ -212,7 +225,7 @@ class TrainConfig:
     save_every: int = field(default=100, metadata=doc("checkpoint every N steps (0 = only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=doc("newest checkpoints kept (0 = keep all)"))
     threads: int = field(default=0, metadata=doc(
-        "torch CPU threads per rank (0 = the host's cores divided by the ranks on it)"))
+        f"torch CPU threads per rank, <= {MAX_THREADS} (0 = the host's cores divided by the ranks on it)"))
     exit_after_steps: int = field(default=0, metadata=doc(
         "save a checkpoint and stop after this many steps of this launch (0 = run to the end); "
         "for time-limited allocations: relaunch with --resume"))
@@ -224,6 +237,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints", "threads", "exit_after_steps"):
             if getattr(self, name) < 0:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+        if self.threads > MAX_THREADS:
+            fail(f"{prefix}.threads", self.threads, f"must be in [0, {MAX_THREADS}]")
         if self.global_batch_size % self.micro_batch_size:
             fail(f"{prefix}.global_batch_size", self.global_batch_size,
                  f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
@@ -377,6 +392,9 @@ group starts, with one line naming the key and what is allowed. The resolved con
 
 YAML merge keys (`<<: *anchor`) are read (explicit keys win over merged ones); a key given twice in one
 mapping, a list or mapping as a key, control characters and nesting deeper than 64 levels are refused.
+Integers must lie in [-2^31, 2^31) unless a key says more (`train.seed`, character and byte counts), and
+every number must be 0 or of a magnitude fp32 represents (1.175e-38 to 3.403e38); keys whose meaning
+needs a narrower range say so below.
 
 The DeepSpeed JSON files in `ds_configs/` hold only what is DeepSpeed's own (ZeRO options); batch
 sizes, gradient clipping, precision and the ZeRO stage come from the experiment config. A base file

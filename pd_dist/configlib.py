@@ -3,6 +3,9 @@
 Each component owns its config dataclass (fields documented with ``metadata={"doc": ...}``) and an
 optional ``validate(self, prefix)`` method. This module turns plain dicts into those dataclasses,
 rejecting unknown keys and wrong types by their full dotted name, before any process group starts.
+Every field gets its type's bounds here: ints in int32 (unless the field's metadata has ``int_bits``),
+floats finite and representable in fp32, choices matched by type, strings without control characters;
+``validate`` adds what a key's meaning needs.
 """
 from __future__ import annotations
 
@@ -169,7 +172,24 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+# Every int field holds a count, size, step, rank or id: beyond int32 it is a typo (or would overflow an
+# int32 tensor or C int), unless the field's metadata says ``int_bits=63`` (seeds, character counts).
+INT_BITS = 31
+# Every float field must survive conversion to fp32, which the run computes in: no overflow to inf, no
+# flush of a nonzero value to 0 (or to a subnormal, which GPUs may flush). Keys whose meaning needs a
+# narrower range check it in their validate().
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38  # the smallest normal fp32
+
+
+def in_choices(value: Any, allowed: tuple) -> bool:
+    """``value in allowed`` by type as well as equality: ``false`` and ``3.0`` are not the ints 0 and 3."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _coerce(key: str, value: Any, tp, meta=None) -> Any:
+    """``value`` checked against field type ``tp`` (and its field's metadata ``meta``)."""
+    meta = meta or {}
     optional, inner = _is_optional(tp)
     if value is None:
         if optional:
@@ -187,7 +207,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         (elem,) = typing.get_args(tp)[:1] or (Any,)
         if not isinstance(value, (list, tuple)):
             fail(key, value, "must be a list")
-        out = [_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
+        out = [_coerce(f"{key}[{i}]", v, elem, meta) for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
@@ -195,7 +215,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return dict(value)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        if not in_choices(value, allowed):
             fail(key, value, "must be one of " + ", ".join(repr(a) for a in allowed))
         return value
     if tp is Any:
@@ -207,8 +227,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(key, value, "must be an integer")
-        if not -2 ** 63 <= value < 2 ** 63:
-            fail(key, value, "is outside the 64-bit integer range")
+        bits = meta.get("int_bits", INT_BITS)
+        if not -2 ** bits <= value < 2 ** bits:
+            fail(key, value, f"must be in [-2^{bits}, 2^{bits})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -219,6 +240,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
             fail(key, value, "is too large for a floating-point number")
         if not math.isfinite(value):
             fail(key, value, "must be a finite number")
+        if value and not FP32_TINY <= abs(value) <= FP32_MAX:
+            fail(key, value, f"is not what fp32, which the run computes in, represents (0 or a magnitude in "
+                 f"[{FP32_TINY:.4g}, {FP32_MAX:.4g}])")
         return value
     if tp is str:
         if not isinstance(value, str):
@@ -242,7 +266,7 @@ def build(cls, data: dict, prefix: str = ""):
     for f in dataclasses.fields(cls):
         if f.name in data:
             full = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name])
+            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name], f.metadata)
     obj = cls(**kwargs)
     validate_tree(obj, prefix)
     return obj
@@ -261,7 +285,7 @@ def check_choices(obj, prefix: str = "") -> None:
     for f in dataclasses.fields(obj):
         allowed = literal_choices(hints[f.name])
         value = getattr(obj, f.name)
-        if allowed is not None and value is not None and value not in allowed:
+        if allowed is not None and value is not None and not in_choices(value, allowed):
             fail(f"{prefix}.{f.name}" if prefix else f.name, value,
                  "must be one of " + ", ".join(repr(a) for a in allowed))
 

@@ -1,8 +1,9 @@
 """No config input crashes or silently misleads a run: generated bad values for every key and type, the
-non-finite and out-of-range numbers, broken or empty YAML files, control characters, non-scalar keys,
-deep nesting, aliases expanding past bounds, duplicate keys and YAML 1.1's number surprises. Every bad
-case is one ConfigError line naming the key (or the file and place) from load_config; nothing is
-silently accepted. Merge keys work."""
+non-finite and out-of-range numbers (beyond int32, beyond what fp32 represents, bools for numbers and
+choices), broken or empty YAML files, control characters, non-scalar keys, deep nesting, aliases
+expanding past bounds, duplicate keys and YAML 1.1's number surprises. Every bad case is one ConfigError
+line naming the key (or the file and place) from load_config; nothing is silently accepted. Merge keys
+work."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ import pytest
 from conftest import REPO, SMOKE
 
 
-def _leaves(cls, prefix=""):
-    """(dotted key, type) of every leaf field of a config dataclass."""
+def _leaves(cls, prefix="", meta=False):
+    """(dotted key, type, optional) of every leaf field of a config dataclass (+ its metadata if meta)."""
     from pd_dist.configlib import _is_optional
 
     hints = typing.get_type_hints(cls)
@@ -25,17 +26,21 @@ def _leaves(cls, prefix=""):
         key = f"{prefix}.{f.name}" if prefix else f.name
         optional, inner = _is_optional(hints[f.name])
         if dataclasses.is_dataclass(inner):
-            yield from _leaves(inner, key)
+            yield from _leaves(inner, key, meta)
         else:
-            yield key, inner, optional
+            yield (key, inner, optional, f.metadata) if meta else (key, inner, optional)
 
 
-def _bad_values(tp, optional):
+def _bad_values(tp, optional, meta=None):
     """Values of the wrong type (or non-finite / out of range) for a field of type tp, as --set text."""
+    from pd_dist.configlib import INT_BITS
+
     origin = typing.get_origin(tp)
     null = [] if optional else ["null"]
     if origin is typing.Literal:
-        return ["bogus-choice", "12345", "[1, 2]"] + null
+        numbers = [f"{a}.0" for a in typing.get_args(tp) if type(a) is int]  # 3.0 is not the choice 3
+        bools = ["true", "false"] if numbers else []
+        return ["bogus-choice", "12345", "[1, 2]"] + numbers + bools + null
     if origin is list:
         (elem,) = typing.get_args(tp)
         wrong_elem = "[[1], [2]]" if elem is str else "[a, b]"
@@ -43,13 +48,15 @@ def _bad_values(tp, optional):
     if tp is bool:
         return ["maybe", "2", "1.5", "[true]", "{a: 1}"] + null
     if tp is int:
-        return ["abc", "1.5", "true", "18446744073709551616", "-1180591620717411303424", "[1]", "{a: 1}",
-                "1:30", "3e5"] + null
+        bits = (meta or {}).get("int_bits", INT_BITS)
+        return ["abc", "1.5", "true", "false", "18446744073709551616", "-1180591620717411303424", "[1]", "{a: 1}",
+                "1:30", "3e5", str(2 ** bits), str(-2 ** bits - 1)] + null
     if tp is float:
-        return ["abc", ".nan", ".inf", "-.inf", "1e400", "true", "[1.0]", "{a: 1}",
-                "1" + "0" * 400] + null
+        # non-finite, and finite values fp32 cannot hold: they overflow to inf or flush to 0 in the run
+        return ["abc", ".nan", ".inf", "-.inf", "1e400", "true", "[1.0]", "{a: 1}", "1" + "0" * 400,
+                "1e39", "-1e39", "1e300", "3.5e38", "1e-39", "-1e-40", "1e-300", "5e-324"] + null
     if tp is str:
-        return ["5", "1.5", "true", "[a]", "{a: 1}"] + null
+        return ["5", "1.5", "true", "[a]", "{a: 1}", '"a\\tb"', '"a\\nb"', '"a\\x00b"'] + null
     return []
 
 
@@ -57,8 +64,8 @@ def _cases():
     from pd_dist.config import ExperimentConfig
 
     out = []
-    for key, tp, optional in _leaves(ExperimentConfig):
-        for v in _bad_values(tp, optional):
+    for key, tp, optional, meta in _leaves(ExperimentConfig, meta=True):
+        for v in _bad_values(tp, optional, meta):
             out.append((key, v))
     return out
 
@@ -70,7 +77,7 @@ def test_the_fuzz_covers_every_key_with_300_plus_cases():
     from pd_dist.config import ExperimentConfig
 
     keys = {k for k, _, _ in _leaves(ExperimentConfig)}
-    assert len(CASES) >= 300 and {k for k, _ in CASES} == keys
+    assert len(CASES) >= 700 and {k for k, _ in CASES} == keys
 
 
 @pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={v[:20]}" for k, v in CASES])
@@ -155,6 +162,87 @@ def _one_line_error(fn, *needles):
     msg = str(e.value)
     assert "\n" not in msg and all(n in msg for n in needles), msg
     return msg
+
+
+# ------------------------------------------------------------------------------- numbers in range
+# What the run computes in fp32 from each float key at its first steps; an accepted value must keep it
+# finite (the oracle for the log grid below).
+def _fp32_first_step_finite(key: str, v: float, smoke) -> bool:
+    import datetime
+
+    import numpy as np
+
+    f = np.float32
+    with np.errstate(all="ignore"):
+        if key == "distill.temperature":  # kept logits (tens) / tau
+            return bool(np.isfinite(f(80.0) / f(v)))
+        if key.endswith("rope_theta"):  # rotary inverse frequencies theta ** (-2i / d)
+            return bool(np.isfinite(f(1.0) / np.power(f(v), np.arange(0, 64, 2, dtype=np.float32) / f(64))).all())
+        if key == "optim.eps":  # m / (sqrt(v) + eps) for a gradient of 1e-20, whose square underflows
+            return bool(np.isfinite(f(1e-20) / (np.sqrt(f(1e-20) * f(1e-20)) + f(v))))
+        if key in ("optim.lr", "teacher.pretrain_lr", "optim.weight_decay"):
+            lr = v if key != "optim.weight_decay" else max(smoke.optim.lr, smoke.teacher.pretrain_lr)
+            wd = v if key == "optim.weight_decay" else smoke.optim.weight_decay
+            return bool(f(1.0) - f(lr) * f(wd) > 0 and np.isfinite(f(0.02) + f(lr)))
+        if key == "topology.peer_timeout_s":  # gloo waits in whole milliseconds; heartbeats are 1 s apart
+            return datetime.timedelta(seconds=v) >= datetime.timedelta(seconds=2)
+    return True
+
+
+def _float_keys():
+    from pd_dist.config import ExperimentConfig
+
+    return [k for k, tp, _ in _leaves(ExperimentConfig) if tp is float]
+
+
+GRID = sorted({s * 10.0 ** e for e in range(-45, 40, 3) for s in (1, -1)} | {0.0, 1.0, 5e-324, 3.4e38})
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_key_on_a_log_grid_is_accepted_finite_or_refused_by_name(key, smoke_cfg):
+    """From 5e-324 to 3.4e38 and their negatives: each value loads with a finite first step or is one
+    ConfigError line naming the key (the audit's 1e-40 temperature, 1e-300 eps or rope_theta, 1e300
+    weight decay or lr and 1e-9 s timeout among them)."""
+    from pd_dist.config import load_config
+    from pd_dist.configlib import ConfigError
+
+    extra = {"generate.top_p": ["distill.mode=offline", "distill.store=s"]}.get(key, [])
+    accepted = 0
+    for v in GRID + [1e-40, 1e-300, 1e300, 1e-9]:
+        try:
+            cfg = load_config(SMOKE, [f"{key}={v!r}"] + extra)
+        except ConfigError as e:  # a cross-key check names the other key (alpha.max >= alpha.min)
+            fp32 = v == 0 or 1.1754943508222875e-38 <= abs(v) <= 3.4028234663852886e38
+            assert "\n" not in str(e) and (f"'{key}'" if not fp32 else "config key '") in str(e), str(e)
+            continue
+        accepted += 1
+        assert _fp32_first_step_finite(key, v, cfg), f"{key}={v!r} was accepted"
+    assert accepted, f"{key}: no value on the grid is accepted"
+
+
+def test_int_keys_are_int32_unless_their_metadata_allows_more():
+    """Every int key refuses 2^31 (or 2^63 where its metadata says int_bits=63) and bools; choices
+    given as ints refuse false/true and 0.0/3.0."""
+    from pd_dist.config import ExperimentConfig, load_config
+
+    wide = []
+    for key, tp, _, meta in _leaves(ExperimentConfig, meta=True):
+        ints = tp is int or (typing.get_origin(tp) is list and typing.get_args(tp)[0] is int)
+        choices = [a for a in typing.get_args(tp) if type(a) is int] if typing.get_origin(tp) is typing.Literal else []
+        if not (ints or choices):
+            continue
+        bits = meta.get("int_bits", 31)
+        wide += [key] if bits > 31 else []
+        wrap = (lambda v: f"[{v}]") if typing.get_origin(tp) is list else (lambda v: v)
+        values = [2 ** bits, -2 ** bits - 1, "true", "false"] if ints else \
+            ["true", "false"] + [f"{a}.0" for a in choices]
+        for v in values:
+            _one_line_error(lambda: load_config(SMOKE, [f"{key}={wrap(v)}"]), key)
+    assert set(wide) == {"train.seed", "data.max_chars", "data.tokenizer_train_chars", "data.shard_bytes"}
+    from pd_dist.config import TeacherConfig  # built in code: check_choices matches by type as well
+
+    for bad in (False, True, 0.0, 3.0):
+        _one_line_error(lambda: TeacherConfig(zero_stage=bad).validate("teacher"), "'teacher.zero_stage'")
 
 
 # ------------------------------------------------------------------------------------- YAML input
