@@ -280,9 +280,20 @@ class ExperimentConfig:
             fail("output_dir", self.output_dir, "must name a directory")
         if not 0 <= self.train.seed < 2 ** 63:
             fail("train.seed", self.train.seed, "must be in [0, 2^63)")
-        if self.optim.lr_schedule != "constant" and self.optim.warmup_steps > self.train.steps:
-            fail("optim.warmup_steps", self.optim.warmup_steps,
-                 f"must not be longer than the run (train.steps = {self.train.steps})")
+        # Every schedule warms up first (schedules.lr_at): a warmup as long as the run is all the run is,
+        # so the schedule asked for (constant, cosine or wsd decay) never happens.
+        runs = [("train.steps", self.train.steps)]
+        if self.pretrains_teacher():
+            runs.append(("teacher.pretrain_steps", self.teacher.pretrain_steps))
+        for key, steps in runs:
+            if self.optim.warmup_steps and self.optim.warmup_steps >= steps:
+                fail("optim.warmup_steps", self.optim.warmup_steps,
+                     f"must be shorter than the run ({key} = {steps}): the {self.optim.lr_schedule} schedule "
+                     "would never start")
+        if self.pretrains_teacher() and self.teacher.pretrain_lr * self.optim.weight_decay >= 1:
+            fail("optim.weight_decay", self.optim.weight_decay,
+                 f"times teacher.pretrain_lr ({self.teacher.pretrain_lr:g}) must be < 1 (each step scales the "
+                 "weights by 1 - lr x weight_decay)")
         if self.distill.dump_logits:
             if self.distill.mode != "none":
                 fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
@@ -309,6 +320,15 @@ class ExperimentConfig:
             if why:
                 fail("generate.top_p" if g.top_p is not None else "generate.top_k",
                      g.top_p if g.top_p is not None else g.top_k, why)
+            # Offline, this config's run trains from the store its generation writes, which can be narrowed
+            # on load but not widened (store.reader.check_compatible would refuse it once the run started).
+            offline = self.distill.mode == "offline"
+            if offline and g.top_p is not None and g.top_p < self.distill.top_p:
+                fail("generate.top_p", g.top_p, f"must be >= distill.top_p ({self.distill.top_p:g}): a store "
+                     "truncated narrower than the run cannot be widened on load")
+            if offline and g.top_k is not None and g.top_k < self.distill.top_k:
+                fail("generate.top_k", g.top_k, f"must be >= distill.top_k ({self.distill.top_k}): a store "
+                     "keeping fewer entries than the run asks cannot be widened on load")
         if self.distill.signal == "sampled" and g.encoding == "qgap":
             fail("generate.encoding", "qgap", "would round the sampled signal's weights: use auto (its exact "
                  "draw counts) or exact")
@@ -324,6 +344,11 @@ class ExperimentConfig:
                      "replicas' stages run in lockstep)")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
+
+    def pretrains_teacher(self) -> bool:
+        """Whether a run (or the generation job) of this config may pre-train the default teacher
+        (run.teacher_run_config: teacher.pretrain_steps with the run's optim and trainer)."""
+        return self.teacher.path is None and self.distill.mode != "none"
 
     def stored_truncation(self) -> tuple[float, int]:
         """(top_p, top_k) of the logits a store written by this run keeps (generation, dump_logits):

@@ -245,6 +245,47 @@ def test_int_keys_are_int32_unless_their_metadata_allows_more():
         _one_line_error(lambda: TeacherConfig(zero_stage=bad).validate("teacher"), "'teacher.zero_stage'")
 
 
+# ----------------------------------------------------------------------------- cross-key checks
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+def test_a_warmup_must_end_inside_the_run_and_the_teachers_pretraining(schedule):
+    from pd_dist.config import load_config
+
+    for steps in (1, 2, 7, 20):
+        for warmup in range(0, steps + 3):
+            over = [f"optim.lr_schedule={schedule}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
+                    "teacher.pretrain_steps=50", "train.eval_every=0", "train.save_every=0", "train.log_every=1"]
+            if warmup and warmup >= steps:
+                _one_line_error(lambda: load_config(SMOKE, over), "'optim.warmup_steps'", f"train.steps = {steps}")
+            else:
+                assert load_config(SMOKE, over).optim.warmup_steps == warmup
+    # the default teacher is pre-trained with the same optim section, for teacher.pretrain_steps
+    for mode, refused in (("colocated", True), ("online", True), ("offline", True), ("none", False)):
+        over = ["train.steps=100", "optim.warmup_steps=30", "teacher.pretrain_steps=30", f"distill.mode={mode}"]
+        over += ["distill.store=s"] if mode == "offline" else []
+        if refused:
+            _one_line_error(lambda: load_config(SMOKE, over), "'optim.warmup_steps'", "teacher.pretrain_steps")
+        else:
+            load_config(SMOKE, over)
+
+
+def test_generate_truncation_must_serve_the_offline_run_it_is_written_for():
+    from pd_dist.config import load_config
+
+    for mode in ("offline", "colocated"):
+        for p, gp in [(0.5, 0.4), (0.5, 0.5), (0.5, 0.6), (0.95, 0.9), (1.0, 0.99)]:
+            over = [f"distill.mode={mode}", "distill.store=s", f"distill.top_p={p}", f"generate.top_p={gp}"]
+            if mode == "offline" and gp < p:
+                _one_line_error(lambda: load_config(SMOKE, over), "'generate.top_p'", "distill.top_p")
+            else:
+                load_config(SMOKE, over)
+        for k, gk in [(20, 19), (20, 20), (20, 21), (1, 1), (50, 2)]:
+            over = [f"distill.mode={mode}", "distill.store=s", f"distill.top_k={k}", f"generate.top_k={gk}"]
+            if mode == "offline" and gk < k:
+                _one_line_error(lambda: load_config(SMOKE, over), "'generate.top_k'", "distill.top_k")
+            else:
+                load_config(SMOKE, over)
+
+
 # ------------------------------------------------------------------------------------- YAML input
 # Every C0 and C1 control character and DEL. YAML refuses all but tab, LF, CR and NEL (0x85) outright;
 # those four are line structure or whitespace, and still may not end up inside a name or path.
