@@ -1,9 +1,8 @@
 """No config input crashes or silently misleads a run: generated bad values for every key and type, the
 non-finite and out-of-range numbers (beyond int32, beyond what fp32 represents, bools for numbers and
-choices), broken or empty YAML files, control characters, non-scalar keys, deep nesting, aliases
-expanding past bounds, duplicate keys and YAML 1.1's number surprises. Every bad case is one ConfigError
-line naming the key (or the file and place) from load_config; nothing is silently accepted. Merge keys
-work."""
+choices), broken or empty YAML files, control characters, non-scalar keys, deep nesting, duplicate keys,
+YAML 1.1's number surprises and bad DeepSpeed base files. Every bad case is one ConfigError line naming
+the key (or the file and place) from load_config; nothing is silently accepted. Merge keys work."""
 from __future__ import annotations
 
 import dataclasses
@@ -428,3 +427,90 @@ def test_aliases_that_expand_past_the_bounds_are_refused(tmp_path, kind, n, what
     f = tmp_path / "aliases.yaml"
     f.write_text("data:\n  files:\n" + "".join(f"    - {v}\n" for v in _alias_bomb(kind, n)))
     _one_line_error(lambda: load_config(f), str(f), what, "once its aliases are expanded")
+
+
+# ------------------------------------------------------------------------- DeepSpeed base files
+BAD_DS = {  # the audit's eight kinds, then more of the same families
+    "malformed": b'{"zero_optimization": {"stage": 1}',
+    "a_list": b'[{"zero_optimization": {"stage": 1}}]',
+    "zero_not_a_mapping": b'{"zero_optimization": 5}',
+    "batch_conflict": b'{"train_batch_size": 12345}',
+    "optimizer": b'{"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}',
+    "empty": b"",
+    "binary": bytes(range(256)) * 4,
+    "missing": None,
+    "scheduler": b'{"scheduler": {"type": "WarmupLR"}}',
+    "whitespace": b" \n\t\n",
+    "null": b"null",
+    "stage_string": b'{"zero_optimization": {"stage": "1"}}',
+    "stage_bool": b'{"zero_optimization": {"stage": true}}',
+    "stage_other": b'{"zero_optimization": {"stage": 2}}',
+    "micro_conflict": b'{"train_micro_batch_size_per_gpu": 3}',
+    "grad_accum_fixed": b'{"gradient_accumulation_steps": 1}',
+    "clip_conflict": b'{"gradient_clipping": 0.25}',
+    "batch_bool": b'{"train_batch_size": true}',
+    "fp16": b'{"fp16": {"enabled": true}}',
+    "amp": b'{"amp": {"enabled": true}}',
+    "bf16_with_auto_precision": b'{"bf16": {"enabled": true}}',
+    "nan": b'{"gradient_clipping": NaN}',
+    "duplicate": b'{"zero_optimization": {"stage": 1}, "zero_optimization": {"stage": 1}}',
+    "deep": b"[" * 100000 + b"]" * 100000,
+    "latin1": '{"x": "caf\xe9"}'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("role", ["train", "teacher"])
+@pytest.mark.parametrize("kind", list(BAD_DS))
+def test_a_bad_deepspeed_base_is_refused_by_load_config(tmp_path, role, kind):
+    """Before anything starts (process groups, data, the teacher's pre-training): one line naming the
+    key and the file, for the student's and the teacher's base."""
+    from pd_dist.config import load_config
+
+    f = tmp_path / f"{kind}.json"
+    if BAD_DS[kind] is not None:
+        f.write_bytes(BAD_DS[kind])
+    if role == "teacher" and kind in ("stage_other",):  # stage 1 and 2 are wrong for the ZeRO-3 teacher
+        f.write_bytes(b'{"zero_optimization": {"stage": 1}}')
+    over = [f"{role}.deepspeed_config={f}"]
+    if kind == "bf16_with_auto_precision":
+        over.append("train.precision=auto")
+    _one_line_error(lambda: load_config(SMOKE, over), f"'{role}.deepspeed_config'", str(f))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_good_deepspeed_bases_load(tmp_path, stage):
+    """The shipped files, copies of them, {} and values equal to the experiment's are accepted."""
+    from pd_dist.config import DS_CONFIG_DIR, deepspeed_config, load_config
+
+    shipped = json.loads((DS_CONFIG_DIR / f"zero{stage}.json").read_text())
+    same = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+            "bf16": {"enabled": False}, "zero_optimization": {"stage": stage}}
+    for i, base in enumerate([shipped, {}, same]):
+        f = tmp_path / f"{stage}_{i}.json"
+        f.write_text(json.dumps(base))
+        teacher = f if stage == 3 else DS_CONFIG_DIR / "zero3.json"
+        cfg = load_config(SMOKE, [f"train.zero_stage={stage}", f"train.deepspeed_config={f}", "train.precision=fp32",
+                                  f"teacher.deepspeed_config={teacher if i != 2 else DS_CONFIG_DIR / 'zero3.json'}",
+                                  "teacher.pretrain_batch_size=8"])
+        ds = deepspeed_config(cfg, 2, bf16=False)
+        assert (ds["gradient_accumulation_steps"], ds["zero_optimization"]["stage"]) == (1, stage)
+
+
+def test_the_teachers_pretraining_batch_must_agree_with_a_fixed_train_batch_size(tmp_path):
+    from pd_dist.config import load_config
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_batch_size": 8}))
+    load_config(SMOKE, [f"train.deepspeed_config={f}", "teacher.pretrain_batch_size=8"])
+    load_config(SMOKE, [f"train.deepspeed_config={f}", "teacher.pretrain_batch_size=16", "teacher.path=t"])
+    _one_line_error(lambda: load_config(SMOKE, [f"train.deepspeed_config={f}", "teacher.pretrain_batch_size=16"]),
+                    "'train.deepspeed_config'", "teacher.pretrain_batch_size")
+
+
+def test_the_cli_answers_a_bad_deepspeed_base_in_one_line(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"zero_optimization": 5}')
+    proc = subprocess.run([sys.executable, "-m", "pd_dist.cli", "config", "--set", f"teacher.deepspeed_config={f}"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("pd-dist: config key 'teacher.deepspeed_config'") and str(f) in proc.stderr
