@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -16,12 +17,12 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .configlib import (ConfigError, build, check_choices, doc, fail, field_docs, load_yaml, parse_override, set_path,
-                        to_dict)
+                        show, to_dict)
 from .data import DataConfig
 from .logits import SignalSpec
 from .losses import KDLoss
 from .models import ModelConfig
-from .schedules import AlphaConfig, LRConfig
+from .schedules import MAX_LR, AlphaConfig, LRConfig
 from .layout import Layout, TopologyConfig, make_layout
 
 # Where the teacher signal comes from; each value is one source class in pd_dist.signals.
@@ -31,6 +32,11 @@ DistillMode = Literal["none", "colocated", "online", "offline"]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DS_CONFIG_DIR = CONFIG_DIR / "deepspeed"
+# Below this p_t is one-hot to fp32 precision anyway, and kept_logits / tau heads for overflow (inf - inf
+# is NaN in the softmax).
+MIN_TEMPERATURE = 1e-4
+MIN_EPS = 1e-20
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -41,7 +47,8 @@ class TeacherConfig(ModelConfig):
         "architecture of the teacher pre-trained when `path` is null"))
     pretrain_steps: int = field(default=300, metadata=doc(
         "optimizer steps of the teacher's own LM pre-training (only when `path` is null)"))
-    pretrain_lr: float = field(default=1e-3, metadata=doc("peak LR of the teacher's pre-training"))
+    pretrain_lr: float = field(default=1e-3, metadata=doc(
+        f"peak LR of the teacher's pre-training, in (0, {MAX_LR:g}]"))
     pretrain_batch_size: int = field(default=0, metadata=doc(
         "global batch (samples) of the teacher's pre-training (0 = train.global_batch_size)"))
     micro_batch_size: int = field(default=0, metadata=doc(
@@ -60,8 +67,8 @@ class TeacherConfig(ModelConfig):
         super().validate(prefix)
         if self.pretrain_steps < 1:
             fail(f"{prefix}.pretrain_steps", self.pretrain_steps, "must be >= 1")
-        if not self.pretrain_lr > 0:
-            fail(f"{prefix}.pretrain_lr", self.pretrain_lr, "must be > 0")
+        if not 0 < self.pretrain_lr <= MAX_LR:
+            fail(f"{prefix}.pretrain_lr", self.pretrain_lr, f"must be > 0 and <= {MAX_LR:g}")
         if self.micro_batch_size < 0:
             fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
         if self.pretrain_batch_size < 0:
@@ -83,7 +90,7 @@ class DistillConfig:
     top_p: float = field(default=0.95, metadata=doc("top-p truncation of teacher logits, in (0, 1]"))
     top_k: int = field(default=50, metadata=doc("top-k truncation after top-p, >= 1"))
     temperature: float = field(default=1.0, metadata=doc(
-        "tau in p_t = softmax(kept_logits / tau), > 0"))
+        f"tau in p_t = softmax(kept_logits / tau), >= {MIN_TEMPERATURE:g}"))
     loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
     signal: Literal["top_p_k", "sampled", "head_tail"] = field(default="top_p_k", metadata=doc(
         "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
@@ -114,8 +121,9 @@ class DistillConfig:
             fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         if self.top_k < 1:
             fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
-        if not self.temperature > 0:
-            fail(f"{prefix}.temperature", self.temperature, "must be > 0")
+        if not self.temperature >= MIN_TEMPERATURE:
+            fail(f"{prefix}.temperature", self.temperature, f"must be >= {MIN_TEMPERATURE:g} (> 0, and not so "
+                 "small that logits / tau overflow)")
         if self.prefetch < 0:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.samples < 1:
@@ -170,20 +178,25 @@ class GenerateConfig:
 @dataclass
 class OptimConfig(LRConfig):
     """The per-step learning-rate schedule (schedules.LRConfig) and AdamW."""
-    weight_decay: float = field(default=0.1, metadata=doc("AdamW weight decay (not on norms)"))
+    weight_decay: float = field(default=0.1, metadata=doc(
+        "AdamW weight decay (not on norms), >= 0; lr x weight_decay < 1 (and teacher.pretrain_lr x it)"))
     beta1: float = field(default=0.9, metadata=doc("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=doc("AdamW beta2"))
-    eps: float = field(default=1e-8, metadata=doc("AdamW epsilon"))
+    eps: float = field(default=1e-8, metadata=doc(f"AdamW epsilon, >= {MIN_EPS:g}"))
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         if self.weight_decay < 0:
             fail(f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales every weight by 1 - lr x weight_decay per step
+            fail(f"{prefix}.weight_decay", self.weight_decay,
+                 f"times optim.lr ({self.lr:g}) must be < 1 (each step scales the weights by 1 - lr x weight_decay)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be in [0, 1)")
-        if not self.eps > 0:
-            fail(f"{prefix}.eps", self.eps, "must be > 0")
+        if not self.eps >= MIN_EPS:  # smaller: a gradient whose square underflows fp32 is divided by ~eps
+            fail(f"{prefix}.eps", self.eps, f"must be >= {MIN_EPS:g} (> 0, and not so small that a tiny "
+                 "gradient is divided by ~0)")
 
 
 @dataclass
@@ -195,7 +208,8 @@ class TrainConfig:
     micro_batch_size: int = field(default=8, metadata=doc(
         "samples per forward on one rank; accumulation = global / (micro * data-parallel size)"))
     grad_clip: float = field(default=1.0, metadata=doc("global gradient-norm clip (0 = off)"))
-    seed: int = field(default=1234, metadata=doc("seed for initialisation and data order"))
+    seed: int = field(default=1234, metadata=doc("seed for initialisation and data order, in [0, 2^63)",
+                                                 int_bits=63))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
         "training dtype (auto: bf16 on GPU, fp32 on CPU)"))
     zero_stage: int = field(default=1, metadata=doc(
@@ -212,7 +226,7 @@ class TrainConfig:
     save_every: int = field(default=100, metadata=doc("checkpoint every N steps (0 = only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=doc("newest checkpoints kept (0 = keep all)"))
     threads: int = field(default=0, metadata=doc(
-        "torch CPU threads per rank (0 = the host's cores divided by the ranks on it)"))
+        f"torch CPU threads per rank, <= {MAX_THREADS} (0 = the host's cores divided by the ranks on it)"))
     exit_after_steps: int = field(default=0, metadata=doc(
         "save a checkpoint and stop after this many steps of this launch (0 = run to the end); "
         "for time-limited allocations: relaunch with --resume"))
@@ -224,6 +238,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints", "threads", "exit_after_steps"):
             if getattr(self, name) < 0:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+        if self.threads > MAX_THREADS:
+            fail(f"{prefix}.threads", self.threads, f"must be in [0, {MAX_THREADS}]")
         if self.global_batch_size % self.micro_batch_size:
             fail(f"{prefix}.global_batch_size", self.global_batch_size,
                  f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
@@ -265,9 +281,20 @@ class ExperimentConfig:
             fail("output_dir", self.output_dir, "must name a directory")
         if not 0 <= self.train.seed < 2 ** 63:
             fail("train.seed", self.train.seed, "must be in [0, 2^63)")
-        if self.optim.lr_schedule != "constant" and self.optim.warmup_steps > self.train.steps:
-            fail("optim.warmup_steps", self.optim.warmup_steps,
-                 f"must not be longer than the run (train.steps = {self.train.steps})")
+        # Every schedule warms up first (schedules.lr_at): a warmup as long as the run is all the run is,
+        # so the schedule asked for (constant, cosine or wsd decay) never happens.
+        runs = [("train.steps", self.train.steps)]
+        if self.pretrains_teacher():
+            runs.append(("teacher.pretrain_steps", self.teacher.pretrain_steps))
+        for key, steps in runs:
+            if self.optim.warmup_steps and self.optim.warmup_steps >= steps:
+                fail("optim.warmup_steps", self.optim.warmup_steps,
+                     f"must be shorter than the run ({key} = {steps}): the {self.optim.lr_schedule} schedule "
+                     "would never start")
+        if self.pretrains_teacher() and self.teacher.pretrain_lr * self.optim.weight_decay >= 1:
+            fail("optim.weight_decay", self.optim.weight_decay,
+                 f"times teacher.pretrain_lr ({self.teacher.pretrain_lr:g}) must be < 1 (each step scales the "
+                 "weights by 1 - lr x weight_decay)")
         if self.distill.dump_logits:
             if self.distill.mode != "none":
                 fail("distill.dump_logits", True, "needs distill.mode none (the run's own logits are dumped)")
@@ -294,6 +321,15 @@ class ExperimentConfig:
             if why:
                 fail("generate.top_p" if g.top_p is not None else "generate.top_k",
                      g.top_p if g.top_p is not None else g.top_k, why)
+            # Offline, this config's run trains from the store its generation writes, which can be narrowed
+            # on load but not widened (store.reader.check_compatible would refuse it once the run started).
+            offline = self.distill.mode == "offline"
+            if offline and g.top_p is not None and g.top_p < self.distill.top_p:
+                fail("generate.top_p", g.top_p, f"must be >= distill.top_p ({self.distill.top_p:g}): a store "
+                     "truncated narrower than the run cannot be widened on load")
+            if offline and g.top_k is not None and g.top_k < self.distill.top_k:
+                fail("generate.top_k", g.top_k, f"must be >= distill.top_k ({self.distill.top_k}): a store "
+                     "keeping fewer entries than the run asks cannot be widened on load")
         if self.distill.signal == "sampled" and g.encoding == "qgap":
             fail("generate.encoding", "qgap", "would round the sampled signal's weights: use auto (its exact "
                  "draw counts) or exact")
@@ -309,6 +345,11 @@ class ExperimentConfig:
                      "replicas' stages run in lockstep)")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
+
+    def pretrains_teacher(self) -> bool:
+        """Whether a run (or the generation job) of this config may pre-train the default teacher
+        (run.teacher_run_config: teacher.pretrain_steps with the run's optim and trainer)."""
+        return self.teacher.path is None and self.distill.mode != "none"
 
     def stored_truncation(self) -> tuple[float, int]:
         """(top_p, top_k) of the logits a store written by this run keeps (generation, dump_logits):
@@ -356,7 +397,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
     for ov in overrides:
         key, value = parse_override(ov)
         set_path(data, key, value)
-    return build(ExperimentConfig, data)
+    cfg = build(ExperimentConfig, data)
+    check_deepspeed_bases(cfg)
+    return cfg
 
 
 def config_from_dict(data: dict) -> ExperimentConfig:
@@ -375,9 +418,18 @@ An experiment is one YAML file (`launch/configs/default.yaml` when `--config` is
 group starts, with one line naming the key and what is allowed. The resolved config is written to
 `<output_dir>/config.yaml` and the derived DeepSpeed JSON to `<output_dir>/deepspeed_config.json`.
 
+YAML merge keys (`<<: *anchor`) are read (explicit keys win over merged ones); a key given twice in one
+mapping, a list or mapping as a key, control characters and nesting deeper than 64 levels are refused.
+Integers must lie in [-2^31, 2^31) unless a key says more (`train.seed`, character and byte counts), and
+every number must be 0 or of a magnitude fp32 represents (1.175e-38 to 3.403e38); keys whose meaning
+needs a narrower range say so below.
+
 The DeepSpeed JSON files in `ds_configs/` hold only what is DeepSpeed's own (ZeRO options); batch
-sizes, gradient clipping, precision and the ZeRO stage come from the experiment config. A base file
-that sets any of them to something other than `"auto"` and different from the experiment is refused.
+sizes, gradient clipping, precision and the ZeRO stage come from the experiment config. Both base files
+(`train.deepspeed_config` and `teacher.deepspeed_config`, or the shipped files they default to) are read
+and checked when the config loads: a JSON object, no `optimizer` or `scheduler`, no `fp16`/`amp`, the
+ZeRO stage of its role, `gradient_accumulation_steps` `"auto"`, and the other derived fields `"auto"` or
+equal to the experiment's (the teacher's: `"auto"` only).
 
 Generated by `pd-dist config --doc > docs/config.md` (a test checks it is current):
 
@@ -401,34 +453,136 @@ DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accum
            "gradient_clipping")
 
 
-def deepspeed_config(cfg: ExperimentConfig, dp_size: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: the base file with batch sizes, clipping, ZeRO stage and
-    precision filled in from the experiment config. A base that sets them differently is an error
-    (values "auto" or absent are filled)."""
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def deepspeed_base(cfg: ExperimentConfig, role: Literal["train", "teacher"] = "train") -> tuple[Path, dict]:
+    """(path, contents) of a base DeepSpeed JSON, read and checked against the experiment: the student's
+    (role "train": train.deepspeed_config, default the shipped zero<train.zero_stage>.json) or the ZeRO-3
+    teacher's (role "teacher": teacher.deepspeed_config, default the shipped zero3.json; only its
+    zero_optimization options are used).
+
+    The file must be UTF-8 JSON holding an object (no duplicate keys, no NaN); hold no `optimizer` or
+    `scheduler` (pd-dist builds AdamW from `optim` and sets the LR per step); `zero_optimization`, if
+    given, is a mapping whose `stage`, if given, is the role's stage; `fp16` and `amp` are not enabled
+    and `bf16.enabled` is "auto" or absent, or matches a train.precision of bf16 or fp32 (the precision is
+    train.precision's). The DERIVED batch fields are "auto" or absent, except that the student's
+    train_batch_size, train_micro_batch_size_per_gpu and gradient_clipping may equal what the experiment
+    gives (train_batch_size: also the teacher's pre-training batch when this config pre-trains one).
+    Anything else is one ConfigError line naming the key and the file."""
+    key = f"{role}.deepspeed_config"
+    given = cfg.train.deepspeed_config if role == "train" else cfg.teacher.deepspeed_config
+    stage = cfg.train.zero_stage if role == "train" else 3
+    path = Path(given) if given else DS_CONFIG_DIR / f"zero{stage}.json"
+
+    def bad(what: str) -> typing.NoReturn:
+        fail(key, str(path), what if given else f"{what} (the shipped default for zero stage {stage}: reinstall "
+             "pd-dist)")
+
+    if not path.is_file():
+        bad("file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        bad(f"cannot be read ({e.strerror})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad(f"not UTF-8 JSON text (byte {e.start})")
+    if not text.strip():
+        bad("is empty: give a JSON object ({} for DeepSpeed's own defaults)")
+    try:
+        ds = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        bad(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
+    except _DuplicateKey as e:
+        bad(f"not valid JSON (key {e.args[0]!r} given twice in one object)")
+    except (ValueError, RecursionError) as e:
+        bad(f"not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
+    if not isinstance(ds, dict):
+        bad(f"must hold a JSON object at the top level, not {show(ds)}")
+    for k in ("optimizer", "scheduler"):
+        if k in ds:
+            bad(f"remove '{k}': pd-dist builds AdamW from the `optim` section and sets the LR per step")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        bad(f"'zero_optimization' = {show(zero)} must be a JSON object of ZeRO options")
+    have = zero.get("stage", stage)
+    if not (_is_count(have) and have == stage):
+        bad(f"zero_optimization.stage = {show(have)} but train.zero_stage = {stage}" if role == "train" else
+            f"zero_optimization.stage = {show(have)} but the teacher's ZeRO inference is stage 3")
+    for k in ("fp16", "amp"):
+        sec = ds.get(k, {})
+        if not isinstance(sec, dict) or sec.get("enabled", False) is not False:
+            bad(f"'{k}' must not be enabled: the precision is train.precision's (fp32 or bf16)")
+    sec = ds.get("bf16", {})
+    enabled = sec.get("enabled", "auto") if isinstance(sec, dict) else sec
+    want_bf16 = {"bf16": True, "fp32": False}.get(cfg.train.precision)
+    if enabled != "auto" and enabled is not want_bf16:  # with precision auto only the device decides
+        bad(f"'bf16' enabled = {show(enabled)} but train.precision is {cfg.train.precision}; give \"auto\" or "
+            "leave it out")
+    if role == "teacher":
+        for k in DERIVED:
+            if ds.get(k, "auto") != "auto":
+                bad(f"'{k}' = {show(ds[k])}: the teacher's inference engine sets its own batch fields; give "
+                    "\"auto\" or leave it out")
+        return path, ds
     t = cfg.train
-    base_path = Path(t.deepspeed_config) if t.deepspeed_config else DS_CONFIG_DIR / f"zero{t.zero_stage}.json"
-    if not base_path.is_file():
-        raise ConfigError(f"config key 'train.deepspeed_config' = {str(base_path)!r}: file not found")
-    ds = json.loads(base_path.read_text())
+    runs = [("train.global_batch_size", t.global_batch_size)]
+    if cfg.pretrains_teacher() and cfg.teacher.pretrain_batch_size:
+        runs.append(("teacher.pretrain_batch_size", cfg.teacher.pretrain_batch_size))
+    fixed = {"train_micro_batch_size_per_gpu": [("train.micro_batch_size", t.micro_batch_size)],
+             "gradient_clipping": [("train.grad_clip", t.grad_clip)], "train_batch_size": runs}
+    for k, wants in fixed.items():
+        v = ds.get(k, "auto")
+        for src, want in wants:
+            if v != "auto" and (isinstance(v, bool) or v != want):
+                bad(f"'{k}' = {show(v)} but the experiment config gives {want!r} ({src}); set it to \"auto\" "
+                    "(derived) or change the experiment config")
+    gas = ds.get("gradient_accumulation_steps", "auto")
+    if gas != "auto":  # it depends on the data-parallel size, which differs between the runs of one config
+        bad(f"'gradient_accumulation_steps' = {show(gas)} must be \"auto\": pd-dist derives it as "
+            "train.global_batch_size / (train.micro_batch_size x data-parallel ranks)")
+    return path, ds
+
+
+def check_deepspeed_bases(cfg: ExperimentConfig) -> None:
+    """Read and check both base DeepSpeed JSON files of a config (see :func:`deepspeed_base`), so that a
+    bad one is refused before any process group, data preparation or teacher pre-training starts."""
+    deepspeed_base(cfg, "train")
+    deepspeed_base(cfg, "teacher")
+
+
+def deepspeed_config(cfg: ExperimentConfig, dp_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: the base file (checked by :func:`deepspeed_base`) with batch
+    sizes, clipping, ZeRO stage and precision filled in from the experiment config and the data-parallel
+    size. A base that sets them differently is an error (values "auto" or absent are filled)."""
+    t = cfg.train
+    _, ds = deepspeed_base(cfg, "train")
     want = {"train_batch_size": t.global_batch_size,
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum(dp_size),
             "gradient_clipping": t.grad_clip}
-    for k, v in want.items():
-        have = ds.get(k, "auto")
-        if have != "auto" and have != v:
-            raise ConfigError(f"{base_path}: '{k}' = {have!r} but the experiment config gives {v!r}; "
-                              f"set it to \"auto\" (derived) or change the experiment config")
-        ds[k] = v
-    zero = ds.setdefault("zero_optimization", {})
-    stage = zero.get("stage", t.zero_stage)
-    if stage != t.zero_stage:
-        raise ConfigError(f"{base_path}: zero_optimization.stage = {stage} but train.zero_stage = "
-                          f"{t.zero_stage}")
-    zero["stage"] = t.zero_stage
-    if "optimizer" in ds or "scheduler" in ds:
-        raise ConfigError(f"{base_path}: remove 'optimizer'/'scheduler'; pd-dist builds AdamW from "
-                          "the `optim` section and sets the LR per step")
+    ds.update(want)  # deepspeed_base refused a base that gives them otherwise
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     ds["bf16"] = {"enabled": bool(bf16)}
     ds.setdefault("steps_per_print", 10 ** 9)  # pd-dist prints its own progress lines
     ds.setdefault("wall_clock_breakdown", False)

@@ -3,14 +3,19 @@
 Each component owns its config dataclass (fields documented with ``metadata={"doc": ...}``) and an
 optional ``validate(self, prefix)`` method. This module turns plain dicts into those dataclasses,
 rejecting unknown keys and wrong types by their full dotted name, before any process group starts.
+Every field gets its type's bounds here: ints in int32 (unless the field's metadata has ``int_bits``),
+floats finite and representable in fp32, choices matched by type, strings without control characters;
+``validate`` adds what a key's meaning needs.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
+from collections.abc import Hashable
 from typing import Any, Union
 
 import yaml
@@ -20,21 +25,55 @@ class ConfigError(ValueError):
     """A bad experiment config. The message is one line naming the key and what is allowed."""
 
 
+MAX_DEPTH = 64  # config files nest a few levels; deeper input is refused before it can exhaust the stack
+MAX_VALUES = 100_000  # a config holds hundreds; a bound on what aliases may expand to
+_MERGE, _VALUE = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"
+
+
 class ConfigLoader(yaml.SafeLoader):
     """YAML for configs: safe (no python tags), numbers as YAML 1.2 reads them (`1e-3` is a float, not
     the string YAML 1.1 makes of it; `1:30` is a string, not 1.1's sexagesimal 90; `012` is not octal),
-    and a key given twice in one mapping is refused rather than silently overwritten."""
+    merge keys (`<<: *base`) spread a mapping under the explicit keys (which win), a key given twice
+    in one mapping is refused rather than silently overwritten, a list or mapping used as a key is
+    refused, and nesting deeper than MAX_DEPTH levels is refused."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                mark = key_node.start_mark
-                raise ConfigError(f"{mark.name}: key {key!r} given twice in one mapping (lines {seen[key]} and "
-                                  f"{mark.line + 1})")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ConfigError(f"{_where(self.peek_event().start_mark)}: not valid config YAML (nested more "
+                                  f"than {MAX_DEPTH} levels deep)")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node):
+        # SafeConstructor.construct_mapping calls this first on every mapping, and on each mapping merged
+        # into another: the one place to see a mapping's own keys before merged ones are spread in.
+        if not getattr(node, "_keys_checked", False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE:
+                    continue
+                if key_node.tag == _VALUE:  # the YAML '=' key, a string (as SafeConstructor reads it)
+                    key_node.tag = "tag:yaml.org,2002:str"
+                key = self.construct_object(key_node)
+                if not isinstance(key, Hashable):
+                    what = "mapping" if isinstance(key, dict) else type(key).__name__
+                    raise ConfigError(f"{_where(key_node.start_mark)}: a {what} cannot be a config key "
+                                      "(keys are names)")
+                if key in seen:
+                    raise ConfigError(f"{key_node.start_mark.name}: key {key!r} given twice in one mapping "
+                                      f"(lines {seen[key]} and {key_node.start_mark.line + 1})")
+                seen[key] = key_node.start_mark.line + 1
+            node._keys_checked = True
+        super().flatten_mapping(node)
+
+
+def _where(mark) -> str:
+    return f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
 
 
 ConfigLoader.yaml_implicit_resolvers = {
@@ -49,25 +88,74 @@ ConfigLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str, name: str = "<config>") -> Any:
-    """Parse config YAML with ConfigLoader; a syntax error is one ConfigError line with file, line and
-    column."""
-    loader = ConfigLoader(text)
-    loader.name = name  # marks (line/column in messages) name the file
+    """Parse config YAML with ConfigLoader; bad input (syntax, control characters, an integer too long
+    to convert) is one ConfigError line with file, line and column."""
+    loader = None
     try:
-        return loader.get_single_data()
+        loader = ConfigLoader(text)  # the reader refuses control characters here already
+        loader.name = name  # marks (line/column in messages) name the file
+        return _unshare(loader.get_single_data(), [MAX_VALUES], name)
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise ConfigError(f"{name}, line {line}, column {column}: not valid YAML (control character "
+                          f"#x{e.character:04x} is not allowed)") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        where = f"{name}, line {mark.line + 1}, column {mark.column + 1}" if mark else name
+        where = _where(mark) if mark else name
         what = " ".join(str(x) for x in (e.context, e.problem) if x)
-        raise ConfigError(f"{where}: not valid YAML ({what})") from None
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(what.split())})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: not valid YAML ({' '.join(str(e).split())})") from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        # a scalar the YAML constructors cannot convert: an integer of thousands of digits (Python's
+        # conversion limit), a date like 2024-13-45
+        what = " ".join(str(e).split(";")[0].split())[:200]
+        raise ConfigError(f"{name}: not valid config YAML ({what})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _unshare(x: Any, budget: list[int], name: str, depth: int = 0) -> Any:
+    """A copy of loaded YAML in which no two places share one list or mapping: an alias (or a merged
+    mapping) then behaves as if written out, so a --set override of one place leaves the others alone.
+    Aliases can nest (even recursively) and expand exponentially: deeper than MAX_DEPTH levels or more
+    than MAX_VALUES values in all is refused."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:
+        what = f"more than {MAX_VALUES:,} values" if budget[0] < 0 else f"nested more than {MAX_DEPTH} levels deep"
+        raise ConfigError(f"{name}: not valid config YAML ({what} once its aliases are expanded)")
+    if isinstance(x, dict):
+        return {k: _unshare(v, budget, name, depth + 1) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshare(v, budget, name, depth + 1) for v in x]
+    return x
+
+
+def quote(text: str) -> str:
+    """'text' for messages; repr(text) where it holds a newline or another control character, so that a
+    message stays one readable line."""
+    return f"'{text}'" if str(text).isprintable() else repr(text)
+
+
+# Values in messages: short, one line, and bounded even for a list of aliases that expands exponentially.
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 200
+_SHOW.maxlong = 100
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 10
+_SHOW.maxlevel = 4
+
+
+def show(value: Any) -> str:
+    """repr(value) for messages: one line, at most a few hundred characters."""
+    return _SHOW.repr(value)
 
 
 def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"config key '{key}' = {value!r}: {allowed}")
+    raise ConfigError(f"config key {quote(key)} = {show(value)}: {allowed}")
 
 
 def doc(text: str, **kw) -> dict:
@@ -84,7 +172,24 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+# Every int field holds a count, size, step, rank or id: beyond int32 it is a typo (or would overflow an
+# int32 tensor or C int), unless the field's metadata says ``int_bits=63`` (seeds, character counts).
+INT_BITS = 31
+# Every float field must survive conversion to fp32, which the run computes in: no overflow to inf, no
+# flush of a nonzero value to 0 (or to a subnormal, which GPUs may flush). Keys whose meaning needs a
+# narrower range check it in their validate().
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38  # the smallest normal fp32
+
+
+def in_choices(value: Any, allowed: tuple) -> bool:
+    """``value in allowed`` by type as well as equality: ``false`` and ``3.0`` are not the ints 0 and 3."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _coerce(key: str, value: Any, tp, meta=None) -> Any:
+    """``value`` checked against field type ``tp`` (and its field's metadata ``meta``)."""
+    meta = meta or {}
     optional, inner = _is_optional(tp)
     if value is None:
         if optional:
@@ -102,7 +207,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         (elem,) = typing.get_args(tp)[:1] or (Any,)
         if not isinstance(value, (list, tuple)):
             fail(key, value, "must be a list")
-        out = [_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
+        out = [_coerce(f"{key}[{i}]", v, elem, meta) for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
@@ -110,7 +215,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return dict(value)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        if not in_choices(value, allowed):
             fail(key, value, "must be one of " + ", ".join(repr(a) for a in allowed))
         return value
     if tp is Any:
@@ -122,8 +227,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(key, value, "must be an integer")
-        if not -2 ** 63 <= value < 2 ** 63:
-            fail(key, value, "is outside the 64-bit integer range")
+        bits = meta.get("int_bits", INT_BITS)
+        if not -2 ** bits <= value < 2 ** bits:
+            fail(key, value, f"must be in [-2^{bits}, 2^{bits})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -134,10 +240,15 @@ def _coerce(key: str, value: Any, tp) -> Any:
             fail(key, value, "is too large for a floating-point number")
         if not math.isfinite(value):
             fail(key, value, "must be a finite number")
+        if value and not FP32_TINY <= abs(value) <= FP32_MAX:
+            fail(key, value, f"is not what fp32, which the run computes in, represents (0 or a magnitude in "
+                 f"[{FP32_TINY:.4g}, {FP32_MAX:.4g}])")
         return value
     if tp is str:
         if not isinstance(value, str):
             fail(key, value, "must be a string")
+        if not value.isprintable():  # names and paths: a control character is a paste or encoding error
+            fail(key, value, "must not contain control characters (tabs, newlines, NUL, ...)")
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
@@ -148,14 +259,14 @@ def build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in names:
-            full = f"{prefix}.{k}" if prefix else k
+            full = f"{prefix}.{k}" if prefix else str(k)
             raise ConfigError(
-                f"unknown config key '{full}'; allowed here: {', '.join(sorted(names))}")
+                f"unknown config key {quote(full)}; allowed here: {', '.join(sorted(names))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
             full = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name])
+            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name], f.metadata)
     obj = cls(**kwargs)
     validate_tree(obj, prefix)
     return obj
@@ -174,7 +285,7 @@ def check_choices(obj, prefix: str = "") -> None:
     for f in dataclasses.fields(obj):
         allowed = literal_choices(hints[f.name])
         value = getattr(obj, f.name)
-        if allowed is not None and value is not None and value not in allowed:
+        if allowed is not None and value is not None and not in_choices(value, allowed):
             fail(f"{prefix}.{f.name}" if prefix else f.name, value,
                  "must be one of " + ", ".join(repr(a) for a in allowed))
 
@@ -189,14 +300,14 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
     """Set ``data[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings as needed."""
     parts = dotted.split(".")
     if not all(parts):
-        raise ConfigError(f"bad override key '{dotted}'")
+        raise ConfigError(f"bad override key {quote(dotted)}")
     node = data
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         elif not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+            raise ConfigError(f"override {quote(dotted)}: {quote('.'.join(parts[:i + 1]))} is not a mapping")
         node = nxt
     node[parts[-1]] = value
 
@@ -204,9 +315,9 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=c' -> ('a.b', yaml value of c): numbers, booleans, null and lists parse as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.path=value")
+        raise ConfigError(f"override {quote(text)} must look like key.path=value")
     key, raw = text.split("=", 1)
-    value = load_yaml(raw, f"override '{text}'") if raw.strip() else ""
+    value = load_yaml(raw, f"override {quote(text)}") if raw.strip() else ""
     return key.strip(), value
 
 

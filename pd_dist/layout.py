@@ -50,11 +50,13 @@ class TopologyConfig:
             fail(f"{prefix}.teacher_nodes", self.teacher_nodes, "must be >= 0")
         if self.students_per_teacher < 0:
             fail(f"{prefix}.students_per_teacher", self.students_per_teacher, "must be >= 0")
-        if not 0 < self.peer_timeout_s <= MAX_TIMEOUT_S:
+        if not MIN_TIMEOUT_S <= self.peer_timeout_s <= MAX_TIMEOUT_S:
             fail(f"{prefix}.peer_timeout_s", self.peer_timeout_s,
-                 f"must be > 0 and at most {MAX_TIMEOUT_S:g} s (a week; a dead peer must end the job)")
+                 f"must be in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}] s (at least a few of the 1 s heartbeats, "
+                 "or live peers are taken for dead; at most a week: a dead peer must end the job)")
 
 
+MIN_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 

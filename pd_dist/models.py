@@ -43,7 +43,7 @@ class ModelConfig:
         "local directory of a Hugging Face causal LM (save_pretrained format); overrides `preset`"))
     max_position_embeddings: int = field(default=4096, metadata=doc(
         "RoPE position limit for preset models (the paper trains at 4096)"))
-    rope_theta: float = field(default=10000.0, metadata=doc("RoPE base for preset models"))
+    rope_theta: float = field(default=10000.0, metadata=doc("RoPE base for preset models, >= 1"))
 
     def validate(self, prefix: str) -> None:
         if self.path is None:
@@ -52,8 +52,10 @@ class ModelConfig:
                      "must be one of " + ", ".join(PRESETS) + " (or set `path`)")
         if self.max_position_embeddings < 1:
             fail(f"{prefix}.max_position_embeddings", self.max_position_embeddings, "must be >= 1")
-        if not self.rope_theta > 0:
-            fail(f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
+        # The rotary frequencies are rope_theta ** (-2i / d): a base below 1 inverts them, and one near 0
+        # makes them overflow to inf in fp32.
+        if not self.rope_theta >= 1:
+            fail(f"{prefix}.rope_theta", self.rope_theta, "must be >= 1")
 
 
 def partitioned_builder(cfg: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):

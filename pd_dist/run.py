@@ -348,10 +348,9 @@ def _partitioned_teacher(cfg: ExperimentConfig, weights: ModelConfig, vocab_size
     inference engine (no optimizer), which gathers each layer's weights as the forward reaches it."""
     import deepspeed
 
-    from .config import DS_CONFIG_DIR
+    from .config import deepspeed_base
 
-    base = Path(cfg.teacher.deepspeed_config) if cfg.teacher.deepspeed_config else DS_CONFIG_DIR / "zero3.json"
-    zero = json.loads(base.read_text()).get("zero_optimization", {})
+    zero = deepspeed_base(cfg, "teacher")[1].get("zero_optimization", {})
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "zero_optimization": {**zero, "stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16},
           "steps_per_print": 10 ** 9}

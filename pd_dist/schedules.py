@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 from pd_dist.configlib import ConfigError, check_choices, doc, fail
 
 __all__ = [
-    "ALPHA_SCHEDULES", "LR_SCHEDULES", "LR_DECAY_SHAPES",
+    "ALPHA_SCHEDULES", "LR_SCHEDULES", "LR_DECAY_SHAPES", "MAX_LR",
     "AlphaConfig", "LRConfig",
     "alpha_at", "lr_at", "wsd_phase_steps",
     "schedule_state", "check_schedule_state",
@@ -41,6 +41,10 @@ DecayShape = Literal["linear", "cosine", "sqrt"]
 ALPHA_SCHEDULES = get_args(AlphaSchedule)
 LR_SCHEDULES = get_args(LRSchedule)
 LR_DECAY_SHAPES = get_args(DecayShape)
+
+
+# AdamW moves each weight by about lr per step: beyond this the first steps already overflow.
+MAX_LR = 10.0
 
 
 def _key(prefix: str, name: str) -> str:
@@ -213,7 +217,7 @@ class LRConfig:
     """Learning-rate schedule (linear warmup, then constant / cosine / warmup-stable-decay). The
     experiment's `optim` section is this plus the optimizer's own settings (config.OptimConfig)."""
 
-    lr: float = field(default=1e-3, metadata=doc("peak learning rate, > 0"))
+    lr: float = field(default=1e-3, metadata=doc(f"peak learning rate, in (0, {MAX_LR:g}]"))
     lr_schedule: LRSchedule = field(default="wsd", metadata=doc(
         "per-step learning rate after the linear warmup"))
     min_lr_ratio: float = field(default=0.1, metadata=doc(
@@ -228,8 +232,8 @@ class LRConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_choices(self, prefix)
-        if not _is_real(self.lr) or not self.lr > 0:
-            fail(_key(prefix, "lr"), self.lr, "must be a finite number > 0")
+        if not _is_real(self.lr) or not 0 < self.lr <= MAX_LR:
+            fail(_key(prefix, "lr"), self.lr, f"must be a finite number > 0 and <= {MAX_LR:g}")
         _check_fraction(prefix, "min_lr_ratio", self.min_lr_ratio)
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             fail(_key(prefix, "warmup_steps"), self.warmup_steps, "must be an integer >= 0")

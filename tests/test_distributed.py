@@ -111,8 +111,8 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
 def test_default_teacher_is_pretrained_once_then_reused(tmp_path, smoke_data):
     """No teacher.path: the run pre-trains its teacher (LM only, same trainer), caches it, and a second
     run with the same teacher settings reuses it instead of training again."""
-    over = [f"data.dir={smoke_data.path}", "train.steps=2", "teacher.pretrain_steps=3", "train.eval_every=0",
-            "train.save_every=0"]
+    over = [f"data.dir={smoke_data.path}", "train.steps=2", "optim.warmup_steps=1", "teacher.pretrain_steps=3",
+            "train.eval_every=0", "train.save_every=0"]
     first = launch(1, over + [f"output_dir={tmp_path / 'a'}"], cwd=tmp_path)
     text = first.stdout + first.stderr
     assert "pre-training a tiny-teacher teacher for 3 steps" in text

@@ -52,12 +52,14 @@ class DataConfig:
     text_field: str = field(default="text", metadata=doc("column holding the text in jsonl/parquet/save_to_disk"))
     max_chars: Optional[int] = field(default=None, metadata=doc(
         "cap on the characters read from each text source (whole documents, in order; what a cap cuts is "
-        "printed and recorded); null: 6,000,000 for the embedded corpus, no cap for other sources; 0: no cap"))
+        "printed and recorded); null: 6,000,000 for the embedded corpus, no cap for other sources; 0: no cap",
+        int_bits=63))
     tokenizer: Optional[str] = field(default=None, metadata=doc(
         "local Hugging Face tokenizer directory; null trains a byte-level BPE on a sample of the corpus"))
     vocab_size: int = field(default=8192, metadata=doc("vocabulary size of the trained BPE tokenizer"))
     tokenizer_train_chars: int = field(default=50_000_000, metadata=doc(
-        "characters of the corpus the BPE is trained on (spread evenly over the preparation shards)"))
+        "characters of the corpus the BPE is trained on (spread evenly over the preparation shards)",
+        int_bits=63))
     seq_len: int = field(default=256, metadata=doc("tokens per training sample"))
     val_samples: int = field(default=32, metadata=doc(
         "samples held out at the end for evaluation (split over a blend's sources by weight)"))
@@ -67,7 +69,7 @@ class DataConfig:
         "tokenizer processes preparing the data (0: the host's cores, shared by the ranks on it)"))
     shard_bytes: int = field(default=32 << 20, metadata=doc(
         "input bytes per preparation shard: the unit of parallel work and of resuming an interrupted "
-        "preparation"))
+        "preparation", int_bits=63))
     dir: Optional[str] = field(default=None, metadata=doc(
         "prepared-data directory (default: <output_dir>/data); reused when its inputs match"))
 
