@@ -194,6 +194,11 @@ def test_encoder_rejects_bad_input(tmp_path):
             w.add(0, unsorted)
         with pytest.raises(ValueError, match="256"):
             w.add(0, SparseLogits(ref.indices, ref.values + 300, ref.lse))
+        for bad in (float("nan"), float("inf"), float("-inf")):  # what the decoder would refuse
+            lse = ref.lse.clone()
+            lse[3] = bad
+            with pytest.raises(ValueError, match="lse must be finite"):
+                w.add(0, SparseLogits(ref.indices, ref.values, lse))
         w.add(0, ref)
         with pytest.raises(StoreError, match="finish after 1 of 4"):
             w.finish()
