@@ -160,3 +160,340 @@ def test_forged_blocks_are_reported_by_verify_and_the_reader(tmp_path, layout):
         for other in range(N):
             if other != sid:
                 store.get(other)
+
+
+# --------------------------------------------------------------------------------- damage and repair
+SHARDS = 3  # N = 10 samples of 4: shards of 4, 4 and 2 samples
+REGIONS = ("header", "blocks", "table", "hist", "footer")
+
+
+def _regions(path: Path) -> dict[str, tuple[int, int]]:
+    """Byte ranges [start, end) of a shard file's parts."""
+    buf = path.read_bytes()
+    lay = parse_shard(buf, len(buf), str(path))
+    t_off = int(lay.table["offset"][-1] + lay.table["nbytes"][-1])
+    t_end = t_off + len(lay.table) * TABLE_DTYPE.itemsize
+    return {"header": (0, HEADER.size), "blocks": (HEADER.size, t_off), "table": (t_off, t_end),
+            "hist": (t_end, len(buf) - FOOTER.size), "footer": (len(buf) - FOOTER.size, len(buf))}
+
+
+def _damage_cases() -> list[tuple]:
+    """(what, target, region, fraction, bit, shards expected damaged, manifest expected damaged), drawn from
+    a seeded generator: bit flips at many offsets of every region of every shard and of the manifest,
+    truncations into every region, deletions, and two shards at once."""
+    rng = np.random.default_rng(2024)
+    cases = []
+    for s in range(SHARDS):
+        for region in REGIONS:
+            for _ in range(4):
+                cases.append(("flip", s, region, float(rng.random()), int(rng.integers(8)), {s}, False))
+            cases.append(("truncate", s, region, float(rng.random()), 0, {s}, False))
+        cases.append(("delete", s, None, 0.0, 0, {s}, False))
+        cases.append(("empty", s, None, 0.0, 0, {s}, False))
+    for _ in range(40):
+        cases.append(("flip", "manifest", None, float(rng.random()), int(rng.integers(8)), set(), True))
+    for frac in [0.0, *rng.random(6).tolist(), 0.9999]:
+        cases.append(("truncate", "manifest", None, frac, 0, set(), True))
+    cases.append(("delete", "manifest", None, 0.0, 0, set(), True))
+    cases.append(("garbage", "manifest", None, 0.0, 0, set(), True))
+    cases.append(("delete", "shards", None, 0.0, 0, set(range(SHARDS)), False))
+    for a, b in [(0, 1), (1, 2), (0, 2)]:
+        cases.append(("flip2", (a, b), "blocks", float(rng.random()), int(rng.integers(8)), {a, b}, False))
+    return cases
+
+
+def _apply(root: Path, what: str, target, region, frac: float, bit: int) -> None:
+    import shutil
+
+    def shard(i):
+        return root / "shards" / f"shard-{i:05d}.bin"
+
+    def flip(path, lo, hi):
+        buf = bytearray(path.read_bytes())
+        buf[lo + min(int(frac * (hi - lo)), hi - lo - 1)] ^= 1 << bit
+        path.write_bytes(bytes(buf))
+
+    if what == "flip2":
+        for i in target:
+            flip(shard(i), *_regions(shard(i))[region])
+        return
+    path = root / "manifest.json" if target == "manifest" else root / "shards" if target == "shards" else shard(target)
+    if what == "delete":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif what == "empty":
+        path.write_bytes(b"")
+    elif what == "garbage":
+        path.write_bytes(b"\xff\xfe not json {")
+    else:
+        lo, hi = (0, path.stat().st_size) if region is None else _regions(path)[region]
+        if what == "flip":
+            flip(path, lo, hi)
+        else:  # truncate inside the region
+            with open(path, "r+b") as fh:
+                fh.truncate(lo + int(frac * (hi - lo)))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    meta = make_meta()
+    full = full_logits("peaked", N, seed=31)
+    root = write_store(tmp_path_factory.mktemp("pristine") / "store", full, meta)
+    assert meta.n_shards == SHARDS and verify_store(root) == []
+    return root, meta, full
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rewrite(root: Path, meta, full, shards) -> None:
+    """What a rerun of the generation does: rewrite the shards, then the manifest."""
+    from test_store import stored
+
+    from pd_dist.store import ShardWriter
+
+    for i in shards:
+        a, b = shard_ranges(meta.n_samples, meta.shard_size)[i]
+        with ShardWriter(root, meta, i) as w:
+            for s in range(a, b):
+                w.add(s, stored(full[s], meta.top_p, meta.top_k))
+            w.finish()
+    write_manifest(root, meta)
+
+
+@pytest.mark.parametrize("what,target,region,frac,bit,damaged,manifest_damaged", _damage_cases())
+def test_rerun_finds_and_repairs_exactly_the_damage(tmp_path, pristine, what, target, region, frac, bit, damaged,
+                                                    manifest_damaged):
+    import shutil
+
+    from pd_dist.spool import store_is_complete, store_state
+
+    src, meta, full = pristine
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    _apply(root, what, target, region, frac, bit)
+    assert _files(root) != _files(src)
+    found = store_state(root, meta)
+    assert set(found.shards) == damaged, found.all()
+    assert bool(found.manifest) == manifest_damaged, found.manifest
+    assert not found.sound and not store_is_complete(root, meta)
+    if what != "delete" or target != "manifest":  # verify agrees that something is wrong
+        assert verify_store(root)
+    _rewrite(root, meta, full, sorted(found.shards))
+    assert _files(root) == _files(src)
+    assert verify_store(root) == [] and store_is_complete(root, meta)
+
+
+def _manifest_edits() -> list[tuple[str, str]]:
+    keys = sorted(set(make_meta().to_dict()) | {"format", "format_version", "meta_digest", "shards", "stats"})
+    return [(k, how) for k in keys for how in ("drop", "null", "list", "string")]
+
+
+@pytest.mark.parametrize("key,how", _manifest_edits())
+def test_a_manifest_lacking_or_mistyping_a_field_is_damaged_not_fatal(tmp_path, pristine, key, how):
+    """Every top-level field of the manifest dropped or of another JSON type: the rerun's check treats the
+    manifest as damaged (no traceback, no refusal), finds the shards sound, and rewriting the manifest
+    restores the store."""
+    import json
+    import shutil
+
+    from pd_dist.spool import store_state
+
+    src, meta, full = pristine
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    man = json.loads((root / "manifest.json").read_text())
+    if how == "drop":
+        del man[key]
+    else:
+        man[key] = {"null": None, "list": [1, "x"], "string": "x"}[how]
+    (root / "manifest.json").write_text(json.dumps(man))
+    found = store_state(root, meta)
+    assert found.shards == {} and len(found.manifest) == 1 and "manifest.json" in found.manifest[0]
+    assert "\n" not in found.manifest[0]
+    faults = verify_store(root)
+    assert len(faults) == 1 and "manifest.json" in faults[0]
+    try:  # the reader refuses it naming the file, or (an edit that means the same: encoding null is the
+        store = LogitsStore(root)  # default encoding) reads what the store holds
+    except StoreError as e:
+        assert "manifest.json" in str(e) and "\n" not in str(e)
+    else:
+        good = LogitsStore(src)
+        for i in range(N):
+            assert torch.equal(store.get(i).values, good.get(i).values)
+    _rewrite(root, meta, full, [])
+    assert _files(root) == _files(src)
+
+
+# ----------------------------------------------------------------------------------- smaller faults
+def _copy(pristine, tmp_path) -> tuple[Path, object, torch.Tensor]:
+    import shutil
+
+    src, meta, full = pristine
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    return root, meta, full
+
+
+def _one_line(call, exc=StoreError) -> str:
+    with pytest.raises(exc) as e:
+        call()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EIO"])
+@pytest.mark.parametrize("target", ["manifest.json", "shards/shard-00001.bin"])
+def test_unreadable_files_are_one_line_not_a_traceback(tmp_path, pristine, monkeypatch, capsys, code, target):
+    """A file that is there but cannot be read (permissions, I/O): the reader, info and verify say so in one
+    line naming it; `pd-dist store verify` exits 2 (could not check), `store info` 1."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    from pd_dist.cli import store_main
+    from pd_dist.spool import store_state
+    from pd_dist.store import StoreCheckError, store_info
+
+    root, meta, _ = _copy(pristine, tmp_path)
+    bad = str(root / target)
+    err = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), bad)
+
+    def failing(fn):
+        def wrapped(path, *a, **kw):
+            if str(path) == bad:
+                raise err
+            return fn(path, *a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(builtins, "open", failing(builtins.open))
+    monkeypatch.setattr(io, "open", failing(io.open))  # pathlib's
+    monkeypatch.setattr(os, "stat", failing(os.stat))
+    calls = [lambda: LogitsStore(root).get(5), lambda: store_info(root)] if target == "manifest.json" else \
+        [lambda: LogitsStore(root), lambda: LogitsStore(root, verify=True)]
+    for call in calls:
+        assert target.split("/")[-1] in _one_line(call)
+    assert "could not read" in _one_line(lambda: verify_store(root), StoreCheckError)
+    assert "could not read" in _one_line(lambda: store_state(root, meta), StoreCheckError)
+    assert store_main(["verify", str(root)]) == 2
+    if target == "manifest.json":
+        assert store_main(["info", str(root)]) == 1
+    err_out = capsys.readouterr().err
+    assert err_out.count("\n") == err_out.count("pd-dist:") and "Traceback" not in err_out
+
+
+def test_a_looping_link_is_a_missing_file(tmp_path, pristine):
+    """A shard whose name is a symlink loop holds no shard: missing for the reader and verify, rewritten by a
+    rerun (which replaces the link); a looping manifest is no manifest."""
+    from pd_dist.spool import store_state
+
+    root, meta, full = _copy(pristine, tmp_path)
+    path = root / "shards" / "shard-00001.bin"
+    path.unlink()
+    path.symlink_to(path.name)
+    with pytest.raises(StoreError, match="missing shard .*shard-00001.bin"):
+        LogitsStore(root)
+    faults = verify_store(root)
+    assert len(faults) == 1 and "shard-00001.bin: missing shard" in faults[0]
+    found = store_state(root, meta)
+    assert set(found.shards) == {1} and found.missing == {1} and not found.manifest
+    _rewrite(root, meta, full, [1])
+    assert _files(root) == _files(pristine[0]) and not path.is_symlink()
+    (root / "manifest.json").unlink()
+    (root / "manifest.json").symlink_to("manifest.json")
+    from pd_dist.store import StoreCheckError
+
+    assert "no manifest" in _one_line(lambda: verify_store(root), StoreCheckError)
+    assert "no manifest" in _one_line(lambda: LogitsStore(root))
+    assert set(store_state(root, meta).shards) == set()
+
+
+def _edit_meta(root: Path, **fields) -> None:
+    """Set manifest fields and recompute its meta_digest, as a writer claiming them would."""
+    import json
+
+    from pd_dist.store import StoreMeta
+
+    path = root / "manifest.json"
+    man = json.loads(path.read_text())
+    man.update(fields)
+    man["meta_digest"] = StoreMeta.from_dict(man).resolved().digest()
+    path.write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("claim", [
+    dict(n_samples=10 ** 9),  # 250 million shards of 4, three listed
+    dict(n_samples=10 ** 9, shard_size=1),
+    dict(n_samples=10 ** 9, shard_size=10 ** 9),  # one shard of 10^9 samples: its listed range disagrees
+    dict(n_samples=10 ** 9, shard_size=4 * 10 ** 8),  # three shards, as many as listed
+])
+def test_a_manifest_claiming_huge_counts_is_refused_before_allocating(tmp_path, pristine, claim):
+    import json
+    import tracemalloc
+
+    from pd_dist.store import store_info
+
+    root, _, _ = _copy(pristine, tmp_path)
+    _edit_meta(root, **claim)
+    if claim.get("shard_size") == 4 * 10 ** 8:  # list shards of the claimed ranges, keeping their real sizes
+        man = json.loads((root / "manifest.json").read_text())
+        for i, s in enumerate(man["shards"]):
+            s["first"], s["end"] = i * 4 * 10 ** 8, min((i + 1) * 4 * 10 ** 8, 10 ** 9)
+        (root / "manifest.json").write_text(json.dumps(man))
+    tracemalloc.start()
+    try:
+        for call in (lambda: LogitsStore(root), lambda: store_info(root)):
+            msg = _one_line(call)
+            assert "manifest.json" in msg
+        faults = verify_store(root)
+        assert len(faults) == 1 and "manifest.json" in faults[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
+
+
+def test_a_stray_shard_file_is_a_fault_and_a_rerun_refuses_it(tmp_path, pristine):
+    """A shard-*.bin that is none of the store's shards: verify reports it (write_manifest refuses it), and a
+    rerun refuses in one line naming it rather than writing shards it cannot list."""
+    import shutil
+
+    from pd_dist.spool import store_is_complete
+
+    root, meta, _ = _copy(pristine, tmp_path)
+    for name in ("shard-00007.bin", "shard-0001.bin", "shard-00001x.bin"):
+        stray = root / "shards" / name
+        shutil.copy(root / "shards" / "shard-00000.bin", stray)
+        faults = verify_store(root)
+        assert len(faults) == 1 and name in faults[0] and "unexpected shard file" in faults[0]
+        assert name in _one_line(lambda: store_is_complete(root, meta))
+        with pytest.raises(StoreError, match=name):
+            write_manifest(root, meta)
+        stray.unlink()
+    assert verify_store(root) == [] and store_is_complete(root, meta)
+
+
+def test_a_store_for_other_inputs_is_refused_even_when_damaged(tmp_path, pristine):
+    """An intact manifest for other inputs is refused (as before); so is a directory whose manifest is
+    damaged or absent but whose intact shards were written for other inputs. A foreign shard inside an
+    intact store of the run's inputs is only a damaged shard."""
+    from pd_dist.spool import store_is_complete, store_state
+
+    root, meta, full = _copy(pristine, tmp_path)
+    other = make_meta(teacher={"name": "tiny", "config_hash": "c0ffee", "weights_hash": "0ther"})
+    msg = "already holds a store for other inputs"
+    assert msg in _one_line(lambda: store_is_complete(root, other))
+    (root / "manifest.json").write_bytes(b"{ not json")
+    assert msg in _one_line(lambda: store_is_complete(root, other))
+    (root / "manifest.json").unlink()
+    assert msg in _one_line(lambda: store_is_complete(root, other))
+    assert set(store_state(root, meta).shards) == set()  # for its own inputs: only the manifest is missing
+    # an intact store of the run's inputs with one shard of another store's
+    root2, _, _ = _copy(pristine, tmp_path / "2")
+    foreign = write_store(tmp_path / "foreign", full, other)
+    (root2 / "shards" / "shard-00002.bin").write_bytes((foreign / "shards" / "shard-00002.bin").read_bytes())
+    found = store_state(root2, meta)
+    assert set(found.shards) == {2} and found.foreign == {2}
+    _rewrite(root2, meta, full, [2])
+    assert _files(root2) == _files(pristine[0])
