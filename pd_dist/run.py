@@ -243,7 +243,7 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
                   flush=True)
         else:
             if (Path(d.write_through) / "manifest.json").exists():
-                print(f"{me}the write-through store {d.write_through} is damaged: {describe_repair(found)} are "
+                print(f"{me}the write-through store {d.write_through} is damaged: {describe_repair(found)}, "
                       "rewritten when the run completes it", flush=True)
             answer = through = WriteThrough(teacher, Path(d.write_through), f"teacher{topo.rank:05d}",
                                             data.seq_len, meta.width)

@@ -497,3 +497,42 @@ def test_a_store_for_other_inputs_is_refused_even_when_damaged(tmp_path, pristin
     assert set(found.shards) == {2} and found.foreign == {2}
     _rewrite(root2, meta, full, [2])
     assert _files(root2) == _files(pristine[0])
+
+
+def test_write_through_completion_rewrites_exactly_the_damaged_shards(tmp_path, pristine):
+    """distill.write_through over a finished, damaged store: store_state names the damaged shard, and
+    completing the store (spool.build_store, the teacher filling what no spool holds) rewrites that
+    shard and the manifest, leaving the others untouched: the store is byte-identical again."""
+    import os
+
+    from pd_dist.logits import SparseLogits
+    from pd_dist.spool import SPOOL_DIR, build_store, store_state
+    from test_store import stored
+
+    root, meta, full = _copy(pristine, tmp_path)
+    path = root / "shards" / "shard-00001.bin"
+    raw = bytearray(path.read_bytes())
+    raw[200] ^= 64
+    path.write_bytes(bytes(raw))
+    found = store_state(root, meta)
+    assert set(found.shards) == {1} and not found.manifest
+    untouched = {i: os.stat(root / "shards" / f"shard-{i:05d}.bin").st_mtime_ns for i in (0, 2)}
+    asked = []
+
+    class Data:  # the packed data: only batch(ids) is used
+        def batch(self, ids):
+            return np.zeros((len(ids), T + 1), np.int64)
+
+    def teacher(tokens, ids):
+        asked.extend(int(i) for i in ids)
+        parts = [stored(full[int(i)], meta.top_p, meta.top_k) for i in ids]
+        return SparseLogits(torch.stack([p.indices for p in parts]), torch.stack([p.values for p in parts]),
+                            torch.stack([p.lse for p in parts]))
+
+    (root / SPOOL_DIR).mkdir()  # what the run's WriteThrough made (nothing kept: all filled)
+    build_store(root, meta, Data(), teacher, 3, source="write_through", fill_from="the teacher", log=lambda s: None)
+    assert sorted(asked) == list(range(4, 8))  # shard 1's samples only
+    assert {i: os.stat(root / "shards" / f"shard-{i:05d}.bin").st_mtime_ns for i in (0, 2)} == untouched
+    files = _files(root)
+    del files["write_through_info.json"]
+    assert files == _files(pristine[0]) and verify_store(root) == []
