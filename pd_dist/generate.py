@@ -4,7 +4,9 @@ Shards are assigned round-robin (shard i to rank i mod world) and each is a fixe
 ids run in fixed micro-batches, so its bytes do not depend on which rank wrote it or when. A shard is
 written under a temporary name and renamed when complete; rerunning the same command after an
 interruption skips complete shards and redoes the rest, and the manifest (written last, by rank 0)
-makes the store byte-identical to an uninterrupted run's.
+makes the store byte-identical to an uninterrupted run's. Over a finished store, a rerun checks every
+shard as `pd-dist store verify` does (each rank its own shards) and rewrites exactly the damaged ones
+and the manifest, saying which in one line; a sound store is left as it is.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from .monitor import fmt_duration
 from .run import obtain_teacher, prepare_run_data, teacher_store_meta
 from .runtime import device, model_dtype, set_threads
 from .signals import write_store_teacher_eval
-from .spool import store_is_complete
-from .store import StoreMeta, ShardWriter, shard_done, shard_ranges, write_manifest
+from .spool import describe_repair, store_state
+from .store import StoreFaults, StoreMeta, ShardWriter, shard_ranges, write_manifest
+from .store.format import MANIFEST
+from .store.reader import other_inputs
 from .topology import Topology
 
 
@@ -120,21 +124,24 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
     data = prepare_run_data(cfg, topo, log=say)
     model = obtain_teacher(cfg, topo, data, log=say)
     meta = teacher_store_meta(cfg, data)
-    if store_is_complete(root, meta):  # (raises for a store of other inputs)
+    n_shards = meta.n_shards
+    mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
+    finished = os.path.lexists(root / MANIFEST)  # a finished store: what is rewritten is a repair
+    damage, manifest_bad = _shards_to_write(root, meta, mine, topo)
+    todo_all = set(damage.shards)
+    if not todo_all and not manifest_bad:
         say(f"[generate] {root} is complete already")
         return root
+    todo = [i for i in mine if i in todo_all]
     teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,
                             cfg.train.loss_chunk_size, keep_lse=True, signal=meta.signal_spec)
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
-    n_shards = meta.n_shards
-    mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
-    todo = [i for i in mine if not shard_done(root, meta, i)]
     ranges = shard_ranges(meta.n_samples, meta.shard_size)
-    n_todo_all = sum(1 for i in range(n_shards) if not shard_done(root, meta, i))
-    total = sum((ranges[i][1] - ranges[i][0]) * meta.seq_len for i in range(n_shards)
-                if not shard_done(root, meta, i))
+    total = sum((ranges[i][1] - ranges[i][0]) * meta.seq_len for i in todo_all)
+    found = f", {len(todo_all)} damaged" if finished and todo_all else ""
     say(f"[generate] {meta.n_samples} samples x {meta.seq_len} tokens, {meta.signal_spec.describe()}, "
-        f"{n_shards} shards ({n_shards - n_todo_all} complete already) over {topo.dp_size} rank(s) -> {root}")
+        f"{n_shards} shards ({n_shards - len(todo_all)} complete already{found}) over {topo.dp_size} rank(s) "
+        f"-> {root}")
     progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
 
     t0 = time.perf_counter()
@@ -155,6 +162,31 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
         for f in (root / ".progress").glob("*"):
             f.unlink()
         (root / ".progress").rmdir()
-        say(f"[generate] store complete: {root} (pd-dist store info {root})")
+        if finished:
+            say(f"[generate] repaired {root}: rewrote {describe_repair(damage)}")
+        else:
+            say(f"[generate] store complete: {root} (pd-dist store info {root})")
     topo.barrier()
     return root
+
+
+def _shards_to_write(root: Path, meta: StoreMeta, mine: list[int], topo: Topology) -> tuple[StoreFaults, bool]:
+    """What no rank finds sound, agreed by every rank: each rank checks its own shards in full
+    (store_state: the check verify makes); returns this rank's StoreFaults with ``shards`` and ``missing``
+    made those of all ranks (``shards``: the shards to write; the fault texts are this rank's), and
+    whether the manifest must be rewritten. Raises StoreError on every rank for a store of other inputs
+    or stray shard files."""
+    faults = store_state(root, meta, shards=mine)
+    n = meta.n_shards
+    flags = torch.zeros(n + 1, dtype=torch.int64)
+    for i in faults.shards:  # 1: missing, 2: damaged, 3: intact but written for other inputs
+        flags[i] = 1 if i in faults.missing else 3 if i in faults.foreign else 2
+    flags[n] = len(faults.manifest)
+    if topo.backend == "nccl":
+        flags = flags.to(device())
+    flags = topo.all_reduce_sum(flags).cpu()
+    if (flags[:n] == 3).any() and not faults.manifest_ours:
+        raise other_inputs(root)
+    faults.shards = {i: faults.shards.get(i, []) for i in range(n) if flags[i]}
+    faults.missing = {i for i in faults.shards if flags[i] == 1}
+    return faults, bool(flags[n])

@@ -248,13 +248,17 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, lo
     me = f"[teacher {topo.rank}] "
     answer, through = teacher, None
     if d.write_through:
-        from .spool import WriteThrough, store_is_complete
+        from .spool import WriteThrough, describe_repair, store_state
 
         meta = teacher_store_meta(cfg, data)
-        if store_is_complete(Path(d.write_through), meta):
+        found = store_state(Path(d.write_through), meta)  # raises for a store of other inputs
+        if found.sound:
             print(f"{me}the write-through store {d.write_through} is complete already: not written again",
                   flush=True)
         else:
+            if (Path(d.write_through) / "manifest.json").exists():
+                print(f"{me}the write-through store {d.write_through} is damaged: {describe_repair(found)}, "
+                      "rewritten when the run completes it", flush=True)
             answer = through = WriteThrough(teacher, Path(d.write_through), f"teacher{topo.rank:05d}",
                                             data.seq_len, meta.width)
     # One event directory per teacher replica: their throughputs differ.

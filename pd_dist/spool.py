@@ -32,7 +32,10 @@ import torch
 
 from .data import PackedDataset
 from .logits import SparseLogits
-from .store import ShardWriter, StoreMeta, shard_done, shard_ranges, write_manifest
+from .store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shard_done, shard_ranges, store_faults,
+                    write_manifest)
+from .store.format import shard_name
+from .store.reader import other_inputs
 
 SPOOL_DIR = ".spool"
 
@@ -232,16 +235,45 @@ class SpoolReader:
         return SparseLogits(torch.from_numpy(idx), torch.from_numpy(val))
 
 
-def store_is_complete(root: Path, meta: StoreMeta) -> bool:
-    """True when ``root`` holds a finished store for ``meta``; StoreError when it holds one for other
-    inputs (which a run must not overwrite)."""
-    from .store import StoreError
+def store_state(root: Path, meta: StoreMeta, shards=None) -> StoreFaults:
+    """What a teacher run finds in its store directory ``root`` for ``meta``: store_faults with the run's
+    meta (the check verify makes), so ``.shards`` are the shards it (re)writes (missing or damaged) and
+    ``.manifest`` says whether the manifest is missing or damaged; ``.sound``: nothing to do.
 
-    man = Path(root) / "manifest.json"
-    if not man.is_file():
-        return False
-    old = StoreMeta.from_dict(json.loads(man.read_text()))
-    if old.resolved().digest() != meta.digest():
-        raise StoreError(f"{root} already holds a store for other inputs (teacher, data or signal differ); "
-                         "choose another directory or remove it")
-    return True
+    A manifest that does not parse or lacks fields is damaged, not a refusal: the shards are then checked
+    one by one for ``meta``. Raises StoreError (one line) when the directory holds a store for other
+    inputs (an intact manifest says so, or, with no intact manifest of this store, an intact shard does),
+    or shard files that no shard index of the store names (write_manifest would refuse them); and
+    StoreCheckError when a file is there but cannot be read. ``shards``: check only these in full (see
+    store_faults; the caller then decides the refusals for the shards of other inputs itself)."""
+    faults = store_faults(root, meta, shards)
+    refuse_strays(faults)
+    if shards is None and faults.foreign and not faults.manifest_ours:
+        raise other_inputs(root)
+    return faults
+
+
+def refuse_strays(faults: StoreFaults) -> None:
+    """StoreError (one line) for shard files that are no shard of the store."""
+    if faults.extra:
+        more = f" (and {len(faults.extra) - 1} more)" if len(faults.extra) > 1 else ""
+        raise StoreError(f"{faults.extra[0]}{more}: remove it, then rerun")
+
+
+def store_is_complete(root: Path, meta: StoreMeta) -> bool:
+    """True when ``root`` holds a finished, sound store for ``meta`` (store_state: every shard and the
+    manifest pass the check verify makes); StoreError when it holds one for other inputs (which a run
+    must not overwrite)."""
+    return store_state(Path(root), meta).sound
+
+
+def describe_repair(faults: StoreFaults) -> str:
+    """What a run rewrites of a finished store that store_state found damaged, for one line: the damaged
+    shards by name (missing ones marked) and the manifest."""
+    names = [Path(shard_name(i)).name + (" (missing)" if i in faults.missing else "")
+             for i in sorted(faults.shards)]
+    if len(names) > 8:
+        names = names[:8] + [f"and {len(names) - 8} more"]
+    if not names:
+        return "the damaged manifest (its shards are sound)"
+    return f"{len(faults.shards)} damaged shard(s) ({', '.join(names)}) and the manifest"

@@ -71,6 +71,29 @@ def test_store_tools(store, tmp_path):
     assert v.returncode == 1 and shard.name in v.stdout and "fault" in v.stdout
 
 
+def test_a_generation_rerun_repairs_a_damaged_store(store, tmp_path, smoke_data, tiny_teacher_dir):
+    """The audit's reproduction through the real launcher: a byte flipped in a finished store's shards
+    (here one shard of each rank) is found by the rerun, which rewrites exactly those shards and the
+    manifest, says so in one line and leaves the store byte-identical to the original (not 'complete
+    already' over damage, as before)."""
+    import shutil
+
+    root = tmp_path / "logits"
+    shutil.copytree(store, root)
+    for name in ("shard-00000.bin", "shard-00001.bin"):  # round-robin: rank 0's and rank 1's
+        path = root / "shards" / name
+        raw = bytearray(path.read_bytes())
+        raw[200] ^= 64
+        path.write_bytes(bytes(raw))
+    assert _files(root) != _files(store)
+    proc = _launch_gen(2, _gen_over(root, smoke_data, tiny_teacher_dir), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "complete already, 2 damaged)" in out and "is complete already" not in out, out[-3000:]
+    assert "rewrote 2 damaged shard(s) (shard-00000.bin, shard-00001.bin) and the manifest" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert _files(root) == _files(store)
+
+
 def test_interrupted_generation_resumes_byte_identical(store, tmp_path, smoke_data, tiny_teacher_dir):
     root = tmp_path / "logits"
     over = _gen_over(root, smoke_data, tiny_teacher_dir)

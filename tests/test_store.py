@@ -194,6 +194,11 @@ def test_encoder_rejects_bad_input(tmp_path):
             w.add(0, unsorted)
         with pytest.raises(ValueError, match="256"):
             w.add(0, SparseLogits(ref.indices, ref.values + 300, ref.lse))
+        for bad in (float("nan"), float("inf"), float("-inf")):  # what the decoder would refuse
+            lse = ref.lse.clone()
+            lse[3] = bad
+            with pytest.raises(ValueError, match="lse must be finite"):
+                w.add(0, SparseLogits(ref.indices, ref.values, lse))
         w.add(0, ref)
         with pytest.raises(StoreError, match="finish after 1 of 4"):
             w.finish()
@@ -536,6 +541,8 @@ def _set(man, dotted, value, delete=False):
     (lambda m: _set(m, "stats.kept_hist", None, delete=True), "field stats.kept_hist is missing"),
     (lambda m: _set(m, "stats.kept_hist", [1, "2"]), "stats.kept_hist must be a list of integers"),
     (lambda m: _set(m, "stats.tokens", 1.5), "stats.tokens must be an integer, got 1.5"),
+    (lambda m: _set(m, "teacher", None, delete=True), "manifest lacks ['teacher']"),
+    (lambda m: _set(m, "seq_len", 1e400), "invalid store metadata"),  # JSON Infinity: int() overflows
 ])
 def test_manifest_of_the_wrong_shape_names_the_field(tmp_path, store_dir, edit, needle):
     root = _copy_store(store_dir, tmp_path / "m")

@@ -22,9 +22,10 @@ blocks and the quantization bound). Typical use::
 """
 from .codec import mass_tolerance, tv_bound, value_tolerance
 from .format import FORMAT_VERSION, StoreError, StoreMeta, shard_ranges
-from .reader import LogitsStore, StoreCheckError, open_for_training, store_info, verify_store
+from .reader import (LogitsStore, StoreCheckError, StoreFaults, open_for_training, store_faults, store_info,
+                     verify_store)
 from .writer import ShardWriter, shard_done, write_manifest
 
-__all__ = ["FORMAT_VERSION", "LogitsStore", "ShardWriter", "StoreCheckError", "StoreError", "StoreMeta", "mass_tolerance",
-           "open_for_training", "shard_done", "shard_ranges", "store_info", "tv_bound", "value_tolerance",
-           "verify_store", "write_manifest"]
+__all__ = ["FORMAT_VERSION", "LogitsStore", "ShardWriter", "StoreCheckError", "StoreError", "StoreFaults",
+           "StoreMeta", "mass_tolerance", "open_for_training", "shard_done", "shard_ranges", "store_faults",
+           "store_info", "tv_bound", "value_tolerance", "verify_store", "write_manifest"]

@@ -140,6 +140,17 @@ def mass_tolerance(enc: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------ bit helpers
+def _first(rows: np.ndarray) -> int:
+    """The first position where the boolean array ``rows`` is true."""
+    return int(np.argmax(rows))
+
+
+def _bad_lse(lse: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Tokens whose lse no writer forms: NaN, +inf, or -inf where entries are kept (a token whose logits
+    are all -inf keeps nothing and has lse -inf)."""
+    return np.isnan(lse) | (lse == np.inf) | ((lse == -np.inf) & (counts > 0))
+
+
 _I31 = 1 << 31
 
 
@@ -252,6 +263,10 @@ def encode_block(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab
     if ki.size and (ki.min() < 0 or ki.max() >= vocab_size):
         raise CodecError(f"indices must be in [0, {vocab_size})")
     lse = np.ascontiguousarray(lse, dtype=np.float32).reshape(T)
+    bad = _bad_lse(lse, counts)
+    if bad.any():
+        raise CodecError(f"lse must be finite where a token keeps entries (-inf only where none is kept): "
+                         f"token {_first(bad)} has {lse[bad][0]}")
     vmax = np.where(counts > 0, values[:, 0], np.float32(0.0)).astype(np.float32)
 
     # integer gap to the max, non-decreasing along the value order
@@ -321,7 +336,12 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
                  vocab_size: int | None = None):
     """Inverse of :func:`encode_block`; ``zd`` a :func:`zstd_decompressor` (made if needed). Returns
     (values fp32 [T, k_out], indices int64 [T, k_out], lse fp32 [T], counts int64 [T]); ``k_out`` (<= k)
-    keeps only the first k_out entries (in value order) per token."""
+    keeps only the first k_out entries (in value order) per token.
+
+    Raises CodecError for a block that is corrupt or that :func:`encode_block` would not have written,
+    whatever checksum it carries: stream lengths or kept counts that disagree, an index outside
+    [0, vocab_size) or kept twice in a token, a kept value or an lse that is not finite (NaN, +-inf), kept
+    values out of descending order. The message names the token; the caller names the sample."""
     k_out = k if k_out is None else k_out
     if len(buf) < HEADER_BYTES:
         raise CodecError("block too short")
@@ -350,7 +370,7 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
         out.append(_from_planes(seg, sizes[i], planes[i], np.uint32 if i == 1 else np.int64))
         if i == 0:
             counts = out[0]
-            if T and (counts.max() > k or int(counts.sum()) != n_kept):
+            if T and (counts.min() < 0 or counts.max() > k or int(counts.sum()) != n_kept):
                 raise CodecError("inconsistent kept counts")
             if value_layout:  # gap deltas for the entries after each token's max; no tie stream
                 sizes[4], sizes[5] = n_kept - int(np.count_nonzero(counts)), 0
@@ -359,15 +379,26 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
     lse = _ord_f32(_f32_ord(vmax) + _unzigzag(lse_d.astype(np.uint64)))
     if planes[4] == 8 and s_gap.size and s_gap.min() < 0:
         raise CodecError("gaps out of range")
+    bad = _bad_lse(lse, counts)
+    if bad.any():
+        raise CodecError(f"token {_first(bad)}: lse {lse[bad][0]} (NaN, +inf, or -inf with entries kept)")
     vocab_lim = vocab_size or 1 << 40
     col = np.arange(k)
     mask = col < counts[:, None]
     mo = mask[:, :k_out]
     if value_layout:
-        if n_kept and s_idx.max() >= vocab_lim:
-            raise CodecError("indices out of range")
         idx = np.zeros((T, k), np.int64)
-        idx[mask] = s_idx
+        idx[mask] = s_idx  # 8 byte planes can hold negative int64
+        bad = mask & ((idx < 0) | (idx >= vocab_lim))
+        if bad.any():
+            t = _first(bad.any(1))
+            raise CodecError(f"token {t}: index {idx[t][bad[t]][0]} outside the vocabulary [0, {vocab_lim})")
+        # distinct within a token: sort each row, padding as distinct negative numbers
+        srt = np.sort(np.where(mask, idx, -1 - col), axis=1)
+        dup = srt[:, 1:] == srt[:, :-1]
+        if dup.any():
+            t = _first(dup.any(1))
+            raise CodecError(f"token {t}: index {srt[t, 1:][dup[t]][0]} is kept twice")
         idx = idx[:, :k_out]
         rest = mask.copy()
         rest[:, 0] = False
@@ -375,13 +406,21 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
         Q[rest] = s_gap
         Gv = np.cumsum(Q[:, :k_out], axis=1)
     else:
+        # each delta is >= 0 (distinct, ascending indices) and < the vocabulary, so the cumsum cannot wrap
+        bad = (s_idx < 0) | (s_idx >= vocab_lim)
+        if bad.any():
+            e = _first(bad)
+            t = int(np.searchsorted(np.cumsum(counts), e, side="right"))
+            raise CodecError(f"token {t}: index delta {int(s_idx[e])} out of range [0, {vocab_lim}) (kept "
+                             "indices are distinct and in the vocabulary)")
         D = np.zeros((T, k), np.int64)
         D[mask] = s_idx + 1
         idx_s = np.cumsum(D, axis=1) - 1  # ascending indices; padding repeats the last kept index
         last = int(idx_s[:, -1].max()) if T else 0
         if last >= vocab_lim:
-            raise CodecError("indices out of range")
-        if n_kept and s_tie.max() > k:
+            t = _first(idx_s[:, -1] >= vocab_lim)
+            raise CodecError(f"token {t}: index {int(idx_s[t, -1])} outside the vocabulary [0, {vocab_lim})")
+        if n_kept and (s_tie.min() < 0 or s_tie.max() > k):
             raise CodecError("tie ranks out of range")
         # Sort each token's entries by (gap, tie rank): pack gap | tie | index into one int64 and sort
         # the rows (cheaper than argsort + gathers); the index bits come back out of the sorted keys.
@@ -412,5 +451,12 @@ def decode_block(buf, T: int, k: int, enc: dict, k_out: int | None = None, zd=No
         vals = table[np.clip(c, 0, enc["samples"])]
     else:
         vals = _ord_f32(_f32_ord(vmax)[:, None] - np.where(mo, Gv, 0))
+    bad = mo & ~np.isfinite(vals)
+    if bad.any():
+        t = _first(bad.any(1))
+        raise CodecError(f"token {t}: kept value {vals[t][bad[t]][0]} is not finite")
+    if (mo[:, 1:] & (vals[:, 1:] > vals[:, :-1])).any():
+        raise CodecError(f"token {_first((mo[:, 1:] & (vals[:, 1:] > vals[:, :-1])).any(1))}: kept values "
+                         "are not sorted descending")
     vals = np.where(mo, vals, np.float32(_NEG_INF)).astype(np.float32, copy=False)
     return vals, idx, lse, counts

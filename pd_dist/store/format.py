@@ -62,6 +62,11 @@ class StoreError(RuntimeError):
     """A store that is missing, corrupt, incomplete or incompatible with the run."""
 
 
+class ForeignShardError(StoreError):
+    """An intact shard (header, table and footer check out) written for another store: other teacher,
+    data, truncation, signal or encoding (its header's metadata digest is not the manifest's)."""
+
+
 @dataclass
 class StoreMeta:
     """What a store holds, besides its shards: written to manifest.json and hashed into every shard."""
@@ -101,7 +106,7 @@ class StoreMeta:
 
     @property
     def n_shards(self) -> int:
-        return len(shard_ranges(self.n_samples, self.shard_size))
+        return n_shards(self.n_samples, self.shard_size)
 
     def resolved(self) -> "StoreMeta":
         """A validated copy with the encoding filled from the defaults where empty."""
@@ -213,6 +218,29 @@ def shard_ranges(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
 
 
+def n_shards(n_samples: int, shard_size: int) -> int:
+    """The number of shards of ``n_samples`` samples, ``shard_size`` each (the last one may be shorter),
+    computed without listing them (a manifest's counts are checked before anything is allocated)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return -(-n_samples // shard_size)
+
+
+def shard_range(n_samples: int, shard_size: int, index: int) -> tuple[int, int]:
+    """(first, end) sample ids of shard ``index``: ``shard_ranges(n_samples, shard_size)[index]``."""
+    if not 0 <= index < n_shards(n_samples, shard_size):
+        raise ValueError(f"shard index {index} out of range: {n_samples} samples make "
+                         f"{n_shards(n_samples, shard_size)} shards of {shard_size}")
+    first = index * shard_size
+    return first, min(first + shard_size, n_samples)
+
+
+def min_shard_bytes(n: int, k: int) -> int:
+    """A lower bound on the size of a shard file of ``n`` samples of width ``k``: its header, sample table,
+    histogram and footer (the blocks are not counted)."""
+    return HEADER.size + n * TABLE_DTYPE.itemsize + (k + 1) * 8 + FOOTER.size
+
+
 def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:05d}.bin"
 
@@ -276,12 +304,33 @@ def parse_shard(buf, size: int, what: str) -> ShardLayout:
 
 
 def check_layout(lay: ShardLayout, meta: StoreMeta, index: int, what: str) -> None:
-    first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
+    """Raises ForeignShardError when the parsed shard was written for another store than ``meta``,
+    StoreError when it is not shard ``index`` of ``meta``'s store."""
+    if lay.digest16 != bytes.fromhex(meta.digest())[:16]:
+        raise ForeignShardError(f"{what}: shard was written for a different store (teacher, data, "
+                                "truncation, signal or encoding differ)")
+    first, end = shard_range(meta.n_samples, meta.shard_size, index)
     got = (lay.index, lay.first, lay.end, lay.seq_len, lay.k, lay.vocab_size)
     want = (index, first, end, meta.seq_len, meta.width, meta.vocab_size)
     if got != want:
         raise StoreError(f"{what}: shard header (index, first, end, seq_len, k, vocab) = {got}, "
                          f"expected {want}")
-    if lay.digest16 != bytes.fromhex(meta.digest())[:16]:
-        raise StoreError(f"{what}: shard was written for a different store (teacher, data, truncation "
-                         "or encoding differ from the manifest)")
+
+
+def manifest_bytes(d: dict) -> bytes:
+    """The bytes of manifest.json holding ``d`` (deterministic: sorted keys, one space of indent)."""
+    return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
+
+
+def manifest_dict(meta: StoreMeta, shards: list[dict], hist, n_kept: int,
+                  version: int = FORMAT_VERSION) -> dict:
+    """The manifest of a store of ``meta`` (resolved) whose shards have the entries ``shards`` (index,
+    file, first, end, bytes, sha256), kept-entries histogram ``hist`` and ``n_kept`` kept entries in all:
+    what write_manifest writes (format ``version``: a version-1 store's manifest is checked as written)."""
+    d = meta.to_dict()
+    d.update({"format": FORMAT_NAME, "format_version": version, "meta_digest": meta.digest(),
+              "shards": shards,
+              "stats": {"tokens": meta.n_samples * meta.seq_len, "kept_entries": int(n_kept),
+                        "kept_hist": [int(x) for x in hist],
+                        "shard_bytes": int(sum(s["bytes"] for s in shards))}})
+    return d

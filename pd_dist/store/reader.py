@@ -1,38 +1,64 @@
 """Reading a teacher-logits store: random access, streaming, re-truncation, verification, statistics."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import mmap
 import os
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
 from ..logits import SignalSpec, SparseLogits, top_p_keep
 from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
-from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, READABLE_VERSIONS, MANIFEST, ShardLayout, StoreError,
-                     StoreMeta, check_layout, parse_shard, shard_name, shard_ranges)
+from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, MANIFEST, READABLE_VERSIONS, SHARD_DIR,
+                     ForeignShardError, ShardLayout, StoreError, StoreMeta, check_layout, manifest_bytes,
+                     manifest_dict, min_shard_bytes, parse_shard, shard_name, shard_path, shard_range)
 
 _NEG_INF = float("-inf")
 _P_EPS = 1e-9  # top_p values closer than this are the same truncation
 
 
-def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
+def _absent(e: OSError) -> bool:
+    """An OSError that says no file is behind the name (absent, a path through a non-directory, a dangling
+    or looping link), as opposed to one that could not be read (EACCES, EIO)."""
+    return isinstance(e, FileNotFoundError) or e.errno in (errno.ENOTDIR, errno.ELOOP)
+
+
+def _cannot_read(path: Path, e: OSError) -> "StoreCheckError":
+    return StoreCheckError(f"{path}: could not read ({e.strerror or e})")
+
+
+def _read_manifest(root: Path) -> tuple[dict, bytes]:
+    """manifest.json parsed (a JSON object) and its bytes. StoreError (one line, naming the file) for a
+    missing or unparseable one; StoreCheckError when it cannot be read (permissions, I/O)."""
     path = root / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{path}: no manifest (not a logits store, or its generation did not finish: "
-                         "write_manifest() writes it once every shard is done)")
     try:
-        man = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_bytes()
+    except OSError as e:
+        if _absent(e) or isinstance(e, IsADirectoryError):
+            raise StoreError(f"{path}: no manifest (not a logits store, or its generation did not finish: "
+                             "write_manifest() writes it once every shard is done)") from None
+        raise _cannot_read(path, e) from None
+    try:
+        man = json.loads(text.decode())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise StoreError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(man, dict):
         raise StoreError(f"{path}: the manifest must be a JSON object, got {type(man).__name__}")
+    return man, text
+
+
+def _manifest_meta(man: dict, path: Path) -> StoreMeta:
+    """The manifest's metadata, resolved and checked against its meta_digest; StoreError naming the file
+    and what is wrong."""
     if man.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a pd-dist logits store manifest")
     version = man.get("format_version")
@@ -43,19 +69,43 @@ def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
         raise StoreError(f"{path}: a format-version-1 manifest has no signal field (top-p-k only)")
     try:
         meta = StoreMeta.from_dict(man).resolved()
-    except (ValueError, TypeError) as e:
+    except StoreError as e:  # a metadata field is missing
+        raise StoreError(f"{path}: {e}") from None
+    except (ValueError, TypeError, OverflowError, AttributeError) as e:
         raise StoreError(f"{path}: invalid store metadata ({e})") from None
     if man.get("meta_digest") != meta.digest():
         raise StoreError(f"{path}: meta_digest does not match the manifest's metadata (edited manifest?)")
-    _check_manifest_fields(man, path)
-    ranges = shard_ranges(meta.n_samples, meta.shard_size)
-    shards = man["shards"]
-    if len(shards) != len(ranges) or any(
-            (s.get("index"), s.get("file"), s.get("first"), s.get("end")) != (i, shard_name(i), a, b)
-            for i, (s, (a, b)) in enumerate(zip(shards, ranges))):
-        raise StoreError(f"{path}: shard list does not match n_samples={meta.n_samples}, "
-                         f"shard_size={meta.shard_size}")
+    return meta
+
+
+def _load_manifest(root: Path) -> tuple[dict, StoreMeta]:
+    """manifest.json and its metadata, the shape of its shard list and stats checked (what the writer
+    writes), its counts checked against each other before anything is sized from them: StoreError naming
+    the file and the field (StoreCheckError when the file cannot be read)."""
+    man, meta, _raw = _load_manifest_bytes(root)
     return man, meta
+
+
+def _load_manifest_bytes(root: Path) -> tuple[dict, StoreMeta, bytes]:
+    """_load_manifest, and the manifest's bytes."""
+    path = root / MANIFEST
+    man, raw = _read_manifest(root)
+    meta = _manifest_meta(man, path)
+    _check_manifest_fields(man, path)
+    shards = man["shards"]
+    if len(shards) != meta.n_shards:
+        raise StoreError(f"{path}: {len(shards)} shards listed, n_samples={meta.n_samples} and "
+                         f"shard_size={meta.shard_size} make {meta.n_shards}")
+    for i, s in enumerate(shards):
+        a, b = shard_range(meta.n_samples, meta.shard_size, i)
+        if (s["index"], s["file"], s["first"], s["end"]) != (i, shard_name(i), a, b):
+            raise StoreError(f"{path}: shard list does not match n_samples={meta.n_samples}, "
+                             f"shard_size={meta.shard_size} (shards[{i}])")
+        if s["bytes"] < min_shard_bytes(b - a, meta.width):
+            raise StoreError(f"{path}: manifest field shards[{i}].bytes = {s['bytes']} is less than a shard of "
+                             f"{b - a} samples of width {meta.width} takes "
+                             f"({min_shard_bytes(b - a, meta.width)})")
+    return man, meta, raw
 
 
 def _is_int(v) -> bool:
@@ -133,7 +183,9 @@ class LogitsStore:
             p = self.root / s["file"]
             try:
                 size = p.stat().st_size
-            except FileNotFoundError:
+            except OSError as e:
+                if not _absent(e):
+                    raise _cannot_read(p, e) from None
                 missing.append(f"{p} (samples {s['first']}..{s['end'] - 1})")
                 continue
             if size != s["bytes"]:
@@ -146,7 +198,11 @@ class LogitsStore:
             faults = []
             for s in self.manifest["shards"]:
                 p = self.root / s["file"]
-                if sha256_file(p) != s["sha256"]:
+                try:
+                    sha = sha256_file(p)
+                except OSError as e:
+                    raise _cannot_read(p, e) from None
+                if sha != s["sha256"]:
                     faults.append(f"{p}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
             if faults:
                 raise StoreError(f"store {self.root} failed verification:\n  " + "\n  ".join(faults))
@@ -289,9 +345,8 @@ class LogitsStore:
         return p, kk
 
     # ------------------------------------------------------------------------------------ reads
-    def _decode_into(self, sample_id: int, p: float, kk: int, vals_out: np.ndarray, idx_out: np.ndarray,
-                     lse_out: np.ndarray) -> None:
-        raw = self._raw_block(sample_id)
+    def _decode_into(self, raw: bytes, sample_id: int, p: float, kk: int, vals_out: np.ndarray,
+                     idx_out: np.ndarray, lse_out: np.ndarray) -> None:
         if self._zd is None:
             self._zd = zstd_decompressor()
         try:
@@ -320,11 +375,12 @@ class LogitsStore:
         ``top_p`` / ``top_k`` (default: the store's, or the ones set by open_for_training) may be
         narrower than the store's; k' = top_k (min with the vocabulary)."""
         p, kk = self._resolve(top_p, top_k)
+        raw = self._raw_block(int(sample_id))  # first: its shard's header agrees with the manifest's sizes
         T = self.meta.seq_len
         vals = np.empty((T, kk), np.float32)
         idx = np.empty((T, kk), np.int64)
         lse = np.empty(T, np.float32)
-        self._decode_into(int(sample_id), p, kk, vals, idx, lse)
+        self._decode_into(raw, int(sample_id), p, kk, vals, idx, lse)
         return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
 
     def _lse(self, lse: np.ndarray) -> Optional[torch.Tensor]:
@@ -334,12 +390,13 @@ class LogitsStore:
         """Samples ``ids`` stacked: SparseLogits [B, seq_len, k'] with lse [B, seq_len]."""
         p, kk = self._resolve(top_p, top_k)
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        raws = [self._raw_block(i) for i in ids]  # first: their shards' headers agree with the manifest
         T = self.meta.seq_len
         vals = np.empty((len(ids), T, kk), np.float32)
         idx = np.empty((len(ids), T, kk), np.int64)
         lse = np.empty((len(ids), T), np.float32)
-        for b, i in enumerate(ids):
-            self._decode_into(i, p, kk, vals[b], idx[b], lse[b])
+        for b, (i, raw) in enumerate(zip(ids, raws)):
+            self._decode_into(raw, i, p, kk, vals[b], idx[b], lse[b])
         return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
 
     def __getitem__(self, sample_id: int):
@@ -382,83 +439,259 @@ def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_
     return store
 
 
+@dataclass
+class ShardCheck:
+    """What :func:`check_shard` found in one shard file."""
+    faults: list[str]  # empty: the shard is sound
+    missing: bool = False  # no file behind the name
+    foreign: bool = False  # intact, but written for another store (ForeignShardError)
+    size: int = 0
+    sha256: str = ""
+    hist: Optional[np.ndarray] = None  # kept entries per token over the shard (a sound shard)
+    n_kept: int = 0
+
+    def entry(self, meta: StoreMeta, index: int) -> dict:
+        """The shard's manifest entry (what ShardWriter.finish returns)."""
+        first, end = shard_range(meta.n_samples, meta.shard_size, index)
+        return {"index": index, "file": shard_name(index), "first": first, "end": end, "bytes": self.size,
+                "sha256": self.sha256}
+
+
+def check_shard(root, meta: StoreMeta, index: int, zd=None) -> ShardCheck:
+    """The one check of shard file ``index`` of a store of ``meta`` (resolved), shared by verify, a
+    rerun's completeness check and shard_done: present (a name with no file behind it is missing), header,
+    table and footer consistent and written for ``meta``, then every sample's crc32, codec and block
+    (decoded in full, as the reader would: decode_block refuses what no writer writes), its kept count
+    against the table, and the shard's histogram against the blocks. Faults name the file and samples.
+
+    Raises OSError when the file is there but cannot be read (EACCES, EIO): that says nothing of it."""
+    path = shard_path(root, index)
+    first, end = shard_range(meta.n_samples, meta.shard_size, index)
+    span = f"samples {first}..{end - 1}"
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        if not _absent(e):
+            raise
+        return ShardCheck([f"{path}: missing shard ({span})"], missing=True)
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return ShardCheck([f"{path}: empty file ({span})"], size=0, sha256=hashlib.sha256().hexdigest())
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            check = ShardCheck([], size=size, sha256=hashlib.sha256(mm).hexdigest())
+            try:
+                lay = parse_shard(mm, size, str(path))
+                check_layout(lay, meta, index, str(path))
+            except StoreError as e:
+                check.faults.append(f"{e} ({span})")
+                check.foreign = isinstance(e, ForeignShardError)
+                return check
+            enc = meta.value_encoding
+            hist = np.zeros(lay.k + 1, np.int64)
+            for j, row in enumerate(lay.table):
+                sid = first + j
+                data = mm[int(row["offset"]):int(row["offset"]) + int(row["nbytes"])]
+                if zlib.crc32(data) != int(row["crc"]):
+                    check.faults.append(f"{path}: sample {sid}: checksum mismatch")
+                    continue
+                try:
+                    if row["codec"] != CODEC_BLOCK:
+                        raise CodecError(f"unknown block codec {row['codec']}")
+                    if zd is None:
+                        zd = zstd_decompressor()
+                    counts = decode_block(data, meta.seq_len, meta.width, enc, zd=zd,
+                                          vocab_size=meta.vocab_size)[3]
+                except CodecError as e:
+                    check.faults.append(f"{path}: sample {sid}: undecodable block ({e})")
+                    continue
+                if int(counts.sum()) != int(row["n_kept"]):
+                    check.faults.append(f"{path}: sample {sid}: kept count disagrees with the table")
+                hist += np.bincount(counts, minlength=lay.k + 1)
+    if not check.faults:
+        if not np.array_equal(hist, lay.hist.astype(np.int64)):
+            check.faults.append(f"{path}: the shard's kept-entries histogram disagrees with its samples")
+        check.hist, check.n_kept = hist, int(hist @ np.arange(lay.k + 1))
+    return check
+
+
+@dataclass
+class StoreFaults:
+    """What :func:`store_faults` found, attributed to what a rerun of the generation rewrites.
+
+    ``shards``: shard index -> the faults of that shard file itself (missing, empty, truncated, a bad
+    header, table or footer, a sample whose crc32 or block is bad; with a size or sha256 that disagrees
+    with the manifest listed first): the shards to rewrite. ``missing``, ``foreign``: those of them with
+    no file, and those intact but written for another store. ``manifest``: faults of manifest.json while
+    the shards it lists are sound (missing, unparseable, of the wrong shape, a size, sha256 or statistic
+    that disagrees with its sound shards). ``extra``: files in shards/ that are no shard of the store.
+    ``manifest_ours``: the manifest's metadata is intact (its meta_digest agrees) and the store's."""
+    shards: dict[int, list[str]] = field(default_factory=dict)
+    missing: set[int] = field(default_factory=set)
+    foreign: set[int] = field(default_factory=set)
+    manifest: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    manifest_ours: bool = False
+
+    @property
+    def sound(self) -> bool:
+        return not (self.shards or self.manifest or self.extra)
+
+    def all(self) -> list[str]:
+        """Every fault: the shards' in shard order, the extra files', then the manifest's."""
+        return [f for i in sorted(self.shards) for f in self.shards[i]] + self.extra + self.manifest
+
+
 class StoreCheckError(StoreError):
     """The check could not run (no such store directory, no manifest, a file that cannot be read)."""
 
 
-def verify_store(root) -> list[str]:
-    """Full check: manifest consistency, every shard's size and sha256, header/table/footer, and every
-    sample's crc32 and decodability. Returns fault descriptions (empty list = the store is sound);
-    raises StoreCheckError when it could not check."""
+def unexpected_shards(root, n: int) -> list[Path]:
+    """Files in ``root``/shards named like a shard (shard-*.bin) that are none of the ``n`` shards."""
+    sdir = Path(root) / SHARD_DIR
+    if not sdir.is_dir():
+        return []
+    out = []
+    for p in sorted(sdir.glob("shard-*.bin")):
+        digits = p.name[len("shard-"):-len(".bin")]
+        if not (digits.isdigit() and int(digits) < n and p.name == Path(shard_name(int(digits))).name):
+            out.append(p)
+    return out
+
+
+def store_faults(root, meta: Optional[StoreMeta] = None,
+                 shards: Optional[Iterable[int]] = None) -> StoreFaults:
+    """Check a store and attribute what is wrong (StoreFaults).
+
+    Without ``meta`` (verify): the store the manifest describes; a manifest that cannot be loaded is the
+    one fault found. With ``meta`` (a teacher run over its store directory): the store of ``meta``; a
+    missing or damaged manifest is a fault of the manifest and every shard is checked for ``meta``. A
+    manifest whose metadata is intact but not ``meta``'s raises StoreError (a store for other inputs).
+    ``shards``: check only these shard files in full (the ranks of a generation share the work); the
+    others' manifest entries are taken as they are and their histograms read from their tables, and the
+    stats are checked only when those all read. Raises StoreCheckError when a file cannot be read."""
     root = Path(root)
-    if not root.is_dir():
-        raise StoreCheckError(f"{root}: not a directory")
-    if not (root / MANIFEST).is_file():
-        raise StoreCheckError(f"{root / MANIFEST}: no manifest (not a logits store, or its generation "
-                              "did not finish)")
+    path = root / MANIFEST
+    out = StoreFaults()
+    man = raw = None
     try:
-        return _verify(root)
+        man, mmeta, raw = _load_manifest_bytes(root)
+    except StoreCheckError:
+        raise
+    except StoreError as e:
+        if meta is None:
+            out.manifest.append(str(e))
+            return out
+        out.manifest.append(str(e))
+        mmeta = _intact_meta(root)
+        if mmeta is not None and mmeta.digest() != meta.digest():
+            raise other_inputs(root) from None
+    if meta is None:
+        meta = mmeta
+    else:
+        meta = meta.resolved()
+        if man is not None and mmeta.digest() != meta.digest():
+            raise other_inputs(root)
+    out.manifest_ours = man is not None
+    n = meta.n_shards
+    todo = set(range(n)) if shards is None else {int(i) for i in shards}
+    entries, hist, n_kept, stats_ok = [], None, 0, True  # hist: sized by the shards, not the manifest
+    zd = zstd_decompressor()
+    for i in range(n):
+        listed = man["shards"][i] if man is not None else None
+        if i not in todo:  # another rank checks it in full: its trailer for the statistics
+            entries.append(listed)
+            h = _trailer_hist(root, meta, i) if man is not None else None
+            if h is None:
+                stats_ok = False
+            else:
+                hist = h if hist is None else hist + h
+                n_kept += int(h @ np.arange(h.size))
+            continue
+        try:
+            c = check_shard(root, meta, i, zd)
+        except OSError as e:
+            raise _cannot_read(shard_path(root, i), e) from None
+        against = []
+        if listed is not None and not c.missing:
+            p, span = shard_path(root, i), f"samples {listed['first']}..{listed['end'] - 1}"
+            if c.size != listed["bytes"]:
+                against.append(f"{p}: {c.size} bytes, the manifest says {listed['bytes']} ({span})")
+            if c.sha256 != listed["sha256"]:
+                against.append(f"{p}: sha256 mismatch with the manifest ({span})")
+        entries.append(c.entry(meta, i))
+        if c.faults:
+            out.shards[i] = against + c.faults
+            if c.missing:
+                out.missing.add(i)
+            if c.foreign:
+                out.foreign.add(i)
+            stats_ok = False
+            continue
+        out.manifest += against
+        hist = c.hist if hist is None else hist + c.hist
+        n_kept += c.n_kept
+    out.extra = [f"{p}: unexpected shard file (the store has {n} shards)" for p in unexpected_shards(root, n)]
+    if man is not None and stats_ok and not out.manifest:
+        if hist is None:  # no shard: a store of no samples
+            hist = np.zeros(min(meta.width + 1, len(man["stats"]["kept_hist"])), np.int64)
+        want = manifest_dict(meta, entries, hist, n_kept, version=man["format_version"])
+        if man["stats"] != want["stats"]:
+            out.manifest.append(f"{path}: stats disagree with the shards")
+        elif raw != manifest_bytes(want):
+            keys = sorted(k for k in set(man) | set(want) if man.get(k) != want.get(k)) or ["its layout"]
+            out.manifest.append(f"{path}: not what write_manifest writes for its shards and metadata (differs "
+                                f"in {', '.join(keys)})")
+    return out
+
+
+def _intact_meta(root: Path) -> Optional[StoreMeta]:
+    """The metadata of a manifest that does not load as a whole, when that part is intact (parses and
+    agrees with its meta_digest); else None."""
+    try:
+        return _manifest_meta(_read_manifest(root)[0], root / MANIFEST)
+    except StoreError:
+        return None
+
+
+def other_inputs(root: Path) -> StoreError:
+    """The refusal of a directory that holds a store for other inputs than the run's."""
+    return StoreError(f"{root} already holds a store for other inputs (teacher, data or signal differ); "
+                      "choose another directory or remove it")
+
+
+def _trailer_hist(root: Path, meta: StoreMeta, index: int) -> Optional[np.ndarray]:
+    """The histogram in shard ``index``'s table (its header, table and footer checked, no block read);
+    None when it does not read."""
+    path = shard_path(root, index)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return None
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                lay = parse_shard(mm, size, str(path))
+                check_layout(lay, meta, index, str(path))
+    except (OSError, StoreError):
+        return None
+    return lay.hist.astype(np.int64)
+
+
+def verify_store(root) -> list[str]:
+    """Full check: manifest consistency, every shard's size and sha256, header/table/footer, every
+    sample's crc32 and decodability, each shard's histogram, the stats, and no stray shard files
+    (store_faults). Returns fault descriptions (empty list = the store is sound); raises
+    StoreCheckError when it could not check (no directory, no manifest, a file that cannot be read)."""
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            raise StoreCheckError(f"{root}: not a directory")
+        if not (root / MANIFEST).is_file():
+            raise StoreCheckError(f"{root / MANIFEST}: no manifest (not a logits store, or its generation "
+                                  "did not finish)")
+        return store_faults(root).all()
     except OSError as e:  # permissions, I/O errors: the check could not run, which says nothing of the store
         raise StoreCheckError(f"{root}: could not read ({e})") from None
-
-
-def _verify(root: Path) -> list[str]:
-    try:
-        man, meta = _load_manifest(root)
-    except StoreError as e:
-        return [str(e)]
-    faults = []
-    enc = meta.value_encoding
-    hist = np.zeros(meta.width + 1, np.int64)
-    n_kept = 0
-    zd = None
-    for i, s in enumerate(man["shards"]):
-        path = root / s["file"]
-        if not path.is_file():
-            faults.append(f"{path}: missing shard (samples {s['first']}..{s['end'] - 1})")
-            continue
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            faults.append(f"{path}: {size} bytes, the manifest says {s['bytes']} (samples "
-                          f"{s['first']}..{s['end'] - 1})")
-        if sha256_file(path) != s["sha256"]:
-            faults.append(f"{path}: sha256 mismatch (samples {s['first']}..{s['end'] - 1})")
-        with open(path, "rb") as fh:
-            if size == 0:
-                faults.append(f"{path}: empty file")
-                continue
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                try:
-                    lay = parse_shard(mm, size, str(path))
-                    check_layout(lay, meta, i, str(path))
-                except StoreError as e:
-                    faults.append(f"{e} (samples {s['first']}..{s['end'] - 1})")
-                    continue
-                hist += lay.hist.astype(np.int64)
-                for j, row in enumerate(lay.table):
-                    sid = s["first"] + j
-                    data = mm[int(row["offset"]):int(row["offset"]) + int(row["nbytes"])]
-                    if zlib.crc32(data) != int(row["crc"]):
-                        faults.append(f"{path}: sample {sid}: checksum mismatch")
-                        continue
-                    try:
-                        if row["codec"] != CODEC_BLOCK:
-                            raise CodecError(f"unknown block codec {row['codec']}")
-                        if zd is None:
-                            zd = zstd_decompressor()
-                        _v, _i, _l, counts = decode_block(data, meta.seq_len, meta.width, enc, zd=zd,
-                                                          vocab_size=meta.vocab_size)
-                    except Exception as e:
-                        faults.append(f"{path}: sample {sid}: undecodable block ({e})")
-                        continue
-                    if int(counts.sum()) != int(row["n_kept"]):
-                        faults.append(f"{path}: sample {sid}: kept count disagrees with the table")
-                    n_kept += int(counts.sum())
-    stats = man["stats"]
-    if not faults:
-        if [int(x) for x in hist] != stats.get("kept_hist") or n_kept != stats.get("kept_entries"):
-            faults.append(f"{root / MANIFEST}: stats disagree with the shards")
-    return faults
 
 
 def _percentile_from_hist(hist: np.ndarray, q: float) -> int:
@@ -473,12 +706,15 @@ def store_info(root) -> dict:
     (ours and the naive int32 index + fp16 value + 1-byte count layout), kept-entries distribution."""
     root = Path(root)
     man, meta = _load_manifest(root)
+    try:
+        manifest_bytes = (root / MANIFEST).stat().st_size
+    except OSError as e:
+        raise _cannot_read(root / MANIFEST, e) from None
     st = man["stats"]
     hist = np.asarray(st["kept_hist"], np.int64)
     tokens = int(st["tokens"])
     kept = int(st["kept_entries"])
     shard_bytes = int(st["shard_bytes"])
-    manifest_bytes = (root / MANIFEST).stat().st_size
     total = shard_bytes + manifest_bytes
     naive = 6 * kept + tokens
     enc = meta.value_encoding

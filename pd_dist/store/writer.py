@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from pathlib import Path
@@ -12,9 +11,10 @@ import torch
 
 from ..logits import SparseLogits
 from .codec import CodecError, encode_block, zstd_compressor
-from .format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, FORMAT_NAME, FORMAT_VERSION,
-                     MANIFEST, SHARD_DIR, TABLE_DTYPE, StoreError, StoreMeta, check_layout, pack_header,
-                     parse_shard, shard_name, shard_path, shard_ranges)
+from .format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, MANIFEST, TABLE_DTYPE, StoreError,
+                     StoreMeta, check_layout, manifest_bytes, manifest_dict, pack_header, parse_shard, shard_name,
+                     shard_path, shard_range, shard_ranges)
+from .reader import check_shard, unexpected_shards
 
 
 class ShardWriter:
@@ -28,11 +28,10 @@ class ShardWriter:
     def __init__(self, root, meta: StoreMeta, shard_index: int, compress: bool = True):
         self.root = Path(root)
         self.meta = meta.resolved()
-        ranges = shard_ranges(self.meta.n_samples, self.meta.shard_size)
-        if not 0 <= shard_index < len(ranges):
-            raise ValueError(f"shard_index {shard_index} out of range: the store has {len(ranges)} shards")
+        if not 0 <= shard_index < self.meta.n_shards:
+            raise ValueError(f"shard_index {shard_index} out of range: the store has {self.meta.n_shards} shards")
         self.index = shard_index
-        self.first, self.end = ranges[shard_index]
+        self.first, self.end = shard_range(self.meta.n_samples, self.meta.shard_size, shard_index)
         self.compress = bool(compress)
         self._enc = self.meta.value_encoding
         self._zc = zstd_compressor(self.meta.encoding["zstd_level"]) if self.compress else None
@@ -157,11 +156,9 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _read_layout(path: Path, meta: StoreMeta, index: int, check_data: bool = False):
-    """The shard's parsed layout, checked against ``meta``; with ``check_data`` also every sample's crc32
-    (reads the whole shard)."""
+def _read_layout(path: Path, meta: StoreMeta, index: int):
+    """The shard's parsed layout (header, table, footer), checked against ``meta``."""
     import mmap
-    import zlib
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -170,37 +167,18 @@ def _read_layout(path: Path, meta: StoreMeta, index: int, check_data: bool = Fal
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             lay = parse_shard(mm, size, str(path))
             check_layout(lay, meta, index, str(path))
-            if check_data:
-                for j, row in enumerate(lay.table):
-                    off, n = int(row["offset"]), int(row["nbytes"])
-                    if zlib.crc32(mm[off:off + n]) != int(row["crc"]):
-                        raise StoreError(f"{path}: sample {j} of the shard: checksum mismatch")
     return lay
 
 
 def shard_done(root, meta: StoreMeta, shard_index: int) -> bool:
-    """True if shard ``shard_index`` is present, complete and was written for this ``meta``: header,
-    table and footer check out and every sample's crc32 matches (a rerun of the generation rewrites a
-    shard that is damaged rather than counting it done)."""
-    meta = meta.resolved()
-    path = shard_path(root, shard_index)
-    if not path.is_file():
-        return False
+    """True if shard ``shard_index`` is present, complete, written for this ``meta`` and sound by the
+    check verify makes (reader.check_shard: header, table, footer, every sample's crc32 and block, the
+    histogram), so a rerun of the generation rewrites a shard that is damaged rather than counting it
+    done. A file that cannot be read is not done either."""
     try:
-        _read_layout(path, meta, shard_index, check_data=True)
-    except (StoreError, OSError):
+        return not check_shard(root, meta.resolved(), shard_index).faults
+    except OSError:
         return False
-    return True
-
-
-def manifest_dict(meta: StoreMeta, shards: list[dict], hist: np.ndarray, n_kept: int) -> dict:
-    d = meta.to_dict()
-    d.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "meta_digest": meta.digest(),
-              "shards": shards,
-              "stats": {"tokens": meta.n_samples * meta.seq_len, "kept_entries": int(n_kept),
-                        "kept_hist": [int(x) for x in hist],
-                        "shard_bytes": int(sum(s["bytes"] for s in shards))}})
-    return d
 
 
 def write_manifest(root, meta: StoreMeta) -> Path:
@@ -226,12 +204,8 @@ def write_manifest(root, meta: StoreMeta) -> Path:
         n_kept += int(lay.table["n_kept"].sum())
         shards.append({"index": i, "file": shard_name(i), "first": first, "end": end,
                        "bytes": lay.size, "sha256": sha256_file(path)})
-    sdir = root / SHARD_DIR
-    if sdir.is_dir():
-        known = {Path(shard_name(i)).name for i in range(len(ranges))}
-        for p in sorted(sdir.glob("shard-*.bin")):
-            if p.name not in known:
-                faults.append(f"{p}: unexpected shard file (the store has {len(ranges)} shards)")
+    for p in unexpected_shards(root, len(ranges)):
+        faults.append(f"{p}: unexpected shard file (the store has {len(ranges)} shards)")
     if faults:
         raise StoreError("cannot write the manifest:\n  " + "\n  ".join(faults))
     if int(hist.sum()) != meta.n_samples * meta.seq_len:
@@ -240,7 +214,7 @@ def write_manifest(root, meta: StoreMeta) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     out = root / MANIFEST
     tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(d, sort_keys=True, indent=1) + "\n")
+    tmp.write_bytes(manifest_bytes(d))
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out)
