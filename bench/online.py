@@ -41,7 +41,7 @@ Wire: WireSpec(vocab 151552, top_p 0.95, top_k 50, bf16 values: the GPU default)
 against dense fp16 logits (2 * 151552 bytes/token) gives wire_reduction. The measured run uses the same
 spec except its vocabulary (4096: 2-byte indices instead of 3); measured_bytes_per_token =
 client.bytes_received / client.tokens_received over that run, checked equal to its spec's
-bytes_per_token (every response buffer travels whole, the per-micro-batch header included).
+bytes_per_token (every reply travels whole, its preamble and per-micro-batch header included).
 
 Prints progress to stderr and one JSON line last on stdout.
 """
