@@ -104,7 +104,7 @@ def rank_main(args) -> dict:
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     plan = [np.arange(i * mb, (i + 1) * mb) for i in range(steps)]
     spec = WireSpec(vocab_size=args.vocab, tokenizer_hash="bench-online", seq_len=seq, top_k=args.top_k,
-                    top_p=args.top_p, value_dtype=args.wire_dtype, micro_batch=mb)
+                    top_p=args.top_p, value_dtype=args.wire_dtype, micro_batch=mb, n_samples=steps * mb)
     out = {"role": topo.role, "threads": torch.get_num_threads()}
 
     rounds = args.rounds
@@ -342,7 +342,7 @@ def main() -> int:
             + " cores during teacher alone / student alone / online")
 
     real = WireSpec(vocab_size=REAL_VOCAB, tokenizer_hash="-", seq_len=args.seq_len, top_k=50, top_p=0.95,
-                    value_dtype="bf16", micro_batch=args.micro_batch)
+                    value_dtype="bf16", micro_batch=args.micro_batch, n_samples=1)  # for its sizes only
     dense = 2.0 * REAL_VOCAB
     m, slow = runs["main"], runs["teacher_slower"]
     measured_ok = all(abs(r["measured_bytes_per_token"] - r["spec_bytes_per_token"]) < 1e-9 for r in runs.values())

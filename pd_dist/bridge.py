@@ -10,8 +10,8 @@ one fills a prefix and leaves the rest as it was), so no message goes out before
   kind before it posts the body's receive, into a buffer of exactly that size; a bad preamble is refused
   naming the sender, and nothing more is read from that sender (its body, never received, stays with it).
 - hello (kind 1, both ways, once): int64 [MAGIC, VERSION, vocab, tokenizer hash, seq_len, top_k,
-  top_p*1e6, value dtype, micro-batch, index bytes, signal kind, hash of the signal's draw parameters];
-  each side checks the other's and fails naming both ranks. A peer of another version
+  top_p*1e6, value dtype, micro-batch, index bytes, signal kind, hash of the signal's draw parameters,
+  dataset samples]; each side checks the other's and fails naming both ranks. A peer of another version
   fails on the preamble's version, whatever its hello looks like.
 - request (kind 2, student -> teacher): int64 [op, seq, n, sample_ids[mb], tokens[mb * seq_len]].
 - reply (kind 3, teacher -> student): one uint8 buffer: int64 header [seq, n, sample_ids[mb]], then the
@@ -21,14 +21,14 @@ one fills a prefix and leaves the rest as it was), so no message goes out before
 - refusal (kind 4, teacher -> student, instead of a reply): int64 [reason code, offending value].
 
 Every wait has the peer timeout; a peer that closes its connection fails at once. Errors name the peer.
-Both sides check what they receive (a request's op, count and token ids; a reply's count, indices
-and values) and refuse it naming the sender, so a faulty peer never becomes a wrong gradient.
+Both sides check what they receive (a request's op, count, sample ids and token ids; a reply's count,
+indices and values) and refuse it naming the sender, so a faulty peer never becomes a wrong gradient.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,10 +39,11 @@ MAGIC = 0x5044_4453  # "PDDS"
 VERSION = 3  # 2 sent a bare 12-field hello, 1 a 10-field one; 3 put the preamble before every message
 OP_WORK, OP_STOP = 1, 2
 REFUSED = -1  # StagedTeacherServer's round record: a request refused instead of answered
-REFUSE_MALFORMED, REFUSE_TOKENS, REFUSE_SIZE = 1, 2, 3
+REFUSE_MALFORMED, REFUSE_TOKENS, REFUSE_SIZE, REFUSE_IDS = 1, 2, 3, 4
 REFUSALS = {REFUSE_MALFORMED: "a malformed request (op, sample count or preamble)",
             REFUSE_TOKENS: "token ids outside the vocabulary ({})",
-            REFUSE_SIZE: "a request of {} bytes (another size than the handshake agreed)"}
+            REFUSE_SIZE: "a request of {} bytes (another size than the handshake agreed)",
+            REFUSE_IDS: "sample id {} outside the dataset"}
 # Preambles travel on the first three tags (11 is where versions 1 and 2 sent their hello), bodies on
 # their own tags: a body left unread after a refused preamble never meets a later preamble's receive.
 TAG_HELLO, TAG_REQ, TAG_RESP, TAG_PROBE = 11, 12, 13, 14
@@ -57,7 +58,7 @@ REFUSAL_NBYTES = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
 HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
-                "value_dtype", "micro_batch", "index_bytes", "signal", "signal_params_hash")
+                "value_dtype", "micro_batch", "index_bytes", "signal", "signal_params_hash", "n_samples")
 SIGNAL_CODES = {"top_p_k": 0, "sampled": 1, "head_tail": 2}
 
 
@@ -94,6 +95,11 @@ class WireSpec:
     micro_batch: int
     signal: str = "top_p_k"  # pd_dist.logits.SIGNAL_KINDS; top_k is the signal's width
     signal_params: str = ""  # canonical JSON of the draws' parameters (SignalSpec.params)
+    n_samples: int = field(kw_only=True)  # the dataset's samples: request ids must lie in [0, n_samples)
+
+    def __post_init__(self):
+        if isinstance(self.n_samples, bool) or int(self.n_samples) != self.n_samples or self.n_samples < 1:
+            raise ValueError(f"WireSpec.n_samples must be an integer >= 1, got {self.n_samples!r}")
 
     @property
     def index_bytes(self) -> int:
@@ -107,7 +113,7 @@ class WireSpec:
         return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
                              self.seq_len, self.top_k, round(self.top_p * 1e6), DTYPE_CODES[self.value_dtype],
                              self.micro_batch, self.index_bytes, SIGNAL_CODES[self.signal],
-                             tokenizer_hash_int(self.signal_params)], dtype=torch.int64)
+                             tokenizer_hash_int(self.signal_params), self.n_samples], dtype=torch.int64)
 
     def request_numel(self) -> int:
         return 3 + self.micro_batch + self.micro_batch * self.seq_len
@@ -204,14 +210,20 @@ def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teache
 
 def check_request(r: torch.Tensor, spec: WireSpec, me_desc: str, student: str) -> tuple[int, int, int]:
     """(op, request number, samples) of a received request; a BadRequest naming the student for
-    anything but a stop or a work request of 1..micro_batch samples whose token ids are in the
-    vocabulary."""
+    anything but a stop or a work request of 1..micro_batch samples whose ids lie in the dataset
+    [0, n_samples) and whose token ids are in the vocabulary."""
     op, seq, n = int(r[0]), int(r[1]), int(r[2])
     if op == OP_STOP:
         return op, seq, n
     if op != OP_WORK or not 0 < n <= spec.micro_batch:
         raise BadRequest(f"{me_desc}: malformed request {seq} from student {student} (op {op}, {n} samples; "
                          f"1..{spec.micro_batch} allowed)", REFUSE_MALFORMED, 0, seq)
+    ids = r[3:3 + n]
+    bad = (ids < 0) | (ids >= spec.n_samples)
+    if bool(bad.any()):
+        v = int(ids[bad][0])
+        raise BadRequest(f"{me_desc}: request {seq} from student {student} has sample id {v} outside the "
+                         f"dataset [0, {spec.n_samples})", REFUSE_IDS, v, seq)
     off = 3 + spec.micro_batch
     tok = r[off:off + n * spec.seq_len]
     bad = (tok < 0) | (tok >= spec.vocab_size)

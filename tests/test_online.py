@@ -93,7 +93,7 @@ def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
 
 
 SPEC = WireSpec(vocab_size=97, tokenizer_hash="abc", seq_len=6, top_k=5, top_p=0.9, value_dtype="fp32",
-                micro_batch=2)
+                micro_batch=2, n_samples=1000)
 
 
 class TinyTeacher(torch.nn.Module):
@@ -128,7 +128,7 @@ def test_wire_round_trip_keeps_indices_values_and_dropped_entries():
     for vocab, nbytes in [(97, 2), (151552, 3), (1 << 25, 4)]:
         idx = torch.randint(0, vocab, (7, 5))
         assert torch.equal(unpack_indices(pack_indices(idx, nbytes), nbytes, idx.shape), idx)
-    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2)
+    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2, n_samples=16)
     assert spec.index_bytes == 3
     vals = torch.tensor([[5.0, 2.0, float("-inf")]] * 8).reshape(2, 4, 3)
     idx = torch.randint(0, 151552, (2, 4, 3))
@@ -182,7 +182,7 @@ def test_every_message_size_follows_from_the_hello():
     the hello agree on every size (the receivers check each preamble's size anyway)."""
     import itertools
 
-    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig) for v, s, k, d, mb, sig in itertools.product(
+    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig, n_samples=5) for v, s, k, d, mb, sig in itertools.product(
         (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2), ("top_p_k", "head_tail"))]
     assert len({sp.hello().numel() for sp in specs}) == 1
     for a, b in itertools.combinations(specs, 2):
@@ -325,7 +325,8 @@ def test_wrong_sample_ids_are_detected():
 
 @pytest.mark.parametrize("field,change", [("top_k", 20), ("seq_len", 8), ("vocab_size", 98),
                                           ("tokenizer_hash", "xyz"), ("value_dtype", "bf16"),
-                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}')])
+                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}'),
+                                          ("n_samples", 999)])
 def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change):
     net = FakeNet()
     _, out, _ = start_server(topo_for(0, net, world=2))
