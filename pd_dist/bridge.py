@@ -182,8 +182,8 @@ def refusal_error(body: torch.Tensor, seq: int, sender: str) -> PeerError:
 def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teacher"
                     ) -> tuple[int, np.ndarray, SparseLogits]:
     """(request number, sample ids, sparse logits) of one reply; a reply whose count, indices (outside
-    the vocabulary) or values (NaN, +inf, a position with nothing kept) are out of range is a PeerError
-    naming ``sender``."""
+    the vocabulary, or one token twice among a position's kept entries) or values (NaN, +inf, a position
+    with nothing kept) are out of range is a PeerError naming ``sender``."""
     h, ib, vb = spec.response_layout()
     head = buf[:h].view(torch.int64)
     seq, n = int(head[0]), int(head[1])
@@ -203,8 +203,20 @@ def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teache
                         f"vocabulary [0, {spec.vocab_size})")
     if bool(torch.isnan(vals).any()) or bool((vals == float("inf")).any()):
         raise PeerError(f"{sender} answered request {seq} with NaN or +inf logits")
-    if not bool(torch.isfinite(vals).any(-1).all()):
+    kept = torch.isfinite(vals)
+    if not bool(kept.any(-1).all()):
         raise PeerError(f"{sender} answered request {seq} with a position that keeps no entry")
+    if spec.width > 1:
+        # A token kept twice would count twice in the loss. Dropped slots (index 0 by convention) get
+        # distinct negative keys; numpy sorts short int32 rows several times faster than torch.
+        key = np.where(kept.numpy(), idx.numpy().astype(np.int32),
+                       -1 - np.arange(spec.width, dtype=np.int32)).reshape(-1, spec.width)
+        key.sort(axis=-1)
+        dup = key[:, 1:] == key[:, :-1]
+        if dup.any():
+            row, col = (int(x[0]) for x in np.nonzero(dup))
+            raise PeerError(f"{sender} answered request {seq} with token index {int(key[row, col])} twice at "
+                            f"sample {ids[row // spec.seq_len]}, position {row % spec.seq_len}")
     return seq, ids, SparseLogits(idx, vals)
 
 
