@@ -41,7 +41,7 @@ Wire: WireSpec(vocab 151552, top_p 0.95, top_k 50, bf16 values: the GPU default)
 against dense fp16 logits (2 * 151552 bytes/token) gives wire_reduction. The measured run uses the same
 spec except its vocabulary (4096: 2-byte indices instead of 3); measured_bytes_per_token =
 client.bytes_received / client.tokens_received over that run, checked equal to its spec's
-bytes_per_token (every response buffer travels whole, the per-micro-batch header included).
+bytes_per_token (every reply travels whole, its preamble and per-micro-batch header included).
 
 Prints progress to stderr and one JSON line last on stdout.
 """
@@ -104,7 +104,7 @@ def rank_main(args) -> dict:
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     plan = [np.arange(i * mb, (i + 1) * mb) for i in range(steps)]
     spec = WireSpec(vocab_size=args.vocab, tokenizer_hash="bench-online", seq_len=seq, top_k=args.top_k,
-                    top_p=args.top_p, value_dtype=args.wire_dtype, micro_batch=mb)
+                    top_p=args.top_p, value_dtype=args.wire_dtype, micro_batch=mb, n_samples=steps * mb)
     out = {"role": topo.role, "threads": torch.get_num_threads()}
 
     rounds = args.rounds
@@ -342,7 +342,7 @@ def main() -> int:
             + " cores during teacher alone / student alone / online")
 
     real = WireSpec(vocab_size=REAL_VOCAB, tokenizer_hash="-", seq_len=args.seq_len, top_k=50, top_p=0.95,
-                    value_dtype="bf16", micro_batch=args.micro_batch)
+                    value_dtype="bf16", micro_batch=args.micro_batch, n_samples=1)  # for its sizes only
     dense = 2.0 * REAL_VOCAB
     m, slow = runs["main"], runs["teacher_slower"]
     measured_ok = all(abs(r["measured_bytes_per_token"] - r["spec_bytes_per_token"]) < 1e-9 for r in runs.values())

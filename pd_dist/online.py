@@ -26,8 +26,10 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .bridge import (OP_STOP, OP_WORK, REFUSED, TAG_REQ, TAG_RESP, BadRequest, PeerError, WireSpec,
-                     check_request, decode_response, encode_refusal, encode_response, exchange_hello, wait)
+from .bridge import (KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, OP_STOP, OP_WORK, PREAMBLE_NBYTES, REFUSAL_NBYTES,
+                     REFUSE_MALFORMED, REFUSED, TAG_REQ, TAG_REQ_BODY, TAG_RESP, TAG_RESP_BODY, BadMessage,
+                     PeerError, WireSpec, check_preamble, check_request, decode_response, encode_refusal,
+                     encode_response, exchange_hello, recv_preamble, refusal_error, send_message, wait, wait_all)
 from .logits import SparseLogits
 from .topology import LOST_TEACHERS, StoreLog, Topology, mark_teacher_lost, teacher_is_lost
 
@@ -58,12 +60,66 @@ ADOPT_POLL_S = 0.5
 
 @dataclass
 class _Pending:
+    """One request in flight: what it asked, its buffers, and what _Answers found of its answer."""
     seq: int
     ids: np.ndarray
-    recv_work: object
-    send_work: object
     resp_buf: torch.Tensor
     req_buf: torch.Tensor
+    sends: list = field(default_factory=list)
+    head: Optional[torch.Tensor] = None  # the answer's preamble, received into PREAMBLE_ROOM slots
+    head_work: object = None
+    kind: int = 0  # KIND_REPLY or KIND_REFUSAL, once the preamble is checked
+    answered: int = -1  # the request number the preamble names
+    body: Optional[torch.Tensor] = None
+    body_work: object = None
+    error: Optional[PeerError] = None
+    ready: threading.Event = field(default_factory=threading.Event)  # kind/body_work or error are set
+
+
+class _Answers:
+    """The answers of one teacher rank, in request order: a thread waits for each answer's preamble (up
+    to the peer timeout), checks it, and posts its body's receive into a buffer of the size it checked,
+    so an answer lands while the student trains yet no answer of another size reaches gloo (which
+    aborts the process when a message outgrows its buffer). After a bad preamble nothing
+    more is read from that teacher: every later request gets the same error (a silent or closed peer
+    fails each request on its own, as gloo does)."""
+
+    def __init__(self, bridge, peer: int, spec: WireSpec, me_desc: str, peer_desc: str, timeout_s: float):
+        self.bridge, self.peer, self.timeout = bridge, peer, timeout_s
+        self.what, self.waiting = f"{me_desc}: from {peer_desc}", f"{me_desc} waiting for logits from {peer_desc}"
+        self.sizes = {KIND_REPLY: spec.response_nbytes(), KIND_REFUSAL: REFUSAL_NBYTES}
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name=f"pd-student-answers-{peer}").start()
+
+    def add(self, p: _Pending) -> None:
+        """Follow ``p``, whose preamble receive is posted (in the order they were posted)."""
+        self.queue.put(p)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        broken: Optional[BadMessage] = None
+        while (p := self.queue.get()) is not None:
+            try:
+                if broken is not None:
+                    raise broken
+                wait(p.head_work, self.timeout, self.waiting)
+                kind, seq = check_preamble(p.head, self.sizes, self.what)
+                # A refusal may name no request (its preamble was unreadable): it ends the student anyway.
+                if seq != p.seq and kind == KIND_REPLY:
+                    raise BadMessage(f"{self.what}: answer to request {seq} where request {p.seq}'s was due",
+                                     REFUSE_MALFORMED, seq, seq)
+                p.body = p.resp_buf if kind == KIND_REPLY else torch.zeros(2, dtype=torch.int64)
+                p.body_work = self.bridge.recv([p.body], self.peer, TAG_RESP_BODY)
+                p.kind, p.answered = kind, seq
+            except BadMessage as e:  # its body is never received: nothing after it can be
+                p.error = broken = e
+            except PeerError as e:  # silent or gone: each later answer fails (or arrives) on its own
+                p.error = e
+            except RuntimeError:  # gloo refuses to post on a connection already closed
+                p.error = PeerError(f"{self.waiting}: peer closed the connection (exited or crashed)")
+            p.ready.set()
 
 
 class TeacherClient:
@@ -84,6 +140,7 @@ class TeacherClient:
         # Requests sent to a lost replica: kept alive, since a silent (not dead) peer may still write
         # into their buffers.
         self._abandoned: list[_Pending] = []
+        self._answers: Optional[_Answers] = None
         try:
             for peer in dict.fromkeys((self.peer, self.peer_out)):
                 exchange_hello(topo.bridge, spec, peer, self.me_desc, f"teacher {topo.describe(peer)}",
@@ -92,6 +149,8 @@ class TeacherClient:
             if not self.failover:
                 raise
             self._fail_over(e, max(startup_timeout_s, self.timeout))  # the others may still be starting
+        if self._answers is None:
+            self._answers = self._follow()
         self._free_resp: list[torch.Tensor] = []
         self._free_req: list[torch.Tensor] = []
         self.seq = 0
@@ -113,7 +172,7 @@ class TeacherClient:
         off = 3 + spec.micro_batch
         req[off:off + n * spec.seq_len] = tokens.reshape(-1).to("cpu", torch.int64)
         resp = self._free_resp.pop() if self._free_resp else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
-        p = self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), None, None, resp, req)
+        p = self.pending[self.seq] = _Pending(self.seq, np.asarray(sample_ids).copy(), resp, req)
         self.seq += 1
         try:
             self._post(p)
@@ -124,33 +183,45 @@ class TeacherClient:
                                       "the connection (exited or crashed)"))
         return p.seq
 
+    def _follow(self) -> _Answers:
+        return _Answers(self.topo.bridge, self.peer_out, self.spec, self.me_desc, self.peer_desc, self.timeout)
+
     def _post(self, p: _Pending) -> None:
         bridge = self.topo.bridge
-        p.recv_work = bridge.recv([p.resp_buf], self.peer_out, TAG_RESP)  # posted first: the answer lands in it
-        p.send_work = bridge.send([p.req_buf], self.peer, TAG_REQ)
+        # The answer's preamble receive is posted first: it lands there, and _Answers posts the body's.
+        p.head, p.head_work = recv_preamble(bridge, self.peer_out, TAG_RESP)
+        p.sends = send_message(bridge, self.peer, TAG_REQ, KIND_REQUEST, p.req_buf, p.seq)
+        self._answers.add(p)
 
     def result(self, ticket: int) -> SparseLogits:
         """The answer to `ticket`, [n, seq_len, k]; blocks up to the peer timeout."""
         p = self.pending.pop(ticket)
         t0 = time.perf_counter()
         try:
-            wait(p.recv_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
-            wait(p.send_work, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
+            if not p.ready.wait(self.timeout):
+                raise PeerError(f"{self.me_desc} waiting for logits from {self.peer_desc}: peer was silent for "
+                                f"{self.timeout:g}s")
+            if p.error is not None:
+                raise p.error
+            wait(p.body_work, self.timeout, f"{self.me_desc} waiting for logits from {self.peer_desc}")
+            wait_all(p.sends, self.timeout, f"{self.me_desc} sending a request to {self.peer_desc}")
         except PeerError as e:
             self.wait_time += time.perf_counter() - t0
-            if not self.failover:
+            if not self.failover or isinstance(e, BadMessage):  # a faulty answer is no reason to move
                 raise
             self.pending[ticket] = p
             self._fail_over(e)  # every request in flight, this one too, now goes to another replica
             return self.result(ticket)
         self.wait_time += time.perf_counter() - t0
+        if p.kind == KIND_REFUSAL:
+            raise refusal_error(p.body, p.answered, f"{self.me_desc}: {self.peer_desc}")
         seq, ids, sparse = decode_response(self.spec, p.resp_buf, f"{self.me_desc}: {self.peer_desc}")
         if seq != p.seq or not np.array_equal(ids, p.ids):
             raise PeerError(f"{self.me_desc}: {self.peer_desc} answered request {seq} with sample ids "
                             f"{ids.tolist()[:8]} but request {p.seq} asked for {p.ids.tolist()[:8]}")
         self._free_resp.append(p.resp_buf)
         self._free_req.append(p.req_buf)
-        self.bytes_received += self.spec.response_nbytes()
+        self.bytes_received += PREAMBLE_NBYTES + self.spec.response_nbytes()
         self.tokens_received += len(ids) * self.spec.seq_len
         return sparse
 
@@ -164,13 +235,15 @@ class TeacherClient:
         for t in sorted(self.pending):
             self.result(t)
         stop = torch.zeros(self.spec.request_numel(), dtype=torch.int64)
-        stop[0], stop[2] = OP_STOP, int(bool(finished))
+        stop[0], stop[1], stop[2] = OP_STOP, self.seq, int(bool(finished))
         try:
-            wait(self.topo.bridge.send([stop], self.peer, TAG_REQ), self.timeout,
-                 f"{self.me_desc} stopping {self.peer_desc}")
+            wait_all(send_message(self.topo.bridge, self.peer, TAG_REQ, KIND_REQUEST, stop, self.seq), self.timeout,
+                     f"{self.me_desc} stopping {self.peer_desc}")
         except PeerError:
             if not self.failover:
                 raise  # with failover, a replica gone after the last answer needs no stop
+        finally:
+            self._answers.close()
         if self.failover:
             if finished:  # counted before "done", so whoever sees every client done sees the final count
                 self.topo.store.add(STUDENTS_FINISHED, 1)
@@ -209,13 +282,15 @@ class TeacherClient:
                 err = PeerError(f"{self.me_desc}: {e}")
                 continue
             self.replica, self.peer, self.peer_out, self.peer_desc = cand, rank, rank, desc
+            if self._answers is not None:
+                self._answers.close()  # what it still follows was abandoned above
+            self._answers = self._follow()
             self.log(f"pd-dist: {self.me_desc}: lost {lost_desc} ({str(err).split(': ')[-1]}); continuing "
                      f"with {desc}, re-sending {len(self.pending)} request(s) in flight "
                      f"({self.replicas_alive()} of {n} teacher replicas alive)")
             # Fresh buffers (the old ones may still be written by a silent replica), sent in order: the
             # new replica answers them in this order.
-            self.pending = {seq: _Pending(seq, p.ids, None, None,
-                                          torch.empty(self.spec.response_nbytes(), dtype=torch.uint8),
+            self.pending = {seq: _Pending(seq, p.ids, torch.empty(self.spec.response_nbytes(), dtype=torch.uint8),
                                           p.req_buf.clone()) for seq, p in sorted(self.pending.items())}
             try:
                 for p in self.pending.values():
@@ -263,18 +338,30 @@ class PrefetchingTeacher:
 
 
 def receive_requests(topo: Topology, spec: WireSpec, me_desc: str, s: int, inbox: "queue.Queue") -> None:
-    """One thread per student: block on its next request (gloo recvs complete only in wait()).
+    """One thread per student: block on its next request (gloo recvs complete only in wait()) and put it
+    in ``inbox``: the request, or the PeerError that ends this student.
 
     A server has no idle timeout (students pause for evaluation, checkpoints, their own start-up):
     the wait is given an explicit bound of years, since a bare wait() would end at the bridge's
-    peer timeout. A student that dies closes its connection, which fails the wait at once."""
+    peer timeout. A student that dies closes its connection, which fails the wait at once. A preamble
+    of another kind or size than a request's is put as a BadMessage and ends this thread: its body is
+    never received (gloo would abort this process if it outgrew the buffer), so nothing after it can be."""
+    student = f"student {topo.describe(s)}"
+    sizes = {KIND_REQUEST: 8 * spec.request_numel()}
     while True:
-        buf = torch.empty(spec.request_numel(), dtype=torch.int64)
+        head, work = recv_preamble(topo.bridge, s, TAG_REQ)
+        buf = torch.zeros(spec.request_numel(), dtype=torch.int64)  # zeros: nothing stale in any slot
         try:
-            topo.bridge.recv([buf], s, TAG_REQ).wait(IDLE_WAIT)
+            work.wait(IDLE_WAIT)
+            try:
+                check_preamble(head, sizes, f"{me_desc}: from {student}")
+            except BadMessage as e:
+                inbox.put((s, e))
+                return
+            topo.bridge.recv([buf], s, TAG_REQ_BODY).wait(IDLE_WAIT)
         except RuntimeError as e:
-            inbox.put((s, PeerError(f"{me_desc}: student {topo.describe(s)} closed the connection (exited "
-                                    f"or crashed): {str(e).splitlines()[0][:120]}")))
+            inbox.put((s, PeerError(f"{me_desc}: {student} closed the connection (exited or crashed): "
+                                    f"{str(e).splitlines()[0][:120]}")))
             return
         inbox.put((s, buf))
         if int(buf[0]) == OP_STOP:
@@ -295,15 +382,14 @@ def check_students(watch, topo: Topology, me_desc: str) -> None:
                         "died, hangs, or the network to it is cut)")
 
 
-def refuse(topo: Topology, spec: WireSpec, s: int, seq: int, err: BadRequest, log: Callable[[str], None]
-           ) -> None:
+def refuse(topo: Topology, s: int, seq: int, err: BadMessage, log: Callable[[str], None]) -> None:
     """Answer a bad request with a refusal (the student fails at once, naming why) and say so here; the
     teacher goes on serving its other students. Best effort: the student may already be gone."""
     log(f"{err}; refused, and student {topo.describe(s)} is no longer served")
-    buf = encode_refusal(spec, seq, err.code, err.value, torch.empty(spec.response_nbytes(), dtype=torch.uint8))
     try:
-        wait(topo.bridge.send([buf], s, TAG_RESP), topo.peer_timeout_s, "refusal")
-    except PeerError:
+        wait_all(send_message(topo.bridge, s, TAG_RESP, KIND_REFUSAL, encode_refusal(err.code, err.value), seq),
+                 topo.peer_timeout_s, "refusal")
+    except (PeerError, RuntimeError):  # RuntimeError: gloo refuses to post on a closed connection
         pass
 
 
@@ -433,12 +519,12 @@ class TeacherServer:
             for s, r in items:
                 if s in refused:
                     continue
-                if isinstance(r, Exception):
-                    raise r
                 try:
+                    if isinstance(r, Exception):
+                        raise r
                     op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
-                except BadRequest as e:
-                    refuse(self.topo, spec, s, int(r[1]), e, self.log)
+                except BadMessage as e:  # that student is refused, the others are served on
+                    refuse(self.topo, s, e.seq, e, self.log)
                     refused.add(s)
                     active.discard(s)
                     watch.forget(s)
@@ -479,11 +565,11 @@ class TeacherServer:
                 n = len(ids)
                 while sends[s] and len(sends[s]) > 4:  # bound buffers in flight per student
                     w, b = sends[s].popleft()
-                    wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+                    wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
                     free.append(b)
                 buf = free.pop() if free else torch.empty(spec.response_nbytes(), dtype=torch.uint8)
                 encode_response(spec, seq, ids, sparse[at:at + n].to("cpu"), buf)
-                sends[s].append((bridge.send([buf], s, TAG_RESP), buf))
+                sends[s].append((send_message(bridge, s, TAG_RESP, KIND_REPLY, buf, seq), buf))
                 at += n
                 self.stats.requests += 1
                 self.stats.tokens += n * spec.seq_len
@@ -494,7 +580,7 @@ class TeacherServer:
         self._report(time.perf_counter())
         for s in sends:
             for w, _ in sends[s]:
-                wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
+                wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
         self.stats.finished = finished >= set(self.students)
         return self.stats
 
@@ -584,17 +670,17 @@ class StagedTeacherServer:
                 for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
                     if s in refused:
                         continue
-                    if isinstance(r, Exception):
-                        raise r
                     try:
+                        if isinstance(r, Exception):
+                            raise r
                         op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
-                    except BadRequest as e:
+                    except BadMessage as e:
                         # The exit stage answers: the refusal rides this round's meta (n = REFUSED).
                         self.log(f"{e}; refused, and student {self.topo.describe(s)} is no longer served")
                         refused.add(s)
                         active.discard(s)
                         watch.forget(s)
-                        work.append((s, int(r[1]), torch.tensor([e.code, e.value])[:mb], None))
+                        work.append((s, e.seq, torch.tensor([e.code, e.value]), None))
                         continue
                     if op == OP_STOP:
                         active.discard(s)
@@ -607,8 +693,9 @@ class StagedTeacherServer:
                 if not anyone:
                     break
                 continue
-            # What this replica's rounds carry: student rank, request number, n, sample ids (-1: dummy).
-            meta = torch.full((rounds, 3 + mb), -1, dtype=torch.int64)
+            # What this replica's rounds carry: student rank, request number, n, sample ids (-1: dummy);
+            # for a refusal (n = REFUSED) its code and value in the first two id slots (two even if mb is 1).
+            meta = torch.full((rounds, 3 + max(mb, 2)), -1, dtype=torch.int64)
             tokens = None
             if self.is_entry:
                 tokens = []
@@ -633,16 +720,16 @@ class StagedTeacherServer:
                     continue
                 while len(sends) > 4 * max(1, len(self.students)):
                     w, _ = sends.popleft()
-                    wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
-                buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
+                    wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
                 if n == REFUSED:
-                    encode_refusal(spec, seq, int(meta[i, 3]), int(meta[i, 4]) if mb > 1 else 0, buf)
-                    sends.append((self.topo.bridge.send([buf], s, TAG_RESP), buf))
+                    buf = encode_refusal(int(meta[i, 3]), int(meta[i, 4]))
+                    sends.append((send_message(self.topo.bridge, s, TAG_RESP, KIND_REFUSAL, buf, seq), buf))
                     continue
+                buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
                 encode_response(spec, seq, meta[i, 3:3 + n].numpy(), out[i][:n].to("cpu"), buf)
-                sends.append((self.topo.bridge.send([buf], s, TAG_RESP), buf))
+                sends.append((send_message(self.topo.bridge, s, TAG_RESP, KIND_REPLY, buf, seq), buf))
                 self.stats.requests += 1
                 self.stats.tokens += n * spec.seq_len
         for w, _ in sends:
-            wait(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
+            wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
         return self.stats

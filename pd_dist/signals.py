@@ -172,7 +172,8 @@ def signal_spec(cfg: ExperimentConfig) -> SignalSpec:
 def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
     """What a teacher replica and its students agree on (checked by the bridge's handshake): besides
     shapes and truncation, the signal's kind and the parameters of its draws, so a student and a teacher
-    that disagree on the signal fail the handshake."""
+    that disagree on the signal fail the handshake, and the dataset's sample count, which bounds the
+    sample ids a teacher serves."""
     d = cfg.distill
     dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     sig = signal_spec(cfg)
@@ -180,7 +181,7 @@ def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
                     seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
                     top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
                     micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
-                    signal_params=json.dumps(sig.params(), sort_keys=True))
+                    signal_params=json.dumps(sig.params(), sort_keys=True), n_samples=data.n_train + data.n_val)
 
 
 @register

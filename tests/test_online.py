@@ -1,9 +1,10 @@
 """Online-mode protocol in one process: teacher server and student clients over an in-memory bridge.
 
-The bridge here has the semantics the real gloo/NCCL bridge has for this protocol (ordered delivery per
-(source, tag), blocking waits with a timeout, a closed peer failing the wait), so the server, the client,
-the handshake, the sample-id checks and the error paths are tested without process groups. The same
-code runs over gloo in tests/test_online_launch.py.
+The bridge here has the semantics the real gloo bridge has for this protocol (ordered delivery per
+(source, tag), blocking waits with a timeout, a closed peer failing the wait, a message shorter than its
+buffer filling a prefix, a longer one aborting the receiver), so the server, the client, the handshake,
+the sample-id checks and the error paths are tested without process groups. The same code runs over
+gloo in tests/test_bridge_fuzz.py (in one process) and tests/test_online_launch.py (launched).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.bridge import (PeerError, WireSpec, decode_response, encode_response, pack_indices,
+from pd_dist.bridge import (KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, REFUSAL_NBYTES, TAG_REQ, TAG_REQ_BODY,
+                            TAG_RESP, TAG_RESP_BODY, PeerError, WireSpec, check_preamble, decode_response,
+                            encode_response, pack_indices, recv_preamble, refusal_error, send_message,
                             unpack_indices)
 from pd_dist.configlib import ConfigError
 from pd_dist.logits import SparseLogits, truncate
@@ -35,12 +38,14 @@ class _Work:
 
 
 class FakeNet:
-    """Mailboxes keyed by (src, dst, tag); a rank marked dead fails its peers' waits."""
+    """Mailboxes keyed by (src, dst, tag); a rank marked dead fails its peers' waits. ``aborts`` lists
+    the messages that outgrew their buffer (where gloo aborts the receiving process)."""
 
     def __init__(self):
         self.boxes: dict = {}
         self.lock = threading.Lock()
         self.dead: set[int] = set()
+        self.aborts: list[str] = []
 
     def box(self, key) -> queue.Queue:
         with self.lock:
@@ -70,7 +75,11 @@ class FakeBridge:
                 except queue.Empty:
                     if deadline is not None and time.monotonic() > deadline:
                         raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
-            out.copy_(item)
+            got, room = item.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8)
+            if got.numel() > room.numel():
+                self.net.aborts.append(f"{got.numel()} bytes from rank {src} into {room.numel()} on tag {tag}")
+                raise AssertionError(f"gloo would abort rank {self.rank}: {self.net.aborts[-1]}")
+            room[:got.numel()] = got
         return _Work(fn, self.timeout)
 
 
@@ -84,7 +93,7 @@ def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
 
 
 SPEC = WireSpec(vocab_size=97, tokenizer_hash="abc", seq_len=6, top_k=5, top_p=0.9, value_dtype="fp32",
-                micro_batch=2)
+                micro_batch=2, n_samples=1000)
 
 
 class TinyTeacher(torch.nn.Module):
@@ -119,7 +128,7 @@ def test_wire_round_trip_keeps_indices_values_and_dropped_entries():
     for vocab, nbytes in [(97, 2), (151552, 3), (1 << 25, 4)]:
         idx = torch.randint(0, vocab, (7, 5))
         assert torch.equal(unpack_indices(pack_indices(idx, nbytes), nbytes, idx.shape), idx)
-    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2)
+    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2, n_samples=16)
     assert spec.index_bytes == 3
     vals = torch.tensor([[5.0, 2.0, float("-inf")]] * 8).reshape(2, 4, 3)
     idx = torch.randint(0, 151552, (2, 4, 3))
@@ -169,11 +178,11 @@ def test_a_reply_out_of_range_is_refused_naming_the_sender(what, value, needle):
 
 
 def test_every_message_size_follows_from_the_hello():
-    """gloo aborts the process when a message reaches a smaller buffer: every buffer size is a function
-    of the hello (one size for every spec), so two sides that agree on the hello agree on every size."""
+    """Every body size is a function of the hello (one size for every spec), so two sides that agree on
+    the hello agree on every size (the receivers check each preamble's size anyway)."""
     import itertools
 
-    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig) for v, s, k, d, mb, sig in itertools.product(
+    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig, n_samples=5) for v, s, k, d, mb, sig in itertools.product(
         (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2), ("top_p_k", "head_tail"))]
     assert len({sp.hello().numel() for sp in specs}) == 1
     for a, b in itertools.combinations(specs, 2):
@@ -183,8 +192,17 @@ def test_every_message_size_follows_from_the_hello():
             assert not torch.equal(a.hello(), b.hello())
 
 
+def _recv_answer(bridge, src):
+    """(kind, request number, body) of the next answer from ``src``, read the way a client reads it."""
+    head, w = recv_preamble(bridge, src, TAG_RESP)
+    w.wait()
+    kind, seq = check_preamble(head, {KIND_REPLY: SPEC.response_nbytes(), KIND_REFUSAL: REFUSAL_NBYTES}, "test")
+    body = torch.zeros(SPEC.response_nbytes() if kind == KIND_REPLY else REFUSAL_NBYTES, dtype=torch.uint8)
+    bridge.recv([body], src, TAG_RESP_BODY).wait()
+    return kind, seq, body
+
+
 def test_a_bad_request_ends_only_its_student():
-    from pd_dist.bridge import TAG_REQ, TAG_RESP
 
     net = FakeNet()
     logs = []
@@ -235,11 +253,12 @@ def test_a_bad_request_ends_only_its_student():
     c = TeacherClient(topo_for(1, net, world=2), SPEC, startup_timeout_s=5)
     req = torch.zeros(SPEC.request_numel(), dtype=torch.int64)
     req[:3] = torch.tensor([1, 0, 0])
-    c.topo.bridge.send([req], 0, TAG_REQ)
-    buf = torch.empty(SPEC.response_nbytes(), dtype=torch.uint8)
-    c.topo.bridge.recv([buf], 0, TAG_RESP).wait()
+    send_message(c.topo.bridge, 0, TAG_REQ, KIND_REQUEST, req)
+    kind, seq, body = _recv_answer(c.topo.bridge, 0)
+    assert kind == KIND_REFUSAL
     with pytest.raises(PeerError, match="refused request 0: a malformed request"):
-        decode_response(SPEC, buf)
+        raise refusal_error(body, seq, "teacher")
+    assert not net.aborts
 
 
 def test_two_students_get_their_own_logits_with_prefetch():
@@ -284,16 +303,18 @@ def test_wrong_sample_ids_are_detected():
     spec = SPEC
 
     def rogue():  # answers with the ids shifted by one
-        from pd_dist.bridge import TAG_REQ, TAG_RESP, exchange_hello
+        from pd_dist.bridge import exchange_hello
         br = topo_t.bridge
         exchange_hello(br, spec, 1, "teacher", "student", 5)
+        head, w = recv_preamble(br, 1, TAG_REQ)
+        w.wait()
         req = torch.empty(spec.request_numel(), dtype=torch.int64)
-        br.recv([req], 1, TAG_REQ).wait()
+        br.recv([req], 1, TAG_REQ_BODY).wait()
         n = int(req[2])
         ids = req[3:3 + n].numpy() + 1
         sp = TinyTeacher().sparse(req[3 + spec.micro_batch:3 + spec.micro_batch + n * 6].reshape(n, 6))
         buf = torch.empty(spec.response_nbytes(), dtype=torch.uint8)
-        br.send([encode_response(spec, int(req[1]), ids, sp, buf)], 1, TAG_RESP)
+        send_message(br, 1, TAG_RESP, KIND_REPLY, encode_response(spec, int(req[1]), ids, sp, buf), int(req[1]))
 
     threading.Thread(target=rogue, daemon=True).start()
     client = TeacherClient(topo_for(1, net, world=2), spec, startup_timeout_s=5)
@@ -304,7 +325,8 @@ def test_wrong_sample_ids_are_detected():
 
 @pytest.mark.parametrize("field,change", [("top_k", 20), ("seq_len", 8), ("vocab_size", 98),
                                           ("tokenizer_hash", "xyz"), ("value_dtype", "bf16"),
-                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}')])
+                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}'),
+                                          ("n_samples", 999)])
 def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change):
     net = FakeNet()
     _, out, _ = start_server(topo_for(0, net, world=2))
