@@ -50,10 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-import yaml
 
 from .config import DEFAULT_CONFIG, ExperimentConfig, dump_config, load_config
-from .configlib import ConfigError, to_dict
+from .configlib import ConfigError, load_yaml, parse_override, to_dict
 
 REPO_LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 SHIPPED = DEFAULT_CONFIG.parent
@@ -79,7 +78,11 @@ class SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"sweep file {path}: not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"sweep file {path}: cannot read ({e})") from None
+        raw = load_yaml(text, str(path)) or {}  # the config loader: one line for any bad YAML
         if not isinstance(raw, dict):
             raise ConfigError(f"sweep file {path}: must be a mapping")
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
@@ -93,8 +96,8 @@ class SweepSpec:
         for o in overrides:  # --set on the command line: added to `set`, applied to every point
             if "=" not in o:
                 raise ConfigError(f"--set {o!r}: expected KEY=VALUE")
-            k, v = o.split("=", 1)
-            spec.set[k] = yaml.safe_load(v)
+            k, v = parse_override(o)
+            spec.set[k] = v
         spec.validate()
         return spec
 
