@@ -195,8 +195,6 @@ def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_auto_resume_cont
     launch(2, base + [f"output_dir={part}"], cwd=tmp_path, extra_args=["--auto-resume"])
     a, b = read_summary(full), read_summary(part)
     assert b["finished"] is True
-    mix = [(s["kind"], s["samples_drawn"]) for s in a["data"]["sources"]]
-    assert mix == [("embedded", 36), ("files", 12)] and a["data"] == b["data"]
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
 
 
