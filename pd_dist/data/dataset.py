@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .documents import DataError
-from .prepare import BLEND_PERIOD, META_VERSION
+from .prepare import META_VERSION
 
 OPEN_SHARDS = 64  # memory maps kept open per source (each holds a file descriptor)
 

@@ -25,7 +25,7 @@ import glob
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -422,19 +422,3 @@ def unit_sample(unit: Unit, chars: int) -> Iterator[str]:
         if total >= chars:
             return
 
-
-@dataclass
-class SourceFiles:
-    """A raw source's resolved inputs: the file list and what its preparation depends on."""
-    files: list[Path] = field(default_factory=list)
-    embedded: bool = False
-
-    def stamp(self) -> list:
-        """(path, size, mtime) of every input: a changed file gives another preparation."""
-        out = []
-        for p in self.files:
-            ps = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-            for q in ps:
-                st = q.stat()
-                out.append([str(q.resolve()), st.st_size, st.st_mtime_ns])
-        return out

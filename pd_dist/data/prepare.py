@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .config import DataConfig, SourceConfig
+from .config import DataConfig
 from .corpus import EMBEDDED_MAX_CHARS, embedded_corpus_files
 from .documents import DataError, Unit, expand_files, plan_units, read_unit, unit_sample
 from .indexed import IndexedFormatError, IndexedWriter, max_id, read_index, token_dtype, truncate_shard
