@@ -96,6 +96,7 @@ class Topology:
     # the run must not wait on a teacher that is gone (close).
     teacher_failover: bool = False
     _beat: Optional[object] = field(default=None, repr=False)  # the heartbeat thread's stop event
+    _beat_thread: Optional[object] = field(default=None, repr=False)
 
     HEARTBEAT_S = 1.0
 
@@ -117,7 +118,23 @@ class Topology:
                 except Exception:  # the store's host is gone: nothing left to tell
                     return
                 stop.wait(self.HEARTBEAT_S)
-        threading.Thread(target=beat, daemon=True, name="pd-heartbeat").start()
+        self._beat_thread = threading.Thread(target=beat, daemon=True, name="pd-heartbeat")
+        self._beat_thread.start()
+        # A daemon thread still inside a store call when the interpreter finalizes aborts the process
+        # ("terminate called without an active exception"): whatever way the process ends, stop it first.
+        import atexit
+
+        atexit.register(self.stop_heartbeat)
+
+    def stop_heartbeat(self) -> None:
+        """Stop the heartbeat and wait for its thread (at most one beat's store call)."""
+        import threading
+
+        if self._beat is not None:
+            self._beat.set()
+        th = self._beat_thread
+        if th is not None and th is not threading.current_thread():
+            th.join(timeout=10)
 
     def dead_ranks(self, wait_s: float = 4.0) -> list[int]:
         """Ranks of the job whose heartbeat did not advance over ``wait_s`` (a few beats). Rank 0 hosts
