@@ -79,7 +79,7 @@ def tree_rss(pid: int) -> int:
 
 def run_prepare(corpus: Path, out: Path, tokenizer: Path, workers: int, single_thread: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    code = ("import json, sys, time; from pd_dist.configlib import build; from pd_dist.data import DataConfig, "
+    code = ("import json, sys, time; from pd_dist.core.configlib import build; from pd_dist.data import DataConfig, "
             "PackedDataset, prepare_data\n"
             f"cfg = build(DataConfig, {{'source': 'files', 'files': [{str(corpus)!r}], 'tokenizer': {str(tokenizer)!r}, "
             "'seq_len': 1024, 'val_samples': 8}, 'data')\n"
@@ -137,7 +137,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     try:
-        from pd_dist.configlib import build
+        from pd_dist.core.configlib import build
         from pd_dist.data import DataConfig, prepare_data
 
         log("[bench] training the tokenizer on the embedded corpus")

@@ -129,7 +129,7 @@ def _flops_per_token(s: dict, vocab: int) -> float:
 
 def _truncate_seconds(s: dict, device: str) -> tuple[float, int]:
     import torch
-    from pd_dist.logits import truncate
+    from pd_dist.core.logits import truncate
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = (torch.randn(s["trunc_rows"], s["trunc_vocab"], device=device) * 3).to(dtype)

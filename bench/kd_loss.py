@@ -9,7 +9,7 @@ gradient from the naive peak is conservative for the naive path (its peak may oc
 gradient exists). Both workers report the loss so the parent can check they compute the same thing.
 
 Naive path: logits = hidden @ W.T (fp32), log_softmax, gather at targets and teacher indices, the
-same loss formula, plain autograd. Fused path: pd_dist.losses.fused_pd_loss.
+same loss formula, plain autograd. Fused path: pd_dist.core.losses.fused_pd_loss.
 
 Prints one JSON line last on stdout: mem_ratio = naive peak / chunked peak, time_ratio = chunked
 time / naive time, plus raw numbers.
@@ -36,8 +36,8 @@ DEFAULT_CHUNK = 1024
 
 def make_inputs(args):
     import torch
-    from pd_dist.logits import truncate
-    from pd_dist.losses import IGNORE_INDEX
+    from pd_dist.core.logits import truncate
+    from pd_dist.core.losses import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(1234)
     n, h, v = args.tokens, args.hidden, args.vocab
@@ -53,15 +53,15 @@ def make_inputs(args):
         t = torch.randn(min(128, n - s), v, generator=g).mul_(3.0)
         parts.append(truncate(t, args.top_p, args.k))
         del t
-    from pd_dist.logits import SparseLogits
+    from pd_dist.core.logits import SparseLogits
     teacher = SparseLogits.cat(parts)
     return hidden, weight, targets, teacher
 
 
 def naive_loss(hidden, weight, targets, teacher, alpha, kind, temperature, normalizer):
     import torch
-    from pd_dist.logits import teacher_log_probs
-    from pd_dist.losses import IGNORE_INDEX, pd_loss_reference
+    from pd_dist.core.logits import teacher_log_probs
+    from pd_dist.core.losses import IGNORE_INDEX, pd_loss_reference
 
     if kind not in ("nll", "kld"):  # other kinds: the package's unchunked autograd reference
         return pd_loss_reference(hidden, weight, targets, teacher, alpha, kind, temperature,
@@ -86,7 +86,7 @@ def naive_loss(hidden, weight, targets, teacher, alpha, kind, temperature, norma
 
 def worker(args) -> dict:
     import torch
-    from pd_dist.losses import IGNORE_INDEX, fused_pd_loss
+    from pd_dist.core.losses import IGNORE_INDEX, fused_pd_loss
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     hidden, weight, targets, teacher = make_inputs(args)

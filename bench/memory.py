@@ -65,9 +65,9 @@ GPU_BYTES = 80 * 10 ** 9
 def _worker(shape, tokens: int) -> dict:
     import torch
     from pd_dist import models
-    from pd_dist.logits import truncate
+    from pd_dist.core.logits import truncate
     from pd_dist.models import ModelConfig, build_model, count_params
-    from pd_dist.student import PDStudent, param_groups
+    from pd_dist.train.student import PDStudent, param_groups
 
     torch.manual_seed(0)
     seq = min(tokens, 256)

@@ -89,12 +89,13 @@ def rank_main(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pd_dist.bridge import WireSpec
+    from pd_dist.cluster.bridge import WireSpec
     from pd_dist.models import ModelConfig, build_model, count_params
-    from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
-    from pd_dist.topology import TopologyConfig, init_topology
-    from pd_dist.inference import FrozenTeacher
-    from pd_dist.student import PDStudent
+    from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
+    from pd_dist.teacher.server import TeacherServer
+    from pd_dist.cluster.topology import TopologyConfig, init_topology
+    from pd_dist.teacher.inference import FrozenTeacher
+    from pd_dist.train.student import PDStudent
 
     topo = init_topology(topology=TopologyConfig(teacher_ranks=[TEACHER], peer_timeout_s=120), online=True)
     me = f"[{args.label} {topo.role}]"
@@ -324,7 +325,7 @@ def main() -> int:
                         if k not in ("timeout", "fast_teacher", "slow_teacher", "rank_worker", "label",
                                      "teacher", "student")]
 
-    from pd_dist.bridge import WireSpec
+    from pd_dist.cluster.bridge import WireSpec
 
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]

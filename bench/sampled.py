@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from _common import Timer, emit, log  # noqa: E402
 from truncate import zipf_logits  # noqa: E402
-from pd_dist.bridge import WireSpec  # noqa: E402
-from pd_dist.logits import sample_keys, sample_signal, target_probs, truncate  # noqa: E402
+from pd_dist.cluster.bridge import WireSpec  # noqa: E402
+from pd_dist.core.logits import sample_keys, sample_signal, target_probs, truncate  # noqa: E402
 
 
 def main() -> int:

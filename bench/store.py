@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import emit, log  # noqa: E402
-from pd_dist.logits import SignalSpec, sample_keys, truncate  # noqa: E402
+from pd_dist.core.logits import SignalSpec, sample_keys, truncate  # noqa: E402
 from pd_dist.store import LogitsStore, ShardWriter, StoreMeta, shard_ranges, store_info, write_manifest  # noqa: E402
 
 PAPER_BYTES_PER_TOKEN = 150.0  # ~15 TB per 100B tokens at top-0.95-100 over a ~150k vocabulary
@@ -192,9 +192,9 @@ def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: 
     """Generation (forward + top-p-k + lse + encode + write, as launch/generate_logits.py does it)
     against a bare teacher forward (body + LM head, full logits, nothing else) on the same batches."""
     from pd_dist.data import PackedDataset
-    from pd_dist.generate import write_shard
+    from pd_dist.teacher.generate import write_shard
     from pd_dist.models import ModelConfig, build_model
-    from pd_dist.inference import FrozenTeacher
+    from pd_dist.teacher.inference import FrozenTeacher
 
     data = PackedDataset(data_dir)
     model = build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0).eval()

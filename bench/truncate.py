@@ -1,4 +1,4 @@
-"""Benchmark: pd_dist.logits.truncate (logsumexp + topk) vs truncate_reference (full-vocabulary sort).
+"""Benchmark: pd_dist.core.logits.truncate (logsumexp + topk) vs truncate_reference (full-vocabulary sort).
 
 Teacher logits follow a Zipf-like profile: logit = -s * log(U), U ~ Uniform(0, 1) i.i.d. per entry,
 so the r-th largest probability is proportional to r^-s (the rank of U among V draws is ~U*V). The
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import Timer, emit, log  # noqa: E402
-from pd_dist.logits import SparseLogits, truncate, truncate_reference  # noqa: E402
+from pd_dist.core.logits import SparseLogits, truncate, truncate_reference  # noqa: E402
 
 
 def zipf_logits(tokens: int, vocab: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Benchmark: what distill.write_through costs a teacher replica (pd_dist.spool.WriteThrough).
+"""Benchmark: what distill.write_through costs a teacher replica (pd_dist.teacher.stores.WriteThrough).
 
 The serving path: a frozen teacher (the preset below with seeded random weights at the given
 vocabulary, or --teacher PATH) answers `batches` micro-batches of random tokens through the answer
@@ -7,7 +7,7 @@ background thread that appends them to the replica's spool file on local disk; i
 waits for the last writes, is inside the timing). Rounds alternate which of bare / wrapped goes first
 and the fastest of each is kept (the machine may be shared). serve_slowdown = wrapped / bare - 1 (goal <= 0.05).
 
-After the run: completing the store from the spool (pd_dist.spool.build_store on one rank: every
+After the run: completing the store from the spool (pd_dist.teacher.stores.build_store on one rank: every
 sample read back from the spool, encoded and written into shards, manifest last), reported as
 complete_s and its ratio to the bare serving time of the same samples (complete_vs_serve): work done
 once, after the students finish, off the training path.
@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import emit, log  # noqa: E402
-from pd_dist.inference import FrozenTeacher  # noqa: E402
+from pd_dist.teacher.inference import FrozenTeacher  # noqa: E402
 from pd_dist.models import ModelConfig, build_model  # noqa: E402
-from pd_dist.spool import WriteThrough, build_store  # noqa: E402
+from pd_dist.teacher.stores import WriteThrough, build_store  # noqa: E402
 from pd_dist.store import StoreMeta, verify_store  # noqa: E402
 
 

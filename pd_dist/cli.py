@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .configlib import ConfigError
+from pd_dist.core.configlib import ConfigError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -33,23 +33,23 @@ def train_main(argv: list[str] | None = None) -> int:
                    help="--dry-run: ranks per node (default: the launcher's)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from .config import load_config
-    from .data import DataError, resolve_sources
-    from .topology import LaunchEnv
+    from pd_dist.config import load_config
+    from pd_dist.data import DataError, resolve_sources
+    from pd_dist.cluster.topology import LaunchEnv
 
     try:
         cfg = load_config(args.config, args.overrides)
         env = LaunchEnv.from_environ()
         local = int(os.environ.get("LOCAL_SIZE", "0") or 0)
         if args.dry_run:
-            from .plan import print_rank_map
+            from pd_dist.explore.plan import print_rank_map
 
             return print_rank_map(cfg, args.nodes or (env.world_size // local if local else 1),
                                   args.ranks_per_node or local or env.world_size)
         if args.resume_override:
             if not (args.resume or args.auto_resume):
                 raise ConfigError("--resume-override is only meaningful with --resume or --auto-resume")
-            from .checkpoint import check_override_keys
+            from pd_dist.train.checkpoint import check_override_keys
 
             check_override_keys(args.resume_override, cfg)
         resolve_sources(cfg.data)  # inputs exist and are of a known kind, before any process group
@@ -64,9 +64,9 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:  # DataError is a ValueError
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    from .bridge import PeerError
-    from .topology import init_topology
-    from .run import run_experiment
+    from pd_dist.cluster.bridge import PeerError
+    from pd_dist.cluster.topology import init_topology
+    from pd_dist.run import run_experiment
 
     try:
         topo = init_topology(env=env, topology=cfg.topology, **cfg.layout_args())
@@ -74,7 +74,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointWriteError, ResumeError
+    from pd_dist.train.checkpoint import CheckpointWriteError, ResumeError
 
     try:
         run_experiment(cfg, topo, resume=True if args.resume else "auto" if args.auto_resume else False,
@@ -94,7 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
         me = f"{topo.role} {topo.describe(topo.rank)}"
         first = str(e).splitlines()[0][:200]
         if topo.online and topo.role == "student" and not topo.teacher_failover:  # else it was replaced
-            from .bridge import peer_is_gone
+            from pd_dist.cluster.bridge import peer_is_gone
 
             if peer_is_gone(topo.bridge, topo.my_teacher()):
                 _die(env.rank, f"{me}: teacher {topo.describe(topo.my_teacher())} closed the connection "
@@ -122,9 +122,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from .config import load_config
-    from .data import DataError, resolve_sources
-    from .store import StoreError
+    from pd_dist.config import load_config
+    from pd_dist.data import DataError, resolve_sources
+    from pd_dist.store import StoreError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -134,12 +134,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 2
-    from .generate import run_generation
-    from .topology import init_topology
+    from pd_dist.run import generate_store
+    from pd_dist.cluster.topology import init_topology
 
     topo = init_topology()
     try:
-        run_generation(cfg, topo)
+        generate_store(cfg, topo)
     except StoreError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 1
@@ -159,7 +159,7 @@ def store_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import json
 
-    from .store import StoreCheckError, StoreError, store_info, verify_store
+    from pd_dist.store import StoreCheckError, StoreError, store_info, verify_store
 
     if args.action == "verify":  # exit 0: sound, 1: faults found, 2: could not check
         try:
@@ -206,10 +206,10 @@ def data_main(argv: list[str]) -> int:
     info = sub.add_parser("info", description="what a prepared data directory holds")
     info.add_argument("path")
     args = p.parse_args(argv)
-    from .data import DataError
+    from pd_dist.data import DataError
 
     if args.action == "info":
-        from .data import PackedDataset
+        from pd_dist.data import PackedDataset
 
         try:
             d = PackedDataset(args.path)
@@ -224,10 +224,10 @@ def data_main(argv: list[str]) -> int:
                   f"{e['n_tokens']:,} tokens, {e['n_docs']:,} documents, {len(e['prefixes'])} shard(s)"
                   + (f", cut by data.max_chars after {e['truncated']['documents']:,} documents" if e["truncated"] else ""))
         return 0
-    from .config import load_config
-    from .data import prepare_data
-    from .runtime import local_ranks
-    from .topology import LaunchEnv
+    from pd_dist.config import load_config
+    from pd_dist.data import prepare_data
+    from pd_dist.core.runtime import local_ranks
+    from pd_dist.cluster.topology import LaunchEnv
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -252,7 +252,7 @@ def config_main(argv: list[str]) -> int:
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("--doc", action="store_true", help="print docs/config.md")
     args = p.parse_args(argv)
-    from .config import config_doc, config_keys_markdown, dump_config, load_config
+    from pd_dist.config import config_doc, config_keys_markdown, dump_config, load_config
 
     if args.doc:
         print(config_doc(), end="")
@@ -272,7 +272,7 @@ def sweep_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pd-dist sweep", description=(
         "run a design-space sweep: every point a normal run through the real launcher, an LM-only "
         "baseline per (student, seed), one shared store per teacher; resumable"))
-    p.add_argument("sweep", help="sweep YAML (see pd_dist/sweep.py, launch/configs/paper/)")
+    p.add_argument("sweep", help="sweep YAML (see pd_dist/explore/sweep.py, launch/configs/paper/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every point (e.g. model.preset=pd-1.9b)")
     p.add_argument("--dry-run", action="store_true", help="list the points, what they share, their state and cost")
@@ -280,7 +280,7 @@ def sweep_main(argv: list[str]) -> int:
     p.add_argument("--partition", default=None, help="--slurm: partition")
     p.add_argument("--no-eval", action="store_true", help="do not run pd-dist eval after each point")
     args = p.parse_args(argv)
-    from .sweep import Sweep, SweepSpec
+    from pd_dist.explore.sweep import Sweep, SweepSpec
 
     try:
         sweep = Sweep(SweepSpec.load(args.sweep, args.overrides))
@@ -317,7 +317,7 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import json
 
-    from .evaluate import evaluate_model, evaluate_run
+    from pd_dist.explore.evaluate import evaluate_model, evaluate_run
 
     path = Path(args.path)
     try:
@@ -342,7 +342,7 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("sweep_dir")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from .report import write_report
+    from pd_dist.explore.report import write_report
 
     try:
         out = write_report(args.sweep_dir, with_plots=not args.no_plots)
@@ -355,7 +355,7 @@ def report_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .plan import main as plan_main
+    from pd_dist.explore.plan import main as plan_main
 
     commands = {"train": train_main, "data": data_main, "prepare-data": prepare_main, "config": config_main,
                 "plan": plan_main,

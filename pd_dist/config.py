@@ -16,16 +16,16 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .configlib import (ConfigError, build, check_choices, doc, fail, field_docs, load_yaml, parse_override, set_path,
+from pd_dist.core.configlib import (ConfigError, build, check_choices, doc, fail, field_docs, load_yaml, parse_override, set_path,
                         show, to_dict)
-from .data import DataConfig
-from .logits import SignalSpec
-from .losses import KDLoss
-from .models import ModelConfig
-from .schedules import MAX_LR, AlphaConfig, LRConfig
-from .layout import Layout, TopologyConfig, make_layout
+from pd_dist.data import DataConfig
+from pd_dist.core.logits import SignalSpec
+from pd_dist.core.losses import KDLoss
+from pd_dist.models import ModelConfig
+from pd_dist.core.schedules import MAX_LR, AlphaConfig, LRConfig
+from pd_dist.cluster.layout import Layout, TopologyConfig, make_layout
 
-# Where the teacher signal comes from; each value is one source class in pd_dist.signals.
+# Where the teacher signal comes from; each value is one source class in pd_dist.signals.sources.
 DistillMode = Literal["none", "colocated", "online", "offline"]
 # The shipped YAML and DeepSpeed JSON files live in the package (pd_dist/configs), so a non-editable
 # install finds them too; launch/configs and ds_configs in a checkout are links to them.
@@ -91,13 +91,13 @@ class DistillConfig:
     top_k: int = field(default=50, metadata=doc("top-k truncation after top-p, >= 1"))
     temperature: float = field(default=1.0, metadata=doc(
         f"tau in p_t = softmax(kept_logits / tau), >= {MIN_TEMPERATURE:g}"))
-    loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.losses)"))
+    loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.core.losses)"))
     signal: Literal["top_p_k", "sampled", "head_tail"] = field(default="top_p_k", metadata=doc(
         "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
         "distill.top_p/top_k), sampled (distill.samples draws per position at distill.temperature: "
-        "an unbiased estimate of the full-distribution KD gradient, pd_dist.logits.sample_signal) or "
+        "an unbiased estimate of the full-distribution KD gradient, pd_dist.core.logits.sample_signal) or "
         "head_tail (the exact top-p-k head plus distill.samples draws from the tail, weighted by the "
-        "tail's exact mass, pd_dist.logits.head_tail_signal); sampled and head_tail need nll or kld"))
+        "tail's exact mass, pd_dist.core.logits.head_tail_signal); sampled and head_tail need nll or kld"))
     samples: int = field(default=50, metadata=doc("signal sampled / head_tail: draws per position, >= 1"))
     alpha: AlphaConfig = field(default_factory=AlphaConfig, metadata=doc(
         "per-step KD share alpha in L = (1 - alpha) L_lm + alpha L_kd"))
@@ -358,7 +358,7 @@ class ExperimentConfig:
         return (g.top_p if g.top_p is not None else d.top_p, g.top_k if g.top_k is not None else d.top_k)
 
     def layout_args(self) -> dict:
-        """What of this config decides the rank layout (pd_dist.layout.make_layout's keywords)."""
+        """What of this config decides the rank layout (pd_dist.cluster.layout.make_layout's keywords)."""
         return dict(online=self.distill.mode == "online", student_stages=self.train.pipeline_stages,
                     teacher_stages=self.teacher.pipeline_stages, teacher_zero3=self.teacher.zero_stage == 3)
 

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .configlib import doc, fail
-from .store.format import sha256_file
+from pd_dist.core.configlib import doc, fail
+from pd_dist.store.format import sha256_file
 
 # name: (hidden, ffn, layers, heads, kv_heads, tie_embeddings). Paper Table: 330M .. 6.8B students.
 PRESETS: dict[str, tuple[int, int, int, int, int, bool]] = {

@@ -10,7 +10,7 @@
   LM-only student and the distilled student on the same held-out samples, write summary.json, and
   (distill.dump_logits) turn the run's own logits into a store.
 
-Entry points (pd_dist.cli) call only this layer and pd_dist.generate.
+Entry points (pd_dist.cli) call only this layer and pd_dist.teacher.generate.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -30,21 +29,20 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import ExperimentConfig
-from .configlib import to_dict
-from .data import DataError, PackedDataset, prepare_data
-from .inference import FrozenTeacher, held_out_batches
-from .checkpoint import ResumeError, objective
-from .models import (ModelConfig, build_model, check_same_tokenizer, model_identity, partitioned_builder,
-                     weights_digest)
-from .monitor import Monitor
-from .online import STARTUP_TIMEOUT_S, Lockstep, StagedTeacherServer, TeacherServer
-from .runtime import StopSignals, device, model_dtype, set_threads
-from .signals import (SOURCES, NoTeacher, SourceContext, build_source, publish_teacher_val_loss, signal_spec,
-                      store_meta, wire_spec, write_store_teacher_eval)
-from .store import StoreMeta
-from .topology import Topology
-from .trainer import Trainer, TrainResult
+from pd_dist.cluster.bridge import STARTUP_TIMEOUT_S
+from pd_dist.cluster.topology import Topology
+from pd_dist.config import ExperimentConfig
+from pd_dist.core.configlib import to_dict
+from pd_dist.core.monitor import Monitor
+from pd_dist.core.runtime import StopSignals, device, set_threads
+from pd_dist.data import DataError, PackedDataset, prepare_data
+from pd_dist.models import ModelConfig, build_model, check_same_tokenizer, weights_digest
+from pd_dist.signals.sources import SOURCES, NoTeacher, SourceContext, build_source
+from pd_dist.teacher.generate import run_generation
+from pd_dist.teacher.serve import serve_teacher
+from pd_dist.teacher.stores import finish_dump
+from pd_dist.train.checkpoint import ResumeError, objective
+from pd_dist.train.trainer import Trainer, TrainResult
 
 Log = Callable[[str], None]
 
@@ -221,164 +219,16 @@ def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, 
                           f"reusing the LM-only baseline in {bc.output_dir}", log, need_summary=True)
 
 
-def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> None:
-    """A teacher rank: obtain the teacher (pre-training it on the teacher world if needed), then serve.
-    With teacher.zero_stage 3 the weights are partitioned over all teacher ranks, which then run their
-    forwards in lockstep."""
-    d = cfg.distill
-    weights = teacher_weights(cfg, topo, data, log=log)
-    dtype = model_dtype(cfg.train.precision)
-    if cfg.teacher.pipeline_stages > 1:
-        return _serve_pipelined_teacher(cfg, topo, data, weights, dtype)
-    lockstep = gather = None
-    if cfg.teacher.zero_stage == 3:
-        import deepspeed
-
-        model = _partitioned_teacher(cfg, weights, data.vocab_size, dtype)
-        gather = deepspeed.zero.GatheredParameters
-        lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
-    else:
-        model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-    teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
-                            signal=signal_spec(cfg), keep_lse=bool(d.write_through))
-    val_loss = teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size))
-    publish_teacher_val_loss(topo, val_loss)
-    spec = wire_spec(cfg, data)
-    max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
-    me = f"[teacher {topo.rank}] "
-    answer, through = teacher, None
-    if d.write_through:
-        from .spool import WriteThrough, describe_repair, store_state
-
-        meta = teacher_store_meta(cfg, data)
-        found = store_state(Path(d.write_through), meta)  # raises for a store of other inputs
-        if found.sound:
-            print(f"{me}the write-through store {d.write_through} is complete already: not written again",
-                  flush=True)
-        else:
-            if (Path(d.write_through) / "manifest.json").exists():
-                print(f"{me}the write-through store {d.write_through} is damaged: {describe_repair(found)}, "
-                      "rewritten when the run completes it", flush=True)
-            answer = through = WriteThrough(teacher, Path(d.write_through), f"teacher{topo.rank:05d}",
-                                            data.seq_len, meta.width)
-    # One event directory per teacher replica: their throughputs differ.
-    tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
-    server = TeacherServer(topo, spec, answer, max_batch, log=lambda s: print(me + s, flush=True),
-                           metrics=lambda n, m: (tb.scalars(n, m), tb.flush()))
-    how = f", weights partitioned over {topo.role_size} teacher ranks (ZeRO-3)" if lockstep else ""
-    print(f"{me}serving students {server.students} ({spec.bytes_per_token():.0f} wire bytes/token, "
-          f"{spec.value_dtype} values{how})", flush=True)
-    try:
-        stats = server.serve(lockstep)
-    finally:
-        tb.close()
-    el = time.perf_counter() - stats.started
-    print(f"{me}done: {stats.requests} requests, {stats.tokens} tokens, {stats.tokens / max(el, 1e-9):,.0f} "
-          f"tok/s, forward busy {stats.forward_s / max(el, 1e-9):.0%}", flush=True)
-    if through is not None:
-        through.close()
-        print(f"{me}kept {through.kept} served samples for the write-through store {d.write_through}", flush=True)
-        _complete_write_through(cfg, topo, data, meta, teacher, stats.finished, val_loss, me, log)
-
-
-def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, meta: StoreMeta,
-                            teacher: FrozenTeacher, finished_here: bool, val_loss: Optional[float], me: str,
-                            log: Log) -> None:
-    """Complete distill.write_through's store, only when every student trained to the end of the run (a
-    stopped or interrupted run leaves the spools for its resumed run to continue). The teacher ranks
-    share the shards; with topology.teacher_failover (a replica may be gone, so no collective among
-    them) the first live replica completes it alone."""
-    from .spool import build_store
-
-    root = Path(cfg.distill.write_through)
-    share = dict(rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
-    if topo.teacher_failover:
-        from .online import first_live_replica, job_finished
-
-        first = first_live_replica(topo)
-        if first != topo.dp_rank:
-            print(f"{me}teacher replica {first} completes the write-through store {root}", flush=True)
-            return
-        finished, share = job_finished(topo), {}
-    else:
-        finished = int(topo.role_sum(torch.tensor([int(finished_here)]))[0]) == topo.role_size
-    if not finished:
-        print(f"{me}the students stopped before the end of the run: the write-through spools stay in {root} "
-              "for the resumed run", flush=True)
-        return
-    build_store(root, meta, data, teacher,
-                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
-                fill_from="the teacher", log=log, **share)
-    if share.get("rank", 0) == 0:  # runs trained from the store report the teacher's held-out loss
-        write_store_teacher_eval(root, data, val_loss)
-
-
-def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset) -> StoreMeta:
-    """The store this run's teacher writes (the generation job, or distill.write_through): the run's
-    signal, identified by the teacher's weights (hashed: read once per caller)."""
-    ident = model_identity(teacher_export_dir(cfg), cfg.teacher.path or f"{cfg.teacher.preset} "
-                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
-    return store_meta(cfg, data, ident)
-
-
-def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
-                             dtype: torch.dtype) -> None:
-    """A teacher replica over teacher.pipeline_stages ranks: its first stage takes the requests, its last
-    answers, all stages of all replicas step in lockstep (online.StagedTeacherServer)."""
-    from .pipeline import TeacherPipeline
-
-    d, spec = cfg.distill, wire_spec(cfg, data)
-    pipe = TeacherPipeline(weights, topo, data.vocab_size, spec.micro_batch, dtype, d.top_p, d.top_k,
-                           cfg.train.loss_chunk_size, cfg.train.seed)
-    replica = topo.dp_rank
-    entry, exit_ = topo.layout.entry(replica), topo.layout.exit(replica)
-    loss = pipe.val_loss(data)
-    if topo.rank == exit_:
-        publish_teacher_val_loss(topo, loss, as_rank=entry)
-    me = f"[teacher {topo.rank}] "
-    server = StagedTeacherServer(topo, spec, pipe, topo.pipe_group, entry, exit_,
-                                 Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu")))
-    role = {entry: "takes the requests of", exit_: "answers"}.get(topo.rank, "is a middle stage for")
-    print(f"{me}stage {topo.stage}/{topo.stages} of teacher replica {replica}: {role} students "
-          f"{server.students}", flush=True)
-    stats = server.serve()
-    el = time.perf_counter() - stats.started
-    print(f"{me}done: {stats.requests} answers, {stats.tokens} tokens, forward busy "
-          f"{stats.forward_s / max(el, 1e-9):.0%}", flush=True)
-
-
-def _partitioned_teacher(cfg: ExperimentConfig, weights: ModelConfig, vocab_size: int, dtype: torch.dtype):
-    """The teacher built inside zero.Init on the teacher world and wrapped in a DeepSpeed ZeRO-3
-    inference engine (no optimizer), which gathers each layer's weights as the forward reaches it."""
-    import deepspeed
-
-    from .config import deepspeed_base
-
-    zero = deepspeed_base(cfg, "teacher")[1].get("zero_optimization", {})
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-          "zero_optimization": {**zero, "stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16},
-          "steps_per_print": 10 ** 9}
-    build = partitioned_builder(weights, vocab_size, seed=cfg.train.seed, dtype=dtype)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = build()
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
-    return engine.module
-
-
-# ------------------------------------------------------------------------------------------- dump
-def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, export_dir: Path,
-                log: Log = print) -> None:
-    """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
-    exported final model."""
-    from .spool import build_store
-
-    final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
-                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
-    ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
-                                       f"{cfg.train.steps} steps; dump_logits)")
-    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,
-                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="dump",
-                fill_from="the final model", log=log, rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
+# ------------------------------------------------------------------------------------- generation
+def generate_store(cfg: ExperimentConfig, topo: Topology, log: Log = print) -> Path:
+    """The generation job (launch/generate_logits.py): prepare the data, obtain the teacher (pre-training
+    the default one here once, cached), then write the store over every rank."""
+    set_threads(cfg.train.threads)
+    if not cfg.distill.store:
+        raise ValueError("set distill.store: the directory the teacher-logits store is written to")
+    say = log if topo.dp_rank == 0 else (lambda *_: None)
+    data = prepare_run_data(cfg, topo, log=say)
+    return run_generation(cfg, topo, data, teacher_weights(cfg, topo, data, log=say), log=log)
 
 
 # ------------------------------------------------------------------------------------- experiment
@@ -400,7 +250,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     say = log if topo.role_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
     if topo.role == "teacher":
-        serve_teacher(cfg, topo, data, log=say)
+        serve_teacher(cfg, topo, data, teacher_weights(cfg, topo, data, log=say), log=say)
         return None
     ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, data, log=say),
                         log=say)

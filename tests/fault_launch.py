@@ -51,7 +51,7 @@ def _kill(rank: int, step: int) -> None:
 
 
 def _killserve(rank: int, n: int) -> None:
-    import pd_dist.online as online
+    import pd_dist.teacher.server as online
 
     orig, sent = online.encode_response, [0]
 

@@ -23,15 +23,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pd_dist.bridge import (HELLO_FIELDS, KIND_HELLO, KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, MAGIC,
+from pd_dist.cluster.bridge import (HELLO_FIELDS, KIND_HELLO, KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, MAGIC,
                             OP_WORK, PREAMBLE_ROOM, REFUSAL_NBYTES, REFUSE_IDS, REFUSE_MALFORMED, REFUSE_SIZE,
                             REFUSE_TOKENS, TAG_HELLO, TAG_HELLO_BODY, TAG_REQ, TAG_REQ_BODY, TAG_RESP,
                             TAG_RESP_BODY, VERSION, BadRequest, PeerError, check_preamble, check_request,
                             decode_response, encode_refusal, encode_response, exchange_hello, pack_indices,
                             preamble, recv_preamble, refusal_error, send_message, unpack_indices)
-from pd_dist.logits import SparseLogits
-from pd_dist.online import TeacherClient, TeacherServer
-from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, make_layout
+from pd_dist.core.logits import SparseLogits
+from pd_dist.signals.online_client import TeacherClient
+from pd_dist.teacher.server import TeacherServer
+from pd_dist.cluster.topology import LaunchEnv, Topology, TopologyConfig, make_layout
 from test_online import SPEC, TinyTeacher, _poke
 
 # Sends in flight: gloo drops a send whose work is freed before a receive meets it, and the bodies of

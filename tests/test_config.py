@@ -10,7 +10,7 @@ import pytest
 
 from pd_dist.config import (DEFAULT_CONFIG, ExperimentConfig, config_doc, config_from_dict,
                             config_keys_markdown, deepspeed_config, dump_config, load_config)
-from pd_dist.configlib import ConfigError, field_docs, parse_override
+from pd_dist.core.configlib import ConfigError, field_docs, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,9 +137,10 @@ def test_choices_are_declared_once():
     """Enum-like keys are Literal types owned by their component; the config and the code agree."""
     import typing
 
-    from pd_dist import losses, signals
+    from pd_dist.core import losses
+    from pd_dist.signals import sources as signals
     from pd_dist.config import DistillConfig
-    from pd_dist.configlib import literal_choices
+    from pd_dist.core.configlib import literal_choices
 
     hints = typing.get_type_hints(DistillConfig)
     assert literal_choices(hints["loss"]) == losses.KD_LOSSES

@@ -18,7 +18,7 @@ from conftest import REPO, SMOKE
 
 def _leaves(cls, prefix="", meta=False):
     """(dotted key, type, optional) of every leaf field of a config dataclass (+ its metadata if meta)."""
-    from pd_dist.configlib import _is_optional
+    from pd_dist.core.configlib import _is_optional
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -32,7 +32,7 @@ def _leaves(cls, prefix="", meta=False):
 
 def _bad_values(tp, optional, meta=None):
     """Values of the wrong type (or non-finite / out of range) for a field of type tp, as --set text."""
-    from pd_dist.configlib import INT_BITS
+    from pd_dist.core.configlib import INT_BITS
 
     origin = typing.get_origin(tp)
     null = [] if optional else ["null"]
@@ -82,7 +82,7 @@ def test_the_fuzz_covers_every_key_with_300_plus_cases():
 @pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={v[:20]}" for k, v in CASES])
 def test_every_bad_value_is_one_line_naming_its_key(key, value):
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, [f"{key}={value}"])
@@ -103,7 +103,7 @@ def test_every_bad_value_is_one_line_naming_its_key(key, value):
 ])
 def test_values_that_would_mislead_a_run_are_refused(override, key):
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, [override, "train.steps=20"] if not override.startswith("train.steps") else [override])
@@ -129,7 +129,7 @@ def test_yaml_1_2_numbers():
 ])
 def test_broken_yaml_files_are_one_line_with_the_place(tmp_path, text, needle):
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     f = tmp_path / "bad.yaml"
     f.write_text(text)
@@ -154,7 +154,7 @@ def test_invalid_utf8_and_the_cli_answer_in_one_line(tmp_path):
 
 def _one_line_error(fn, *needles):
     """The ConfigError message fn raises: one line holding every needle."""
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     with pytest.raises(ConfigError) as e:
         fn()
@@ -203,7 +203,7 @@ def test_every_float_key_on_a_log_grid_is_accepted_finite_or_refused_by_name(key
     ConfigError line naming the key (the audit's 1e-40 temperature, 1e-300 eps or rope_theta, 1e300
     weight decay or lr and 1e-9 s timeout among them)."""
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     extra = {"generate.top_p": ["distill.mode=offline", "distill.store=s"]}.get(key, [])
     accepted = 0
@@ -296,7 +296,7 @@ PLACES = {  # where in a file the character goes
 @pytest.mark.parametrize("c", CONTROLS, ids=lambda c: f"x{ord(c):02x}")
 def test_control_characters_in_files_and_overrides_are_one_line(tmp_path, c):
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     inputs = []
     for place, text in PLACES.items():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pd_dist.configlib import build
+from pd_dist.core.configlib import build
 from pd_dist.data import DataConfig, DataError, GlobalBatchSampler, PackedDataset, embedded_corpus_files, prepare_data
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex jolly bakers".split()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pd_dist.configlib import build
+from pd_dist.core.configlib import build
 from pd_dist.data import (DataConfig, DataError, GlobalBatchSampler, PackedDataset, blend_counts, blend_schedule,
                           embedded_documents, load_tokenizer, prepare_data)
 from pd_dist.data.indexed import IndexedWriter, read_index

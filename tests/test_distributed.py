@@ -236,7 +236,7 @@ def test_the_job_store_listens_on_master_addr_only():
     import torch.distributed as dist
 
     from conftest import free_port
-    from pd_dist.topology import LaunchEnv, _listen_socket, job_store
+    from pd_dist.cluster.topology import LaunchEnv, _listen_socket, job_store
 
     port = free_port()
     env = LaunchEnv(0, 2, 0, "127.0.0.1", port, "test", "node0")
@@ -264,7 +264,7 @@ def test_a_host_name_resolving_to_loopback_still_lets_other_nodes_in(monkeypatch
     import sys
 
     from conftest import free_port
-    from pd_dist.topology import LaunchEnv, job_store, loopback_name
+    from pd_dist.cluster.topology import LaunchEnv, job_store, loopback_name
 
     name = sk.gethostname()
     if not loopback_name(name):
@@ -283,7 +283,7 @@ def test_a_host_name_resolving_to_loopback_still_lets_other_nodes_in(monkeypatch
 
     from test_faults import _TwoHosts
 
-    server = ("import datetime, sys; from pd_dist.topology import LaunchEnv, job_store\n"
+    server = ("import datetime, sys; from pd_dist.cluster.topology import LaunchEnv, job_store\n"
               f"s = job_store(LaunchEnv(0, 2, 0, {name!r}, {port}, 'test', 'node0'), datetime.timedelta(seconds=30))\n"
               "s.set('ready', '1'); print(s.get('from_b').decode(), flush=True)")
     with _TwoHosts(str((os.getpid() + 7) % 10000)) as net:

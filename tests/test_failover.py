@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pd_dist.bridge import PeerError
-from pd_dist.configlib import ConfigError
-from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
-from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, make_layout
+from pd_dist.cluster.bridge import PeerError
+from pd_dist.core.configlib import ConfigError
+from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
+from pd_dist.teacher.server import TeacherServer
+from pd_dist.cluster.topology import LaunchEnv, Topology, TopologyConfig, make_layout
 from test_online import SPEC, FakeBridge, FakeNet, TinyTeacher
 
 

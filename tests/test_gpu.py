@@ -11,8 +11,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 def test_fused_loss_bf16_on_cuda_matches_fp32_reference():
-    from pd_dist.logits import truncate
-    from pd_dist.losses import fused_pd_loss, pd_loss_reference
+    from pd_dist.core.logits import truncate
+    from pd_dist.core.losses import fused_pd_loss, pd_loss_reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(512, 256, device="cuda", generator=g)

@@ -4,23 +4,33 @@ the trainer never branches on where the teacher signal comes from."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "pd_dist"
 
-# Bottom up (README "How it works").
+# Bottom up (README "How it works"): a folder (or a top-level module) per floor. A module's floor is
+# its folder's; imports inside a floor may go either way as long as they form no cycle.
 LAYERS = [
-    ["configlib", "runtime", "monitor", "logits", "schedules", "store", "store.codec", "store.format",
-     "store.reader", "store.writer", "bridge", "layout", "topology", "models", "data", "data.config", "data.corpus", "data.documents",
-     "data.indexed", "data.prepare", "data.dataset", "losses", "config"],
-    ["inference", "spool"],
-    ["online", "signals"],
-    ["student", "pipeline", "checkpoint", "trainer"],
-    ["run", "generate"],
-    ["evaluate", "sweep", "report"],
-    ["cli", "plan"],
+    ["core"],
+    ["store", "cluster"],
+    ["models", "pipeline_layers", "data"],
+    ["config"],
+    ["teacher"],
+    ["signals"],
+    ["train"],
+    ["run"],
+    ["explore"],
+    ["cli"],
 ]
-RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+FLOOR = {room: i for i, layer in enumerate(LAYERS) for room in layer}
+
+
+def floor(module: str) -> int:
+    return FLOOR[module.split(".")[0]]
+
+
 
 
 def _modules() -> dict[str, Path]:
@@ -60,13 +70,36 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_every_module_has_a_layer():
-    assert set(_graph()) <= set(RANK), set(_graph()) - set(RANK)
+    assert {m.split(".")[0] for m in _graph()} <= set(FLOOR), {m for m in _graph() if m.split(".")[0] not in FLOOR}
 
 
 def test_imports_go_down_the_layers():
-    bad = [f"{a} (layer {RANK[a]}) imports {b} (layer {RANK[b]})"
-           for a, deps in _graph().items() for b in deps if RANK[b] > RANK[a]]
+    bad = [f"{a} (floor {floor(a)}) imports {b} (floor {floor(b)})"
+           for a, deps in _graph().items() for b in deps if floor(b) > floor(a)]
     assert not bad, bad
+
+
+def test_the_teacher_package_imports_no_student_optimizer_trainer_or_orchestration():
+    """A teacher rank and the generation job load only the teacher side: by the import graph (every
+    import in pd_dist/teacher/, lazy ones included), by the text (no optimizer is built there), and by
+    what importing the whole package actually loads."""
+    graph = _graph()
+    teacher = [m for m in graph if m.startswith("teacher.")]
+    assert {"teacher.inference", "teacher.pipelined", "teacher.server", "teacher.serve", "teacher.stores",
+            "teacher.generate"} <= set(teacher)
+    bad = [f"{a} imports {b}" for a in teacher for b in graph[a]
+           if b.split(".")[0] in ("train", "signals", "run", "explore", "cli")]
+    assert not bad, bad
+    for m in teacher:
+        text = (PKG / (m.replace(".", "/") + ".py")).read_text()
+        for word in ("torch.optim", "AdamW", "deepspeed.ops", "optimizer="):
+            assert word not in text, f"{m} mentions {word}"
+    code = ("import sys, pd_dist.teacher.serve, pd_dist.teacher.generate, pd_dist.teacher.stores; "
+            "print(sorted(m for m in sys.modules if m.startswith('pd_dist.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PKG.parent).stdout
+    loaded = eval(out)
+    assert not [m for m in loaded if m.split(".")[1] in ("train", "signals", "run", "explore", "cli")], loaded
 
 
 def test_no_import_cycle():
@@ -88,13 +121,13 @@ def test_no_import_cycle():
 
 
 def test_teacher_inference_needs_no_engine_or_optimizer():
-    text = (PKG / "inference.py").read_text()
+    text = (PKG / "teacher" / "inference.py").read_text()
     for word in ("deepspeed", "optim", "trainer", "engine"):
         assert f"import {word}" not in text and f"from .{word}" not in text and f"torch.{word}" not in text
 
 
 def test_trainer_does_not_branch_on_the_signal_source():
-    tree = ast.parse((PKG / "trainer.py").read_text())
+    tree = ast.parse((PKG / "train" / "trainer.py").read_text())
     modes = {"none", "colocated", "online", "offline"}
     compared = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)
                 for c in [n.left, *n.comparators] if isinstance(c, ast.Constant) and c.value in modes]

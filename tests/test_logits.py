@@ -1,11 +1,11 @@
-"""Tests for pd_dist.logits: top-p-k truncation semantics and teacher target probabilities."""
+"""Tests for pd_dist.core.logits: top-p-k truncation semantics and teacher target probabilities."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pd_dist.logits import SparseLogits, target_probs, truncate, truncate_reference
+from pd_dist.core.logits import SparseLogits, target_probs, truncate, truncate_reference
 
 NEG_INF = float("-inf")
 

@@ -1,12 +1,12 @@
-"""Tests for pd_dist.losses against independent float64 dense (full-vocabulary) implementations."""
+"""Tests for pd_dist.core.losses against independent float64 dense (full-vocabulary) implementations."""
 import itertools
 import math
 
 import pytest
 import torch
 
-from pd_dist.logits import SparseLogits, truncate
-from pd_dist.losses import (IGNORE_INDEX, KD_LOSSES, distillation_loss, fused_pd_loss, lm_loss,
+from pd_dist.core.logits import SparseLogits, truncate
+from pd_dist.core.losses import (IGNORE_INDEX, KD_LOSSES, distillation_loss, fused_pd_loss, lm_loss,
                             pd_loss_reference)
 
 F64 = torch.float64

@@ -6,8 +6,8 @@ import torch
 
 from pd_dist.models import (PRESETS, ModelConfig, build_model, check_same_tokenizer, final_norm_and_head,
                             preset_param_count)
-from pd_dist.inference import FrozenTeacher
-from pd_dist.logits import truncate
+from pd_dist.teacher.inference import FrozenTeacher
+from pd_dist.core.logits import truncate
 
 
 @pytest.mark.parametrize("preset,billions", [("pd-330m", 0.33), ("pd-670m", 0.67), ("pd-1.9b", 1.9),
@@ -65,7 +65,7 @@ def test_frozen_teacher_matches_truncating_full_logits():
 def test_frozen_teacher_val_loss_matches_a_float64_reference(smoke_data):
     """The teacher's held-out loss (what a run reports beside its student's) is the mean next-token
     cross-entropy over the held-out windows, chunked or not."""
-    from pd_dist.inference import held_out_batches
+    from pd_dist.teacher.inference import held_out_batches
 
     model = build_model(ModelConfig(preset="tiny-teacher"), smoke_data.vocab_size, seed=5)
     with torch.no_grad():

@@ -164,7 +164,7 @@ def test_dump_logits_from_the_teachers_own_pretraining(tmp_path, smoke_data):
     import torch
 
     from pd_dist.data import GlobalBatchSampler
-    from pd_dist.logits import truncate
+    from pd_dist.core.logits import truncate
     from pd_dist.models import ModelConfig, build_model
     from pd_dist.store import LogitsStore, verify_store
 

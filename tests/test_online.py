@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.bridge import (KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, REFUSAL_NBYTES, TAG_REQ, TAG_REQ_BODY,
+from pd_dist.cluster.bridge import (KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, REFUSAL_NBYTES, TAG_REQ, TAG_REQ_BODY,
                             TAG_RESP, TAG_RESP_BODY, PeerError, WireSpec, check_preamble, decode_response,
                             encode_response, pack_indices, recv_preamble, refusal_error, send_message,
                             unpack_indices)
-from pd_dist.configlib import ConfigError
-from pd_dist.logits import SparseLogits, truncate
-from pd_dist.online import PrefetchingTeacher, TeacherClient, TeacherServer
-from pd_dist.topology import LaunchEnv, Topology, TopologyConfig, assign_roles, make_layout
+from pd_dist.core.configlib import ConfigError
+from pd_dist.core.logits import SparseLogits, truncate
+from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
+from pd_dist.teacher.server import TeacherServer
+from pd_dist.cluster.topology import LaunchEnv, Topology, TopologyConfig, assign_roles, make_layout
 
 
 class _Work:
@@ -303,7 +304,7 @@ def test_wrong_sample_ids_are_detected():
     spec = SPEC
 
     def rogue():  # answers with the ids shifted by one
-        from pd_dist.bridge import exchange_hello
+        from pd_dist.cluster.bridge import exchange_hello
         br = topo_t.bridge
         exchange_hello(br, spec, 1, "teacher", "student", 5)
         head, w = recv_preamble(br, 1, TAG_REQ)
@@ -344,7 +345,7 @@ def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change)
 def test_silent_teacher_times_out_and_dead_teacher_fails_at_once():
     net = FakeNet()
     topo_t = topo_for(0, net, world=2, timeout=0.5)
-    from pd_dist.bridge import exchange_hello
+    from pd_dist.cluster.bridge import exchange_hello
     threading.Thread(target=exchange_hello, args=(topo_t.bridge, SPEC, 1, "t", "s", 5), daemon=True).start()
     client = TeacherClient(topo_for(1, net, world=2, timeout=0.5), SPEC, startup_timeout_s=5)
     t0 = time.monotonic()

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from pd_dist.plan import PlanInput, format_plan, main, make_plan, parse_size
+from pd_dist.explore.plan import PlanInput, format_plan, main, make_plan, parse_size
 
 
 def _reference_split(nt: int, ns: int, gpn: int, nodes: int, whole: bool, divisible: bool = False) -> int:

@@ -19,7 +19,7 @@ def _cfg(*overrides):
 
 
 def _state(cfg, digest="w1"):
-    from pd_dist.checkpoint import objective, run_state
+    from pd_dist.train.checkpoint import objective, run_state
     from pd_dist.data import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(100, cfg.train.global_batch_size, cfg.train.seed)
@@ -33,7 +33,7 @@ def _state(cfg, digest="w1"):
     ("teacher.path", "/elsewhere"), ("distill.signal", "sampled"), ("distill.samples", 20),
     ("distill.wire_dtype", "fp32"), ("model.preset", "tiny-teacher"), ("model.rope_theta", 500000.0)])
 def test_each_objective_key_is_refused_then_let_through_by_its_override(key, value):
-    from pd_dist.checkpoint import ResumeError, check_run_state, objective
+    from pd_dist.train.checkpoint import ResumeError, check_run_state, objective
 
     old = _cfg()
     state, sampler = _state(old)
@@ -50,9 +50,9 @@ def test_each_objective_key_is_refused_then_let_through_by_its_override(key, val
 def test_the_objective_covers_every_model_and_distill_key():
     """Derived, not listed: every key of the sections the result depends on is checked on resume,
     so a key added to them later is covered without touching the checkpoint code."""
-    from pd_dist.checkpoint import DISTILL_OPERATIONAL, objective
+    from pd_dist.train.checkpoint import DISTILL_OPERATIONAL, objective
     from pd_dist.config import ExperimentConfig
-    from pd_dist.configlib import field_docs
+    from pd_dist.core.configlib import field_docs
 
     keys = set(objective(_cfg(), "w1"))
     for key, *_ in field_docs(ExperimentConfig):
@@ -63,7 +63,7 @@ def test_the_objective_covers_every_model_and_distill_key():
 
 def test_the_state_saved_beside_a_checkpoint_reads_back_unchanged():
     """The JSON sidecar (checked before DeepSpeed loads tensors) compares equal to the live objective."""
-    from pd_dist.checkpoint import CheckpointManager, check_run_state, objective
+    from pd_dist.train.checkpoint import CheckpointManager, check_run_state, objective
 
     cfg = _cfg()
     state, sampler = _state(cfg)
@@ -72,7 +72,7 @@ def test_the_state_saved_beside_a_checkpoint_reads_back_unchanged():
 
 
 def test_other_teacher_weights_are_refused_unknown_ones_are_not():
-    from pd_dist.checkpoint import ResumeError, check_run_state, objective
+    from pd_dist.train.checkpoint import ResumeError, check_run_state, objective
 
     cfg = _cfg()
     state, sampler = _state(cfg, digest="w1")
@@ -84,7 +84,7 @@ def test_other_teacher_weights_are_refused_unknown_ones_are_not():
 
 
 def test_a_mode_override_carries_the_teacher_keys_and_unchanged_keys_pass():
-    from pd_dist.checkpoint import check_run_state, objective
+    from pd_dist.train.checkpoint import check_run_state, objective
 
     cfg = _cfg("distill.mode=none")
     state, sampler = _state(cfg, digest=None)
@@ -94,7 +94,7 @@ def test_a_mode_override_carries_the_teacher_keys_and_unchanged_keys_pass():
 
 
 def test_override_keys_are_checked_before_anything_starts():
-    from pd_dist.checkpoint import check_override_keys
+    from pd_dist.train.checkpoint import check_override_keys
 
     check_override_keys(["distill.loss", "teacher.weights", "optim.lr"], _cfg())
     with pytest.raises(ValueError, match="--resume-override train.steps: not a key a resume checks"):
@@ -102,8 +102,8 @@ def test_override_keys_are_checked_before_anything_starts():
 
 
 def test_old_checkpoints_without_an_objective_still_check_schedules():
-    from pd_dist.checkpoint import check_run_state
-    from pd_dist.schedules import ConfigError
+    from pd_dist.train.checkpoint import check_run_state
+    from pd_dist.core.schedules import ConfigError
 
     cfg = _cfg()
     state, sampler = _state(cfg)

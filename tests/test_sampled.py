@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pd_dist.logits import head_tail_signal, sample_keys, sample_signal, target_probs, truncate
-from pd_dist.losses import distillation_loss
+from pd_dist.core.logits import head_tail_signal, sample_keys, sample_signal, target_probs, truncate
+from pd_dist.core.losses import distillation_loss
 
 
 def test_draws_depend_only_on_seed_sample_and_position():
@@ -56,7 +56,7 @@ def test_sampled_kd_gradient_is_unbiased(tau):
     est = distillation_loss(s_logits.expand(M, V), signal, "nll", 1.0)
     assert abs(est.mean().item() - ce) <= 5 * est.std().item() / math.sqrt(M)
     # a top-k truncation of the same teacher is biased: its gradient misses the tail
-    from pd_dist.logits import truncate
+    from pd_dist.core.logits import truncate
 
     top = truncate(t_logits.expand(1, V).float(), 1.0, 3)
     z1 = s_logits.float().reshape(1, V).clone().requires_grad_(True)
@@ -83,7 +83,7 @@ def test_bad_arguments_are_refused():
 def test_sampled_signal_config_refusals(sets, needle):
     from conftest import SMOKE
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, ["distill.signal=sampled", *sets])
@@ -189,7 +189,7 @@ def _signal_meta(kind: str, n: int = 16, encoding=None):
 
 
 def _write(root, meta, z):
-    from pd_dist.logits import SignalSpec
+    from pd_dist.core.logits import SignalSpec
     from pd_dist.store import ShardWriter, shard_ranges, write_manifest
 
     spec = meta.signal_spec
@@ -242,7 +242,7 @@ def test_sampled_store_bytes_are_counts_not_floats(tmp_path):
 
 
 def test_a_drawn_store_serves_only_the_same_draws(tmp_path):
-    from pd_dist.logits import SignalSpec
+    from pd_dist.core.logits import SignalSpec
     from pd_dist.store import StoreError, open_for_training
 
     meta = _signal_meta("head_tail")

@@ -1,13 +1,13 @@
-"""Tests for pd_dist.schedules: shapes, boundaries, bounds, validation, checkpoint state."""
+"""Tests for pd_dist.core.schedules: shapes, boundaries, bounds, validation, checkpoint state."""
 import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from pd_dist import configlib
-from pd_dist.configlib import ConfigError
-from pd_dist.schedules import (
+from pd_dist.core import configlib
+from pd_dist.core.configlib import ConfigError
+from pd_dist.core.schedules import (
     ALPHA_SCHEDULES, LR_DECAY_SHAPES, LR_SCHEDULES, AlphaConfig, LRConfig, alpha_at,
     check_schedule_state, lr_at, schedule_state, wsd_phase_steps,
 )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.logits import SparseLogits, target_probs, truncate
+from pd_dist.core.logits import SparseLogits, target_probs, truncate
 from pd_dist.store import (FORMAT_VERSION, LogitsStore, ShardWriter, StoreError, StoreMeta, open_for_training,
                            shard_done, shard_ranges, store_info, tv_bound, value_tolerance, verify_store,
                            write_manifest)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.logits import truncate
+from pd_dist.core.logits import truncate
 from pd_dist.store import LogitsStore, StoreError, shard_ranges, verify_store, write_manifest
 from pd_dist.store.codec import (_HDR, HEADER_BYTES, LAYOUT_VALUE, N_STREAMS, CodecError, _f32_ord, _from_planes,
                                  _pack, _unzigzag, _zigzag, decode_block, default_encoding, encode_block,
@@ -266,7 +266,7 @@ def test_rerun_finds_and_repairs_exactly_the_damage(tmp_path, pristine, what, ta
                                                     manifest_damaged):
     import shutil
 
-    from pd_dist.spool import store_is_complete, store_state
+    from pd_dist.teacher.stores import store_is_complete, store_state
 
     src, meta, full = pristine
     root = tmp_path / "store"
@@ -297,7 +297,7 @@ def test_a_manifest_lacking_or_mistyping_a_field_is_damaged_not_fatal(tmp_path, 
     import json
     import shutil
 
-    from pd_dist.spool import store_state
+    from pd_dist.teacher.stores import store_state
 
     src, meta, full = pristine
     root = tmp_path / "store"
@@ -353,7 +353,7 @@ def test_unreadable_files_are_one_line_not_a_traceback(tmp_path, pristine, monke
     import os
 
     from pd_dist.cli import store_main
-    from pd_dist.spool import store_state
+    from pd_dist.teacher.stores import store_state
     from pd_dist.store import StoreCheckError, store_info
 
     root, meta, _ = _copy(pristine, tmp_path)
@@ -386,7 +386,7 @@ def test_unreadable_files_are_one_line_not_a_traceback(tmp_path, pristine, monke
 def test_a_looping_link_is_a_missing_file(tmp_path, pristine):
     """A shard whose name is a symlink loop holds no shard: missing for the reader and verify, rewritten by a
     rerun (which replaces the link); a looping manifest is no manifest."""
-    from pd_dist.spool import store_state
+    from pd_dist.teacher.stores import store_state
 
     root, meta, full = _copy(pristine, tmp_path)
     path = root / "shards" / "shard-00001.bin"
@@ -459,7 +459,7 @@ def test_a_stray_shard_file_is_a_fault_and_a_rerun_refuses_it(tmp_path, pristine
     rerun refuses in one line naming it rather than writing shards it cannot list."""
     import shutil
 
-    from pd_dist.spool import store_is_complete
+    from pd_dist.teacher.stores import store_is_complete
 
     root, meta, _ = _copy(pristine, tmp_path)
     for name in ("shard-00007.bin", "shard-0001.bin", "shard-00001x.bin"):
@@ -478,7 +478,7 @@ def test_a_store_for_other_inputs_is_refused_even_when_damaged(tmp_path, pristin
     """An intact manifest for other inputs is refused (as before); so is a directory whose manifest is
     damaged or absent but whose intact shards were written for other inputs. A foreign shard inside an
     intact store of the run's inputs is only a damaged shard."""
-    from pd_dist.spool import store_is_complete, store_state
+    from pd_dist.teacher.stores import store_is_complete, store_state
 
     root, meta, full = _copy(pristine, tmp_path)
     other = make_meta(teacher={"name": "tiny", "config_hash": "c0ffee", "weights_hash": "0ther"})
@@ -505,8 +505,8 @@ def test_write_through_completion_rewrites_exactly_the_damaged_shards(tmp_path, 
     shard and the manifest, leaving the others untouched: the store is byte-identical again."""
     import os
 
-    from pd_dist.logits import SparseLogits
-    from pd_dist.spool import SPOOL_DIR, build_store, store_state
+    from pd_dist.core.logits import SparseLogits
+    from pd_dist.teacher.stores import SPOOL_DIR, build_store, store_state
     from test_store import stored
 
     root, meta, full = _copy(pristine, tmp_path)

@@ -22,7 +22,7 @@ def _write(path: Path, spec: dict) -> Path:
 
 
 def _sweep(tmp_path, **kw):
-    from pd_dist.sweep import Sweep, SweepSpec
+    from pd_dist.explore.sweep import Sweep, SweepSpec
 
     spec = {"base": str(SMOKE), "output_dir": str(tmp_path / "sw"), **kw}
     return Sweep(SweepSpec.load(_write(tmp_path / "s.yaml", spec)), log=lambda *_: None)
@@ -42,7 +42,7 @@ def _sweep(tmp_path, **kw):
     ({"base": "/nonexistent.yaml"}, "not found"),
 ])
 def test_bad_sweeps_are_refused_with_one_line_naming_the_key(tmp_path, spec, needle):
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     with pytest.raises(ConfigError) as e:
         _sweep(tmp_path, **spec)
@@ -100,7 +100,7 @@ def test_one_at_a_time_varies_each_key_alone_from_the_base(tmp_path, tiny_teache
 
 
 def test_report_compares_a_one_at_a_time_key_with_the_base_only():
-    from pd_dist.report import axis_rows, axis_table
+    from pd_dist.explore.report import axis_rows, axis_table
 
     plan = {"oat_base": {"distill.loss": "nll", "distill.temperature": 1.0}}
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.logits import SparseLogits, truncate
-from pd_dist.spool import SPOOL_DIR, Spool, WriteThrough, _latest_records, record_dtype
+from pd_dist.core.logits import SparseLogits, truncate
+from pd_dist.teacher.stores import SPOOL_DIR, Spool, WriteThrough, _latest_records, record_dtype
 
 
 def _sig(seed: int, b: int = 2, t: int = 5, v: int = 30, k: int = 4) -> SparseLogits:
@@ -59,7 +59,7 @@ def test_write_through_answers_unchanged_and_keeps_only_real_samples(tmp_path):
 def test_write_through_config_refusals():
     from conftest import SMOKE
     from pd_dist.config import load_config
-    from pd_dist.configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     for sets, needle in [(["distill.mode=colocated"], "needs distill.mode online"),
                          (["distill.mode=online", "generate.top_k=5"], "generate.top_k"),
@@ -113,7 +113,7 @@ class _DeadClient:
         return self.tickets
 
     def result(self, ticket):
-        from pd_dist.bridge import PeerError
+        from pd_dist.cluster.bridge import PeerError
 
         raise PeerError("student rank 2 (host2) waiting for logits from teacher rank 1 (host1): peer closed")
 
@@ -133,9 +133,9 @@ def test_students_fall_back_to_the_write_through_spools_when_every_replica_is_lo
     """With failover and write-through, the last replica's loss turns the source to the teachers' spools:
     planned micro-batches they hold train on, held-out ones they lack evaluate without KD, and a planned
     one they lack ends the run with the teacher's line and the missing ids."""
-    from pd_dist.bridge import PeerError
-    from pd_dist.signals import OnlineTeacher
-    from pd_dist.spool import SpoolReader
+    from pd_dist.cluster.bridge import PeerError
+    from pd_dist.signals.sources import OnlineTeacher
+    from pd_dist.teacher.stores import SpoolReader
 
     a = _sig(3)
     sp = Spool(tmp_path, "teacher00001", 5, 4)

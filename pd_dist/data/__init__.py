@@ -8,11 +8,11 @@ preparation into Megatron-format token shards, and samples and their order for t
 - :mod:`.prepare`: streaming, multi-process, multi-rank preparation and its manifests;
 - :mod:`.dataset`: samples as windows over each source's token stream, and the (blended) sampler.
 """
-from .config import DataConfig, SourceConfig
-from .corpus import embedded_corpus_files, embedded_documents
-from .dataset import GlobalBatchSampler, MicroBatchPlan, PackedDataset, blend_schedule
-from .documents import DataError
-from .prepare import EOS, blend_counts, load_tokenizer, prepare_data, resolve_sources, train_tokenizer
+from pd_dist.data.config import DataConfig, SourceConfig
+from pd_dist.data.corpus import embedded_corpus_files, embedded_documents
+from pd_dist.data.dataset import GlobalBatchSampler, MicroBatchPlan, PackedDataset, blend_schedule
+from pd_dist.data.documents import DataError
+from pd_dist.data.prepare import EOS, blend_counts, load_tokenizer, prepare_data, resolve_sources, train_tokenizer
 
 __all__ = ["DataConfig", "SourceConfig", "DataError", "EOS", "GlobalBatchSampler", "MicroBatchPlan",
            "PackedDataset", "blend_counts", "blend_schedule", "embedded_corpus_files", "embedded_documents",

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..configlib import check_choices, doc, fail
+from pd_dist.core.configlib import check_choices, doc, fail
 
 MAX_VOCAB = 1 << 24
 MAX_COUNT = 1 << 31  # sizes and counts beyond int32 are typos, not configs

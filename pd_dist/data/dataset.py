@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from .documents import DataError
-from .prepare import META_VERSION
+from pd_dist.data.documents import DataError
+from pd_dist.data.prepare import META_VERSION
 
 OPEN_SHARDS = 64  # memory maps kept open per source (each holds a file descriptor)
 

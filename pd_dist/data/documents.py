@@ -220,7 +220,7 @@ def _hf_column(ds, p: Path, text_field: str) -> str:
 def read_unit(unit: Unit, vocab_size: int = 0) -> Iterator[Document]:
     """The unit's documents in order. Pre-tokenized documents are checked against ``vocab_size``."""
     if unit.kind == "embedded":
-        from .corpus import embedded_documents
+        from pd_dist.data.corpus import embedded_documents
 
         yield from embedded_documents()
     elif unit.kind == "json":

@@ -33,10 +33,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .config import DataConfig
-from .corpus import EMBEDDED_MAX_CHARS, embedded_corpus_files
-from .documents import DataError, Unit, expand_files, plan_units, read_unit, unit_sample
-from .indexed import IndexedFormatError, IndexedWriter, max_id, read_index, token_dtype, truncate_shard
+from pd_dist.data.config import DataConfig
+from pd_dist.data.corpus import EMBEDDED_MAX_CHARS, embedded_corpus_files
+from pd_dist.data.documents import DataError, Unit, expand_files, plan_units, read_unit, unit_sample
+from pd_dist.data.indexed import IndexedFormatError, IndexedWriter, max_id, read_index, token_dtype, truncate_shard
 
 EOS = "<|endoftext|>"
 META_VERSION = 2
@@ -318,7 +318,7 @@ class _Progress:
         self.t0 = self.last = time.time()
 
     def add(self, nbytes: int, final: bool = False) -> None:
-        from ..monitor import fmt_duration
+        from pd_dist.core.monitor import fmt_duration
 
         self.done_bytes += nbytes
         self.done_shards += 1
@@ -457,7 +457,7 @@ def _prepare(cfg: DataConfig, out: Path, sources: list[Source], key: str, log: L
     else:
         peers.wait(lambda: _read_json(out / "tokenizer" / "pd_dist_source.json").get("key") == tok_key,
                    lambda: 0, "rank 0's tokenizer")
-    from ..models import tokenizer_hash
+    from pd_dist.models import tokenizer_hash
 
     tok_dir = out / "tokenizer"
     tokenizer = load_tokenizer(tok_dir)

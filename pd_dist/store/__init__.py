@@ -20,11 +20,11 @@ blocks and the quantization bound). Typical use::
                               vocab_size=V, top_p=0.95, top_k=20)   # re-truncates 50 -> 20 on load
     sparse, lse = store.get_batch(ids)
 """
-from .codec import mass_tolerance, tv_bound, value_tolerance
-from .format import FORMAT_VERSION, StoreError, StoreMeta, shard_ranges
-from .reader import (LogitsStore, StoreCheckError, StoreFaults, open_for_training, store_faults, store_info,
+from pd_dist.store.codec import mass_tolerance, tv_bound, value_tolerance
+from pd_dist.store.format import FORMAT_VERSION, StoreError, StoreMeta, shard_ranges
+from pd_dist.store.reader import (LogitsStore, StoreCheckError, StoreFaults, open_for_training, store_faults, store_info,
                      verify_store)
-from .writer import ShardWriter, shard_done, write_manifest
+from pd_dist.store.writer import ShardWriter, shard_done, write_manifest
 
 __all__ = ["FORMAT_VERSION", "LogitsStore", "ShardWriter", "StoreCheckError", "StoreError", "StoreFaults",
            "StoreMeta", "mass_tolerance", "open_for_training", "shard_done", "shard_ranges", "store_faults",

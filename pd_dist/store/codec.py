@@ -19,7 +19,7 @@ Every kept value is represented by its non-negative integer gap to the token's m
 non-decreasing along the value order: encoding ``qgap``: G = rint((m_t - v_tj) / step), step =
 2^step_log2 (default 2^-8); encoding ``exact``: G = ord(m_t) - ord(v_tj) (lossless fp32); encoding
 ``counts`` (sampled signals of n draws, whose values are the fp32 log(c / n) of
-pd_dist.logits.count_log_weights): G = c_max,t - c_tj, the difference of draw counts (lossless: the
+pd_dist.core.logits.count_log_weights): G = c_max,t - c_tj, the difference of draw counts (lossless: the
 decoder reads c_max,t back from the exact m_t and gives the same fp32 values). A drawn signal keeps no
 full-vocabulary normalizer, so its writer passes lse = m_t and the lse stream is zeros.
 
@@ -35,7 +35,7 @@ full-vocabulary normalizer, so its writer passes lse = m_t and the lse stream is
   G_t(j-1) for the entries after each token's max (G_t0 = 0 is implicit), ``tie`` empty.
 
 Either way the decoded order is the teacher's order, so re-truncation to a smaller top-k takes the same
-prefix pd_dist.logits.truncate would, even among entries whose quantized values are equal. Decoding is
+prefix pd_dist.core.logits.truncate would, even among entries whose quantized values are equal. Decoding is
 vectorized numpy over the whole block: scatter into [T, k] through the prefix mask ``arange(k) < c_t``,
 cumsums, and for the index-order layout one row-wise sort of packed (gap, tie, index) int64 keys.
 
@@ -222,10 +222,10 @@ _COUNT_TABLES: dict[int, np.ndarray] = {}
 
 
 def _count_table(n: int) -> np.ndarray:
-    """fp32 log(c / n), c = 0..n: pd_dist.logits.count_log_weights, the values sample_signal forms."""
+    """fp32 log(c / n), c = 0..n: pd_dist.core.logits.count_log_weights, the values sample_signal forms."""
     t = _COUNT_TABLES.get(n)
     if t is None:
-        from ..logits import count_log_weights
+        from pd_dist.core.logits import count_log_weights
 
         t = _COUNT_TABLES[n] = count_log_weights(n).numpy()
     return t

@@ -1,6 +1,6 @@
 """On-disk layout of the teacher-logits store: manifest, shard header, sample table and footer.
 
-A store holds one teacher signal per token (StoreMeta.signal, pd_dist.logits.SignalSpec): top-p-k
+A store holds one teacher signal per token (StoreMeta.signal, pd_dist.core.logits.SignalSpec): top-p-k
 truncated logits (the default; the only kind of format version 1), or a drawn signal (sampled,
 head_tail) whose values are log weights. Version 2 added the signal; a version-1 store reads as
 top-p-k, and a top-p-k store's metadata digest is the same in both versions.
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..logits import SIGNAL_KINDS, SignalSpec
-from .codec import check_encoding, default_encoding
+from pd_dist.core.logits import SIGNAL_KINDS, SignalSpec
+from pd_dist.store.codec import check_encoding, default_encoding
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: top-p-k only, no `signal` in the manifest
@@ -95,7 +95,7 @@ class StoreMeta:
 
     @property
     def width(self) -> int:
-        """Stored entries per token: k = min(top_k, vocab_size) for top-p-k (as pd_dist.logits.truncate),
+        """Stored entries per token: k = min(top_k, vocab_size) for top-p-k (as pd_dist.core.logits.truncate),
         the draws for sampled, the head plus the draws for head_tail."""
         return self.signal_spec.width(self.vocab_size)
 

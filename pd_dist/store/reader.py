@@ -16,9 +16,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from ..logits import SignalSpec, SparseLogits, top_p_keep
-from .codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
-from .format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, MANIFEST, READABLE_VERSIONS, SHARD_DIR,
+from pd_dist.core.logits import SignalSpec, SparseLogits, top_p_keep
+from pd_dist.store.codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
+from pd_dist.store.format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, MANIFEST, READABLE_VERSIONS, SHARD_DIR,
                      ForeignShardError, ShardLayout, StoreError, StoreMeta, check_layout, manifest_bytes,
                      manifest_dict, min_shard_bytes, parse_shard, shard_name, shard_path, shard_range)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..logits import SparseLogits
-from .codec import CodecError, encode_block, zstd_compressor
-from .format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, MANIFEST, TABLE_DTYPE, StoreError,
+from pd_dist.core.logits import SparseLogits
+from pd_dist.store.codec import CodecError, encode_block, zstd_compressor
+from pd_dist.store.format import (sha256_file, CODEC_BLOCK, FOOTER, FOOTER_MAGIC, MANIFEST, TABLE_DTYPE, StoreError,
                      StoreMeta, check_layout, manifest_bytes, manifest_dict, pack_header, parse_shard, shard_name,
                      shard_path, shard_range, shard_ranges)
-from .reader import check_shard, unexpected_shards
+from pd_dist.store.reader import check_shard, unexpected_shards
 
 
 class ShardWriter:

@@ -12,12 +12,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .config import ExperimentConfig, deepspeed_config
-from .inference import sparse_logits_from_hidden
-from .logits import SparseLogits
-from .losses import fused_pd_loss
-from .models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
-from .topology import Topology
+from pd_dist.config import ExperimentConfig, deepspeed_config
+from pd_dist.teacher.inference import sparse_logits_from_hidden
+from pd_dist.core.logits import SparseLogits
+from pd_dist.core.losses import fused_pd_loss
+from pd_dist.models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
+from pd_dist.cluster.topology import Topology
 
 
 class StudentOutput(NamedTuple):
@@ -153,7 +153,7 @@ class DataParallelStudent:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
                 model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-                from .data import load_tokenizer
+                from pd_dist.data import load_tokenizer
 
                 load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
         self.topo.barrier()

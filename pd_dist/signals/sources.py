@@ -8,22 +8,21 @@ samples). The trainer never asks which source it holds. The sources:
 | mode      | class             | where the logits come from                                          |
 |-----------|-------------------|---------------------------------------------------------------------|
 | none      | NoTeacher         | nowhere (LM-only pre-training)                                      |
-| colocated | ColocatedTeacher  | a frozen teacher in this process (pd_dist.inference)               |
+| colocated | ColocatedTeacher  | a frozen teacher in this process (pd_dist.teacher.inference)               |
 | online    | OnlineTeacher     | a teacher replica on its own ranks, prefetched over the bridge      |
 | offline   | StoredLogits      | a logits store on disk, read ahead in DataLoader workers            |
 
 Every source gives the run's signal (distill.signal: top-p-k logits, or the sampled or head-and-tail
-log weights of pd_dist.logits), the same values whichever source it is.
+log weights of pd_dist.core.logits), the same values whichever source it is.
 
 Sources that can read ahead are given the rank's training plan (:class:`pd_dist.data.MicroBatchPlan`)
 once; a request for the next planned micro-batch is served from what was read ahead, any other request
 (evaluation) directly. Adding a way to feed the signal (a remote HTTP teacher, say) is one subclass
 here, registered under a new `distill.mode` value; adding a kind of signal (what of the teacher's
-distribution is kept) is one `SignalSpec` kind in pd_dist.logits, which every source then carries.
+distribution is kept) is one `SignalSpec` kind in pd_dist.core.logits, which every source then carries.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,17 +33,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .bridge import PeerError, WireSpec
-from .config import DistillMode, ExperimentConfig
-from .data import PackedDataset
-from .inference import FrozenTeacher, held_out_batches
-from .logits import SignalSpec, SparseLogits
-from .online import PrefetchingTeacher, TeacherClient
-from .runtime import model_dtype
-from .spool import SpoolReader
-from .store import StoreMeta, open_for_training
-from .store.codec import default_encoding
-from .topology import Topology
+from pd_dist.cluster.bridge import PeerError
+from pd_dist.cluster.topology import Topology
+from pd_dist.config import DistillMode, ExperimentConfig
+from pd_dist.core.logits import SparseLogits
+from pd_dist.core.runtime import model_dtype
+from pd_dist.data import PackedDataset
+from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
+from pd_dist.store import open_for_training
+from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
+from pd_dist.teacher.specs import signal_spec, wire_spec
+from pd_dist.teacher.stores import SpoolReader
+from pd_dist.teacher.val_loss import read_store_teacher_eval, read_teacher_val_loss
 
 
 @dataclass
@@ -162,26 +162,6 @@ class ColocatedTeacher(SignalSource):
 
     def teacher_val_loss(self):
         return self.teacher.val_loss(held_out_batches(self.data, self.micro_batch))
-
-
-def signal_spec(cfg: ExperimentConfig) -> SignalSpec:
-    """The run's teacher signal (distill.signal and its parameters; draws keyed by train.seed)."""
-    return cfg.distill.signal_spec(cfg.train.seed)
-
-
-def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
-    """What a teacher replica and its students agree on (checked by the bridge's handshake): besides
-    shapes and truncation, the signal's kind and the parameters of its draws, so a student and a teacher
-    that disagree on the signal fail the handshake, and the dataset's sample count, which bounds the
-    sample ids a teacher serves."""
-    d = cfg.distill
-    dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    sig = signal_spec(cfg)
-    return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
-                    seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
-                    top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
-                    micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
-                    signal_params=json.dumps(sig.params(), sort_keys=True), n_samples=data.n_train + data.n_val)
 
 
 @register
@@ -321,59 +301,3 @@ class StoredLogits(SignalSource):
 
     def close(self, finished: bool = False):
         self._loader = None
-
-
-def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
-    """The store a run of `cfg` writes (generation, or dump_logits): the run's signal; for top-p-k at
-    truncation generate.top_p/top_k (default: distill's); the training samples plus the held-out ones
-    when generate.include_val."""
-    g = cfg.generate
-    top_p, top_k = cfg.stored_truncation()
-    sig = signal_spec(cfg)
-    signal = {}
-    if sig.drawn:  # drawn signals are stored as the run draws them (they cannot be narrowed later)
-        signal = {"kind": sig.kind, **sig.params()}
-        top_p, top_k = (1.0, sig.samples) if sig.kind == "sampled" else (sig.top_p, sig.top_k)
-    return StoreMeta(teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
-                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
-                     top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
-                     shard_size=g.shard_size, signal=signal,
-                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding)).resolved()
-
-
-# --------------------------------------------------------------------- the teacher's held-out loss
-# Where the teacher does not run in the student's process, whoever runs it measures its held-out loss
-# and leaves it where the students can read it: a teacher rank in the job's store, the generation job
-# beside the store it writes.
-TEACHER_EVAL = "teacher_eval.json"
-
-
-def publish_teacher_val_loss(topo: Topology, loss: Optional[float], as_rank: Optional[int] = None) -> None:
-    """A teacher rank: make its held-out loss readable by its students (under the rank they send
-    requests to: `as_rank`, for the last stage of a pipelined replica)."""
-    topo.store.set(f"pd/teacher_val_loss/{topo.rank if as_rank is None else as_rank}", json.dumps(loss))
-
-
-def read_teacher_val_loss(topo: Topology, teacher_rank: int) -> Optional[float]:
-    key = f"pd/teacher_val_loss/{teacher_rank}"
-    return json.loads(topo.store.get(key).decode()) if topo.store.check([key]) else None
-
-
-def write_store_teacher_eval(root, data: PackedDataset, loss: Optional[float]) -> None:
-    """Beside a store: the teacher's loss on the data's held-out samples."""
-    (Path(root) / TEACHER_EVAL).write_text(json.dumps(
-        {"data_fingerprint": data.fingerprint, "val_samples": int(data.n_val), "val_loss": loss},
-        indent=1) + "\n")
-
-
-def read_store_teacher_eval(root, data: PackedDataset) -> Optional[float]:
-    """The figure write_store_teacher_eval left, if it was measured on this data's held-out samples."""
-    try:
-        info = json.loads((Path(root) / TEACHER_EVAL).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("data_fingerprint") != data.fingerprint \
-            or info.get("val_samples") != data.n_val:
-        return None
-    loss = info.get("val_loss")
-    return float(loss) if isinstance(loss, (int, float)) else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .configlib import doc, fail
+from pd_dist.core.configlib import doc, fail
 
 
 @dataclass

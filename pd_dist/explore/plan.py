@@ -169,7 +169,7 @@ def make_plan(inp: PlanInput, whole_nodes: bool = True, divisible: bool = False)
     """The split of ``gpus_per_node * nodes`` GPUs that maximises tokens/s (see module docstring).
 
     ``divisible``: only splits where every teacher rank serves the same whole number of student ranks
-    (student_gpus % teacher_gpus == 0), as pd_dist.topology requires when a teacher replica is one
+    (student_gpus % teacher_gpus == 0), as pd_dist.cluster.topology requires when a teacher replica is one
     rank (``topology.students_per_teacher``)."""
     inp.validate()
     if whole_nodes and inp.nodes < 2:
@@ -223,11 +223,11 @@ def parse_size(text, vocab_size: int = DEFAULT_VOCAB, binary: bool = False) -> f
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
     s = str(text).strip()
-    from .models import PRESETS  # light: torch is imported by models anyway
+    from pd_dist.models import PRESETS  # light: torch is imported by models anyway
 
     by_lower = {name.lower(): name for name in PRESETS}
     if s.lower() in by_lower:
-        from .models import preset_param_count
+        from pd_dist.models import preset_param_count
 
         return float(preset_param_count(by_lower[s.lower()], vocab_size))
     m = _SIZE_RE.match(s)
@@ -363,11 +363,11 @@ def rank_map_main(argv: list[str]) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--nodes", default="1")
     p.add_argument("--gpus-per-node", "--ranks-per-node", dest="per_node", default="8")
-    from .configlib import ConfigError
+    from pd_dist.core.configlib import ConfigError
 
     try:
         args = p.parse_args(argv)
-        from .config import load_config
+        from pd_dist.config import load_config
 
         return print_rank_map(load_config(args.config, args.overrides), _parse_int(args.nodes, what="--nodes"),
                               _parse_int(args.per_node, what="--gpus-per-node"))
@@ -411,8 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     """The layout of a job of `nodes` x `per_node` ranks under `cfg`, checked and printed; nothing
     starts (`pd-dist plan --config`, `launch/pretrain_pd.py --dry-run`). ConfigError if impossible."""
-    from .configlib import ConfigError
-    from .layout import format_layout
+    from pd_dist.core.configlib import ConfigError
+    from pd_dist.cluster.layout import format_layout
 
     if nodes < 1 or per_node < 1:
         raise ConfigError(f"--nodes {nodes} x --ranks-per-node {per_node}: both must be >= 1")

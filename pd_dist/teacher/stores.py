@@ -30,12 +30,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import PackedDataset
-from .logits import SparseLogits
-from .store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shard_done, shard_ranges, store_faults,
-                    write_manifest)
-from .store.format import shard_name
-from .store.reader import other_inputs
+from pd_dist.cluster.topology import Topology
+from pd_dist.config import ExperimentConfig
+from pd_dist.core.logits import SparseLogits
+from pd_dist.core.runtime import device
+from pd_dist.data import PackedDataset
+from pd_dist.models import ModelConfig, build_model, model_identity
+from pd_dist.store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shard_done, shard_ranges, store_faults,
+                           write_manifest)
+from pd_dist.store.format import shard_name
+from pd_dist.store.reader import other_inputs
+from pd_dist.teacher.inference import FrozenTeacher
+from pd_dist.teacher.specs import store_meta
 
 SPOOL_DIR = ".spool"
 
@@ -277,3 +283,16 @@ def describe_repair(faults: StoreFaults) -> str:
     if not names:
         return "the damaged manifest (its shards are sound)"
     return f"{len(faults.shards)} damaged shard(s) ({', '.join(names)}) and the manifest"
+
+
+def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, export_dir: Path,
+                log: Callable[[str], None] = print) -> None:
+    """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
+    exported final model."""
+    final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
+                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
+    ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
+                                       f"{cfg.train.steps} steps; dump_logits)")
+    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,
+                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="dump",
+                fill_from="the final model", log=log, rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)

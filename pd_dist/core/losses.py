@@ -18,7 +18,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from .logits import SparseLogits, teacher_log_probs, _check_temperature
+from pd_dist.core.logits import SparseLogits, teacher_log_probs, _check_temperature
 
 KDLoss = Literal["nll", "kld", "mse", "reverse_kld", "jsd", "tvd"]
 KD_LOSSES = get_args(KDLoss)

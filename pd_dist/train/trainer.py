@@ -5,8 +5,8 @@ target tokens of the whole global batch (one all_reduce), and for each micro-bat
 the teacher signal, then run the student's fused chunked LM-head + LM/KD loss. Each micro-batch's loss
 is its token sum divided by the global count, so gradient accumulation, data parallelism and chunking
 all give the gradient of the same global mean. Where the signal comes from (nowhere, a colocated
-teacher, teacher ranks, a store) is the source's business (pd_dist.signals); checkpoint state is
-pd_dist.checkpoint's; obtaining teachers and running whole experiments is pd_dist.run's.
+teacher, teacher ranks, a store) is the source's business (pd_dist.signals.sources); checkpoint state is
+pd_dist.train.checkpoint's; obtaining teachers and running whole experiments is pd_dist.run's.
 """
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
-from .config import ExperimentConfig, dump_config
-from .data import MicroBatchPlan, PackedDataset
-from .losses import IGNORE_INDEX
-from .monitor import Monitor, StepTimer, fmt_duration
-from .runtime import StopSignals, device, use_bf16
-from .schedules import alpha_at, lr_at
-from .signals import SignalSource
-from .pipeline import PipelineStudent
-from .student import DataParallelStudent
-from .topology import Topology
+from pd_dist.train.checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
+from pd_dist.config import ExperimentConfig, dump_config
+from pd_dist.data import MicroBatchPlan, PackedDataset
+from pd_dist.core.losses import IGNORE_INDEX
+from pd_dist.core.monitor import Monitor, StepTimer, fmt_duration
+from pd_dist.core.runtime import StopSignals, device, use_bf16
+from pd_dist.core.schedules import alpha_at, lr_at
+from pd_dist.signals.sources import SignalSource
+from pd_dist.train.pipeline import PipelineStudent
+from pd_dist.train.student import DataParallelStudent
+from pd_dist.cluster.topology import Topology
 
 
 @dataclasses.dataclass
@@ -114,7 +114,7 @@ class Trainer:
             self.monitor.print(source.describe())
         self.dump = None
         if cfg.distill.dump_logits:
-            from .spool import LogitsDump
+            from pd_dist.teacher.stores import LogitsDump
 
             p, k = cfg.stored_truncation()
             self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, p, min(k, data.vocab_size))

@@ -41,8 +41,8 @@ def held_out_metrics(student, batches, teacher=None, kind: str = "nll", temperat
                      chunk_size: int = 1024) -> dict:
     """Mean LM loss, and with a teacher (a callable input_ids -> SparseLogits) the mean KD loss and top-1
     agreement, over held-out [B, T + 1] windows; the fused chunked loss the training uses."""
-    from .losses import fused_pd_loss
-    from .models import final_norm_and_head
+    from pd_dist.core.losses import fused_pd_loss
+    from pd_dist.models import final_norm_and_head
 
     body, head = final_norm_and_head(student)
     sums = torch.zeros(4, dtype=torch.float64)
@@ -100,9 +100,9 @@ def downstream(model_dir: Path, tasks: Sequence[Path], batch_size: int = 8, limi
 
 def _teacher_for(cfg, data, log: Log):
     """The run's teacher signal for held-out samples: its teacher model, else its store; None if neither."""
-    from .inference import FrozenTeacher
-    from .models import build_model
-    from .run import teacher_export_dir
+    from pd_dist.teacher.inference import FrozenTeacher
+    from pd_dist.models import build_model
+    from pd_dist.run import teacher_export_dir
 
     d = cfg.distill
     if d.mode == "none":
@@ -120,7 +120,7 @@ def _teacher_for(cfg, data, log: Log):
                                signal=signal)
         return (lambda inp: frozen(inp, next(ids))), frozen
     if d.mode == "offline" and d.store:
-        from .store import open_for_training
+        from pd_dist.store import open_for_training
 
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
@@ -134,9 +134,9 @@ def _teacher_for(cfg, data, log: Log):
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baseline: Optional[Path] = None,
                  log: Log = print, write: bool = True) -> dict:
     """Evaluate one run directory (see the module docstring) and write <run_dir>/eval.json."""
-    from .config import load_config
-    from .data import PackedDataset
-    from .inference import held_out_batches
+    from pd_dist.config import load_config
+    from pd_dist.data import PackedDataset
+    from pd_dist.teacher.inference import held_out_batches
 
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
@@ -190,8 +190,8 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
 def evaluate_model(model_dir: str | os.PathLike, tasks: Sequence[Path] = (), data_dir: Optional[Path] = None,
                    micro_batch: int = 8, log: Log = print) -> dict:
     """A bare save_pretrained directory: downstream accuracy, and held-out loss on a packed data dir."""
-    from .data import PackedDataset
-    from .inference import held_out_batches
+    from pd_dist.data import PackedDataset
+    from pd_dist.teacher.inference import held_out_batches
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .logits import SparseLogits
+from pd_dist.core.logits import SparseLogits
 
 MAGIC = 0x5044_4453  # "PDDS"
 VERSION = 3  # 2 sent a bare 12-field hello, 1 a 10-field one; 3 put the preamble before every message
@@ -60,6 +60,11 @@ DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
 HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
                 "value_dtype", "micro_batch", "index_bytes", "signal", "signal_params_hash", "n_samples")
 SIGNAL_CODES = {"top_p_k": 0, "sampled": 1, "head_tail": 2}
+
+
+# The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
+# own pre-training); a peer that dies meanwhile still fails it at once.
+STARTUP_TIMEOUT_S = 3600.0
 
 
 class PeerError(RuntimeError):
@@ -93,7 +98,7 @@ class WireSpec:
     top_p: float
     value_dtype: str      # fp32 | bf16 | fp16
     micro_batch: int
-    signal: str = "top_p_k"  # pd_dist.logits.SIGNAL_KINDS; top_k is the signal's width
+    signal: str = "top_p_k"  # pd_dist.core.logits.SIGNAL_KINDS; top_k is the signal's width
     signal_params: str = ""  # canonical JSON of the draws' parameters (SignalSpec.params)
     n_samples: int = field(kw_only=True)  # the dataset's samples: request ids must lie in [0, n_samples)
 

@@ -21,11 +21,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .configlib import to_dict
-from .config import ExperimentConfig
-from .data import GlobalBatchSampler
-from .schedules import check_schedule_state, schedule_state
-from .topology import Topology
+from pd_dist.core.configlib import to_dict
+from pd_dist.config import ExperimentConfig
+from pd_dist.data import GlobalBatchSampler
+from pd_dist.core.schedules import check_schedule_state, schedule_state
+from pd_dist.cluster.topology import Topology
 
 
 class ResumeError(RuntimeError):

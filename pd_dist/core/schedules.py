@@ -26,7 +26,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from pd_dist.configlib import ConfigError, check_choices, doc, fail
+from pd_dist.core.configlib import ConfigError, check_choices, doc, fail
 
 __all__ = [
     "ALPHA_SCHEDULES", "LR_SCHEDULES", "LR_DECAY_SHAPES", "MAX_LR",

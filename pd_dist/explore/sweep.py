@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 
-from .config import DEFAULT_CONFIG, ExperimentConfig, dump_config, load_config
-from .configlib import ConfigError, load_yaml, parse_override, to_dict
+from pd_dist.config import DEFAULT_CONFIG, ExperimentConfig, dump_config, load_config
+from pd_dist.core.configlib import ConfigError, load_yaml, parse_override, to_dict
 
-REPO_LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+REPO_LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 SHIPPED = DEFAULT_CONFIG.parent
 
 
@@ -321,7 +321,7 @@ class Sweep:
     # ---------------------------------------------------------------------------------- planning
     def describe(self) -> str:
         """The dry run: every job, what it shares, its state and the cost estimate."""
-        from .models import preset_param_count
+        from pd_dist.models import preset_param_count
 
         lines = [f"sweep {self.spec.source}: {len(self.points)} point(s), {len(self.baselines)} LM-only "
                  f"baseline(s), {len(self.groups)} teacher/store job(s) -> {self.out}"]
@@ -421,7 +421,7 @@ class Sweep:
                 self.log(f"[sweep] {p.name}: stopped before its last step; run the sweep again to continue")
                 continue
             if evaluate and not (p.dir / "eval.json").is_file():
-                from .evaluate import evaluate_run
+                from pd_dist.explore.evaluate import evaluate_run
 
                 base = next((b for b in self.baselines if b.name == p.baseline), None)
                 evaluate_run(p.dir, tasks=[self.spec.resolve(t) for t in self.spec.eval_tasks],

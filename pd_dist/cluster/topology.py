@@ -11,7 +11,7 @@ the default world is the student world. In online mode the job is split into two
   for teacher <-> student point-to-point traffic; the role worlds use NCCL on GPU.
 
 Which rank plays which part (teacher replicas and their stages, student data-parallel ranks and
-pipeline stages, who serves whom) is the job's Layout (pd_dist.layout), computed from the config and
+pipeline stages, who serves whom) is the job's Layout (pd_dist.cluster.layout), computed from the config and
 the nodes alone; the Topology holds it with the groups built from it.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .layout import Layout, TopologyConfig, assign_roles, make_layout  # noqa: F401 (re-exported)
+from pd_dist.cluster.failover import LOST_TEACHERS, HeartbeatWatch, StoreLog, mark_teacher_lost, teacher_is_lost
+from pd_dist.cluster.layout import Layout, TopologyConfig, assign_roles, make_layout  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -308,94 +309,6 @@ class Topology:
             self.bridge = None
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# The teacher replicas (by index) found lost mid-run, in the order they were found (topology.teacher_failover).
-LOST_TEACHERS = "pd/failover/lost"
-
-
-class StoreLog:
-    """An append-only list of ints on the job's store: any rank pushes, each reader sees every entry once
-    (a counter, then one key per entry). A reader polls with one store round trip."""
-
-    def __init__(self, store, key: str):
-        self.store, self.key, self.seen = store, key, 0
-
-    def push(self, value: int) -> None:
-        i = self.store.add(f"{self.key}/n", 1)
-        self.store.set(f"{self.key}/{i}", str(value))
-
-    def count(self) -> int:
-        return self.store.add(f"{self.key}/n", 0)
-
-    def new(self) -> list[int]:
-        """The entries pushed since the last call (get waits for an entry whose pusher has counted it
-        but not yet written it)."""
-        n = self.count()
-        out = [int(self.store.get(f"{self.key}/{i}")) for i in range(self.seen + 1, n + 1)]
-        self.seen = max(self.seen, n)
-        return out
-
-
-def mark_teacher_lost(store, replica: int) -> bool:
-    """Record teacher replica ``replica`` as lost (once, whoever finds it first); True for the first."""
-    first = store.add(f"pd/failover/lost-replica/{replica}", 1) == 1
-    if first:
-        StoreLog(store, LOST_TEACHERS).push(replica)
-    return first
-
-
-def teacher_is_lost(store, replica: int) -> bool:
-    return store.check([f"pd/failover/lost-replica/{replica}"])
-
-
-class HeartbeatWatch:
-    """Notices peers whose heartbeat stopped advancing for ``timeout_s``: they died, hang, or the network
-    to them is cut. A teacher waits for its students' next request with no deadline (they pause for
-    evaluation and checkpoints), so without this a cut link would leave it waiting forever."""
-
-    def __init__(self, topo: "Topology", ranks: list[int], timeout_s: float, every_s: float = 1.0):
-        import time
-
-        self.topo, self.ranks, self.timeout_s, self.every_s = topo, ranks, timeout_s, every_s
-        now = time.monotonic()
-        self._seen = {r: (-1, now) for r in ranks}
-        self._last_check = 0.0
-
-    def stalled(self) -> list[tuple[int, float]]:
-        """(rank, seconds since its heartbeat last advanced) for each watched rank past the timeout;
-        reads the store at most every ``every_s``. The store's host (rank 0) unreachable: rank 0."""
-        import time
-
-        now = time.monotonic()
-        if self.topo.store is None or now - self._last_check < self.every_s:
-            return []
-        self._last_check = now
-        out = []
-        for r in self.ranks:
-            try:
-                n = self.topo.store.add(f"pd/beat/{r}", 0)
-            except Exception:
-                return [(0, float("nan"))]
-            last, t = self._seen[r]
-            if n != last:
-                self._seen[r] = (n, now)
-            elif now - t > self.timeout_s:
-                out.append((r, now - t))
-        return out
-
-    def forget(self, rank: int) -> None:
-        """Stop watching a peer that left on purpose."""
-        if rank in self.ranks:
-            self.ranks.remove(rank)
-
-    def add(self, rank: int) -> None:
-        """Start watching one more peer (a student adopted from a lost teacher replica)."""
-        import time
-
-        if rank not in self.ranks:
-            self.ranks.append(rank)
-            self._seen[rank] = (-1, time.monotonic())
 
 
 def default_backend() -> str:

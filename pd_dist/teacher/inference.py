@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .logits import SignalSpec, SparseLogits, sample_keys, truncate
-from .models import final_norm_and_head
+from pd_dist.core.logits import SignalSpec, SparseLogits, sample_keys, truncate
+from pd_dist.models import final_norm_and_head
 
 
 def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -33,7 +33,7 @@ def sparse_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, t
     ``hidden`` is [..., H]; the result has the same leading shape. With ``keep_lse`` (or top_p < 1) it
     carries each token's full-vocabulary logsumexp, which an offline store keeps. With a drawn
     ``signal`` (sampled, head_tail) it is that signal instead, its draws keyed by ``keys`` (the leading
-    shape; pd_dist.logits.sample_keys)."""
+    shape; pd_dist.core.logits.sample_keys)."""
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     if signal is not None and signal.drawn:

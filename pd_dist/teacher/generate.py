@@ -21,19 +21,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ExperimentConfig
-from .data import PackedDataset
-from .inference import FrozenTeacher, held_out_batches
-from .logits import SparseLogits
-from .monitor import fmt_duration
-from .run import obtain_teacher, prepare_run_data, teacher_store_meta
-from .runtime import device, model_dtype, set_threads
-from .signals import write_store_teacher_eval
-from .spool import describe_repair, store_state
-from .store import StoreFaults, StoreMeta, ShardWriter, shard_ranges, write_manifest
-from .store.format import MANIFEST
-from .store.reader import other_inputs
-from .topology import Topology
+from pd_dist.config import ExperimentConfig
+from pd_dist.data import PackedDataset
+from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
+from pd_dist.core.logits import SparseLogits
+from pd_dist.core.monitor import fmt_duration
+from pd_dist.core.runtime import device, model_dtype
+from pd_dist.models import ModelConfig, build_model
+from pd_dist.teacher.specs import teacher_store_meta
+from pd_dist.teacher.val_loss import write_store_teacher_eval
+from pd_dist.teacher.stores import describe_repair, store_state
+from pd_dist.store import StoreFaults, StoreMeta, ShardWriter, shard_ranges, write_manifest
+from pd_dist.store.format import MANIFEST
+from pd_dist.store.reader import other_inputs
+from pd_dist.cluster.topology import Topology
 
 
 def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
@@ -114,16 +115,14 @@ class Progress:
                      f"{self.world} rank(s) | ETA {fmt_duration((self.total - total_done) / max(rate, 1e-9))}")
 
 
-def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
-    """The body of launch/generate_logits.py."""
-    set_threads(cfg.train.threads)
-    if not cfg.distill.store:
-        raise ValueError("set distill.store: the directory the teacher-logits store is written to")
+def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
+                   log=print) -> Path:
+    """Write (or repair) distill.store with the teacher at ``weights`` over every rank of ``topo``: each
+    rank writes the damaged or missing shards of its own, rank 0 the manifest and the teacher's held-out
+    loss. Called by the orchestration (pd_dist.run.generate_store) with ready weights."""
     root = Path(cfg.distill.store)
     say = log if topo.dp_rank == 0 else (lambda *_: None)
-    data = prepare_run_data(cfg, topo, log=say)
-    model = obtain_teacher(cfg, topo, data, log=say)
-    meta = teacher_store_meta(cfg, data)
+    meta = teacher_store_meta(cfg, data, weights)
     n_shards = meta.n_shards
     mine = [i for i in range(n_shards) if i % topo.dp_size == topo.dp_rank]
     finished = os.path.lexists(root / MANIFEST)  # a finished store: what is rewritten is a repair
@@ -133,6 +132,7 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, log=print) -> Path:
         say(f"[generate] {root} is complete already")
         return root
     todo = [i for i in mine if i in todo_all]
+    model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
     teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,
                             cfg.train.loss_chunk_size, keep_lse=True, signal=meta.signal_spec)
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size

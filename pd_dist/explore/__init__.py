@@ -1,0 +1,1 @@
+"""Exploring the design space: sweeps, evaluation of finished runs, reports, and the cluster planner."""

@@ -1,0 +1,63 @@
+"""What this run's teacher produces, in each of its forms: the signal (a SignalSpec: distill.signal and
+its parameters), the wire (a WireSpec, what a teacher replica and its students agree on), and a store
+(a StoreMeta, what generation, write-through and dump_logits write)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pd_dist.cluster.bridge import WireSpec
+from pd_dist.config import ExperimentConfig
+from pd_dist.core.logits import SignalSpec
+from pd_dist.data import PackedDataset
+from pd_dist.models import ModelConfig, model_identity
+from pd_dist.store import StoreMeta
+from pd_dist.store.codec import default_encoding
+
+
+def signal_spec(cfg: ExperimentConfig) -> SignalSpec:
+    """The run's teacher signal (distill.signal and its parameters; draws keyed by train.seed)."""
+    return cfg.distill.signal_spec(cfg.train.seed)
+
+
+def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
+    """What a teacher replica and its students agree on (checked by the bridge's handshake): besides
+    shapes and truncation, the signal's kind and the parameters of its draws, so a student and a teacher
+    that disagree on the signal fail the handshake, and the dataset's sample count, which bounds the
+    sample ids a teacher serves."""
+    d = cfg.distill
+    dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    sig = signal_spec(cfg)
+    return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
+                    seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
+                    top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
+                    micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
+                    signal_params=json.dumps(sig.params(), sort_keys=True), n_samples=data.n_train + data.n_val)
+
+
+def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
+    """The store a run of `cfg` writes (generation, or dump_logits): the run's signal; for top-p-k at
+    truncation generate.top_p/top_k (default: distill's); the training samples plus the held-out ones
+    when generate.include_val."""
+    g = cfg.generate
+    top_p, top_k = cfg.stored_truncation()
+    sig = signal_spec(cfg)
+    signal = {}
+    if sig.drawn:  # drawn signals are stored as the run draws them (they cannot be narrowed later)
+        signal = {"kind": sig.kind, **sig.params()}
+        top_p, top_k = (1.0, sig.samples) if sig.kind == "sampled" else (sig.top_p, sig.top_k)
+    return StoreMeta(teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
+                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
+                     top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
+                     shard_size=g.shard_size, signal=signal,
+                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding)).resolved()
+
+
+def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset, weights: ModelConfig) -> StoreMeta:
+    """The store this run's teacher writes (the generation job, or distill.write_through): the run's
+    signal, identified by the teacher's weights (``weights.path``, hashed: read once per caller)."""
+    ident = model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
+                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
+    return store_meta(cfg, data, ident)
