@@ -93,6 +93,89 @@ def refuse(topo: Topology, s: int, seq: int, err: BadMessage, log: Callable[[str
         pass
 
 
+@dataclass
+class Request:
+    """One checked request: from student rank ``student``, request number ``seq``, the sample ids and
+    their token rows [n, seq_len]."""
+    student: int
+    seq: int
+    ids: torch.Tensor
+    tokens: torch.Tensor
+
+
+class Intake:
+    """The one request intake of a teacher that receives requests (a plain replica, or a pipelined
+    replica's entry stage): a receiving thread per student, the check of every request, and the
+    bookkeeping both servers need: who is still served (``active``), who was refused for a bad request,
+    who said stop after training to the end (``finished``), and the heartbeats of those served."""
+
+    def __init__(self, topo: Topology, spec: WireSpec, me_desc: str, students: list[int]):
+        self.topo, self.spec, self.me_desc = topo, spec, me_desc
+        self.inbox: queue.Queue = queue.Queue()
+        self.active: set[int] = set()
+        self.refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
+        self.finished: set[int] = set()  # students whose stop said they trained to the end
+        self.watch = topo.watch([], topo.peer_timeout_s)
+        for s in students:
+            self.add(s)
+
+    def add(self, s: int) -> None:
+        """Start serving student ``s`` (at start, or adopted from a lost replica)."""
+        self.active.add(s)
+        self.watch.add(s)
+        threading.Thread(target=receive_requests, args=(self.topo, self.spec, self.me_desc, s, self.inbox),
+                         daemon=True, name=f"pd-teacher-recv-{s}").start()
+
+    def check_heartbeats(self) -> None:
+        check_students(self.watch, self.topo, self.me_desc)
+
+    def take(self, poll_s: Optional[float], on_refusal: Callable[[int, BadMessage], None]) -> list[Request]:
+        """The requests waiting now (blocking for the first up to ``poll_s``), checked: a bad one ends its
+        student (``on_refusal(student, error)`` answers it) and the others are served on; a stop ends its
+        student."""
+        out = []
+        for s, r in self._collect(poll_s):
+            if s in self.refused:
+                continue
+            try:
+                if isinstance(r, Exception):
+                    raise r
+                op, seq, n = check_request(r, self.spec, self.me_desc, self.topo.describe(s))
+            except BadMessage as e:
+                self._end(s)
+                self.refused.add(s)
+                on_refusal(s, e)
+                continue
+            if op == OP_STOP:
+                self._end(s)
+                if n == 1:
+                    self.finished.add(s)
+                continue
+            off = 3 + self.spec.micro_batch
+            out.append(Request(s, seq, r[3:3 + n].clone(), r[off:off + n * self.spec.seq_len].reshape(n, self.spec.seq_len)))
+        return out
+
+    def all_finished(self, students: list[int]) -> bool:
+        return self.finished >= set(students)
+
+    def _end(self, s: int) -> None:
+        self.active.discard(s)
+        self.watch.forget(s)
+
+    def _collect(self, poll_s: Optional[float]) -> list:
+        """Everything waiting now, to batch into one forward: block for the first item (poll_s None),
+        or wait at most poll_s for it (lockstep rounds go on even when this rank has nothing)."""
+        try:
+            items = [self.inbox.get(timeout=poll_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+
 class _Adoption:
     """A serving replica's side of topology.teacher_failover: the students it is asked to adopt (from
     the job's store, polled at most every ADOPT_POLL_S), and whether every student client of the job is
@@ -186,65 +269,35 @@ class TeacherServer:
         forwards are collective, e.g. ZeRO-3-partitioned weights), every round all teacher ranks run the
         same number of forward chunks, padding with dummy ones, and leave together."""
         spec, bridge = self.spec, self.topo.bridge
-        inbox: queue.Queue = queue.Queue()
-        for s in self.students:
-            threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
-                             daemon=True, name=f"pd-teacher-recv-{s}").start()
+        intake = Intake(self.topo, spec, self.me_desc, self.students)
         sends: dict[int, deque] = {s: deque() for s in self.students}
         free: list[torch.Tensor] = []
-        active = set(self.students)
-        refused: set[int] = set()  # students whose bad request ended them: what else they send is ignored
-        finished: set[int] = set()  # students whose stop said they trained to the end
-        watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
         adoption = _Adoption(self.topo, spec, self.me_desc, self.log) if self.topo.teacher_failover else None
         last_log = time.perf_counter()
         while True:
-            if lockstep is None and not active and (adoption is None or adoption.all_done()):
+            if lockstep is None and not intake.active and (adoption is None or adoption.all_done()):
                 break
-            items = self._collect(inbox, WATCH_POLL_S if lockstep is None else lockstep.poll_s)
+            # Waiting for the first request blocks at most a heartbeat poll (lockstep: a round's poll).
+            poll_s = WATCH_POLL_S if lockstep is None else lockstep.poll_s
+            requests = intake.take(poll_s, lambda s, e: refuse(self.topo, s, e.seq, e, self.log))
             if adoption is not None:
-                for s in adoption.poll(active):
+                for s in adoption.poll(intake.active):
                     sends[s] = deque()
-                    active.add(s)
-                    watch.add(s)
-                    threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
-                                     daemon=True, name=f"pd-teacher-recv-{s}").start()
+                    intake.add(s)
             if adoption is not None and adoption.given_up:
                 # Its students re-sent their requests elsewhere and wait for nothing from it.
                 self.log("the students of this replica gave it up (it was silent past topology.peer_timeout_s) "
                          "and were adopted by others; leaving")
                 return self.stats
-            check_students(watch, self.topo, self.me_desc)
-            work = []
-            for s, r in items:
-                if s in refused:
-                    continue
-                try:
-                    if isinstance(r, Exception):
-                        raise r
-                    op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
-                except BadMessage as e:  # that student is refused, the others are served on
-                    refuse(self.topo, s, e.seq, e, self.log)
-                    refused.add(s)
-                    active.discard(s)
-                    watch.forget(s)
-                    continue
-                if op == OP_STOP:
-                    active.discard(s)
-                    watch.forget(s)
-                    if n == 1:
-                        finished.add(s)
-                    continue
-                ids = r[3:3 + n].numpy().copy()
-                off = 3 + spec.micro_batch
-                work.append((s, seq, ids, r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
+            intake.check_heartbeats()
+            work = [(q.student, q.seq, q.ids.numpy(), q.tokens) for q in requests]
             tokens = torch.cat([w[3] for w in work]) if work else None
             sample_ids = np.concatenate([w[2] for w in work]) if work else None
             chunks = [] if tokens is None else [(tokens[i:i + self.max_batch], sample_ids[i:i + self.max_batch])
                                                 for i in range(0, len(tokens), self.max_batch)]
             rounds = len(chunks)
             if lockstep is not None:
-                rounds, anyone = lockstep.agree(len(chunks), bool(active))
+                rounds, anyone = lockstep.agree(len(chunks), bool(intake.active))
                 if rounds == 0:
                     if not anyone:
                         break
@@ -281,22 +334,8 @@ class TeacherServer:
         for s in sends:
             for w, _ in sends[s]:
                 wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending to student {self.topo.describe(s)}")
-        self.stats.finished = finished >= set(self.students)
+        self.stats.finished = intake.all_finished(self.students)
         return self.stats
-
-    @staticmethod
-    def _collect(inbox: "queue.Queue", poll_s: Optional[float]) -> list:
-        """Everything waiting now, to batch into one forward: block for the first item (poll_s None),
-        or wait at most poll_s for it (lockstep rounds go on even when this rank has nothing)."""
-        try:
-            items = [inbox.get(timeout=poll_s)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                items.append(inbox.get_nowait())
-            except queue.Empty:
-                return items
 
 
 class Lockstep:
@@ -354,41 +393,19 @@ class StagedTeacherServer:
         import torch.distributed as dist
 
         spec, mb = self.spec, self.spec.micro_batch
-        inbox: queue.Queue = queue.Queue()
-        active = set(self.students) if self.is_entry else set()
-        if self.is_entry:
-            for s in self.students:
-                threading.Thread(target=receive_requests, args=(self.topo, spec, self.me_desc, s, inbox),
-                                 daemon=True, name=f"pd-teacher-recv-{s}").start()
+        intake = Intake(self.topo, spec, self.me_desc, self.students if self.is_entry else [])
         sends: deque = deque()
-        refused: set[int] = set()
-        watch = self.topo.watch(sorted(active), self.topo.peer_timeout_s)
+
+        def refusal(s: int, e: BadMessage) -> None:  # the exit stage answers: it rides this round's meta
+            self.log(f"{e}; refused, and student {self.topo.describe(s)} is no longer served")
+            work.append((s, e.seq, torch.tensor([e.code, e.value]), None))
+
         while True:
             work = []
             if self.is_entry:
-                check_students(watch, self.topo, self.me_desc)
-                for s, r in TeacherServer._collect(inbox, self.lockstep.poll_s):
-                    if s in refused:
-                        continue
-                    try:
-                        if isinstance(r, Exception):
-                            raise r
-                        op, seq, n = check_request(r, spec, self.me_desc, self.topo.describe(s))
-                    except BadMessage as e:
-                        # The exit stage answers: the refusal rides this round's meta (n = REFUSED).
-                        self.log(f"{e}; refused, and student {self.topo.describe(s)} is no longer served")
-                        refused.add(s)
-                        active.discard(s)
-                        watch.forget(s)
-                        work.append((s, e.seq, torch.tensor([e.code, e.value]), None))
-                        continue
-                    if op == OP_STOP:
-                        active.discard(s)
-                        watch.forget(s)
-                        continue
-                    off = 3 + mb
-                    work.append((s, seq, r[3:3 + n].clone(), r[off:off + n * spec.seq_len].reshape(n, spec.seq_len)))
-            rounds, anyone = self.lockstep.agree(len(work), bool(active))
+                intake.check_heartbeats()
+                work += [(q.student, q.seq, q.ids, q.tokens) for q in intake.take(self.lockstep.poll_s, refusal)]
+            rounds, anyone = self.lockstep.agree(len(work), bool(intake.active))
             if rounds == 0:
                 if not anyone:
                     break
@@ -432,4 +449,6 @@ class StagedTeacherServer:
                 self.stats.tokens += n * spec.seq_len
         for w, _ in sends:
             wait_all(w, self.topo.peer_timeout_s, f"{self.me_desc} sending an answer")
+        # The entry stage took the stops: only it knows whether every student trained to the end.
+        self.stats.finished = self.is_entry and intake.all_finished(self.students)
         return self.stats
