@@ -192,7 +192,7 @@ def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: 
     """Generation (forward + top-p-k + lse + encode + write, as launch/generate_logits.py does it)
     against a bare teacher forward (body + LM head, full logits, nothing else) on the same batches."""
     from pd_dist.data import PackedDataset
-    from pd_dist.teacher.generate import write_shard
+    from pd_dist.teacher.stores import write_shard
     from pd_dist.models import ModelConfig, build_model
     from pd_dist.teacher.inference import FrozenTeacher
 

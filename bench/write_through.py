@@ -7,7 +7,7 @@ background thread that appends them to the replica's spool file on local disk; i
 waits for the last writes, is inside the timing). Rounds alternate which of bare / wrapped goes first
 and the fastest of each is kept (the machine may be shared). serve_slowdown = wrapped / bare - 1 (goal <= 0.05).
 
-After the run: completing the store from the spool (pd_dist.teacher.stores.build_store on one rank: every
+After the run: completing the store from the spool (pd_dist.teacher.stores.complete_store on one rank: every
 sample read back from the spool, encoded and written into shards, manifest last), reported as
 complete_s and its ratio to the bare serving time of the same samples (complete_vs_serve): work done
 once, after the students finish, off the training path.
@@ -33,12 +33,12 @@ import torch  # noqa: E402
 from _common import emit, log  # noqa: E402
 from pd_dist.teacher.inference import FrozenTeacher  # noqa: E402
 from pd_dist.models import ModelConfig, build_model  # noqa: E402
-from pd_dist.teacher.stores import WriteThrough, build_store  # noqa: E402
+from pd_dist.teacher.stores import WriteThrough, complete_store  # noqa: E402
 from pd_dist.store import StoreMeta, verify_store  # noqa: E402
 
 
 class _Tokens:
-    """The data build_store reads windows from (random tokens, fixed seed)."""
+    """The data complete_store reads windows from (random tokens, fixed seed)."""
 
     def __init__(self, n: int, seq_len: int, vocab: int):
         self.windows = torch.randint(0, vocab, (n, seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -99,7 +99,7 @@ def main() -> int:
         root = Path(tmp) / f"round{args.rounds - 1}"
         spool_bytes = sum(f.stat().st_size for f in (root / ".spool").glob("*.bin"))
         t0 = time.perf_counter()
-        build_store(root, meta, data, teacher, args.micro_batch, source="write_through",
+        complete_store(root, meta, data, teacher, args.micro_batch, source="write_through",
                     fill_from="the teacher", log=log)
         complete = time.perf_counter() - t0
         assert verify_store(root) == []

@@ -501,12 +501,12 @@ def test_a_store_for_other_inputs_is_refused_even_when_damaged(tmp_path, pristin
 
 def test_write_through_completion_rewrites_exactly_the_damaged_shards(tmp_path, pristine):
     """distill.write_through over a finished, damaged store: store_state names the damaged shard, and
-    completing the store (spool.build_store, the teacher filling what no spool holds) rewrites that
+    completing the store (spool.complete_store, the teacher filling what no spool holds) rewrites that
     shard and the manifest, leaving the others untouched: the store is byte-identical again."""
     import os
 
     from pd_dist.core.logits import SparseLogits
-    from pd_dist.teacher.stores import SPOOL_DIR, build_store, store_state
+    from pd_dist.teacher.stores import SPOOL_DIR, complete_store, store_state
     from test_store import stored
 
     root, meta, full = _copy(pristine, tmp_path)
@@ -530,7 +530,7 @@ def test_write_through_completion_rewrites_exactly_the_damaged_shards(tmp_path, 
                             torch.stack([p.lse for p in parts]))
 
     (root / SPOOL_DIR).mkdir()  # what the run's WriteThrough made (nothing kept: all filled)
-    build_store(root, meta, Data(), teacher, 3, source="write_through", fill_from="the teacher", log=lambda s: None)
+    complete_store(root, meta, Data(), teacher, 3, source="write_through", fill_from="the teacher", log=lambda s: None)
     assert sorted(asked) == list(range(4, 8))  # shard 1's samples only
     assert {i: os.stat(root / "shards" / f"shard-{i:05d}.bin").st_mtime_ns for i in (0, 2)} == untouched
     files = _files(root)

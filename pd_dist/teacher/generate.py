@@ -12,75 +12,24 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 
 from pd_dist.config import ExperimentConfig
 from pd_dist.data import PackedDataset
 from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
-from pd_dist.core.logits import SparseLogits
 from pd_dist.core.monitor import fmt_duration
 from pd_dist.core.runtime import device, model_dtype
 from pd_dist.models import ModelConfig, build_model
 from pd_dist.teacher.specs import teacher_store_meta
 from pd_dist.teacher.val_loss import write_store_teacher_eval
-from pd_dist.teacher.stores import describe_repair, store_state
-from pd_dist.store import StoreFaults, StoreMeta, ShardWriter, shard_ranges, write_manifest
+from pd_dist.teacher.stores import complete_store, describe_repair, store_state
+from pd_dist.store import StoreFaults, StoreMeta, shard_ranges
 from pd_dist.store.format import MANIFEST
 from pd_dist.store.reader import other_inputs
 from pd_dist.cluster.topology import Topology
-
-
-def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
-                logits_fn: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int,
-                compress: bool = True,
-                on_tokens: Callable[[int], None] = lambda n: None) -> dict:
-    """Teacher forward over shard `index`'s samples in fixed micro-batches; returns the shard entry.
-    ``logits_fn(tokens, sample_ids)`` forms the store's signal (the ids key a drawn signal's draws).
-
-    Encoding and writing run on a background thread (zstd and most of numpy release the GIL), so on
-    a GPU the next forward overlaps the previous micro-batch's encoding."""
-    first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
-    jobs: queue.Queue = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-
-    with ShardWriter(root, meta, index, compress=compress) as w:
-        def writer():
-            while True:
-                item = jobs.get()
-                if item is None:
-                    return
-                if failure:
-                    continue  # drain: the producer stops at its next put
-                ids, sparse = item
-                try:
-                    for j, sid in enumerate(ids):
-                        w.add(int(sid), sparse[j])
-                    on_tokens(len(ids) * meta.seq_len)
-                except BaseException as e:  # re-raised on the producer's thread
-                    failure.append(e)
-
-        thread = threading.Thread(target=writer, name=f"pd-store-writer-{index}", daemon=True)
-        thread.start()
-        try:
-            for s in range(first, end, micro_batch):
-                if failure:
-                    break
-                ids = np.arange(s, min(s + micro_batch, end))
-                tokens = torch.from_numpy(data.batch(ids))[:, :-1]
-                jobs.put((ids, logits_fn(tokens, ids).to("cpu")))
-        finally:
-            jobs.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
-        return w.finish()
 
 
 class Progress:
@@ -145,23 +94,17 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, w
     progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
 
     t0 = time.perf_counter()
-    for i in todo:
-        write_shard(root, meta, i, data, teacher, micro, cfg.generate.compress, on_tokens=progress.add)
+    complete_store(root, meta, data, teacher, micro, source="generate", fill_from="the teacher", log=say,
+                   rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier, shards=todo_all,
+                   compress=cfg.generate.compress, on_tokens=progress.add, info=False)
     el = time.perf_counter() - t0
     if todo:
         toks = progress.done
         print(f"[generate rank {topo.dp_rank}] wrote {len(todo)} shard(s), {toks:,} tokens in {el:.1f}s "
               f"({toks / max(el, 1e-9):,.0f} tok/s)", flush=True)
-    topo.barrier()
     if topo.dp_rank == 0:
-        write_manifest(root, meta)
         # The teacher's own held-out loss, which runs trained from this store report beside theirs.
         write_store_teacher_eval(root, data, teacher.val_loss(held_out_batches(data, micro)))
-        for f in (root / "shards").glob(".*.tmp"):  # left by an interrupted run; all shards are complete
-            f.unlink()
-        for f in (root / ".progress").glob("*"):
-            f.unlink()
-        (root / ".progress").rmdir()
         if finished:
             say(f"[generate] repaired {root}: rewrote {describe_repair(damage)}")
         else:

@@ -21,7 +21,7 @@ from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
 from pd_dist.teacher.pipelined import TeacherPipeline
 from pd_dist.teacher.server import Lockstep, StagedTeacherServer, TeacherServer
 from pd_dist.teacher.specs import signal_spec, teacher_store_meta, wire_spec
-from pd_dist.teacher.stores import WriteThrough, build_store, describe_repair, store_state
+from pd_dist.teacher.stores import WriteThrough, complete_store, describe_repair, store_state
 from pd_dist.teacher.val_loss import publish_teacher_val_loss, write_store_teacher_eval
 
 Log = Callable[[str], None]
@@ -106,7 +106,7 @@ def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedD
         print(f"{me}the students stopped before the end of the run: the write-through spools stay in {root} "
               "for the resumed run", flush=True)
         return
-    build_store(root, meta, data, teacher,
+    complete_store(root, meta, data, teacher,
                 cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
                 fill_from="the teacher", log=log, **share)
     if share.get("rank", 0) == 0:  # runs trained from the store report the teacher's held-out loss

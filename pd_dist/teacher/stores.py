@@ -25,7 +25,7 @@ import json
 import queue
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -166,56 +166,107 @@ def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memm
     return {s: (v[2], v[3]) for s, v in best.items()}
 
 
-def build_store(root: Path, meta: StoreMeta, data: PackedDataset,
-                fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int, source: str,
-                fill_from: str, log=print, rank: int = 0, ranks: int = 1,
-                barrier: Callable[[], None] = lambda: None) -> None:
-    """Shards from the spools (round-robin over ``ranks`` ranks, ``barrier`` waiting for all of them),
-    the samples no spool holds from ``fill(tokens, sample_ids)``; then the manifest (rank 0) and
-    ``<source>_info.json``."""
+def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
+                fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int,
+                spooled: Optional[dict] = None, compress: bool = True,
+                on_tokens: Callable[[int], None] = lambda n: None) -> int:
+    """Write shard ``index`` of the store: each sample's signal from ``spooled`` (sample id -> (spool,
+    record), see _latest_records) where a spool holds it, else from ``fill(tokens, sample_ids)``, run in
+    fixed micro-batches over the samples no spool holds (so a shard with no spools has the same
+    micro-batches, and bytes, whoever writes it). Returns how many samples were filled.
+
+    Encoding and writing run on a background thread (zstd and most of numpy release the GIL), so on a
+    GPU the next forward overlaps the previous micro-batch's encoding."""
+    spooled = spooled or {}
+    first, end = shard_ranges(meta.n_samples, meta.shard_size)[index]
+    missing = [sid for sid in range(first, end) if sid not in spooled]
+    jobs: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    with ShardWriter(root, meta, index, compress=compress) as w:
+        cursor = [first]  # the next sample id to write: spooled ones are written as the cursor passes them
+
+        def spooled_until(stop: int) -> None:
+            while cursor[0] < stop:
+                mm, j = spooled[cursor[0]]
+                rec = mm[j]
+                w.add(cursor[0], SparseLogits(torch.from_numpy(np.array(rec["idx"], np.int64)),
+                                              torch.from_numpy(np.array(rec["val"])),
+                                              torch.from_numpy(np.array(rec["lse"]))))
+                cursor[0] += 1
+                on_tokens(meta.seq_len)
+
+        def writer():
+            while True:
+                item = jobs.get()
+                if item is None:
+                    return
+                if failure:
+                    continue  # drain: the producer stops at its next put
+                ids, sparse = item
+                try:
+                    for j, sid in enumerate(ids):
+                        spooled_until(int(sid))
+                        w.add(int(sid), sparse[j])
+                        cursor[0] = int(sid) + 1
+                    on_tokens(len(ids) * meta.seq_len)
+                except BaseException as e:  # re-raised on the producer's thread
+                    failure.append(e)
+
+        thread = threading.Thread(target=writer, name=f"pd-store-writer-{index}", daemon=True)
+        thread.start()
+        try:
+            for b in range(0, len(missing), micro_batch):
+                if failure:
+                    break
+                ids = np.asarray(missing[b:b + micro_batch], dtype=np.int64)
+                jobs.put((ids, fill(torch.from_numpy(data.batch(ids))[:, :-1], ids).to("cpu")))
+        finally:
+            jobs.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
+        spooled_until(end)
+        w.finish()
+    return len(missing)
+
+
+def complete_store(root: Path, meta: StoreMeta, data: PackedDataset,
+                   fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int, source: str,
+                   fill_from: str, log=print, rank: int = 0, ranks: int = 1,
+                   barrier: Callable[[], None] = lambda: None, shards: Optional[set[int]] = None,
+                   compress: bool = True, on_tokens: Callable[[int], None] = lambda n: None,
+                   info: bool = True) -> None:
+    """The one way a store is completed, by generation, write-through and dump alike: this rank writes
+    its shards (round-robin over ``ranks`` ranks) of ``shards`` (default: those not complete yet), each
+    from the spools under ``root`` and, for the samples no spool holds, from ``fill``; then, after
+    ``barrier``, rank 0 writes the manifest, ``<source>_info.json`` (``info``) and clears what the run
+    left behind (spools, temporary shards, progress files)."""
     root = Path(root)
-    dtype = record_dtype(meta.seq_len, meta.width)
-    latest = _latest_records(root / SPOOL_DIR, dtype)
-    ranges = shard_ranges(meta.n_samples, meta.shard_size)
-    filled = 0
-    for i in range(rank, len(ranges), ranks):
-        if shard_done(root, meta, i):
-            continue
-        first, end = ranges[i]
-        missing = [s for s in range(first, end) if s not in latest]
-        computed = {}
-        for b in range(0, len(missing), micro_batch):
-            ids = np.asarray(missing[b:b + micro_batch])
-            sparse = fill(torch.from_numpy(data.batch(ids))[:, :-1], ids).to("cpu")
-            for j, sid in enumerate(ids):
-                computed[int(sid)] = sparse[j]
-        filled += len(missing)
-        with ShardWriter(root, meta, i) as w:
-            for sid in range(first, end):
-                if sid in computed:
-                    sparse = computed[sid]
-                else:
-                    mm, j = latest[sid]
-                    rec = mm[j]
-                    sparse = SparseLogits(torch.from_numpy(np.array(rec["idx"], np.int64)),
-                                          torch.from_numpy(np.array(rec["val"])),
-                                          torch.from_numpy(np.array(rec["lse"])))
-                w.add(sid, sparse)
-            w.finish()
-    print(f"[{source} rank {rank}] {filled} sample(s) not in the spools were filled from {fill_from}",
-          flush=True)
+    spool_dir = root / SPOOL_DIR
+    latest = _latest_records(spool_dir, record_dtype(meta.seq_len, meta.width)) if spool_dir.is_dir() else {}
+    todo = [i for i in range(rank, meta.n_shards, ranks)
+            if (i in shards if shards is not None else not shard_done(root, meta, i))]
+    filled = sum(write_shard(root, meta, i, data, fill, micro_batch, latest, compress, on_tokens) for i in todo)
+    if info:
+        print(f"[{source} rank {rank}] {filled} sample(s) not in the spools were filled from {fill_from}",
+              flush=True)
     barrier()
     if rank == 0:
         write_manifest(root, meta)
-        kept = sum(1 for s in latest if s < meta.n_samples)
-        info = {"source": source, "samples_from_spools": kept, "samples_filled": meta.n_samples - kept,
-                "filled_from": fill_from}
-        (root / f"{source}_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        for f in (root / SPOOL_DIR).glob("*"):
-            f.unlink()
-        (root / SPOOL_DIR).rmdir()
-        log(f"[{source}] store complete: {root} ({kept} samples from the spools, "
-            f"{meta.n_samples - kept} filled from {fill_from})")
+        if info:
+            kept = sum(1 for s in latest if s < meta.n_samples)
+            (root / f"{source}_info.json").write_text(json.dumps(
+                {"source": source, "samples_from_spools": kept, "samples_filled": meta.n_samples - kept,
+                 "filled_from": fill_from}, indent=1, sort_keys=True) + "\n")
+            log(f"[{source}] store complete: {root} ({kept} samples from the spools, "
+                f"{meta.n_samples - kept} filled from {fill_from})")
+        for d, pattern in ((spool_dir, "*"), (root / "shards", ".*.tmp"), (root / ".progress", "*")):
+            if d.is_dir():
+                for f in d.glob(pattern):
+                    f.unlink()
+                if d != root / "shards":
+                    d.rmdir()
     barrier()
 
 
@@ -293,6 +344,6 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
                           torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")
-    build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,
+    complete_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,
                 cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="dump",
                 fill_from="the final model", log=log, rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
