@@ -6,6 +6,7 @@ inside the loss, never as a full [tokens, vocab] matmul.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -132,10 +133,9 @@ class DataParallelStudent:
 
     @torch.no_grad()
     def evaluate(self, micro) -> torch.Tensor:
-        sums = torch.zeros(4, dtype=torch.float64)
+        """This rank's [lm, kd, tokens, top-1] sums over `micro` (held_out_sums, in eval mode)."""
         self.engine.eval()
-        for _ids, inp, tgt, teacher in micro:
-            sums += _sums(self.engine(inp, tgt, teacher=teacher))
+        sums = held_out_sums(self.engine, micro)
         self.engine.train()
         return sums
 
@@ -162,3 +162,32 @@ class DataParallelStudent:
 def _sums(out: StudentOutput) -> torch.Tensor:
     return torch.stack([out.lm_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
                         out.top1_agree.double()]).cpu()
+
+
+@torch.no_grad()
+def held_out_sums(student, micro) -> torch.Tensor:
+    """[lm, kd, tokens, top-1] sums (float64) of the fused loss over ``micro``, an iterable of (sample
+    ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None).
+
+    ``student`` is a :class:`PDStudent` or a DeepSpeed engine wrapping one (the caller sets eval mode).
+    The held-out evaluation of a run (DataParallelStudent.evaluate) and of its exported student
+    (``pd-dist eval``, pd_dist.explore.evaluate) are both this loop: alpha is 0, so the KD sum and the
+    top-1 agreement are measured, not trained, and each micro-batch's sums are added in float64."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for _ids, inp, tgt, teacher in micro:
+        sums += _sums(student(inp, tgt, teacher=teacher))
+    return sums
+
+
+def held_out_figures(sums, with_kd: bool) -> dict[str, float]:
+    """The held-out figures of [lm, kd, tokens, top-1] sums (summed over ranks): ``val_loss`` (mean LM
+    cross-entropy per valid target token, nats), ``ppl`` (exp of it, capped at exp(50)), and with
+    ``with_kd`` (every micro-batch had a teacher signal) ``val_kd_loss`` and ``teacher_top1_agreement``
+    (means per token). No tokens gives a loss of 0 (divided by max(tokens, 1))."""
+    lm_sum, kd_sum, n_tok, top1 = (float(v) for v in sums)
+    val_loss = lm_sum / max(n_tok, 1.0)
+    out = {"val_loss": val_loss, "ppl": math.exp(min(val_loss, 50.0))}
+    if with_kd:
+        out["val_kd_loss"] = kd_sum / max(n_tok, 1.0)
+        out["teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
+    return out

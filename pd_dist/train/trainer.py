@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from pd_dist.core.runtime import StopSignals, device, use_bf16
 from pd_dist.core.schedules import alpha_at, lr_at
 from pd_dist.signals.sources import SignalSource
 from pd_dist.train.pipeline import PipelineStudent
-from pd_dist.train.student import DataParallelStudent
+from pd_dist.train.student import DataParallelStudent, held_out_figures
 from pd_dist.cluster.topology import Topology
 
 
@@ -58,6 +57,16 @@ def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokeni
     if cfg.train.pipeline_stages > 1:
         return PipelineStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
     return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
+
+
+def signalled_micro_batch(data: PackedDataset, source: SignalSource, ids: np.ndarray, dev: torch.device):
+    """(ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None) of the samples
+    ``ids`` on ``dev``: the tuple the student engines' train and evaluate take, with the signal asked of
+    ``source`` (the trainer's step and evaluation, and ``pd-dist eval``)."""
+    batch = torch.from_numpy(data.batch(ids)).to(dev)
+    inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    sig = source.signal(ids, inp)
+    return ids, inp, tgt, None if sig is None else sig.to(dev)
 
 
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
@@ -126,10 +135,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ one step
     def _micro(self, ids: np.ndarray):
         """(ids, input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
-        batch = torch.from_numpy(self.data.batch(ids)).to(self.device)
-        inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        sig = self.source.signal(ids, inp)
-        return ids, inp, tgt, None if sig is None else sig.to(self.device)
+        return signalled_micro_batch(self.data, self.source, ids, self.device)
 
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
@@ -203,13 +209,9 @@ class Trainer:
         unsignalled = float(sum(m[3] is None for m in micro))
         sums = self.student.evaluate(micro)
         shared = self.student.share(torch.cat([sums, torch.tensor([unsignalled], dtype=torch.float64)]))
-        lm_sum, kd_sum, n_tok, top1, unsignalled = _sum_stats(self.topo, shared)
-        val_loss = lm_sum / max(n_tok, 1.0)
-        out = {"eval/val_loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))}
-        if self.reports.has_signal and unsignalled == 0:
-            out["eval/val_kd_loss"] = kd_sum / max(n_tok, 1.0)
-            out["eval/teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
-        return out
+        *totals, unsignalled = _sum_stats(self.topo, shared)
+        figures = held_out_figures(totals, with_kd=self.reports.has_signal and unsignalled == 0)
+        return {f"eval/{k}": v for k, v in figures.items()}
 
     def export(self, out_dir: Path) -> None:
         """save_pretrained (safetensors) of the student with the run's tokenizer (one directory)."""
