@@ -81,7 +81,9 @@ def test_eval_of_an_lm_only_run_has_no_kd_figures(tmp_path, smoke_data, tiny_tea
 
 
 def _store(root, cfg, data, teacher_dir):
-    """A store of the teacher's signal over the training and held-out samples (generate.include_val)."""
+    """A store of the teacher's signal on the held-out samples (generate.include_val); the training
+    samples (never read by the evaluation) all hold the signal of the first micro-batch, which keeps the
+    teacher's forward to two micro-batches' worth."""
     from pd_dist.models import ModelConfig, build_model, model_identity
     from pd_dist.teacher.inference import FrozenTeacher
     from pd_dist.teacher.specs import store_meta
@@ -91,7 +93,16 @@ def _store(root, cfg, data, teacher_dir):
     teacher = FrozenTeacher(build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0),
                             torch.device("cpu"), torch.float32, *cfg.stored_truncation(),
                             cfg.train.loss_chunk_size, keep_lse=True)
-    build_store(root, store_meta(cfg, data, model_identity(teacher_dir, "tiny teacher")), data, teacher,
+    first = []
+
+    def fill(tokens, ids):
+        if int(ids.max()) >= data.n_train:
+            return teacher(tokens, ids)
+        if not first:
+            first.append(teacher(tokens, ids))
+        return first[0][:len(ids)]
+
+    build_store(root, store_meta(cfg, data, model_identity(teacher_dir, "tiny teacher")), data, fill,
                 cfg.train.micro_batch_size, source="generate", fill_from="the teacher", log=lambda *_: None)
 
 
