@@ -40,7 +40,7 @@ from pd_dist.models import ModelConfig, build_model, check_same_tokenizer, weigh
 from pd_dist.signals.sources import SOURCES, NoTeacher, SourceContext, build_source
 from pd_dist.teacher.generate import run_generation
 from pd_dist.teacher.serve import serve_teacher
-from pd_dist.teacher.stores import finish_dump
+from pd_dist.teacher.stores import LogitsDump
 from pd_dist.train.checkpoint import ResumeError, objective
 from pd_dist.train.trainer import Trainer, TrainResult
 
@@ -266,14 +266,17 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         source = NoTeacher()
     # The yardstick: the same student trained LM-only (an online teacher waits for its first request).
     baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
+    export = Path(cfg.output_dir) / "student"
+    # Step hooks: distill.dump_logits spools the student's own logits as it trains and, once the run
+    # finished and exported, makes them a store (when the trainer is closed).
+    hooks = [LogitsDump(cfg, topo, data, export, log=say)] if cfg.distill.dump_logits else []
     try:
         trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as,
                           objective_keys=objective(cfg, teacher_digest(cfg)), resume_overrides=resume_overrides,
-                          stop=stop)
+                          stop=stop, hooks=hooks)
     except ResumeError:
         source.close()  # an online teacher is told this student is done, not left waiting
         raise
-    export = Path(cfg.output_dir) / "student"
     try:
         result = trainer.fit(export_dir=export)
         if result.finished:
@@ -283,8 +286,6 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         source.close(finished=result.finished)
     finally:
         trainer.close()
-    if result.finished and cfg.distill.dump_logits:
-        finish_dump(cfg, topo, data, export, log=say)
     if topo.is_logger:
         summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps))
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -14,13 +14,17 @@ packed data it trained on) and recomputes, on the run's held-out samples:
 - ``downstream``: accuracy (``acc``, ``acc_norm``) per lm-eval task, given as local task YAML files
   (nothing is downloaded), and ``downstream_gain = (PD - LM) / LM`` per task in the paper's form.
 
+The held-out figures take the route of the run's own evaluation: the teacher signal is asked of a
+pd_dist.signals SignalSource (``signal_source``) and the loss sums are the student's
+(pd_dist.train.student.held_out_sums), so ``val_loss``, ``val_kd_loss`` and the agreement are the
+figures the run's final evaluation recorded in its summary.json, recomputed from the export.
+
 The result is written to ``<run_dir>/eval.json``. A bare Hugging Face model directory can be evaluated
 downstream (and on a packed data directory's held-out samples with ``data_dir``).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -36,31 +40,46 @@ def _load_causal_lm(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
 
 
-@torch.no_grad()
-def held_out_metrics(student, batches, teacher=None, kind: str = "nll", temperature: float = 1.0,
-                     chunk_size: int = 1024) -> dict:
-    """Mean LM loss, and with a teacher (a callable input_ids -> SparseLogits) the mean KD loss and top-1
-    agreement, over held-out [B, T + 1] windows; the fused chunked loss the training uses."""
-    from pd_dist.core.losses import fused_pd_loss
-    from pd_dist.models import final_norm_and_head
+def held_out_ids(data, micro_batch: int) -> list:
+    """The sample ids of the data's held-out samples (data.val_samples) in micro-batches of
+    ``micro_batch``, in order: the batches teacher.inference.held_out_batches yields."""
+    val = data.val_ids()
+    return [val[s:s + micro_batch] for s in range(0, len(val), micro_batch)]
 
-    body, head = final_norm_and_head(student)
-    sums = torch.zeros(4, dtype=torch.float64)
-    for window in batches:
-        inp, tgt = window[:, :-1], window[:, 1:]
-        hidden = body(input_ids=inp).last_hidden_state.flatten(0, 1)
-        sig = None if teacher is None else teacher(inp).reshape(-1)
-        out = fused_pd_loss(hidden, head.weight, tgt.flatten(), sig, 0.5 if sig is not None else 0.0, kind,
-                            temperature, 1.0, chunk_size=chunk_size)
-        sums += torch.stack([out.lm_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
-                             out.top1_agree.double()])
-    n = sums[2].item()
+
+def held_out_metrics(model, data, micro_batch: int, source=None, kind: str = "nll", temperature: float = 1.0,
+                     chunk_size: int = 1024, log: Log = print) -> dict:
+    """The held-out figures of ``model`` (a causal LM) on ``data``'s held-out samples, by the route a
+    run's own evaluation takes: each micro-batch's teacher signal asked of ``source`` (a
+    pd_dist.signals SignalSource; None: LM only), the fused loss sums of pd_dist.train.student
+    (held_out_sums, alpha 0) and their figures (held_out_figures).
+
+    Returns ``val_loss``, ``ppl`` and ``tokens``, and where the source gave a signal for every
+    held-out micro-batch ``val_kd_loss`` and ``teacher_top1_agreement`` (loss ``kind`` at
+    ``temperature``, as the run was configured). Raises ValueError when there are no held-out tokens."""
+    from pd_dist.signals.sources import NoTeacher
+    from pd_dist.train.student import PDStudent, held_out_figures, held_out_sums
+    from pd_dist.train.trainer import signalled_micro_batch
+
+    source = source if source is not None else NoTeacher()
+    cpu, unsignalled = torch.device("cpu"), [0]
+
+    def micro():
+        for ids in held_out_ids(data, micro_batch):
+            m = signalled_micro_batch(data, source, ids, cpu)
+            unsignalled[0] += m[3] is None
+            yield m
+
+    student = PDStudent(model, kind, temperature, chunk_size).eval()
+    sums = held_out_sums(student, micro())
+    n = int(sums[2].item())
     if not n:
         raise ValueError("no held-out tokens to evaluate on (data.val_samples = 0?)")
-    res = {"val_loss": sums[0].item() / n, "ppl": math.exp(min(sums[0].item() / n, 50.0)), "tokens": int(n)}
-    if teacher is not None:
-        res.update(val_kd_loss=sums[1].item() / n, teacher_top1_agreement=sums[3].item() / n)
-    return res
+    if source.has_signal and unsignalled[0]:
+        log(f"[eval] no teacher signal for {unsignalled[0]} held-out micro-batch(es) (the store holds no "
+            f"held-out samples): KD figures skipped")
+    figures = held_out_figures(sums, with_kd=source.has_signal and not unsignalled[0])
+    return {"val_loss": figures.pop("val_loss"), "ppl": figures.pop("ppl"), "tokens": n, **figures}
 
 
 def downstream(model_dir: Path, tasks: Sequence[Path], batch_size: int = 8, limit: Optional[int] = None,
@@ -98,37 +117,36 @@ def downstream(model_dir: Path, tasks: Sequence[Path], batch_size: int = 8, limi
     return out
 
 
-def _teacher_for(cfg, data, log: Log):
-    """The run's teacher signal for held-out samples: its teacher model, else its store; None if neither."""
-    from pd_dist.teacher.inference import FrozenTeacher
+def signal_source(cfg, data, log: Log = print):
+    """The run's teacher signal for its held-out samples, as a pd_dist.signals SignalSource on the CPU
+    in fp32: a colocated teacher when the teacher's weights are readable (teacher.path, or the run's
+    pre-trained default teacher), else (distill.mode offline) the run's store, which gives the held-out
+    samples only when it holds them (generate.include_val); NoTeacher for an LM-only run or when neither
+    is readable (the KD figures are then skipped). The signal is the run's (distill.signal, its draws
+    keyed by train.seed and the sample ids, as in training)."""
+    import copy
+    import dataclasses
+
     from pd_dist.models import build_model
     from pd_dist.run import teacher_export_dir
+    from pd_dist.signals.sources import NoTeacher, SourceContext, build_source
 
     d = cfg.distill
     if d.mode == "none":
-        return None, None
+        return NoTeacher()
     tdir = teacher_export_dir(cfg)
-    val = data.val_ids()
-    mb = cfg.train.micro_batch_size
-    # the held-out micro-batches' sample ids, in the order held_out_batches yields them (a drawn
-    # signal's draws are keyed by them)
-    ids = iter([val[s:s + mb] for s in range(0, len(val), mb)])
-    signal = d.signal_spec(cfg.train.seed)
-    if (tdir / "config.json").is_file():
-        model = build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
-        frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, d.top_p, d.top_k, cfg.train.loss_chunk_size,
-                               signal=signal)
-        return (lambda inp: frozen(inp, next(ids))), frozen
-    if d.mode == "offline" and d.store:
-        from pd_dist.store import open_for_training
+    ecfg = copy.deepcopy(cfg)
+    ecfg.train = dataclasses.replace(cfg.train, precision="fp32")
 
-        store = open_for_training(d.store, data_fingerprint=data.fingerprint,
-                                  tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k, signal=signal)
-        if len(store) > int(val.max()):
-            return (lambda inp: store.get_batch(next(ids)).without_lse()), None
-    log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")
-    return None, None
+    def teacher():
+        return build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
+
+    if (tdir / "config.json").is_file():
+        ecfg.distill = dataclasses.replace(d, mode="colocated")
+    elif not (d.mode == "offline" and d.store):
+        log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")
+        return NoTeacher()
+    return build_source(SourceContext(ecfg, None, data, torch.device("cpu"), teacher=teacher, log=log))
 
 
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baseline: Optional[Path] = None,
@@ -136,7 +154,6 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
     """Evaluate one run directory (see the module docstring) and write <run_dir>/eval.json."""
     from pd_dist.config import load_config
     from pd_dist.data import PackedDataset
-    from pd_dist.teacher.inference import held_out_batches
 
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
@@ -147,11 +164,15 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
         raise FileNotFoundError(f"{run_dir}: no exported student (the run has not finished)")
     cfg = load_config(run_dir / "config.yaml")
     data = PackedDataset(Path(cfg.data.dir) if cfg.data.dir else run_dir / "data")
-    batches = list(held_out_batches(data, cfg.train.micro_batch_size))
-    teacher, frozen = _teacher_for(cfg, data, log)
-    result = held_out_metrics(_load_causal_lm(run_dir / "student"), batches, teacher, cfg.distill.loss,
-                              cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
-    result["teacher_val_loss"] = frozen.val_loss(batches) if frozen is not None else _summary(run_dir).get(
+    mb, chunk = cfg.train.micro_batch_size, cfg.train.loss_chunk_size
+    source = signal_source(cfg, data, log)
+    try:
+        result = held_out_metrics(_load_causal_lm(run_dir / "student"), data, mb, source, cfg.distill.loss,
+                                  cfg.distill.loss_temperature, chunk, log=log)
+        teacher_loss = source.teacher_val_loss()
+    finally:
+        source.close()
+    result["teacher_val_loss"] = teacher_loss if teacher_loss is not None else _summary(run_dir).get(
         "teacher_val_loss")
     result["downstream"] = downstream(run_dir / "student", tasks, log=log)
     if baseline is None:
@@ -163,7 +184,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
             baseline = run_dir / "baseline"  # the run's own cached LM-only twin (`baseline: true`)
     result.update(lm_only_val_loss=None, pd_gain=None, downstream_gain={}, baseline_dir=None)
     if baseline is not None and (Path(baseline) / "student" / "config.json").is_file():
-        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), batches)
+        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), data, mb, chunk_size=chunk, log=log)
         lm, pd = base["val_loss"], result["val_loss"]
         result.update(lm_only_val_loss=lm, pd_gain=(lm - pd) / lm, baseline_dir=str(baseline))
         if tasks:
@@ -191,7 +212,6 @@ def evaluate_model(model_dir: str | os.PathLike, tasks: Sequence[Path] = (), dat
                    micro_batch: int = 8, log: Log = print) -> dict:
     """A bare save_pretrained directory: downstream accuracy, and held-out loss on a packed data dir."""
     from pd_dist.data import PackedDataset
-    from pd_dist.teacher.inference import held_out_batches
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -199,7 +219,7 @@ def evaluate_model(model_dir: str | os.PathLike, tasks: Sequence[Path] = (), dat
     result: dict = {}
     if data_dir is not None:
         data = PackedDataset(data_dir)
-        result.update(held_out_metrics(_load_causal_lm(model_dir), list(held_out_batches(data, micro_batch))))
+        result.update(held_out_metrics(_load_causal_lm(model_dir), data, micro_batch, log=log))
     result["downstream"] = downstream(model_dir, tasks, log=log)
     return result
 

@@ -50,9 +50,11 @@ from pd_dist.teacher.val_loss import read_store_teacher_eval, read_teacher_val_l
 @dataclass
 class SourceContext:
     """What a source may need to build itself. `teacher()` obtains the teacher model (loading it, or
-    pre-training the default one); it is only called by sources that run a teacher in this process."""
+    pre-training the default one); it is only called by sources that run a teacher in this process.
+    `topo` is None outside a launched job (``pd-dist eval``): the colocated and offline sources need
+    none, the online one does."""
     cfg: ExperimentConfig
-    topo: Topology
+    topo: Optional[Topology]
     data: PackedDataset
     device: torch.device
     teacher: Callable[[], nn.Module]

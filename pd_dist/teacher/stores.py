@@ -2,11 +2,12 @@
 
 Two producers use it:
 
-* `distill.dump_logits` (:class:`LogitsDump`): an LM-only run writes its own truncated logits as it
-  trains, so a teacher's pre-training pays for the logits (the paper's second source of offline
-  logits). These are the logits of a *moving* model: each sample's entry comes from the model as it was
-  at the step that trained on it (the last such step when a sample is seen more than once). Samples the
-  run never reached are filled at the end from the final model.
+* `distill.dump_logits` (:class:`LogitsDump`, a step hook of the trainer: pd_dist.train.hooks): an
+  LM-only run writes its own truncated logits as it trains, so a teacher's pre-training pays for the
+  logits (the paper's second source of offline logits). These are the logits of a *moving* model: each
+  sample's entry comes from the model as it was at the step that trained on it (the last such step when
+  a sample is seen more than once). Samples the run never reached are filled at the end from the final
+  model.
 * `distill.write_through` (:class:`WriteThrough`): an online teacher replica keeps every signal it
   serves, so later runs (another student, a sweep point, a rerun) train offline from the store with no
   teacher cost. The teacher is frozen and deterministic, so a sample served more than once (by a
@@ -40,7 +41,7 @@ from pd_dist.store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shar
                            write_manifest)
 from pd_dist.store.format import shard_name
 from pd_dist.store.reader import other_inputs
-from pd_dist.teacher.inference import FrozenTeacher
+from pd_dist.teacher.inference import FrozenTeacher, sparse_logits_from_hidden
 from pd_dist.teacher.specs import store_meta
 
 SPOOL_DIR = ".spool"
@@ -82,16 +83,46 @@ class Spool:
             self.fh = None
 
 
-class LogitsDump(Spool):
-    """Per-rank spool of a training run's own logits, truncated to top-p-k (``top_p_k``)."""
+class LogitsDump:
+    """distill.dump_logits as a step hook of the trainer (the interface of pd_dist.train.hooks.StepHook):
+    this rank's spool of the run's own logits, and the store made of all ranks' spools at the end.
 
-    def __init__(self, root: Path, rank: int, seq_len: int, top_p: float, k: int):
-        super().__init__(root, f"rank{rank:05d}", seq_len, k)
-        self.top_p_k = (top_p, k)
+    ``head_output`` (run inside the student's forward, without grad) truncates the student's logits to
+    the store's top-p-k (cfg.stored_truncation(), k at most the vocabulary) chunk by chunk with their
+    logsumexp; ``on_micro_batch`` appends them to ``<distill.store>/.spool/rank<dp rank>.bin`` under the
+    step ``on_step`` announced (the spool is opened at the first step, so a run refused before training
+    leaves no file). ``close(finished)`` closes the spool and, when the run finished (its student
+    exported to ``export_dir``), builds the store over the data-parallel ranks (:func:`finish_dump`,
+    collective: every rank's trainer closes its hook)."""
 
-    def at_step(self, step: int) -> "_StepSink":
-        """What the student's forward hands its own logits to during `step`."""
-        return _StepSink(self, step)
+    def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, export_dir: Path,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.topo, self.data, self.export_dir, self.log = cfg, topo, data, Path(export_dir), log
+        top_p, k = cfg.stored_truncation()
+        self.top_p_k = (top_p, min(k, data.vocab_size))
+        self.spool: Optional[Spool] = None
+        self.step = 0
+
+    def head_output(self, hidden: torch.Tensor, head_weight: torch.Tensor) -> SparseLogits:
+        """The student's own logits as they are now, truncated (one more chunked head pass)."""
+        return sparse_logits_from_hidden(hidden, head_weight, *self.top_p_k, self.cfg.train.loss_chunk_size,
+                                         keep_lse=True)
+
+    def on_step(self, step: int) -> None:
+        if self.spool is None:
+            self.spool = Spool(Path(self.cfg.distill.store), f"rank{self.topo.dp_rank:05d}", self.data.seq_len,
+                               self.top_p_k[1])
+        self.step = step
+
+    def on_micro_batch(self, ids: np.ndarray, output) -> None:
+        self.spool.add(self.step, ids, output.head_output)
+
+    def close(self, finished: bool) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        if finished:
+            (Path(self.cfg.distill.store) / SPOOL_DIR).mkdir(parents=True, exist_ok=True)
+            finish_dump(self.cfg, self.topo, self.data, self.export_dir, log=self.log)
 
 
 class WriteThrough:
@@ -139,14 +170,6 @@ class WriteThrough:
         self.spool.close()
         if self._failure:
             raise RuntimeError(f"write-through to {self.spool.path} failed: {self._failure[0]}") from self._failure[0]
-
-
-class _StepSink:
-    def __init__(self, dump: LogitsDump, step: int):
-        self.dump, self.step, self.top_p_k = dump, step, dump.top_p_k
-
-    def __call__(self, ids: np.ndarray, own: SparseLogits) -> None:
-        self.dump.add(self.step, ids, own)
 
 
 def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memmap, int]]:

@@ -101,11 +101,14 @@ class PipelineStudent:
             labels = (tgt,) if teacher is None else (tgt, teacher.indices, teacher.values)
             yield inp, labels
 
-    def train(self, micro, alpha: float, normalizer: float, own_sink=None) -> torch.Tensor:
+    def train(self, micro, alpha: float, normalizer: float, head_fn=None, on_micro=None) -> torch.Tensor:
         """One optimizer step over `micro` (an iterable of (ids, input_ids, targets, teacher or None),
         produced lazily: only the first and last stage draw from it). Returns [lm, kd, tokens, top-1]
-        sums, on the last stage (zeros elsewhere: see share). (own_sink: dump_logits, refused with
-        pipelines by the config.)"""
+        sums, on the last stage (zeros elsewhere: see share). Step hooks that see micro-batches
+        (``head_fn``, ``on_micro``: pd_dist.train.hooks) are refused: no stage holds a whole
+        micro-batch's output (the config refuses distill.dump_logits with pipelines)."""
+        if head_fn is not None or on_micro is not None:
+            raise ValueError("step hooks that see micro-batches need train.pipeline_stages == 1")
         self.loss.alpha, self.loss.normalizer = alpha, normalizer
         self.loss.scale = float(self.engine.gradient_accumulation_steps() * self.topo.dp_size)
         self.loss.sums.zero_()

@@ -6,14 +6,14 @@ inside the loss, never as a full [tokens, vocab] matmul.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from pd_dist.config import ExperimentConfig, deepspeed_config
-from pd_dist.teacher.inference import sparse_logits_from_hidden
 from pd_dist.core.logits import SparseLogits
 from pd_dist.core.losses import fused_pd_loss
 from pd_dist.models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
@@ -28,7 +28,7 @@ class StudentOutput(NamedTuple):
     kd_sum: torch.Tensor      # sum of KD loss over valid target tokens (0 without a teacher)
     n_tokens: torch.Tensor    # valid target tokens
     top1_agree: torch.Tensor  # valid tokens where the student's argmax is the teacher's top-1
-    own: Optional[SparseLogits] = None  # the student's own truncated logits (distill.dump_logits)
+    head_output: Any = None   # what the forward's head_fn made of the hidden states (step hooks)
 
 
 class PDStudent(nn.Module):
@@ -50,19 +50,20 @@ class PDStudent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, teacher: Optional[SparseLogits] = None,
                 alpha: float = 0.0, normalizer: float = 1.0,
-                own_top_p_k: Optional[tuple[float, int]] = None) -> StudentOutput:
+                head_fn: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None) -> StudentOutput:
+        """The fused loss of one micro-batch. ``head_fn(hidden [B, T, H], head_weight [V, H])``: run
+        without grad on the detached hidden states, its result returned as ``head_output`` (step
+        hooks: pd_dist.train.hooks); inside forward, so ZeRO-3 has the head weight gathered."""
         body, head = final_norm_and_head(self.model)
         hidden = body(input_ids=input_ids).last_hidden_state
         out = fused_pd_loss(hidden.flatten(0, 1), head.weight, targets.flatten(),
                             None if teacher is None else teacher.reshape(-1), alpha, self.kind,
                             self.temperature, normalizer, chunk_size=self.chunk_size)
-        own = None
-        if own_top_p_k is not None:
-            # This model's own truncated logits as it is now: one more chunked head pass without grad,
-            # inside forward so ZeRO-3 has the head weight gathered.
-            own = sparse_logits_from_hidden(hidden.detach(), head.weight, *own_top_p_k, self.chunk_size,
-                                            keep_lse=True)
-        return StudentOutput(out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree, own)
+        extra = None
+        if head_fn is not None:
+            with torch.no_grad():
+                extra = head_fn(hidden.detach(), head.weight)
+        return StudentOutput(out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree, extra)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -113,18 +114,19 @@ class DataParallelStudent:
         """Per-step figures are computed on every rank here (a pipeline's come from its last stage)."""
         return vec
 
-    def train(self, micro, alpha: float, normalizer: float, own_sink=None) -> torch.Tensor:
+    def train(self, micro, alpha: float, normalizer: float, head_fn=None, on_micro=None) -> torch.Tensor:
         """One optimizer step over `micro`, an iterable of (ids, input_ids, targets, teacher or None).
-        Returns this rank's [lm, kd, tokens, top-1] sums. own_sink(ids, own logits): dump_logits."""
+        Returns this rank's [lm, kd, tokens, top-1] sums. Step hooks (pd_dist.train.hooks): ``head_fn``
+        goes to the forward (PDStudent.forward), ``on_micro(ids, output)`` is called after each
+        micro-batch's forward, before its backward."""
         # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
         # the global token sum, so scale by dp size and let the average undo it.
         scale = float(self.topo.dp_size)
-        own = None if own_sink is None else own_sink.top_p_k
         sums = torch.zeros(4, dtype=torch.float64)
         for ids, inp, tgt, teacher in micro:
-            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_top_p_k=own)
-            if own_sink is not None:
-                own_sink(ids, out.own)
+            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, head_fn=head_fn)
+            if on_micro is not None:
+                on_micro(ids, out)
             self.engine.backward(out.loss * scale, scale_wrt_gas=False)
             self.engine.step()
             sums += _sums(out)
@@ -132,10 +134,9 @@ class DataParallelStudent:
 
     @torch.no_grad()
     def evaluate(self, micro) -> torch.Tensor:
-        sums = torch.zeros(4, dtype=torch.float64)
+        """This rank's [lm, kd, tokens, top-1] sums over `micro` (held_out_sums, in eval mode)."""
         self.engine.eval()
-        for _ids, inp, tgt, teacher in micro:
-            sums += _sums(self.engine(inp, tgt, teacher=teacher))
+        sums = held_out_sums(self.engine, micro)
         self.engine.train()
         return sums
 
@@ -162,3 +163,32 @@ class DataParallelStudent:
 def _sums(out: StudentOutput) -> torch.Tensor:
     return torch.stack([out.lm_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
                         out.top1_agree.double()]).cpu()
+
+
+@torch.no_grad()
+def held_out_sums(student, micro) -> torch.Tensor:
+    """[lm, kd, tokens, top-1] sums (float64) of the fused loss over ``micro``, an iterable of (sample
+    ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None).
+
+    ``student`` is a :class:`PDStudent` or a DeepSpeed engine wrapping one (the caller sets eval mode).
+    The held-out evaluation of a run (DataParallelStudent.evaluate) and of its exported student
+    (``pd-dist eval``, pd_dist.explore.evaluate) are both this loop: alpha is 0, so the KD sum and the
+    top-1 agreement are measured, not trained, and each micro-batch's sums are added in float64."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for _ids, inp, tgt, teacher in micro:
+        sums += _sums(student(inp, tgt, teacher=teacher))
+    return sums
+
+
+def held_out_figures(sums, with_kd: bool) -> dict[str, float]:
+    """The held-out figures of [lm, kd, tokens, top-1] sums (summed over ranks): ``val_loss`` (mean LM
+    cross-entropy per valid target token, nats), ``ppl`` (exp of it, capped at exp(50)), and with
+    ``with_kd`` (every micro-batch had a teacher signal) ``val_kd_loss`` and ``teacher_top1_agreement``
+    (means per token). No tokens gives a loss of 0 (divided by max(tokens, 1))."""
+    lm_sum, kd_sum, n_tok, top1 = (float(v) for v in sums)
+    val_loss = lm_sum / max(n_tok, 1.0)
+    out = {"val_loss": val_loss, "ppl": math.exp(min(val_loss, 50.0))}
+    if with_kd:
+        out["val_kd_loss"] = kd_sum / max(n_tok, 1.0)
+        out["teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
+    return out

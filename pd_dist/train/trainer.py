@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from collections.abc import Sequence
@@ -29,8 +28,9 @@ from pd_dist.core.monitor import Monitor, StepTimer, fmt_duration
 from pd_dist.core.runtime import StopSignals, device, use_bf16
 from pd_dist.core.schedules import alpha_at, lr_at
 from pd_dist.signals.sources import SignalSource
+from pd_dist.train.hooks import StepHook
 from pd_dist.train.pipeline import PipelineStudent
-from pd_dist.train.student import DataParallelStudent
+from pd_dist.train.student import DataParallelStudent, held_out_figures
 from pd_dist.cluster.topology import Topology
 
 
@@ -60,6 +60,16 @@ def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokeni
     return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
 
 
+def signalled_micro_batch(data: PackedDataset, source: SignalSource, ids: np.ndarray, dev: torch.device):
+    """(ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None) of the samples
+    ``ids`` on ``dev``: the tuple the student engines' train and evaluate take, with the signal asked of
+    ``source`` (the trainer's step and evaluation, and ``pd-dist eval``)."""
+    batch = torch.from_numpy(data.batch(ids)).to(dev)
+    inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    sig = source.signal(ids, inp)
+    return ids, inp, tgt, None if sig is None else sig.to(dev)
+
+
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
     """Sum scalars (or one stacked vector) over data-parallel ranks in one all_reduce."""
     t = torch.cat([v.detach().double().reshape(-1).cpu() for v in vals])
@@ -71,14 +81,16 @@ class Trainer:
     """Builds the student engine and runs the loop for one ExperimentConfig on one Topology.
 
     `reports_as`: the source class whose figures this rank reports (a pipeline's non-last stages hold no
-    source of their own; their per-step figures come from the last stage)."""
+    source of their own; their per-step figures come from the last stage). `hooks`: step hooks
+    (pd_dist.train.hooks.StepHook), called at each step and micro-batch and closed by :meth:`close`."""
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, source: SignalSource,
                  run_name: str = "student", resume: bool | str = False,
                  reports_as: Optional[type[SignalSource]] = None,
                  objective_keys: Optional[dict] = None, resume_overrides: Sequence[str] = (),
-                 stop: Optional[StopSignals] = None):
+                 stop: Optional[StopSignals] = None, hooks: Sequence[StepHook] = ()):
         self.cfg, self.topo, self.data, self.source = cfg, topo, data, source
+        self.hooks, self.finished = list(hooks), False
         self.reports = reports_as or type(source)
         self.out = Path(cfg.output_dir)
         self.device = device()
@@ -112,24 +124,32 @@ class Trainer:
                                    t.micro_batch_size))
         if source.describe():
             self.monitor.print(source.describe())
-        self.dump = None
-        if cfg.distill.dump_logits:
-            from pd_dist.teacher.stores import LogitsDump
-
-            p, k = cfg.stored_truncation()
-            self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, p, min(k, data.vocab_size))
         if topo.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.student.ds_config, indent=1))
 
     # ------------------------------------------------------------------------------ one step
+    def _hook_calls(self) -> tuple:
+        """(head_fn, on_micro) for the student's train: None, None without hooks. ``head_fn`` gives the
+        tuple of every hook's head_output (None for a hook without one); ``on_micro`` hands each hook
+        the micro-batch's output with its own entry of that tuple as ``head_output``."""
+        if not self.hooks:
+            return None, None
+        fns = [getattr(h, "head_output", None) for h in self.hooks]
+        head_fn = None
+        if any(f is not None for f in fns):
+            def head_fn(hidden, weight):
+                return tuple(None if f is None else f(hidden, weight) for f in fns)
+
+        def on_micro(ids, out):
+            for i, hook in enumerate(self.hooks):
+                hook.on_micro_batch(ids, out._replace(head_output=None if head_fn is None else out.head_output[i]))
+        return head_fn, on_micro
+
     def _micro(self, ids: np.ndarray):
         """(ids, input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
-        batch = torch.from_numpy(self.data.batch(ids)).to(self.device)
-        inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        sig = self.source.signal(ids, inp)
-        return ids, inp, tgt, None if sig is None else sig.to(self.device)
+        return signalled_micro_batch(self.data, self.source, ids, self.device)
 
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
@@ -179,8 +199,10 @@ class Trainer:
         waited0 = source.waited_s
         n_local = float(sum(int((self.data.batch(ids)[:, 1:] != IGNORE_INDEX).sum()) for ids in micro_ids))
         (normalizer,) = _sum_stats(self.topo, torch.tensor(n_local))
-        sink = None if self.dump is None else self.dump.at_step(step)
-        sums = self.student.train((self._micro(ids) for ids in micro_ids), alpha, normalizer, own_sink=sink)
+        for hook in self.hooks:
+            hook.on_step(step)
+        sums = self.student.train((self._micro(ids) for ids in micro_ids), alpha, normalizer,
+                                  *self._hook_calls())
         shared = self.student.share(torch.cat([sums, torch.tensor([source.waited_s - waited0],
                                                                   dtype=torch.float64)]))
         lm_sum, kd_sum, n_tok, top1 = _sum_stats(self.topo, shared[:4])
@@ -203,13 +225,9 @@ class Trainer:
         unsignalled = float(sum(m[3] is None for m in micro))
         sums = self.student.evaluate(micro)
         shared = self.student.share(torch.cat([sums, torch.tensor([unsignalled], dtype=torch.float64)]))
-        lm_sum, kd_sum, n_tok, top1, unsignalled = _sum_stats(self.topo, shared)
-        val_loss = lm_sum / max(n_tok, 1.0)
-        out = {"eval/val_loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))}
-        if self.reports.has_signal and unsignalled == 0:
-            out["eval/val_kd_loss"] = kd_sum / max(n_tok, 1.0)
-            out["eval/teacher_top1_agreement"] = top1 / max(n_tok, 1.0)
-        return out
+        *totals, unsignalled = _sum_stats(self.topo, shared)
+        figures = held_out_figures(totals, with_kd=self.reports.has_signal and unsignalled == 0)
+        return {f"eval/{k}": v for k, v in figures.items()}
 
     def export(self, out_dir: Path) -> None:
         """save_pretrained (safetensors) of the student with the run's tokenizer (one directory)."""
@@ -290,18 +308,21 @@ class Trainer:
         if export_dir is not None:
             self.export(export_dir)
             m.print(f"exported to {export_dir}")
-        if self.dump is not None:
-            self.dump.close()
+        self.finished = True
         m.flush()
         return dataclasses.replace(result, val_loss=ev["eval/val_loss"], val_ppl=ev["eval/ppl"],
                                    teacher_top1_agreement=ev.get("eval/teacher_top1_agreement"),
                                    export_dir=str(export_dir) if export_dir else None)
 
     def close(self) -> None:
-        """Release the engine and logs. The source is its owner's to close (after a finished run: an
-        online source then tells its teacher this student is done)."""
-        if self.dump is not None:
-            self.dump.close()
+        """Release the engine and logs, then close the step hooks (``finished``: fit trained to the last
+        step and exported, so a hook may complete what it built, e.g. a dump's store). The source is its
+        owner's to close (after a finished run: an online source then tells its teacher this student is
+        done)."""
         self.monitor.close()
-        if hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+        try:
+            if hasattr(self.engine, "destroy"):
+                self.engine.destroy()
+        finally:
+            for hook in self.hooks:
+                hook.close(self.finished)
