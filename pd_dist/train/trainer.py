@@ -137,10 +137,9 @@ class Trainer:
         if not self.hooks:
             return None, None
         fns = [getattr(h, "head_output", None) for h in self.hooks]
-        head_fn = None
-        if any(f is not None for f in fns):
-            def head_fn(hidden, weight):
-                return tuple(None if f is None else f(hidden, weight) for f in fns)
+        def heads(hidden, weight):
+            return tuple(None if f is None else f(hidden, weight) for f in fns)
+        head_fn = heads if any(f is not None for f in fns) else None
 
         def on_micro(ids, out):
             for i, hook in enumerate(self.hooks):
