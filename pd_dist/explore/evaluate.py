@@ -38,17 +38,18 @@ def _load_causal_lm(path: Path):
 
 @torch.no_grad()
 def held_out_metrics(student, batches, teacher=None, kind: str = "nll", temperature: float = 1.0,
-                     chunk_size: int = 1024) -> dict:
+                     chunk_size: int = 1024, document_eos: Optional[int] = None) -> dict:
     """Mean LM loss, and with a teacher (a callable input_ids -> SparseLogits) the mean KD loss and top-1
-    agreement, over held-out [B, T + 1] windows; the fused chunked loss the training uses."""
+    agreement, over held-out [B, T + 1] windows; the fused chunked loss the training uses (and its
+    data.document_mask: ``document_eos``)."""
     from pd_dist.core.losses import fused_pd_loss
-    from pd_dist.models import final_norm_and_head
+    from pd_dist.models import body_hidden, final_norm_and_head
 
     body, head = final_norm_and_head(student)
     sums = torch.zeros(4, dtype=torch.float64)
     for window in batches:
         inp, tgt = window[:, :-1], window[:, 1:]
-        hidden = body(input_ids=inp).last_hidden_state.flatten(0, 1)
+        hidden = body_hidden(body, inp, document_eos).flatten(0, 1)
         sig = None if teacher is None else teacher(inp).reshape(-1)
         out = fused_pd_loss(hidden, head.weight, tgt.flatten(), sig, 0.5 if sig is not None else 0.0, kind,
                             temperature, 1.0, chunk_size=chunk_size)
@@ -98,7 +99,7 @@ def downstream(model_dir: Path, tasks: Sequence[Path], batch_size: int = 8, limi
     return out
 
 
-def _teacher_for(cfg, data, log: Log):
+def _teacher_for(cfg, data, log: Log, document_eos: Optional[int] = None):
     """The run's teacher signal for held-out samples: its teacher model, else its store; None if neither."""
     from pd_dist.teacher.inference import FrozenTeacher
     from pd_dist.models import build_model
@@ -117,14 +118,15 @@ def _teacher_for(cfg, data, log: Log):
     if (tdir / "config.json").is_file():
         model = build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
         frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, d.top_p, d.top_k, cfg.train.loss_chunk_size,
-                               signal=signal)
+                               signal=signal, document_eos=document_eos)
         return (lambda inp: frozen(inp, next(ids))), frozen
     if d.mode == "offline" and d.store:
         from pd_dist.store import open_for_training
 
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k, signal=signal)
+                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k, signal=signal,
+                                  document_mask=cfg.data.document_mask)
         if len(store) > int(val.max()):
             return (lambda inp: store.get_batch(next(ids)).without_lse()), None
     log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")
@@ -148,9 +150,10 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
     cfg = load_config(run_dir / "config.yaml")
     data = PackedDataset(Path(cfg.data.dir) if cfg.data.dir else run_dir / "data")
     batches = list(held_out_batches(data, cfg.train.micro_batch_size))
-    teacher, frozen = _teacher_for(cfg, data, log)
+    eos = data.document_eos(cfg.data.document_mask)
+    teacher, frozen = _teacher_for(cfg, data, log, eos)
     result = held_out_metrics(_load_causal_lm(run_dir / "student"), batches, teacher, cfg.distill.loss,
-                              cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
+                              cfg.distill.loss_temperature, cfg.train.loss_chunk_size, eos)
     result["teacher_val_loss"] = frozen.val_loss(batches) if frozen is not None else _summary(run_dir).get(
         "teacher_val_loss")
     result["downstream"] = downstream(run_dir / "student", tasks, log=log)
@@ -163,7 +166,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
             baseline = run_dir / "baseline"  # the run's own cached LM-only twin (`baseline: true`)
     result.update(lm_only_val_loss=None, pd_gain=None, downstream_gain={}, baseline_dir=None)
     if baseline is not None and (Path(baseline) / "student" / "config.json").is_file():
-        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), batches)
+        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), batches, document_eos=eos)
         lm, pd = base["val_loss"], result["val_loss"]
         result.update(lm_only_val_loss=lm, pd_gain=(lm - pd) / lm, baseline_dir=str(baseline))
         if tasks:
