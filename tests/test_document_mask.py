@@ -243,3 +243,53 @@ def test_resume_refuses_a_changed_mask_and_reads_older_checkpoints_as_off():
     assert check_run_state(state, old, sampler, "fp", objective(old, "w1")) == []
     with pytest.raises(ResumeError, match="data.document_mask"):
         check_run_state(state, on, sampler, "fp", objective(on, "w1"))
+
+
+# ------------------------------------------------------------------------------- through the launcher
+def _short_documents(path) -> None:
+    """A corpus of short documents (a few lines of this repository's code each): most 64-token windows
+    hold a document boundary, so the mask changes every loss."""
+    import json
+    import random
+
+    from conftest import REPO
+
+    lines = [ln.strip() for f in sorted((REPO / "pd_dist").rglob("*.py")) for ln in f.read_text().splitlines()
+             if len(ln.strip()) > 20]
+    rng = random.Random(0)
+    with open(path, "w") as fh:
+        for _ in range(600):
+            start = rng.randrange(len(lines) - 8)
+            fh.write(json.dumps({"text": "\n".join(lines[start:start + rng.randint(1, 4)])}) + "\n")
+
+
+@pytest.mark.multiproc
+def test_pipelined_student_and_teacher_train_as_one_rank_does(tmp_path, smoke_data, tiny_teacher_dir):
+    """On short documents with the mask on, a 2-stage student pipeline (colocated teacher) and a 2-stage
+    teacher pipeline (online) give the one-rank run's losses, and those are not the unmasked ones."""
+    from conftest import launch, read_summary
+    from test_layouts import COMMON
+
+    corpus = tmp_path / "short.jsonl"
+    _short_documents(corpus)
+    data = [f"data.dir={tmp_path / 'data'}", "data.source=files", f"data.files=[{corpus}]",
+            f"data.tokenizer={smoke_data.tokenizer_dir}"]  # the tiny teacher's tokenizer
+
+    def run(name, nprocs, mode, *extra):
+        out = tmp_path / name
+        launch(nprocs, COMMON + data + [f"output_dir={out}", f"teacher.path={tiny_teacher_dir}",
+                                        f"distill.mode={mode}", "train.zero_stage=0",
+                                        "train.micro_batch_size=4", *extra], cwd=tmp_path)
+        return read_summary(out)
+
+    ref = run("ref", 1, "colocated", "data.document_mask=true")
+    plain = run("plain", 1, "colocated")
+    assert ref["losses"] != pytest.approx(plain["losses"], rel=1e-4)
+    assert ref["teacher_val_loss"] != pytest.approx(plain["teacher_val_loss"], rel=1e-4)
+    pp = run("pp", 2, "colocated", "train.pipeline_stages=2", "data.document_mask=true")
+    tpp = run("tpp", 3, "online", "topology.teacher_ranks=[0,1]", "teacher.pipeline_stages=2",
+              "data.document_mask=true")
+    for s in (pp, tpp):
+        assert s["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+        assert s["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+        assert s["teacher_val_loss"] == pytest.approx(ref["teacher_val_loss"], rel=1e-6)
