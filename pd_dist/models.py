@@ -315,4 +315,5 @@ def body_hidden(body, input_ids: torch.Tensor, document_eos: Optional[int] = Non
     if document_eos is None:
         return body(input_ids=input_ids).last_hidden_state
     dtype = body.get_input_embeddings().weight.dtype
-    return body(input_ids=input_ids, **document_inputs(body.config, input_ids, document_eos, dtype)).last_hidden_state
+    masked = document_inputs(body.config, input_ids, document_eos, dtype)
+    return body(input_ids=input_ids, **masked).last_hidden_state

@@ -61,8 +61,9 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     temperature, the alpha schedule, wire dtype), the teacher (preset, path and `teacher_weights`, a
     models.weights_digest or a store's teacher hash; None where this rank cannot read it), the
     optimizer and LR schedule, clipping, and data.document_mask (what the student attends to; the rest
-    of the data is checked by its fingerprint and order). A resumed run must keep every one of them unless told
-    otherwise (`--resume-override KEY`); a key added to those sections is covered without listing it."""
+    of the data is checked by its fingerprint and order). A resumed run must keep every one of them
+    unless told otherwise (`--resume-override KEY`); a key added to those sections is covered without
+    listing it."""
     distill = {k: v for k, v in to_dict(cfg.distill).items() if k not in DISTILL_OPERATIONAL}
     keys: dict[str, Any] = _flat("model", to_dict(cfg.model))
     keys.update(_flat("distill", distill))

@@ -73,7 +73,8 @@ class PipelineStudent:
         self.conf = conf
         self.loss = PipelineLoss(cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
         module = pipeline_module(conf, LayerWeights(cfg.train.seed, conf.initializer_range, cfg.model.path),
-                                 self.loss, topo.dp_size, topo.stages, loss_fn=self.loss, document_eos=document_eos)
+                                 self.loss, topo.dp_size, topo.stages, loss_fn=self.loss,
+                                 document_eos=document_eos)
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                       eps=o.eps)
