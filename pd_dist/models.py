@@ -262,3 +262,58 @@ def preset_param_count(preset: str, vocab_size: int) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(preset_config(ModelConfig(preset=preset), vocab_size))
     return count_params(model)
+
+
+# ----------------------------------------------------------------------------------- document masking
+# data.document_mask: a packed window holds several documents (each ends with EOS); with the mask each
+# token attends only to the earlier tokens of its own document and its position restarts at 0 where its
+# document starts (the Llama 3 recipe). The window's first document usually began in an earlier window:
+# its positions start at 0 at the window's start.
+
+def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids [B, T] (int64) restarting at 0 at the window's start and right after each EOS."""
+    B, T = input_ids.shape
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    start_of = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_of
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask [B, 1, T, T] (bool, True: may attend) of document position ids
+    (document_position_ids: a document starts exactly where its position is 0). It is a function of the
+    positions alone, so a pipeline stage rebuilds it from the positions it receives."""
+    doc = (position_ids == 0).cumsum(dim=1)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+def attention_mask_for(conf, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: may attend) in the form the model's attention takes as a prepared 4D mask:
+    sdpa takes it as it is, eager adds it to the scores (0 or the dtype's lowest value)."""
+    impl = getattr(conf, "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"data.document_mask needs sdpa or eager attention, this model uses {impl!r}")
+
+
+def document_inputs(conf, input_ids: torch.Tensor, eos_id: int, dtype: torch.dtype) -> dict:
+    """Keyword arguments (position_ids, attention_mask) of a Llama-family decoder body for document
+    masking of the packed windows ``input_ids`` [B, T]."""
+    pos = document_position_ids(input_ids, eos_id)
+    return {"position_ids": pos, "attention_mask": attention_mask_for(conf, document_causal_mask(pos), dtype)}
+
+
+def body_hidden(body, input_ids: torch.Tensor, document_eos: Optional[int] = None) -> torch.Tensor:
+    """The decoder body's final hidden states [B, T, H] of token windows; with ``document_eos`` (the
+    EOS id, data.document_mask) each document of a window is attended to on its own."""
+    if document_eos is None:
+        return body(input_ids=input_ids).last_hidden_state
+    dtype = body.get_input_embeddings().weight.dtype
+    masked = document_inputs(body.config, input_ids, document_eos, dtype)
+    return body(input_ids=input_ids, **masked).last_hidden_state

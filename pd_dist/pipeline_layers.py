@@ -1,7 +1,14 @@
 """A Llama-family causal LM as DeepSpeed pipeline layers, for the pipelined student
 (pd_dist.train.pipeline) and the pipelined teacher (pd_dist.teacher.pipelined): embedding, each decoder
 layer, final norm + LM head. Each layer draws its weights by its Hugging Face name (models.init_weights)
-or reads them from a save_pretrained directory, so a stage builds only its own layers."""
+or reads them from a save_pretrained directory, so a stage builds only its own layers.
+
+With data.document_mask the activations between layers are (hidden states, position ids): the embedding
+computes each token's position within its document from the token ids (models.document_position_ids)
+and every decoder layer rebuilds the block-diagonal causal mask from those positions (a document starts
+where its position is 0), so the document structure reaches every stage at the cost of one int64 per
+token, not a [T, T] mask per micro-batch and not the token ids (which would need the EOS id on every
+stage). Without it the activations are the hidden states alone, as before."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from pd_dist.models import ModelConfig, init_weights, load_weights, preset_config
+from pd_dist.models import (ModelConfig, attention_mask_for, document_causal_mask, document_position_ids,
+                            init_weights, load_weights, preset_config)
 
 
 def hf_config(model: ModelConfig, vocab_size: int):
@@ -39,13 +47,20 @@ class LayerWeights:
 
 
 class EmbeddingPipe(nn.Module):
-    def __init__(self, conf, weights: LayerWeights):
+    """The token embedding; with ``document_eos`` (data.document_mask) it also gives each token's
+    position within its document: the activations become (hidden, position ids)."""
+
+    def __init__(self, conf, weights: LayerWeights, document_eos: Optional[int] = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(conf.vocab_size, conf.hidden_size)
+        self.document_eos = document_eos
         weights.fill(self, "model.")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor):
+        hidden = self.embed_tokens(input_ids)
+        if self.document_eos is None:
+            return hidden
+        return hidden, document_position_ids(input_ids, self.document_eos)
 
 
 class DecoderPipe(nn.Module):
@@ -61,9 +76,15 @@ class DecoderPipe(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config=conf)
         weights.fill(self.layer, f"model.layers.{index}.")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         from transformers.masking_utils import create_causal_mask
 
+        if isinstance(x, (tuple, list)):  # data.document_mask: (hidden, document position ids)
+            hidden, pos = x
+            mask = attention_mask_for(self.conf, document_causal_mask(pos), hidden.dtype)
+            return self.layer(hidden, attention_mask=mask, position_ids=pos,
+                              position_embeddings=self.rotary(hidden, position_ids=pos)), pos
+        hidden = x
         pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.conf, inputs_embeds=hidden, attention_mask=None, cache=None,
                                   position_ids=pos)
@@ -85,17 +106,19 @@ class NormHeadPipe(nn.Module):
         weights.fill(self.lm_head, "lm_head.")
         holder.head = self.lm_head  # the loss (student) or the truncation (teacher) uses it
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, x) -> torch.Tensor:
+        return self.norm(x[0] if isinstance(x, (tuple, list)) else x)
 
 
-def pipeline_module(conf, weights: LayerWeights, holder, dp_size: int, stages: int, loss_fn=None):
+def pipeline_module(conf, weights: LayerWeights, holder, dp_size: int, stages: int, loss_fn=None,
+                    document_eos: Optional[int] = None):
     """The PipelineModule of this model over a (data, pipe) grid, pipe axis fastest; decoder layers are
-    spread evenly over the stages (the embedding goes with the first, norm and head with the last)."""
+    spread evenly over the stages (the embedding goes with the first, norm and head with the last).
+    ``document_eos``: the EOS id when data.document_mask is on (see the module's doc)."""
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
-    specs = [LayerSpec(EmbeddingPipe, conf, weights)]
+    specs = [LayerSpec(EmbeddingPipe, conf, weights, document_eos)]
     specs += [LayerSpec(DecoderPipe, conf, i, weights) for i in range(conf.num_hidden_layers)]
     specs += [LayerSpec(NormHeadPipe, conf, weights, holder)]
     return PipelineModule(layers=specs, loss_fn=loss_fn, partition_method="type:DecoderPipe",

@@ -61,6 +61,11 @@ class DataConfig:
         "characters of the corpus the BPE is trained on (spread evenly over the preparation shards)",
         int_bits=63))
     seq_len: int = field(default=256, metadata=doc("tokens per training sample"))
+    document_mask: bool = field(default=False, metadata=doc(
+        "attend only within each document of a packed sample (documents end with the tokenizer's EOS), "
+        "with position ids restarting at each document (the Llama 3 recipe), for the student and every "
+        "teacher forward; off (the paper's setting): each sample is attended causally as one sequence. "
+        "A teacher-logits store records it, and a resume must keep it"))
     val_samples: int = field(default=32, metadata=doc(
         "samples held out at the end for evaluation (split over a blend's sources by weight)"))
     loader_workers: int = field(default=2, metadata=doc(

@@ -109,6 +109,19 @@ class PackedDataset:
     def tokenizer_dir(self) -> Path:
         return self.path / "tokenizer"
 
+    def document_eos(self, document_mask: bool) -> Optional[int]:
+        """With data.document_mask, the EOS id that ends every document of the token streams (the
+        tokenizer's): where the model's attention is cut within a window. None when the mask is off."""
+        if not document_mask:
+            return None
+        from pd_dist.data.prepare import load_tokenizer
+
+        eos = load_tokenizer(self.tokenizer_dir).eos_token_id
+        if eos is None:
+            raise DataError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, so its documents have no "
+                            "boundaries to mask at: set data.document_mask false")
+        return int(eos)
+
     def locate(self, i: int) -> tuple[int, int]:
         """(source, window) of flat sample id ``i``."""
         if 0 <= i < self.n_train:

@@ -48,7 +48,7 @@ def held_out_ids(data, micro_batch: int) -> list:
 
 
 def held_out_metrics(model, data, micro_batch: int, source=None, kind: str = "nll", temperature: float = 1.0,
-                     chunk_size: int = 1024, log: Log = print) -> dict:
+                     chunk_size: int = 1024, log: Log = print, document_eos: Optional[int] = None) -> dict:
     """The held-out figures of ``model`` (a causal LM) on ``data``'s held-out samples, by the route a
     run's own evaluation takes: each micro-batch's teacher signal asked of ``source`` (a
     pd_dist.signals SignalSource; None: LM only), the fused loss sums of pd_dist.train.student
@@ -56,7 +56,8 @@ def held_out_metrics(model, data, micro_batch: int, source=None, kind: str = "nl
 
     Returns ``val_loss``, ``ppl`` and ``tokens``, and where the source gave a signal for every
     held-out micro-batch ``val_kd_loss`` and ``teacher_top1_agreement`` (loss ``kind`` at
-    ``temperature``, as the run was configured). Raises ValueError when there are no held-out tokens."""
+    ``temperature``, as the run was configured; ``document_eos``: its data.document_mask). Raises
+    ValueError when there are no held-out tokens."""
     from pd_dist.signals.sources import NoTeacher
     from pd_dist.train.student import PDStudent, held_out_figures, held_out_sums
     from pd_dist.train.trainer import signalled_micro_batch
@@ -70,7 +71,7 @@ def held_out_metrics(model, data, micro_batch: int, source=None, kind: str = "nl
             unsignalled[0] += m[3] is None
             yield m
 
-    student = PDStudent(model, kind, temperature, chunk_size).eval()
+    student = PDStudent(model, kind, temperature, chunk_size, document_eos=document_eos).eval()
     sums = held_out_sums(student, micro())
     n = int(sums[2].item())
     if not n:
@@ -166,9 +167,10 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
     data = PackedDataset(Path(cfg.data.dir) if cfg.data.dir else run_dir / "data")
     mb, chunk = cfg.train.micro_batch_size, cfg.train.loss_chunk_size
     source = signal_source(cfg, data, log)
+    eos = data.document_eos(cfg.data.document_mask)
     try:
         result = held_out_metrics(_load_causal_lm(run_dir / "student"), data, mb, source, cfg.distill.loss,
-                                  cfg.distill.loss_temperature, chunk, log=log)
+                                  cfg.distill.loss_temperature, chunk, log=log, document_eos=eos)
         teacher_loss = source.teacher_val_loss()
     finally:
         source.close()
@@ -184,7 +186,8 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
             baseline = run_dir / "baseline"  # the run's own cached LM-only twin (`baseline: true`)
     result.update(lm_only_val_loss=None, pd_gain=None, downstream_gain={}, baseline_dir=None)
     if baseline is not None and (Path(baseline) / "student" / "config.json").is_file():
-        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), data, mb, chunk_size=chunk, log=log)
+        base = held_out_metrics(_load_causal_lm(Path(baseline) / "student"), data, mb, chunk_size=chunk, log=log,
+                                document_eos=eos)
         lm, pd = base["val_loss"], result["val_loss"]
         result.update(lm_only_val_loss=lm, pd_gain=(lm - pd) / lm, baseline_dir=str(baseline))
         if tasks:

@@ -156,7 +156,8 @@ class ColocatedTeacher(SignalSource):
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
         d = ctx.cfg.distill
         return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size, signal=signal_spec(ctx.cfg)),
+                                 d.top_k, ctx.cfg.train.loss_chunk_size, signal=signal_spec(ctx.cfg),
+                                 document_eos=ctx.data.document_eos(ctx.cfg.data.document_mask)),
                    ctx.data, ctx.cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
@@ -274,7 +275,7 @@ class StoredLogits(SignalSource):
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
                                   vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k,
-                                  signal=signal_spec(ctx.cfg))
+                                  signal=signal_spec(ctx.cfg), document_mask=ctx.cfg.data.document_mask)
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):

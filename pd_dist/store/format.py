@@ -83,6 +83,9 @@ class StoreMeta:
     # The teacher signal: {} for top-p-k (top_p, top_k above); else {"kind": "sampled" | "head_tail",
     # "samples", "temperature", "seed"} (head_tail's head is top_p, top_k; sampled has top_p 1, top_k n)
     signal: dict = field(default_factory=dict)
+    # data.document_mask of the teacher's forward (each document of a window attended to on its own).
+    # Absent from the manifest (and its digest) when false: a store written before it reads as false.
+    document_mask: bool = False
 
     @property
     def signal_spec(self) -> SignalSpec:
@@ -125,7 +128,7 @@ class StoreMeta:
                       data_fingerprint=str(self.data_fingerprint), seq_len=int(self.seq_len),
                       vocab_size=int(self.vocab_size), top_p=float(self.top_p), top_k=int(self.top_k),
                       n_samples=int(self.n_samples), shard_size=int(self.shard_size), encoding=enc,
-                      signal=sig)
+                      signal=sig, document_mask=self.document_mask)
         m.validate()
         return m
 
@@ -146,6 +149,8 @@ class StoreMeta:
             raise ValueError("StoreMeta.vocab_size must be < 2^32")
         check_encoding(self.value_encoding)
         self._validate_signal()
+        if not isinstance(self.document_mask, bool):
+            raise ValueError(f"StoreMeta.document_mask must be true or false, got {self.document_mask!r}")
         lvl = self.encoding.get("zstd_level", DEFAULT_ZSTD_LEVEL)
         if isinstance(lvl, bool) or not isinstance(lvl, int) or not 1 <= lvl <= 22:
             raise ValueError(f"encoding zstd_level must be an integer in [1, 22], got {lvl!r}")
@@ -185,6 +190,8 @@ class StoreMeta:
         d = asdict(self)
         if not d["signal"]:
             del d["signal"]  # top-p-k: the metadata (and its digest) of format version 1
+        if not d["document_mask"]:
+            del d["document_mask"]  # off: the metadata (and its digest) of a store that predates it
         return d
 
     @classmethod
@@ -194,7 +201,8 @@ class StoreMeta:
         missing = [n for n in names if n not in d]
         if missing:
             raise StoreError(f"manifest lacks {missing}")
-        return cls(**{n: d[n] for n in names}, signal=d.get("signal") or {})
+        return cls(**{n: d[n] for n in names}, signal=d.get("signal") or {},
+                   document_mask=d.get("document_mask", False))
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved meta (identifies what the shards were written for)."""

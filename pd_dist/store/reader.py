@@ -283,7 +283,7 @@ class LogitsStore:
         return self.meta.n_samples
 
     def check_compatible(self, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p,
-                         top_k, signal: Optional[SignalSpec] = None) -> None:
+                         top_k, signal: Optional[SignalSpec] = None, document_mask: bool = False) -> None:
         """Refuse (StoreError) a store that was not made for this run's data and signal.
 
         Data fingerprint, tokenizer, seq_len and vocabulary must match. For top-p-k (``signal`` None or
@@ -291,7 +291,7 @@ class LogitsStore:
         >= top_k and store top_p >= top_p); a wider store is re-truncated on load by
         get(..., top_p, top_k). A drawn signal (sampled, head_tail) cannot be re-drawn: the store must
         hold the same kind with the same draws (samples, temperature, seed) and, for head_tail, the same
-        head truncation."""
+        head truncation. data.document_mask must match: the teacher's forward depends on it."""
         m, where = self.meta, f"teacher-logits store {self.root}"
         problems = []
         if m.data_fingerprint != data_fingerprint:
@@ -303,6 +303,9 @@ class LogitsStore:
             problems.append(f"its seq_len is {m.seq_len}, the run's is {seq_len}")
         if m.vocab_size != vocab_size:
             problems.append(f"its vocab_size is {m.vocab_size}, the run's is {vocab_size}")
+        if m.document_mask != bool(document_mask):
+            problems.append(f"it was generated with data.document_mask={str(m.document_mask).lower()}, the run "
+                            f"has data.document_mask={str(bool(document_mask)).lower()}")
         have = m.signal_spec
         want = signal if signal is not None else SignalSpec("top_p_k", float(top_p), int(top_k))
         if have.kind != want.kind:
@@ -427,12 +430,14 @@ class LogitsStore:
 
 
 def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p, top_k,
-                      signal: Optional[SignalSpec] = None, verify: bool = False) -> LogitsStore:
+                      signal: Optional[SignalSpec] = None, verify: bool = False,
+                      document_mask: bool = False) -> LogitsStore:
     """Open a store for a run: check_compatible, then make get/get_batch/iteration default to the
     run's (top_p, top_k), re-truncating a wider top-p-k store on load (a drawn signal is read whole)."""
     store = LogitsStore(root, verify=verify)
     store.check_compatible(data_fingerprint=data_fingerprint, tokenizer_hash=tokenizer_hash,
-                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k, signal=signal)
+                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k, signal=signal,
+                           document_mask=document_mask)
     if not store.meta.signal:
         store.default_top_p = float(top_p)
         store.default_top_k = min(int(top_k), int(vocab_size))
@@ -722,6 +727,7 @@ def store_info(root) -> dict:
         "root": str(root), "format_version": man["format_version"], "teacher": meta.teacher,
         "tokenizer_hash": meta.tokenizer_hash, "data_fingerprint": meta.data_fingerprint,
         "seq_len": meta.seq_len, "vocab_size": meta.vocab_size, "top_p": meta.top_p, "top_k": meta.top_k,
+        "document_mask": meta.document_mask,
         "signal": {"kind": meta.signal_spec.kind, **meta.signal_spec.params(), "width": meta.width,
                    "describe": meta.signal_spec.describe()},
         "encoding": meta.encoding, "n_samples": meta.n_samples, "shard_size": meta.shard_size,

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pd_dist.core.logits import SignalSpec, SparseLogits, sample_keys, truncate
-from pd_dist.models import final_norm_and_head
+from pd_dist.models import body_hidden, final_norm_and_head
 
 
 def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -57,19 +57,22 @@ class FrozenTeacher:
     is already placed by its engine and is not moved here.
     ``signal``: a drawn signal (distill.signal sampled or head_tail) answers with it instead of the
     top-p-k truncation; its draws are keyed by (seed, sample id, position), so it is called as
-    ``teacher(input_ids, sample_ids)``."""
+    ``teacher(input_ids, sample_ids)``.
+    ``document_eos``: data.document_mask's EOS id (each document of a window attended to on its own)."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, top_p: float, top_k: int,
-                 chunk_size: int, keep_lse: bool = False, gather=None, signal: Optional[SignalSpec] = None):
+                 chunk_size: int, keep_lse: bool = False, gather=None, signal: Optional[SignalSpec] = None,
+                 *, document_eos: Optional[int] = None):
         self.model = freeze(model, device, dtype) if gather is None else model.eval().requires_grad_(False)
         self.device, self.gather = device, gather or (lambda params: contextlib.nullcontext())
         self.top_p, self.top_k, self.chunk_size, self.keep_lse = top_p, top_k, chunk_size, keep_lse
         self.signal = signal if signal is not None and signal.drawn else None
+        self.document_eos = document_eos
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, sample_ids=None) -> SparseLogits:
         body, head = final_norm_and_head(self.model)
-        hidden = body(input_ids=input_ids.to(self.device)).last_hidden_state
+        hidden = body_hidden(body, input_ids.to(self.device), self.document_eos)
         keys = None
         if self.signal is not None:
             if sample_ids is None:  # a dummy forward (lockstep padding): its answer is dropped
@@ -87,7 +90,7 @@ class FrozenTeacher:
         total, count = 0.0, 0
         for window in batches:
             window = torch.as_tensor(window, device=self.device)
-            hidden = body(input_ids=window[:, :-1]).last_hidden_state.flatten(0, 1)
+            hidden = body_hidden(body, window[:, :-1], self.document_eos).flatten(0, 1)
             targets = window[:, 1:].flatten()
             with self.gather([head.weight]):
                 for s in range(0, hidden.shape[0], self.chunk_size):

@@ -24,10 +24,11 @@ class TeacherPipeline:
     """A teacher replica as a forward-only DeepSpeed pipeline on the teacher world (teacher.pipeline_stages
     > 1): the same layer specs as the student's, no loss, no optimizer; `__call__(micro_batches, n)` runs
     n micro-batches through it (teacher.server.StagedTeacherServer's forward) and, on the last stage, truncates
-    each output to top-p-k with the head weight that lives there."""
+    each output to top-p-k with the head weight that lives there. ``document_eos``: data.document_mask's
+    EOS id (pd_dist.pipeline_layers)."""
 
     def __init__(self, weights_cfg, topo: Topology, vocab_size: int, micro_batch: int, dtype: torch.dtype,
-                 top_p: float, top_k: int, chunk_size: int, seed: int):
+                 top_p: float, top_k: int, chunk_size: int, seed: int, document_eos: Optional[int] = None):
         import deepspeed
 
         conf = hf_config(weights_cfg, vocab_size)
@@ -35,7 +36,7 @@ class TeacherPipeline:
             raise ValueError("teacher.pipeline_stages > 1 needs a teacher with an untied LM head")
         self.holder = _Head(chunk_size)  # the last stage's LM head lands here
         module = pipeline_module(conf, LayerWeights(seed, conf.initializer_range, weights_cfg.path), self.holder,
-                                 topo.dp_size, topo.stages)
+                                 topo.dp_size, topo.stages, document_eos=document_eos)
         module.requires_grad_(False)
         ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
               "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10 ** 9}

@@ -46,7 +46,8 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
     teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
-                            signal=signal_spec(cfg), keep_lse=bool(d.write_through))
+                            signal=signal_spec(cfg), keep_lse=bool(d.write_through),
+                            document_eos=data.document_eos(cfg.data.document_mask))
     val_loss = teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size))
     publish_teacher_val_loss(topo, val_loss)
     spec = wire_spec(cfg, data)
@@ -119,7 +120,8 @@ def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: Packed
     answers, all stages of all replicas step in lockstep (StagedTeacherServer)."""
     d, spec = cfg.distill, wire_spec(cfg, data)
     pipe = TeacherPipeline(weights, topo, data.vocab_size, spec.micro_batch, dtype, d.top_p, d.top_k,
-                           cfg.train.loss_chunk_size, cfg.train.seed)
+                           cfg.train.loss_chunk_size, cfg.train.seed,
+                           document_eos=data.document_eos(cfg.data.document_mask))
     replica = topo.dp_rank
     entry, exit_ = topo.layout.entry(replica), topo.layout.exit(replica)
     loss = pipe.val_loss(data)

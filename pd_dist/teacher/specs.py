@@ -30,17 +30,20 @@ def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
     d = cfg.distill
     dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     sig = signal_spec(cfg)
+    params = sig.params()
+    if cfg.data.document_mask:  # the teacher's answers depend on it (absent when off: older peers agree)
+        params["document_mask"] = True
     return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
                     seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
                     top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
                     micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
-                    signal_params=json.dumps(sig.params(), sort_keys=True), n_samples=data.n_train + data.n_val)
+                    signal_params=json.dumps(params, sort_keys=True), n_samples=data.n_train + data.n_val)
 
 
 def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
     """The store a run of `cfg` writes (generation, or dump_logits): the run's signal; for top-p-k at
     truncation generate.top_p/top_k (default: distill's); the training samples plus the held-out ones
-    when generate.include_val."""
+    when generate.include_val; data.document_mask (the teacher's forward depends on it)."""
     g = cfg.generate
     top_p, top_k = cfg.stored_truncation()
     sig = signal_spec(cfg)
@@ -52,7 +55,8 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> Sto
                      data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
                      top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
                      shard_size=g.shard_size, signal=signal,
-                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding)).resolved()
+                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
+                     document_mask=cfg.data.document_mask).resolved()
 
 
 def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset, weights: ModelConfig) -> StoreMeta:

@@ -364,7 +364,8 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
     """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
     exported final model."""
     final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
-                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
+                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True,
+                          document_eos=data.document_eos(cfg.data.document_mask))
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")
     complete_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,

@@ -60,13 +60,16 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     key but where files are and how far ahead to fetch: mode, signal, samples, truncation, loss,
     temperature, the alpha schedule, wire dtype), the teacher (preset, path and `teacher_weights`, a
     models.weights_digest or a store's teacher hash; None where this rank cannot read it), the
-    optimizer and LR schedule, and clipping. A resumed run must keep every one of them unless told
-    otherwise (`--resume-override KEY`); a key added to those sections is covered without listing it."""
+    optimizer and LR schedule, clipping, and data.document_mask (what the student attends to; the rest
+    of the data is checked by its fingerprint and order). A resumed run must keep every one of them
+    unless told otherwise (`--resume-override KEY`); a key added to those sections is covered without
+    listing it."""
     distill = {k: v for k, v in to_dict(cfg.distill).items() if k not in DISTILL_OPERATIONAL}
     keys: dict[str, Any] = _flat("model", to_dict(cfg.model))
     keys.update(_flat("distill", distill))
     keys.update(_flat("optim", to_dict(cfg.optim)))
     keys["train.grad_clip"] = cfg.train.grad_clip
+    keys["data.document_mask"] = cfg.data.document_mask
     if cfg.distill.mode != "none":
         keys.update(zip(TEACHER_KEYS, (None if cfg.teacher.path else cfg.teacher.preset, cfg.teacher.path,
                                        teacher_weights)))
@@ -123,7 +126,8 @@ def check_run_state(state: dict, cfg: ExperimentConfig, sampler: GlobalBatchSamp
         # The teacher keys name one thing (which teacher), and it appears or goes with the mode: a
         # deliberate change of one of them may change all of them.
         overrides |= set(TEACHER_KEYS)
-    changes = objective_changes(state["objective"], now)
+    # A checkpoint written before data.document_mask existed trained without it.
+    changes = objective_changes({"data.document_mask": False, **state["objective"]}, now)
     refused = [c for c in changes if c[0] not in overrides]
     if refused:
         raise ResumeError("--resume: the run's objective changed: " + "; ".join(

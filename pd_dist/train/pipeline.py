@@ -59,7 +59,8 @@ class PipelineLoss:
 class PipelineStudent:
     """The student engine when train.pipeline_stages > 1 (the interface student.DataParallelStudent has)."""
 
-    def __init__(self, cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
+    def __init__(self, cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool,
+                 document_eos: Optional[int] = None):
         import deepspeed
 
         self.cfg, self.topo = cfg, topo
@@ -72,7 +73,8 @@ class PipelineStudent:
         self.conf = conf
         self.loss = PipelineLoss(cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
         module = pipeline_module(conf, LayerWeights(cfg.train.seed, conf.initializer_range, cfg.model.path),
-                                 self.loss, topo.dp_size, topo.stages, loss_fn=self.loss)
+                                 self.loss, topo.dp_size, topo.stages, loss_fn=self.loss,
+                                 document_eos=document_eos)
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                       eps=o.eps)

@@ -16,7 +16,8 @@ import torch.nn as nn
 from pd_dist.config import ExperimentConfig, deepspeed_config
 from pd_dist.core.logits import SparseLogits
 from pd_dist.core.losses import fused_pd_loss
-from pd_dist.models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
+from pd_dist.models import (body_hidden, build_model, check_same_tokenizer, count_params, final_norm_and_head,
+                            partitioned_builder)
 from pd_dist.cluster.topology import Topology
 
 
@@ -35,12 +36,15 @@ class PDStudent(nn.Module):
     """The student wrapped so that the engine's forward returns the fused LM+KD loss.
 
     The LM head's weight is used outside the head's own forward: under ZeRO-3 it is registered as an
-    external parameter of this module so it is gathered for our forward and backward."""
+    external parameter of this module so it is gathered for our forward and backward.
+    ``document_eos``: data.document_mask's EOS id (each document of a window attended to on its own)."""
 
-    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int):
+    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int,
+                 document_eos: Optional[int] = None):
         super().__init__()
         self.model = model
         self.kind, self.temperature, self.chunk_size = kind, temperature, chunk_size
+        self.document_eos = document_eos
 
     def register_for_zero3(self) -> None:
         import deepspeed
@@ -55,7 +59,7 @@ class PDStudent(nn.Module):
         without grad on the detached hidden states, its result returned as ``head_output`` (step
         hooks: pd_dist.train.hooks); inside forward, so ZeRO-3 has the head weight gathered."""
         body, head = final_norm_and_head(self.model)
-        hidden = body(input_ids=input_ids).last_hidden_state
+        hidden = body_hidden(body, input_ids, self.document_eos)
         out = fused_pd_loss(hidden.flatten(0, 1), head.weight, targets.flatten(),
                             None if teacher is None else teacher.reshape(-1), alpha, self.kind,
                             self.temperature, normalizer, chunk_size=self.chunk_size)
@@ -85,7 +89,8 @@ class DataParallelStudent:
     ever holds its shard of the weights (models.init_weights draws each tensor by name, so the shards
     hold exactly what a stage-0 run starts from); a model loaded from a path is partitioned as loaded."""
 
-    def __init__(self, cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
+    def __init__(self, cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool,
+                 document_eos: Optional[int] = None):
         import deepspeed
 
         self.cfg, self.topo = cfg, topo
@@ -98,7 +103,8 @@ class DataParallelStudent:
             model = build_model(cfg.model, vocab_size, seed=cfg.train.seed)
         if cfg.model.path:
             check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
-        module = PDStudent(model, cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
+        module = PDStudent(model, cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size,
+                           document_eos)
         if cfg.train.zero_stage == 3:
             module.register_for_zero3()
         o = cfg.optim

@@ -53,11 +53,13 @@ class TrainResult:
     pd_gain: Optional[float] = None
 
 
-def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool):
-    """The run's student engine: a DeepSpeed pipeline when train.pipeline_stages > 1, else data-parallel."""
+def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool,
+                  document_eos: Optional[int] = None):
+    """The run's student engine: a DeepSpeed pipeline when train.pipeline_stages > 1, else data-parallel.
+    ``document_eos``: data.document_mask's EOS id (PackedDataset.document_eos)."""
     if cfg.train.pipeline_stages > 1:
-        return PipelineStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
-    return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16)
+        return PipelineStudent(cfg, topo, vocab_size, tokenizer_dir, bf16, document_eos)
+    return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16, document_eos)
 
 
 def signalled_micro_batch(data: PackedDataset, source: SignalSource, ids: np.ndarray, dev: torch.device):
@@ -101,7 +103,8 @@ class Trainer:
         cfg.check_world(topo.dp_size)
         self.accum = cfg.grad_accum(topo.dp_size)
         self.sampler = data.sampler(cfg.train.global_batch_size, cfg.train.seed)
-        self.student = build_student(cfg, topo, data.vocab_size, data.tokenizer_dir, self.bf16)
+        self.student = build_student(cfg, topo, data.vocab_size, data.tokenizer_dir, self.bf16,
+                                     data.document_eos(cfg.data.document_mask))
         self.engine = self.student.engine
         self.n_params = self.student.n_params
         self.start_step, self.losses = 0, []
