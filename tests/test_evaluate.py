@@ -87,7 +87,7 @@ def _store(root, cfg, data, teacher_dir):
     from pd_dist.models import ModelConfig, build_model, model_identity
     from pd_dist.teacher.inference import FrozenTeacher
     from pd_dist.teacher.specs import store_meta
-    from pd_dist.teacher.stores import SPOOL_DIR, build_store
+    from pd_dist.teacher.stores import SPOOL_DIR, complete_store
 
     (root / SPOOL_DIR).mkdir(parents=True)
     teacher = FrozenTeacher(build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0),
@@ -102,7 +102,7 @@ def _store(root, cfg, data, teacher_dir):
             first.append(teacher(tokens, ids))
         return first[0][:len(ids)]
 
-    build_store(root, store_meta(cfg, data, model_identity(teacher_dir, "tiny teacher")), data, fill,
+    complete_store(root, store_meta(cfg, data, model_identity(teacher_dir, "tiny teacher")), data, fill,
                 cfg.train.micro_batch_size, source="generate", fill_from="the teacher", log=lambda *_: None)
 
 
