@@ -55,6 +55,22 @@ def tiny_teacher_dir(tmp_path_factory, smoke_data):
     return out
 
 
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """The project built as a wheel and installed (no deps) into a folder of its own, once per session:
+    (wheel file, install folder). Put the folder on PYTHONPATH and run from elsewhere to use the installed
+    copy instead of the checkout; its console script is <folder>/bin/pd-dist."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    wheel_dir = tmp / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir), str(REPO)], check=True, capture_output=True, cwd=tmp)
+    (wheel,) = wheel_dir.glob("pd_dist-*.whl")
+    site = tmp / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True)
+    return wheel, site
+
+
 def deepspeed_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "deepspeed"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]

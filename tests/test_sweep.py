@@ -138,6 +138,7 @@ def test_dry_run_lists_points_sharing_and_cost(tmp_path, tiny_teacher_dir):
     assert "2 point(s), 1 LM-only baseline(s), 1 teacher/store job(s)" in out
     assert out.count("| store of teacher-") == 2 and "cost: student training" in out
     assert "#SBATCH --array=0-2" in out and "--dependency" not in out  # scripts shown, nothing submitted
+    assert "pd_dist/entry/pretrain_pd.py --config $DIR/point.yaml" in out  # the installed entry script
     assert not (tmp_path / "sw").exists()
 
 
@@ -220,3 +221,45 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
     subprocess.run([sys.executable, "-m", "pd_dist.cli", "report", str(out)], check=True,
                    capture_output=True, cwd=tmp_path, env=env)
     assert (out / "report.md").read_text() == first
+
+
+@pytest.mark.multiproc
+def test_sweep_eval_and_report_from_a_wheel_install(tmp_path, installed_wheel, smoke_data):
+    """`pd-dist sweep` / `eval` / `report` from the installed wheel, run outside the checkout: the sweep
+    starts the installed entry script (pd_dist/entry), not the checkout's launch/ folder."""
+    _, site = installed_wheel
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    out = work / "sw"
+    _write(work / "s.yaml", {
+        "base": "smoke.yaml", "output_dir": str(out),  # a shipped config, found by name in the install
+        "set": {"distill.mode": "none", "data.dir": str(smoke_data.path), "train.steps": 3,
+                "train.save_every": 3, "train.eval_every": 0}})
+    env = dict(os.environ, PYTHONPATH=str(site),
+               PATH=f"{site / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    pd_dist = [str(site / "bin" / "pd-dist")]  # the wheel's console script
+
+    def run(*args):
+        proc = subprocess.run(pd_dist + list(args), capture_output=True, text=True, cwd=work, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    where = subprocess.run([sys.executable, "-c", "import pd_dist; print(pd_dist.__file__)"], env=env, cwd=work,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(site)
+    log = run("sweep", "s.yaml")
+    assert "1/1 base-seed1234: running" in log
+    (point,) = (out / "points").iterdir()
+    run_log = (point / "run.log").read_text()
+    entry = site / "pd_dist" / "entry" / "pretrain_pd.py"
+    assert str(entry) in run_log and str(REPO / "launch") not in run_log
+    s = json.loads((point / "summary.json").read_text())
+    assert s["finished"] and len(s["losses"]) == 3
+    e1 = json.loads((point / "eval.json").read_text())
+    assert e1["val_loss"] == pytest.approx(s["val_loss"], rel=1e-4)
+    (point / "eval.json").unlink()
+    run("eval", str(point))
+    assert json.loads((point / "eval.json").read_text())["val_loss"] == pytest.approx(e1["val_loss"], rel=1e-6)
+    rep = run("report", str(out))
+    assert "base-seed1234" in rep or "base" in rep
+    assert (out / "report.md").is_file()
