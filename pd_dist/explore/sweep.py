@@ -53,9 +53,15 @@ from typing import Any, Callable, Literal, Optional
 
 from pd_dist.config import DEFAULT_CONFIG, ExperimentConfig, dump_config, load_config
 from pd_dist.core.configlib import ConfigError, load_yaml, parse_override, to_dict
-from pd_dist.entry import entry_script
 
 SHIPPED = DEFAULT_CONFIG.parent
+# The launcher entry scripts installed with the package (pd_dist/entry), started by path.
+ENTRY_DIR = Path(__file__).resolve().parents[1] / "entry"
+
+
+def entry_script(name: str) -> Path:
+    """The installed file of entry point `name` (pretrain_pd, generate_logits, prepare_data)."""
+    return ENTRY_DIR / f"{name}.py"
 
 
 @dataclass
