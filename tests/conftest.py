@@ -16,6 +16,50 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "launch" / "configs" / "smoke.yaml"
 
 
+# Test tiers: `multiproc` (the real launcher), `cluster` (ssh/pdsh/Slurm/mpirun on loopback hosts) and
+# `fast`, every other test: units and in-process runs, `pytest -m fast`. A fast test may start Python
+# subprocesses (the CLI), but no launcher, sshd, Slurm, MPI, pip or apt-get; the guard below fails it.
+SLOW_TIERS = ("multiproc", "cluster")
+_NOT_IN_FAST = {"deepspeed", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", "salloc", "slurmctld", "slurmd",
+                "sshd", "ssh", "pdsh", "pip", "pip3", "apt-get", "dpkg"}
+_NOT_IN_FAST_MODULES = {"pip", "deepspeed", "deepspeed.launcher.runner", "torch.distributed.run", "venv"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in SLOW_TIERS):
+            item.add_marker(pytest.mark.fast)
+
+
+def _slow_tier_program(args) -> Optional[str]:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    if len(argv) == 1 and isinstance(argv[0], str) and " " in argv[0]:
+        argv = argv[0].split()  # a shell command line
+    argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
+    if argv and Path(argv[0]).name in _NOT_IN_FAST:
+        return Path(argv[0]).name
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] in _NOT_IN_FAST_MODULES:
+        return "-m " + argv[argv.index("-m") + 1]
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_launcher(request, monkeypatch):
+    """A fast test that starts a launcher, sshd, Slurm, MPI, pip or apt-get fails: mark it multiproc/cluster."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    real = subprocess.Popen
+
+    class Guarded(real):
+        def __init__(self, args, *a, **kw):
+            what = _slow_tier_program(args)
+            if what is not None:
+                raise RuntimeError(f"a fast-tier test started {what!r}; mark it multiproc or cluster")
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Guarded)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
