@@ -140,6 +140,43 @@ def launch(nprocs: int, overrides: list[str], cwd: Path, config: Path = SMOKE, e
     return proc
 
 
+# A short colocated run on 2 ranks (4 steps, constant alpha 0.5, the top-8 signal of the tiny teacher):
+# what online (test_online_launch), offline (test_offline_launch) and mpirun (test_mpi) runs of the same
+# settings must reproduce. Launched once per session by the `colocated_2rank` fixture.
+REFERENCE_2RANK = ["train.steps=4", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+                   "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=1",
+                   "distill.alpha.schedule=constant", "distill.alpha.value=0.5", "distill.top_k=8"]
+
+
+def reference_2rank_overrides(out: Path, smoke_data, mode: str, **kw) -> list[str]:
+    return REFERENCE_2RANK + [f"output_dir={out}", f"data.dir={smoke_data.path}", f"distill.mode={mode}",
+                              *(f"{k}={v}" for k, v in kw.items())]
+
+
+@pytest.fixture(scope="session")
+def colocated_2rank(tmp_path_factory, smoke_data, tiny_teacher_dir) -> Path:
+    """The output directory of the shared 2-rank colocated reference run (REFERENCE_2RANK)."""
+    out = tmp_path_factory.mktemp("colocated_2rank") / "run"
+    launch(2, reference_2rank_overrides(out, smoke_data, "colocated", **{"teacher.path": tiny_teacher_dir}),
+           cwd=out.parent)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_1rank_top8(tmp_path_factory, smoke_data, tiny_teacher_dir) -> Path:
+    """A top-8 store of the tiny teacher on the smoke data, written by a 1-rank generation job with the
+    smoke config's generate settings; read (never changed) by test_golden and test_layouts."""
+    from test_offline_launch import _launch_gen
+
+    store = tmp_path_factory.mktemp("store_1rank_top8") / "store"
+    _launch_gen(1, store_1rank_top8_overrides(store, smoke_data, tiny_teacher_dir), cwd=store.parent)
+    return store
+
+
+def store_1rank_top8_overrides(store: Path, smoke_data, teacher) -> list[str]:
+    return [f"distill.store={store}", f"data.dir={smoke_data.path}", f"teacher.path={teacher}", "distill.top_k=8"]
+
+
 def read_summary(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
