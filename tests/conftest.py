@@ -16,6 +16,50 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "launch" / "configs" / "smoke.yaml"
 
 
+# Test tiers: `multiproc` (the real launcher), `cluster` (ssh/pdsh/Slurm/mpirun on loopback hosts) and
+# `fast`, every other test: units and in-process runs, `pytest -m fast`. A fast test may start Python
+# subprocesses (the CLI), but no launcher, sshd, Slurm, MPI, pip or apt-get; the guard below fails it.
+SLOW_TIERS = ("multiproc", "cluster")
+_NOT_IN_FAST = {"deepspeed", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", "salloc", "slurmctld", "slurmd",
+                "sshd", "ssh", "pdsh", "pip", "pip3", "apt-get", "dpkg"}
+_NOT_IN_FAST_MODULES = {"pip", "deepspeed", "deepspeed.launcher.runner", "torch.distributed.run", "venv"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in SLOW_TIERS):
+            item.add_marker(pytest.mark.fast)
+
+
+def _slow_tier_program(args) -> Optional[str]:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    if len(argv) == 1 and isinstance(argv[0], str) and " " in argv[0]:
+        argv = argv[0].split()  # a shell command line
+    argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
+    if argv and Path(argv[0]).name in _NOT_IN_FAST:
+        return Path(argv[0]).name
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] in _NOT_IN_FAST_MODULES:
+        return "-m " + argv[argv.index("-m") + 1]
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_launcher(request, monkeypatch):
+    """A fast test that starts a launcher, sshd, Slurm, MPI, pip or apt-get fails: mark it multiproc/cluster."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    real = subprocess.Popen
+
+    class Guarded(real):
+        def __init__(self, args, *a, **kw):
+            what = _slow_tier_program(args)
+            if what is not None:
+                raise RuntimeError(f"a fast-tier test started {what!r}; mark it multiproc or cluster")
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Guarded)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +99,22 @@ def tiny_teacher_dir(tmp_path_factory, smoke_data):
     return out
 
 
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """The project built as a wheel and installed (no deps) into a folder of its own, once per session:
+    (wheel file, install folder). Put the folder on PYTHONPATH and run from elsewhere to use the installed
+    copy instead of the checkout; its console script is <folder>/bin/pd-dist."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    wheel_dir = tmp / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir), str(REPO)], check=True, capture_output=True, cwd=tmp)
+    (wheel,) = wheel_dir.glob("pd_dist-*.whl")
+    site = tmp / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True)
+    return wheel, site
+
+
 def deepspeed_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "deepspeed"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -78,6 +138,43 @@ def launch(nprocs: int, overrides: list[str], cwd: Path, config: Path = SMOKE, e
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     return proc
+
+
+# A short colocated run on 2 ranks (4 steps, constant alpha 0.5, the top-8 signal of the tiny teacher):
+# what online (test_online_launch), offline (test_offline_launch) and mpirun (test_mpi) runs of the same
+# settings must reproduce. Launched once per session by the `colocated_2rank` fixture.
+REFERENCE_2RANK = ["train.steps=4", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+                   "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=1",
+                   "distill.alpha.schedule=constant", "distill.alpha.value=0.5", "distill.top_k=8"]
+
+
+def reference_2rank_overrides(out: Path, smoke_data, mode: str, **kw) -> list[str]:
+    return REFERENCE_2RANK + [f"output_dir={out}", f"data.dir={smoke_data.path}", f"distill.mode={mode}",
+                              *(f"{k}={v}" for k, v in kw.items())]
+
+
+@pytest.fixture(scope="session")
+def colocated_2rank(tmp_path_factory, smoke_data, tiny_teacher_dir) -> Path:
+    """The output directory of the shared 2-rank colocated reference run (REFERENCE_2RANK)."""
+    out = tmp_path_factory.mktemp("colocated_2rank") / "run"
+    launch(2, reference_2rank_overrides(out, smoke_data, "colocated", **{"teacher.path": tiny_teacher_dir}),
+           cwd=out.parent)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_1rank_top8(tmp_path_factory, smoke_data, tiny_teacher_dir) -> Path:
+    """A top-8 store of the tiny teacher on the smoke data, written by a 1-rank generation job with the
+    smoke config's generate settings; read (never changed) by test_golden and test_layouts."""
+    from test_offline_launch import _launch_gen
+
+    store = tmp_path_factory.mktemp("store_1rank_top8") / "store"
+    _launch_gen(1, store_1rank_top8_overrides(store, smoke_data, tiny_teacher_dir), cwd=store.parent)
+    return store
+
+
+def store_1rank_top8_overrides(store: Path, smoke_data, teacher) -> list[str]:
+    return [f"distill.store={store}", f"data.dir={smoke_data.path}", f"teacher.path={teacher}", "distill.top_k=8"]
 
 
 def read_summary(out_dir: Path) -> dict:

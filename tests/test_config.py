@@ -151,19 +151,16 @@ def test_choices_are_declared_once():
         load_config(None, ["distill.wire_dtype=int8"])
 
 
-def test_default_config_found_in_a_non_editable_install(tmp_path):
+@pytest.mark.multiproc  # runs pip (the wheel build): not a fast-tier test
+def test_default_config_found_in_a_non_editable_install(tmp_path, installed_wheel):
     """The wheel carries the shipped YAML and DeepSpeed JSON, so `pd-dist config` works from anywhere."""
-    wheel_dir = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheel_dir), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
-    (wheel,) = wheel_dir.glob("pd_dist-*.whl")
+    wheel, site = installed_wheel
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"pd_dist/configs/default.yaml", "pd_dist/configs/deepspeed/zero3.json"} <= names
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True)
+    assert {"pd_dist/entry/pretrain_pd.py", "pd_dist/entry/generate_logits.py",
+            "pd_dist/entry/prepare_data.py"} <= names
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-m", "pd_dist.cli", "config"], capture_output=True, text=True,
                           cwd=tmp_path, env=env)

@@ -43,18 +43,14 @@ def golden() -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_golden_losses(case, golden, tmp_path, smoke_data, tiny_teacher_dir):
+def test_golden_losses(case, golden, tmp_path, smoke_data, tiny_teacher_dir, request):
     ranks, mode = CASES[case]
     out = tmp_path / "run"
     over = COMMON + [f"output_dir={out}", f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}",
                      f"distill.mode={mode}"]
     if mode == "offline":
-        from test_offline_launch import _launch_gen
-
-        store = tmp_path / "store"
-        _launch_gen(1, [f"distill.store={store}", f"data.dir={smoke_data.path}",
-                        f"teacher.path={tiny_teacher_dir}", "distill.top_k=8"], cwd=tmp_path)
-        over.append(f"distill.store={store}")
+        # 1-rank generation, top-8, the smoke config's generate settings (shared with test_layouts)
+        over.append(f"distill.store={request.getfixturevalue('store_1rank_top8')}")
     launch(ranks, over, cwd=tmp_path)
     got = _record(read_summary(out))
     assert len(got["losses"]) == STEPS

@@ -23,6 +23,7 @@ LAYERS = [
     ["run"],
     ["explore"],
     ["cli"],
+    ["entry"],  # the script files launchers start by path
 ]
 FLOOR = {room: i for i, layer in enumerate(LAYERS) for room in layer}
 

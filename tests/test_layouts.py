@@ -69,12 +69,8 @@ def test_pipeline_online_last_stage_is_the_client(reference, tmp_path, smoke_dat
     _check(out, reference, smoke_data)
 
 
-def test_pipeline_offline_and_resume(reference, tmp_path, smoke_data, tiny_teacher_dir):
-    from test_offline_launch import _launch_gen
-
-    store = tmp_path / "store"
-    _launch_gen(1, [f"distill.store={store}", f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}",
-                    "distill.top_k=8"], cwd=tmp_path)
+def test_pipeline_offline_and_resume(reference, tmp_path, smoke_data, tiny_teacher_dir, store_1rank_top8):
+    store = store_1rank_top8  # 1-rank generation, top-8 (shared with test_golden)
     base = _over(tmp_path / "x", smoke_data, tiny_teacher_dir, "offline", "train.micro_batch_size=4",
                  "train.pipeline_stages=2", f"distill.store={store}")
     base = [o for o in base if not o.startswith("output_dir=")]

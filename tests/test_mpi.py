@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster import apt_install, skip_or_fail
-from conftest import REPO, SMOKE, free_port, launch, read_summary
+from conftest import REPO, SMOKE, free_port, read_summary, reference_2rank_overrides
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.cluster]
 
@@ -44,14 +44,16 @@ def _mpirun(mpirun, n: int, overrides: list[str], cwd: Path) -> subprocess.Compl
     return proc
 
 
-def test_mpirun_two_ranks_match_the_deepspeed_launcher(mpirun, tmp_path, smoke_data, tiny_teacher_dir):
-    base = [f"data.dir={smoke_data.path}", f"teacher.path={tiny_teacher_dir}", "train.steps=6",
-            "train.save_every=0", "train.eval_every=0"]
-    launch(2, base + [f"output_dir={tmp_path / 'ds'}"], cwd=tmp_path)
-    proc = _mpirun(mpirun, 2, base + [f"output_dir={tmp_path / 'mpi'}"], tmp_path)
+def test_mpirun_two_ranks_match_the_deepspeed_launcher(mpirun, tmp_path, smoke_data, tiny_teacher_dir,
+                                                      colocated_2rank):
+    # colocated_2rank: the same settings on 2 ranks under the deepspeed launcher (shared, conftest)
+    proc = _mpirun(mpirun, 2, reference_2rank_overrides(tmp_path / "mpi", smoke_data, "colocated",
+                                                        **{"teacher.path": tiny_teacher_dir}), tmp_path)
     assert "dp 2" in proc.stdout + proc.stderr
-    a, b = read_summary(tmp_path / "ds"), read_summary(tmp_path / "mpi")
+    a, b = read_summary(colocated_2rank), read_summary(tmp_path / "mpi")
+    assert a["finished"] and len(a["losses"]) == 4
     assert b["finished"] and b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-7)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
 
 
 def test_mpirun_online_teacher_and_two_students(mpirun, tmp_path, smoke_data, tiny_teacher_dir):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import REPO, SMOKE, free_port, launch, read_student, read_summary
+from conftest import (REPO, SMOKE, free_port, launch, read_student, read_summary,
+                      reference_2rank_overrides)
 
 pytestmark = pytest.mark.multiproc
 
@@ -25,10 +26,12 @@ def _runcfg(out, smoke_data, teacher, mode, steps=4):
                    f"distill.mode={mode}", f"train.steps={steps}"]
 
 
-def test_online_one_teacher_two_students_matches_colocated(tmp_path, smoke_data, tiny_teacher_dir):
+def test_online_one_teacher_two_students_matches_colocated(tmp_path, smoke_data, tiny_teacher_dir,
+                                                           colocated_2rank):
     """1 teacher + 2 students (the 1:2 ratio) end where 2 colocated-PD ranks end."""
-    col, onl = tmp_path / "colocated", tmp_path / "online"
-    launch(2, _runcfg(col, smoke_data, tiny_teacher_dir, "colocated"), cwd=tmp_path)
+    col, onl = colocated_2rank, tmp_path / "online"  # col: _runcfg(..., "colocated"), shared (conftest)
+    assert sorted(_runcfg(col, smoke_data, tiny_teacher_dir, "colocated")) == sorted(
+        reference_2rank_overrides(col, smoke_data, "colocated", **{"teacher.path": tiny_teacher_dir}))
     proc = launch(3, _runcfg(onl, smoke_data, tiny_teacher_dir, "online") + ["distill.prefetch=3"],
                   cwd=tmp_path)
     out = proc.stdout + proc.stderr

@@ -138,6 +138,7 @@ def test_dry_run_lists_points_sharing_and_cost(tmp_path, tiny_teacher_dir):
     assert "2 point(s), 1 LM-only baseline(s), 1 teacher/store job(s)" in out
     assert out.count("| store of teacher-") == 2 and "cost: student training" in out
     assert "#SBATCH --array=0-2" in out and "--dependency" not in out  # scripts shown, nothing submitted
+    assert "pd_dist/entry/pretrain_pd.py --config $DIR/point.yaml" in out  # the installed entry script
     assert not (tmp_path / "sw").exists()
 
 
@@ -160,18 +161,27 @@ def mc_task(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_teacher_dir, mc_task):
+def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_teacher_dir, mc_task,
+                                                  installed_wheel):
+    """From the installed wheel (its console script, run outside the checkout): the sweep starts the
+    installed entry scripts (pd_dist/entry), not the checkout's launch/ folder."""
+    _, site = installed_wheel
     out = tmp_path / "sw"
     f = _write(tmp_path / "s.yaml", {
-        "base": str(SMOKE), "output_dir": str(out), "axes": {"distill.loss": ["nll", "mse"]},
+        "base": "smoke.yaml",  # a shipped config, found by name in the install
+        "output_dir": str(out), "axes": {"distill.loss": ["nll", "mse"]},
         "set": {"teacher.path": str(tiny_teacher_dir), "data.dir": str(smoke_data.path), "train.steps": 6,
                 "train.save_every": 3, "train.eval_every": 0},
         "eval_tasks": [str(mc_task)]})
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=str(site),
+               PATH=f"{site / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    pd_dist = str(site / "bin" / "pd-dist")  # the wheel's console script
+    where = subprocess.run([sys.executable, "-c", "import pd_dist; print(pd_dist.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(site)
 
     def sweep(*args):
-        proc = subprocess.run([sys.executable, "-m", "pd_dist.cli", "sweep", str(f), *args], capture_output=True,
+        proc = subprocess.run([pd_dist, "sweep", str(f), *args], capture_output=True,
                               text=True, cwd=tmp_path, env=env, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
@@ -189,6 +199,8 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
     assert len(stores) == 1  # the teacher's forward paid once for both losses
     for rec in runs.values():
         d = Path(rec["dir"])
+        run_log = (d / "run.log").read_text()
+        assert str(site / "pd_dist" / "entry" / "pretrain_pd.py") in run_log and str(REPO / "launch") not in run_log
         s = json.loads((d / "summary.json").read_text())
         assert s["finished"] and len(s["losses"]) == 6
         e = json.loads((d / "eval.json").read_text())
@@ -211,12 +223,22 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
     log = sweep()
     assert log.count("finished, skipped") == 3 and ": running" not in log and ": resuming" not in log
 
-    rep = subprocess.run([sys.executable, "-m", "pd_dist.cli", "report", str(out)], capture_output=True, text=True,
+    # pd-dist eval alone writes what the sweep's eval wrote
+    point = Path(next(r["dir"] for r in runs.values() if r["kind"] == "pd"))
+    first_eval = json.loads((point / "eval.json").read_text())
+    (point / "eval.json").unlink()
+    subprocess.run([pd_dist, "eval", str(point), "--tasks", str(mc_task)], check=True, capture_output=True,
+                   cwd=tmp_path, env=env)
+    again = json.loads((point / "eval.json").read_text())
+    assert again["val_loss"] == pytest.approx(first_eval["val_loss"], rel=1e-6)
+    assert again["downstream"]["pd_test_mc"]["acc"] == first_eval["downstream"]["pd_test_mc"]["acc"]
+
+    rep = subprocess.run([pd_dist, "report", str(out)], capture_output=True, text=True,
                          cwd=tmp_path, env=env, check=True).stdout
     assert "## distill.loss" in rep and "best distill.loss:" in rep and "one run per setting" in rep
     assert (out / "plots" / "gain_distill.loss.png").stat().st_size > 1000
     first = (out / "report.md").read_text()
     (out / "report.md").unlink()
-    subprocess.run([sys.executable, "-m", "pd_dist.cli", "report", str(out)], check=True,
-                   capture_output=True, cwd=tmp_path, env=env)
+    subprocess.run([pd_dist, "report", str(out)], check=True, capture_output=True, cwd=tmp_path, env=env)
     assert (out / "report.md").read_text() == first
+

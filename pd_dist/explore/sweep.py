@@ -18,7 +18,7 @@ A sweep file names a base experiment config and the axes to vary::
     teacher_signal: store            # store | as_configured
     eval_tasks: []                   # lm-eval task YAML files run on every student (pd-dist eval)
 
-Every point is a normal run of `launch/pretrain_pd.py` with its own output directory (resolved config,
+Every point is a normal run of `launch/pretrain_pd.py` (its installed copy, pd_dist/entry) with its own output directory (resolved config,
 TensorBoard, summary.json, checkpoints), under `<output_dir>/points/<name>`; an LM-only baseline is
 added per (student, seed): the same config with distill.mode none, shared by every point that trains
 that student. With `teacher_signal: store` the points that run colocated or offline are trained offline
@@ -54,8 +54,14 @@ from typing import Any, Callable, Literal, Optional
 from pd_dist.config import DEFAULT_CONFIG, ExperimentConfig, dump_config, load_config
 from pd_dist.core.configlib import ConfigError, load_yaml, parse_override, to_dict
 
-REPO_LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 SHIPPED = DEFAULT_CONFIG.parent
+# The launcher entry scripts installed with the package (pd_dist/entry), started by path.
+ENTRY_DIR = Path(__file__).resolve().parents[1] / "entry"
+
+
+def entry_script(name: str) -> Path:
+    """The installed file of entry point `name` (pretrain_pd, generate_logits, prepare_data)."""
+    return ENTRY_DIR / f"{name}.py"
 
 
 @dataclass
@@ -386,7 +392,7 @@ class Sweep:
             cmd += ["--hostfile", str(self.spec.resolve(self.spec.hostfile))]
         else:
             cmd += ["--num_gpus", str(self.spec.nprocs), "--master_port", str(_free_port())]
-        cmd += [str(REPO_LAUNCH / script), "--config", str(config)]
+        cmd += [str(entry_script(script)), "--config", str(config)]
         return cmd + (["--resume"] if resume else [])
 
     def _run(self, cmd: list[str], log_file: Path) -> None:
@@ -406,7 +412,7 @@ class Sweep:
                 continue
             # The generation job also pre-trains the teacher when it has no path (online points use it too).
             self.log(f"[sweep] {g.name}: generating the store (log {g.dir / 'run.log'})")
-            self._run(self._launch_cmd("generate_logits.py", g.dir / "point.yaml", False), g.dir / "run.log")
+            self._run(self._launch_cmd("generate_logits", g.dir / "point.yaml", False), g.dir / "run.log")
         jobs = self.baselines + self.points
         for i, p in enumerate(jobs, 1):
             state = p.state()
@@ -415,7 +421,7 @@ class Sweep:
             else:
                 self.log(f"[sweep] {i}/{len(jobs)} {p.name}: {'resuming' if state == 'resumable' else 'running'}"
                          f" (log {p.dir / 'run.log'})")
-                self._run(self._launch_cmd("pretrain_pd.py", p.dir / "point.yaml", state == "resumable"),
+                self._run(self._launch_cmd("pretrain_pd", p.dir / "point.yaml", state == "resumable"),
                           p.dir / "run.log")
             if p.state() != "finished":  # stopped early (train.exit_after_steps): resumed next time
                 self.log(f"[sweep] {p.name}: stopped before its last step; run the sweep again to continue")
@@ -443,7 +449,7 @@ class Sweep:
             out["teachers.sbatch"] = "\n".join(head + ["#SBATCH --job-name=pd-sweep-teachers",
                                                        f"#SBATCH --array=0-{len(groups) - 1}", *env,
                                                        "case $SLURM_ARRAY_TASK_ID in", cases, "esac",
-                                                       f"srun {sys.executable} {REPO_LAUNCH / 'generate_logits.py'} --config $CFG"]) + "\n"
+                                                       f"srun {sys.executable} {entry_script('generate_logits')} --config $CFG"]) + "\n"
         jobs = self.baselines + self.points
         cases = "\n".join(f"  {i}) DIR={p.dir} ;;" for i, p in enumerate(jobs))
         out["points.sbatch"] = "\n".join(head + ["#SBATCH --job-name=pd-sweep-points",
@@ -451,7 +457,7 @@ class Sweep:
                                                  "case $SLURM_ARRAY_TASK_ID in", cases, "esac",
                                                  "RESUME=; [ -f $DIR/checkpoints/latest ] && RESUME=--resume",
                                                  f"[ -f $DIR/summary.json ] && grep -q '\"finished\": true' $DIR/summary.json || "
-                                                 f"srun {sys.executable} {REPO_LAUNCH / 'pretrain_pd.py'} --config $DIR/point.yaml $RESUME",
+                                                 f"srun {sys.executable} {entry_script('pretrain_pd')} --config $DIR/point.yaml $RESUME",
                                                  f"{pd_dist} eval $DIR" + "".join(
                                                      f" --tasks {self.spec.resolve(t)}" for t in self.spec.eval_tasks)]) + "\n"
         return out
