@@ -116,15 +116,14 @@ def _teacher_for(cfg, data, log: Log):
     signal = d.signal_spec(cfg.train.seed)
     if (tdir / "config.json").is_file():
         model = build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
-        frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, d.top_p, d.top_k, cfg.train.loss_chunk_size,
-                               signal=signal)
+        frozen = FrozenTeacher(model, torch.device("cpu"), torch.float32, signal, cfg.train.loss_chunk_size)
         return (lambda inp: frozen(inp, next(ids))), frozen
     if d.mode == "offline" and d.store:
         from pd_dist.store import open_for_training
 
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k, signal=signal)
+                                  vocab_size=data.vocab_size, signal=signal)
         if len(store) > int(val.max()):
             return (lambda inp: store.get_batch(next(ids)).without_lse()), None
     log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")

@@ -152,9 +152,8 @@ class ColocatedTeacher(SignalSource):
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
-        d = ctx.cfg.distill
-        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size, signal=signal_spec(ctx.cfg)),
+        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision),
+                                 signal_spec(ctx.cfg), ctx.cfg.train.loss_chunk_size),
                    ctx.data, ctx.cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
@@ -271,8 +270,7 @@ class StoredLogits(SignalSource):
         d, data = ctx.cfg.distill, ctx.data
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k,
-                                  signal=signal_spec(ctx.cfg))
+                                  vocab_size=data.vocab_size, signal=signal_spec(ctx.cfg))
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):

@@ -32,7 +32,7 @@ import torch
 
 from pd_dist.cluster.topology import Topology
 from pd_dist.config import ExperimentConfig
-from pd_dist.core.logits import SparseLogits
+from pd_dist.core.logits import SignalSpec, SparseLogits
 from pd_dist.core.runtime import device
 from pd_dist.data import PackedDataset
 from pd_dist.models import ModelConfig, build_model, model_identity
@@ -41,7 +41,7 @@ from pd_dist.store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shar
 from pd_dist.store.format import shard_name
 from pd_dist.store.reader import other_inputs
 from pd_dist.teacher.inference import FrozenTeacher
-from pd_dist.teacher.specs import store_meta
+from pd_dist.teacher.specs import store_meta, stored_signal
 
 SPOOL_DIR = ".spool"
 
@@ -83,11 +83,12 @@ class Spool:
 
 
 class LogitsDump(Spool):
-    """Per-rank spool of a training run's own logits, truncated to top-p-k (``top_p_k``)."""
+    """Per-rank spool of a training run's own logits, formed into ``signal`` (the stored top-p-k
+    truncation, teacher.specs.stored_signal) at vocabulary ``vocab_size``."""
 
-    def __init__(self, root: Path, rank: int, seq_len: int, top_p: float, k: int):
-        super().__init__(root, f"rank{rank:05d}", seq_len, k)
-        self.top_p_k = (top_p, k)
+    def __init__(self, root: Path, rank: int, seq_len: int, signal: SignalSpec, vocab_size: int):
+        super().__init__(root, f"rank{rank:05d}", seq_len, signal.width(vocab_size))
+        self.signal = signal
 
     def at_step(self, step: int) -> "_StepSink":
         """What the student's forward hands its own logits to during `step`."""
@@ -143,7 +144,7 @@ class WriteThrough:
 
 class _StepSink:
     def __init__(self, dump: LogitsDump, step: int):
-        self.dump, self.step, self.top_p_k = dump, step, dump.top_p_k
+        self.dump, self.step, self.signal = dump, step, dump.signal
 
     def __call__(self, ids: np.ndarray, own: SparseLogits) -> None:
         self.dump.add(self.step, ids, own)
@@ -290,7 +291,7 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
     """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
     exported final model."""
     final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
-                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True)
+                          torch.float32, stored_signal(cfg), cfg.train.loss_chunk_size, keep_lse=True)
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")
     build_store(Path(cfg.distill.store), store_meta(cfg, data, ident), data, final,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from pd_dist.config import ExperimentConfig, deepspeed_config
 from pd_dist.teacher.inference import sparse_logits_from_hidden
-from pd_dist.core.logits import SparseLogits
+from pd_dist.core.logits import SignalSpec, SparseLogits
 from pd_dist.core.losses import fused_pd_loss
 from pd_dist.models import build_model, check_same_tokenizer, count_params, final_norm_and_head, partitioned_builder
 from pd_dist.cluster.topology import Topology
@@ -50,17 +50,17 @@ class PDStudent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, teacher: Optional[SparseLogits] = None,
                 alpha: float = 0.0, normalizer: float = 1.0,
-                own_top_p_k: Optional[tuple[float, int]] = None) -> StudentOutput:
+                own_signal: Optional[SignalSpec] = None) -> StudentOutput:
         body, head = final_norm_and_head(self.model)
         hidden = body(input_ids=input_ids).last_hidden_state
         out = fused_pd_loss(hidden.flatten(0, 1), head.weight, targets.flatten(),
                             None if teacher is None else teacher.reshape(-1), alpha, self.kind,
                             self.temperature, normalizer, chunk_size=self.chunk_size)
         own = None
-        if own_top_p_k is not None:
+        if own_signal is not None:
             # This model's own truncated logits as it is now: one more chunked head pass without grad,
             # inside forward so ZeRO-3 has the head weight gathered.
-            own = sparse_logits_from_hidden(hidden.detach(), head.weight, *own_top_p_k, self.chunk_size,
+            own = sparse_logits_from_hidden(hidden.detach(), head.weight, own_signal, self.chunk_size,
                                             keep_lse=True)
         return StudentOutput(out.loss, out.lm_sum, out.kd_sum, out.n_tokens, out.top1_agree, own)
 
@@ -119,10 +119,10 @@ class DataParallelStudent:
         # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
         # the global token sum, so scale by dp size and let the average undo it.
         scale = float(self.topo.dp_size)
-        own = None if own_sink is None else own_sink.top_p_k
+        own = None if own_sink is None else own_sink.signal
         sums = torch.zeros(4, dtype=torch.float64)
         for ids, inp, tgt, teacher in micro:
-            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_top_p_k=own)
+            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_signal=own)
             if own_sink is not None:
                 own_sink(ids, out.own)
             self.engine.backward(out.loss * scale, scale_wrt_gas=False)

@@ -116,8 +116,10 @@ class Trainer:
         if cfg.distill.dump_logits:
             from pd_dist.teacher.stores import LogitsDump
 
-            p, k = cfg.stored_truncation()
-            self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, p, min(k, data.vocab_size))
+            from pd_dist.teacher.specs import stored_signal
+
+            self.dump = LogitsDump(Path(cfg.distill.store), topo.dp_rank, data.seq_len, stored_signal(cfg),
+                                   data.vocab_size)
         if topo.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
