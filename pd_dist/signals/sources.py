@@ -247,10 +247,18 @@ class _StoredMicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j: int) -> "StoredMicroBatch":
         ids = self.plan[j]
-        sparse = self.store.get_batch(ids)
-        return torch.from_numpy(ids), sparse.indices, sparse.values
+        return StoredMicroBatch(torch.from_numpy(ids), self.store.get_batch(ids))
+
+
+@dataclass
+class StoredMicroBatch:
+    """What the offline loader hands over per planned micro-batch: the sample ids (int64 [B]) and their
+    stored signal, lse included where the store keeps it (a DataLoader with batch_size=None passes it
+    through as it is)."""
+    ids: torch.Tensor
+    teacher: SparseLogits
 
 
 @register
@@ -289,13 +297,14 @@ class StoredLogits(SignalSource):
                 self._loader = iter(torch.utils.data.DataLoader(
                     _StoredMicroBatches(self._plan, self.store), batch_size=None, shuffle=False,
                     num_workers=self.workers, prefetch_factor=4 if self.workers else None))
-            got, idx, val = next(self._loader)
-            if not np.array_equal(got.numpy(), ids):
-                raise RuntimeError("offline loader out of step with the training plan")
-            return SparseLogits(idx, val)
+            got = next(self._loader)
+            if not np.array_equal(got.ids.numpy(), ids):
+                raise RuntimeError(f"offline loader out of step with the training plan: it gave samples "
+                                   f"{got.ids.tolist()[:8]}, the plan asks for {list(ids)[:8]}")
+            return got.teacher
         if int(np.max(ids)) >= len(self.store):
             return None  # the store holds no logits for these (held-out) samples
-        return self.store.get_batch(ids).without_lse()
+        return self.store.get_batch(ids)
 
     def close(self, finished: bool = False):
         self._loader = None

@@ -114,17 +114,18 @@ class DataParallelStudent:
         return vec
 
     def train(self, micro, alpha: float, normalizer: float, own_sink=None) -> torch.Tensor:
-        """One optimizer step over `micro`, an iterable of (ids, input_ids, targets, teacher or None).
+        """One optimizer step over `micro`, an iterable of MicroBatch.
         Returns this rank's [lm, kd, tokens, top-1] sums. own_sink(ids, own logits): dump_logits."""
         # The engine averages gradients over data-parallel ranks; each rank's loss is its share of
         # the global token sum, so scale by dp size and let the average undo it.
         scale = float(self.topo.dp_size)
         own = None if own_sink is None else own_sink.signal
         sums = torch.zeros(4, dtype=torch.float64)
-        for ids, inp, tgt, teacher in micro:
-            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, own_signal=own)
+        for m in micro:
+            out = self.engine(m.input_ids, m.targets, teacher=m.teacher, alpha=alpha, normalizer=normalizer,
+                              own_signal=own)
             if own_sink is not None:
-                own_sink(ids, out.own)
+                own_sink(m.ids, out.own)
             self.engine.backward(out.loss * scale, scale_wrt_gas=False)
             self.engine.step()
             sums += _sums(out)
@@ -134,8 +135,8 @@ class DataParallelStudent:
     def evaluate(self, micro) -> torch.Tensor:
         sums = torch.zeros(4, dtype=torch.float64)
         self.engine.eval()
-        for _ids, inp, tgt, teacher in micro:
-            sums += _sums(self.engine(inp, tgt, teacher=teacher))
+        for m in micro:
+            sums += _sums(self.engine(m.input_ids, m.targets, teacher=m.teacher))
         self.engine.train()
         return sums
 

@@ -30,6 +30,7 @@ from pd_dist.core.runtime import StopSignals, device, use_bf16
 from pd_dist.core.schedules import alpha_at, lr_at
 from pd_dist.signals.sources import SignalSource
 from pd_dist.train.pipeline import PipelineStudent
+from pd_dist.train.batch import MicroBatch
 from pd_dist.train.student import DataParallelStudent
 from pd_dist.cluster.topology import Topology
 
@@ -126,12 +127,12 @@ class Trainer:
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.student.ds_config, indent=1))
 
     # ------------------------------------------------------------------------------ one step
-    def _micro(self, ids: np.ndarray):
-        """(ids, input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
+    def _micro(self, ids: np.ndarray) -> MicroBatch:
+        """One micro-batch (tokens, targets and teacher signal or None), on the device."""
         batch = torch.from_numpy(self.data.batch(ids)).to(self.device)
         inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         sig = self.source.signal(ids, inp)
-        return ids, inp, tgt, None if sig is None else sig.to(self.device)
+        return MicroBatch(ids, inp, tgt, None if sig is None else sig.to(self.device))
 
     def save(self, step: int) -> None:
         self.checkpoints.save(self.engine, step, run_state(self.cfg, step, self.sampler, self.data.fingerprint,
@@ -202,7 +203,7 @@ class Trainer:
         # All held-out samples (data.val_samples), sharded over ranks: the same set at any dp size.
         val = self.data.val_ids()[self.topo.dp_rank::self.topo.dp_size]
         micro = [self._micro(val[s:s + mb]) for s in range(0, len(val), mb)]
-        unsignalled = float(sum(m[3] is None for m in micro))
+        unsignalled = float(sum(m.teacher is None for m in micro))
         sums = self.student.evaluate(micro)
         shared = self.student.share(torch.cat([sums, torch.tensor([unsignalled], dtype=torch.float64)]))
         lm_sum, kd_sum, n_tok, top1, unsignalled = _sum_stats(self.topo, shared)
