@@ -480,6 +480,21 @@ def test_open_for_training_defaults(store_dir, gauss_full):
     assert torch.equal(bsp.values[0], sp.values)
 
 
+def test_the_offline_loader_hands_over_micro_batches_with_their_lse(store_dir):
+    """A planned micro-batch comes out of the DataLoader (batch_size=None: no collation) as the
+    StoredMicroBatch it was made, its SparseLogits keeping the stored lse."""
+    from pd_dist.signals.sources import StoredMicroBatch, _StoredMicroBatches
+
+    store = open_for_training(store_dir, **run_kw(top_p=0.9, top_k=8))
+    plan = [np.array([3, 1]), np.array([0, 2])]
+    loader = torch.utils.data.DataLoader(_StoredMicroBatches(plan, store), batch_size=None, shuffle=False)
+    for ids, got in zip(plan, loader):
+        assert isinstance(got, StoredMicroBatch) and got.ids.tolist() == ids.tolist()
+        want = store.get_batch(ids)
+        assert got.teacher.lse is not None and torch.equal(got.teacher.lse, want.lse)
+        assert torch.equal(got.teacher.values, want.values) and torch.equal(got.teacher.indices, want.indices)
+
+
 # ------------------------------------------------------------------------------------------ workers
 class _DS(torch.utils.data.Dataset):
     def __init__(self, store):

@@ -242,7 +242,8 @@ class Trainer:
     def fit(self, export_dir: Optional[Path] = None) -> TrainResult:
         t, m = self.cfg.train, self.monitor
         d = self.cfg.distill
-        signal = f" ({d.signal_spec(0).describe(seed=False)})" if d.signal != "top_p_k" and self.source.has_signal else ""
+        spec = d.signal_spec(0)
+        signal = f" ({spec.describe(seed=False)})" if spec.drawn and self.source.has_signal else ""
         m.print(f"{self.n_params / 1e6:.2f}M params | mode {d.mode}{signal} | dp {self.topo.dp_size} x "
                 f"micro {t.micro_batch_size} x accum {self.accum} = {t.global_batch_size} samples "
                 f"({t.global_batch_size * self.data.seq_len} tokens)/step | ZeRO {t.zero_stage} | "
