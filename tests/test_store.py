@@ -487,7 +487,8 @@ def test_the_offline_loader_hands_over_micro_batches_with_their_lse(store_dir):
 
     store = open_for_training(store_dir, **run_kw(top_p=0.9, top_k=8))
     plan = [np.array([3, 1]), np.array([0, 2])]
-    loader = torch.utils.data.DataLoader(_StoredMicroBatches(plan, store), batch_size=None, shuffle=False)
+    loader = torch.utils.data.DataLoader(_StoredMicroBatches(plan, store), batch_size=None, shuffle=False,
+                                         num_workers=1)  # as StoredLogits reads it: through a worker
     for ids, got in zip(plan, loader):
         assert isinstance(got, StoredMicroBatch) and got.ids.tolist() == ids.tolist()
         want = store.get_batch(ids)
