@@ -90,6 +90,7 @@ def rank_main(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from pd_dist.cluster.bridge import WireSpec
+    from pd_dist.core.logits import SignalSpec
     from pd_dist.models import ModelConfig, build_model, count_params
     from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
     from pd_dist.teacher.server import TeacherServer
@@ -104,15 +105,16 @@ def rank_main(args) -> dict:
     data = torch.randint(0, args.vocab, (steps * mb, seq + 1), generator=g)  # row = sample id
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     plan = [np.arange(i * mb, (i + 1) * mb) for i in range(steps)]
-    spec = WireSpec(vocab_size=args.vocab, tokenizer_hash="bench-online", seq_len=seq, top_k=args.top_k,
-                    top_p=args.top_p, value_dtype=args.wire_dtype, micro_batch=mb, n_samples=steps * mb)
+    signal = SignalSpec.of("top_p_k", top_p=args.top_p, top_k=args.top_k)
+    spec = WireSpec(vocab_size=args.vocab, tokenizer_hash="bench-online", seq_len=seq, signal=signal,
+                    value_dtype=args.wire_dtype, micro_batch=mb, n_samples=steps * mb)
     out = {"role": topo.role, "threads": torch.get_num_threads()}
 
     rounds = args.rounds
     if topo.role == "teacher":
         model = build_model(ModelConfig(preset=args.teacher), args.vocab, seed=1)
         out["params"] = count_params(model)
-        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, args.top_p, args.top_k, args.chunk)
+        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, signal, args.chunk)
         for ids in plan[:args.warmup]:
             teacher(inputs[ids])
         alone, alone_cpu, online_cpu, online_fwd, busy = [], [], [], [], []
@@ -326,6 +328,7 @@ def main() -> int:
                                      "teacher", "student")]
 
     from pd_dist.cluster.bridge import WireSpec
+    from pd_dist.core.logits import SignalSpec
 
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -342,8 +345,8 @@ def main() -> int:
             + ", ".join(f"{v:.2f}" for v in r["foreign_cores"].values())
             + " cores during teacher alone / student alone / online")
 
-    real = WireSpec(vocab_size=REAL_VOCAB, tokenizer_hash="-", seq_len=args.seq_len, top_k=50, top_p=0.95,
-                    value_dtype="bf16", micro_batch=args.micro_batch, n_samples=1)  # for its sizes only
+    real = WireSpec(vocab_size=REAL_VOCAB, tokenizer_hash="-", seq_len=args.seq_len,
+                    signal=SignalSpec.of("top_p_k", top_p=0.95, top_k=50), value_dtype="bf16", micro_batch=args.micro_batch, n_samples=1)  # for its sizes only
     dense = 2.0 * REAL_VOCAB
     m, slow = runs["main"], runs["teacher_slower"]
     measured_ok = all(abs(r["measured_bytes_per_token"] - r["spec_bytes_per_token"]) < 1e-9 for r in runs.values())

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from _common import Timer, emit, log  # noqa: E402
 from truncate import zipf_logits  # noqa: E402
 from pd_dist.cluster.bridge import WireSpec  # noqa: E402
-from pd_dist.core.logits import sample_keys, sample_signal, target_probs, truncate  # noqa: E402
+from pd_dist.core.logits import SignalSpec, sample_keys, sample_signal, target_probs, truncate  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +58,7 @@ def main() -> int:
         -1, reps.indices, target_probs(reps, 1.0).double()).reshape(m, 8, -1).mean(0)
     bias_smp = (w - p[:8]).abs().sum(-1).mean().item()
     bias_top = (dense(top, 1.0)[:8] - p[:8]).abs().sum(-1).mean().item()
-    wire = WireSpec(args.vocab, "h", 4096, args.n, 0.95, "bf16", 4, n_samples=1).bytes_per_token()
+    wire = WireSpec(args.vocab, "h", 4096, SignalSpec.of("sampled", samples=args.n), "bf16", 4, n_samples=1).bytes_per_token()
     result = {"tokens": args.tokens, "vocab": args.vocab, "n": args.n,
               "truncate_s": min(t_top), "sample_signal_s": min(t_smp),
               "sampled_over_truncate_time": min(t_smp) / min(t_top),

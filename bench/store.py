@@ -213,7 +213,8 @@ def generation_overhead(teacher_dir: Path, data_dir: Path, samples: int, micro: 
                      n_samples=samples, shard_size=samples).resolved()
     with tempfile.TemporaryDirectory(prefix="pd_gen_bench_") as tmp:
         t0 = time.perf_counter()
-        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, 0.95, 50, 1024, keep_lse=True)
+        teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, SignalSpec.of("top_p_k", top_p=0.95, top_k=50),
+                                1024, keep_lse=True)
         write_shard(Path(tmp), meta, 0, data, teacher, micro)
         gen = time.perf_counter() - t0
     tokens = samples * data.seq_len

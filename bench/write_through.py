@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import emit, log  # noqa: E402
+from pd_dist.core.logits import SignalSpec  # noqa: E402
 from pd_dist.teacher.inference import FrozenTeacher  # noqa: E402
 from pd_dist.models import ModelConfig, build_model  # noqa: E402
 from pd_dist.teacher.stores import WriteThrough, complete_store  # noqa: E402
@@ -62,7 +63,8 @@ def main() -> int:
 
     mc = ModelConfig(path=str(args.teacher)) if args.teacher else ModelConfig(preset=args.preset)
     model = build_model(mc, args.vocab, seed=0)
-    teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, 0.95, args.top_k, 1024, keep_lse=True)
+    teacher = FrozenTeacher(model, torch.device("cpu"), torch.float32, SignalSpec.of("top_p_k", top_p=0.95, top_k=args.top_k),
+                            1024, keep_lse=True)
     n = args.batches * args.micro_batch
     data = _Tokens(n, args.seq_len, args.vocab)
     batches = [(torch.from_numpy(data.batch(np.arange(i, i + args.micro_batch)))[:, :-1],

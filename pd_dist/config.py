@@ -92,8 +92,9 @@ class DistillConfig:
     temperature: float = field(default=1.0, metadata=doc(
         f"tau in p_t = softmax(kept_logits / tau), >= {MIN_TEMPERATURE:g}"))
     loss: KDLoss = field(default="nll", metadata=doc("KD loss (pd_dist.core.losses)"))
-    signal: Literal["top_p_k", "sampled", "head_tail"] = field(default="top_p_k", metadata=doc(
-        "what of the teacher's distribution trains the student: top_p_k (the paper's truncation, "
+    signal: str = field(default="top_p_k", metadata=doc(
+        "what of the teacher's distribution trains the student (a kind registered with "
+        "pd_dist.core.logits.SignalSpec): top_p_k (the paper's truncation, "
         "distill.top_p/top_k), sampled (distill.samples draws per position at distill.temperature: "
         "an unbiased estimate of the full-distribution KD gradient, pd_dist.core.logits.sample_signal) or "
         "head_tail (the exact top-p-k head plus distill.samples draws from the tail, weighted by the "
@@ -128,6 +129,8 @@ class DistillConfig:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.samples < 1:
             fail(f"{prefix}.samples", self.samples, "must be >= 1")
+        if self.signal not in SignalSpec.kinds():
+            fail(f"{prefix}.signal", self.signal, f"must be one of {', '.join(SignalSpec.kinds())}")
         if self.signal != "top_p_k":
             if self.loss not in ("nll", "kld"):
                 fail(f"{prefix}.loss", self.loss, f"must be nll or kld with distill.signal {self.signal} (its "
@@ -137,14 +140,16 @@ class DistillConfig:
                      "the model's own top-p-k logits): write the store with launch/generate_logits.py")
 
     def signal_spec(self, seed: int) -> SignalSpec:
-        """The signal of this config; draws keyed by ``seed`` (train.seed)."""
-        return SignalSpec(self.signal, self.top_p, self.top_k, self.samples, self.temperature, seed)
+        """The signal of this config (SignalSpec.of distill.signal with the distill keys its kind holds);
+        draws keyed by ``seed`` (train.seed)."""
+        return SignalSpec.of(self.signal, top_p=self.top_p, top_k=self.top_k, samples=self.samples,
+                             temperature=self.temperature, seed=seed)
 
     @property
     def loss_temperature(self) -> float:
-        """The temperature the loss applies to the signal: tau for top-p-k logits; 1 for drawn signals
-        (sampled, head_tail), whose log weights were formed at tau already."""
-        return 1.0 if self.signal != "top_p_k" else self.temperature
+        """The temperature the loss applies to the signal (SignalSpec.loss_temperature): tau for top-p-k
+        logits; 1 for drawn signals (sampled, head_tail), whose log weights were formed at tau already."""
+        return self.signal_spec(0).loss_temperature
 
 
 @dataclass

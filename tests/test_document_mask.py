@@ -164,15 +164,17 @@ def test_pipeline_activations_carry_positions_only_with_the_mask():
 
 
 def test_teacher_packed_equals_each_document_alone():
+    from pd_dist.core.logits import SignalSpec
     from pd_dist.teacher.inference import FrozenTeacher
 
     ids = _windows()
     model = _model("tiny-teacher", seed=9)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)  # sharp: top-k ties are unlikely
-    teacher = FrozenTeacher(model, torch.device("cpu"), torch.float64, 1.0, 16, 5, document_eos=EOS)
+    top16 = SignalSpec.of("top_p_k", top_p=1.0, top_k=16)
+    teacher = FrozenTeacher(model, torch.device("cpu"), torch.float64, top16, 5, document_eos=EOS)
     packed = teacher(ids)
-    alone_teacher = FrozenTeacher(model, torch.device("cpu"), torch.float64, 1.0, 16, 5)
+    alone_teacher = FrozenTeacher(model, torch.device("cpu"), torch.float64, top16, 5)
     for b in range(len(ids)):
         for s, e in _documents(ids[b]):
             alone = alone_teacher(ids[b:b + 1, s:e])

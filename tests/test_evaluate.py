@@ -86,12 +86,12 @@ def _store(root, cfg, data, teacher_dir):
     teacher's forward to two micro-batches' worth."""
     from pd_dist.models import ModelConfig, build_model, model_identity
     from pd_dist.teacher.inference import FrozenTeacher
-    from pd_dist.teacher.specs import store_meta
+    from pd_dist.teacher.specs import store_meta, stored_signal
     from pd_dist.teacher.stores import SPOOL_DIR, complete_store
 
     (root / SPOOL_DIR).mkdir(parents=True)
     teacher = FrozenTeacher(build_model(ModelConfig(path=str(teacher_dir)), data.vocab_size, seed=0),
-                            torch.device("cpu"), torch.float32, *cfg.stored_truncation(),
+                            torch.device("cpu"), torch.float32, stored_signal(cfg),
                             cfg.train.loss_chunk_size, keep_lse=True)
     first = []
 

@@ -7,7 +7,7 @@ import torch
 from pd_dist.models import (PRESETS, ModelConfig, build_model, check_same_tokenizer, final_norm_and_head,
                             preset_param_count)
 from pd_dist.teacher.inference import FrozenTeacher
-from pd_dist.core.logits import truncate
+from pd_dist.core.logits import SignalSpec, truncate
 
 
 @pytest.mark.parametrize("preset,billions", [("pd-330m", 0.33), ("pd-670m", 0.67), ("pd-1.9b", 1.9),
@@ -54,7 +54,8 @@ def test_frozen_teacher_matches_truncating_full_logits():
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)
     ids = torch.randint(0, 257, (2, 13))
-    got = FrozenTeacher(model, torch.device("cpu"), torch.float32, top_p=0.9, top_k=7, chunk_size=5)(ids)
+    got = FrozenTeacher(model, torch.device("cpu"), torch.float32, SignalSpec.of("top_p_k", top_p=0.9, top_k=7),
+                        chunk_size=5)(ids)
     with torch.no_grad():
         want = truncate(model(ids).logits.float(), 0.9, 7)
     assert got.indices.shape == (2, 13, 7)
@@ -74,7 +75,8 @@ def test_frozen_teacher_val_loss_matches_a_float64_reference(smoke_data):
         want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
     model.float()
     for chunk, micro in ((7, 3), (100000, 64)):
-        got = FrozenTeacher(model, torch.device("cpu"), torch.float32, 0.95, 4, chunk).val_loss(
+        got = FrozenTeacher(model, torch.device("cpu"), torch.float32, SignalSpec.of("top_p_k", top_p=0.95, top_k=4),
+                            chunk).val_loss(
             held_out_batches(smoke_data, micro))
         assert got == pytest.approx(want, rel=1e-5)
 

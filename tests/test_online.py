@@ -21,7 +21,7 @@ from pd_dist.cluster.bridge import (KIND_REFUSAL, KIND_REPLY, KIND_REQUEST, REFU
                             encode_response, pack_indices, recv_preamble, refusal_error, send_message,
                             unpack_indices)
 from pd_dist.core.configlib import ConfigError
-from pd_dist.core.logits import SparseLogits, truncate
+from pd_dist.core.logits import SignalSpec, SparseLogits
 from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
 from pd_dist.teacher.server import TeacherServer
 from pd_dist.cluster.topology import LaunchEnv, Topology, TopologyConfig, assign_roles, make_layout
@@ -93,8 +93,8 @@ def topo_for(rank, net, world=3, teachers=(0,), timeout=5.0):
                     peer_timeout_s=timeout)
 
 
-SPEC = WireSpec(vocab_size=97, tokenizer_hash="abc", seq_len=6, top_k=5, top_p=0.9, value_dtype="fp32",
-                micro_batch=2, n_samples=1000)
+SPEC = WireSpec(vocab_size=97, tokenizer_hash="abc", seq_len=6, signal=SignalSpec.of("top_p_k", top_p=0.9, top_k=5),
+                value_dtype="fp32", micro_batch=2, n_samples=1000)
 
 
 class TinyTeacher(torch.nn.Module):
@@ -106,7 +106,7 @@ class TinyTeacher(torch.nn.Module):
         self.table = torch.randn(vocab, vocab, generator=g) * 3
 
     def sparse(self, tokens, spec=SPEC):
-        return truncate(self.table[tokens], spec.top_p, spec.top_k)
+        return spec.signal.form(self.table[tokens])
 
 
 def start_server(topo, spec=SPEC, model=None, errors=None):
@@ -129,7 +129,7 @@ def test_wire_round_trip_keeps_indices_values_and_dropped_entries():
     for vocab, nbytes in [(97, 2), (151552, 3), (1 << 25, 4)]:
         idx = torch.randint(0, vocab, (7, 5))
         assert torch.equal(unpack_indices(pack_indices(idx, nbytes), nbytes, idx.shape), idx)
-    spec = WireSpec(151552, "h", 4, 3, 0.95, "bf16", 2, n_samples=16)
+    spec = WireSpec(151552, "h", 4, SignalSpec.of("top_p_k", top_p=0.95, top_k=3), "bf16", 2, n_samples=16)
     assert spec.index_bytes == 3
     vals = torch.tensor([[5.0, 2.0, float("-inf")]] * 8).reshape(2, 4, 3)
     idx = torch.randint(0, 151552, (2, 4, 3))
@@ -183,7 +183,8 @@ def test_every_message_size_follows_from_the_hello():
     the hello agree on every size (the receivers check each preamble's size anyway)."""
     import itertools
 
-    specs = [WireSpec(v, "t", s, k, 0.9, d, mb, sig, n_samples=5) for v, s, k, d, mb, sig in itertools.product(
+    specs = [WireSpec(v, "t", s, SignalSpec.of(sig, top_p=0.9, top_k=k), d, mb, n_samples=5)
+             for v, s, k, d, mb, sig in itertools.product(
         (97, 70000, 1 << 24 + 1), (6, 7), (1, 5, 200), ("fp32", "bf16"), (1, 2), ("top_p_k", "head_tail"))]
     assert len({sp.hello().numel() for sp in specs}) == 1
     for a, b in itertools.combinations(specs, 2):
@@ -324,11 +325,13 @@ def test_wrong_sample_ids_are_detected():
         client.result(t)
 
 
-@pytest.mark.parametrize("field,change", [("top_k", 20), ("seq_len", 8), ("vocab_size", 98),
-                                          ("tokenizer_hash", "xyz"), ("value_dtype", "bf16"),
-                                          ("signal", "head_tail"), ("signal_params", '{"seed": 1}'),
-                                          ("n_samples", 999)])
-def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change):
+@pytest.mark.parametrize("field,change,hello_name", [
+    ("signal", SignalSpec.of("top_p_k", top_p=0.9, top_k=20), "top_k"), ("seq_len", 8, "seq_len"),
+    ("vocab_size", 98, "vocab_size"), ("tokenizer_hash", "xyz", "tokenizer_hash"),
+    ("value_dtype", "bf16", "value_dtype"), ("signal", SignalSpec.of("top_p_k", top_p=0.8, top_k=5), "top_p"),
+    ("signal", SignalSpec.of("head_tail", top_p=0.9, top_k=1, samples=4), "signal"),
+    ("signal", SignalSpec.of("sampled", samples=5, seed=1), "signal_params_hash"), ("n_samples", 999, "n_samples")])
+def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change, hello_name):
     net = FakeNet()
     _, out, _ = start_server(topo_for(0, net, world=2))
     bad = WireSpec(**{**SPEC.__dict__, field: change})
@@ -336,7 +339,6 @@ def test_handshake_mismatch_fails_on_both_sides_naming_both_ranks(field, change)
         TeacherClient(topo_for(1, net, world=2), bad, startup_timeout_s=5)
     msg = str(e.value)
     assert "rank 1 (host1" in msg and "teacher rank 0 (host0" in msg
-    hello_name = {"signal_params": "signal_params_hash"}.get(field, field)
     assert hello_name in msg
     time.sleep(0.3)
     assert isinstance(out.get("error"), PeerError) and "handshake" in str(out["error"])

@@ -47,6 +47,27 @@ def test_each_objective_key_is_refused_then_let_through_by_its_override(key, val
     assert (key, state["objective"][key], now[key]) in accepted
 
 
+@pytest.mark.parametrize("mode", ["colocated", "online"])
+@pytest.mark.parametrize("key,value", [("distill.signal", "head_tail"), ("distill.samples", 12),
+                                       ("distill.temperature", 2.0), ("distill.top_k", 7), ("distill.top_p", 0.8)])
+def test_a_resume_with_another_signal_is_refused_naming_the_key(mode, key, value):
+    """The objective holds the signal's keys as its SignalSpec gives them: a resume that would train
+    toward another signal (kind, draws, temperature, truncation), colocated or online, is refused
+    naming the key."""
+    from pd_dist.train.checkpoint import ResumeError, check_run_state, objective
+
+    base = [f"distill.mode={mode}", "distill.signal=sampled", "distill.samples=8", "distill.loss=kld"]
+    old = _cfg(*base)
+    spec = old.distill.signal_spec(old.train.seed)
+    keys = objective(old, "w1")
+    assert {f"distill.{k}": v for k, v in spec.config_keys().items() if k != "seed"}.items() <= keys.items()
+    state, sampler = _state(old)
+    new = _cfg(*base, f"{key}={value}")
+    with pytest.raises(ResumeError, match=key.replace(".", r"\.") + " was"):
+        check_run_state(state, new, sampler, "fp", objective(new, "w1"))
+    assert check_run_state(state, old, sampler, "fp", objective(old, "w1")) == []
+
+
 def test_the_objective_covers_every_model_and_distill_key():
     """Derived, not listed: every key of the sections the result depends on is checked on resume,
     so a key added to them later is covered without touching the checkpoint code."""

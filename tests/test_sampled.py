@@ -247,10 +247,10 @@ def test_a_drawn_store_serves_only_the_same_draws(tmp_path):
 
     meta = _signal_meta("head_tail")
     _write(tmp_path, meta, torch.randn(5, 24, 300, generator=torch.Generator().manual_seed(9)))
-    kw = dict(data_fingerprint="fp", tokenizer_hash="tok", seq_len=24, vocab_size=300, top_p=0.9, top_k=4)
+    kw = dict(data_fingerprint="fp", tokenizer_hash="tok", seq_len=24, vocab_size=300)
     same = SignalSpec("head_tail", 0.9, 4, 16, 1.0, 7)
     assert open_for_training(tmp_path, signal=same, **kw).get(0).k == 20
-    for other, needle in [(None, "holds the head_tail signal"),
+    for other, needle in [(SignalSpec("top_p_k", 0.9, 4), "holds the head_tail signal"),
                           (SignalSpec("sampled", 1.0, 16, 16, 1.0, 7), "run asks for sampled"),
                           (SignalSpec("head_tail", 0.9, 4, 16, 1.0, 8), "not re-drawn"),
                           (SignalSpec("head_tail", 0.9, 3, 16, 1.0, 7), "not re-drawn")]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_dist.core.logits import SparseLogits, target_probs, truncate
+from pd_dist.core.logits import SignalSpec, SparseLogits, target_probs, truncate
 from pd_dist.store import (FORMAT_VERSION, LogitsStore, ShardWriter, StoreError, StoreMeta, open_for_training,
                            shard_done, shard_ranges, store_info, tv_bound, value_tolerance, verify_store,
                            write_manifest)
@@ -400,6 +400,13 @@ def test_temp_files_never_complete(tmp_path, gauss_full):
 RUN = dict(data_fingerprint="fp1", tokenizer_hash="tok1", seq_len=T, vocab_size=V, top_p=0.95, top_k=K)
 
 
+def run_kw(**over) -> dict:
+    """RUN (with ``over``) as check_compatible / open_for_training take it: the truncation as a SignalSpec."""
+    d = {**RUN, **over}
+    return {**{k: v for k, v in d.items() if k not in ("top_p", "top_k")},
+            "signal": SignalSpec.of("top_p_k", top_p=d["top_p"], top_k=d["top_k"])}
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("data_fingerprint", "fp2", "data fingerprint"),
     ("tokenizer_hash", "tok2", "tokenizer"),
@@ -411,16 +418,16 @@ RUN = dict(data_fingerprint="fp1", tokenizer_hash="tok1", seq_len=T, vocab_size=
 def test_check_compatible_refuses(store_dir, field, value, needle):
     store = LogitsStore(store_dir)
     with pytest.raises(StoreError, match=needle):
-        store.check_compatible(**{**RUN, field: value})
+        store.check_compatible(**run_kw(**{field: value}))
     with pytest.raises(StoreError, match=needle):
-        open_for_training(store_dir, **{**RUN, field: value})
+        open_for_training(store_dir, **run_kw(**{field: value}))
 
 
 def test_check_compatible_accepts_wider(store_dir):
     store = LogitsStore(store_dir)
-    store.check_compatible(**RUN)
-    store.check_compatible(**{**RUN, "top_k": 10})
-    store.check_compatible(**{**RUN, "top_p": 0.8, "top_k": 5})
+    store.check_compatible(**run_kw())
+    store.check_compatible(**run_kw(top_k=10))
+    store.check_compatible(**run_kw(top_p=0.8, top_k=5))
     with pytest.raises(StoreError, match="top_k"):
         store.get(0, top_k=K + 1)
     with pytest.raises(StoreError, match="top_p"):
@@ -463,7 +470,7 @@ def test_retruncation_matches_truncate(tmp_path, encoding):
 
 
 def test_open_for_training_defaults(store_dir, gauss_full):
-    store = open_for_training(store_dir, **{**RUN, "top_p": 0.9, "top_k": 8})
+    store = open_for_training(store_dir, **run_kw(top_p=0.9, top_k=8))
     sp = store.get(3)
     lse = sp.lse
     assert sp.values.shape == (T, 8)
@@ -471,6 +478,22 @@ def test_open_for_training_defaults(store_dir, gauss_full):
     assert (sp.indices == ref.indices).float().mean() > 0.99
     bsp = store.get_batch([3])
     assert torch.equal(bsp.values[0], sp.values)
+
+
+def test_the_offline_loader_hands_over_micro_batches_with_their_lse(store_dir):
+    """A planned micro-batch comes out of the DataLoader (batch_size=None: no collation) as the
+    StoredMicroBatch it was made, its SparseLogits keeping the stored lse."""
+    from pd_dist.signals.sources import StoredMicroBatch, _StoredMicroBatches
+
+    store = open_for_training(store_dir, **run_kw(top_p=0.9, top_k=8))
+    plan = [np.array([3, 1]), np.array([0, 2])]
+    loader = torch.utils.data.DataLoader(_StoredMicroBatches(plan, store), batch_size=None, shuffle=False,
+                                         num_workers=1)  # as StoredLogits reads it: through a worker
+    for ids, got in zip(plan, loader):
+        assert isinstance(got, StoredMicroBatch) and got.ids.tolist() == ids.tolist()
+        want = store.get_batch(ids)
+        assert got.teacher.lse is not None and torch.equal(got.teacher.lse, want.lse)
+        assert torch.equal(got.teacher.values, want.values) and torch.equal(got.teacher.indices, want.indices)
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -602,7 +625,7 @@ def test_a_format_version_1_store_still_reads():
     info = store_info(root)
     assert info["format_version"] == 1 and info["signal"]["kind"] == "top_p_k" and info["top_k"] == 12
     store = open_for_training(root, data_fingerprint="fp-v1", tokenizer_hash="tok-v1", seq_len=16,
-                              vocab_size=96, top_p=0.9, top_k=12)
+                              vocab_size=96, signal=SignalSpec.of("top_p_k", top_p=0.9, top_k=12))
     for s in range(6):
         ref = truncate(full[s], 0.9, 12, keep_lse=True)
         got = store.get(s)

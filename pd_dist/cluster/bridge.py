@@ -9,9 +9,9 @@ one fills a prefix and leaves the rest as it was), so no message goes out before
   fields). The receiver checks the magic, the version, the kind and the size the spec allows for that
   kind before it posts the body's receive, into a buffer of exactly that size; a bad preamble is refused
   naming the sender, and nothing more is read from that sender (its body, never received, stays with it).
-- hello (kind 1, both ways, once): int64 [MAGIC, VERSION, vocab, tokenizer hash, seq_len, top_k,
-  top_p*1e6, value dtype, micro-batch, index bytes, signal kind, hash of the signal's draw parameters,
-  dataset samples]; each side checks the other's and fails naming both ranks. A peer of another version
+- hello (kind 1, both ways, once): int64 [MAGIC, VERSION, vocab, tokenizer hash, seq_len, the signal's
+  width, its head's top_p*1e6, value dtype, micro-batch, index bytes, the signal's wire code
+  (SignalSpec.code), hash of the signal's draw parameters, dataset samples]; each side checks the other's and fails naming both ranks. A peer of another version
   fails on the preamble's version, whatever its hello looks like.
 - request (kind 2, student -> teacher): int64 [op, seq, n, sample_ids[mb], tokens[mb * seq_len]].
 - reply (kind 3, teacher -> student): one uint8 buffer: int64 header [seq, n, sample_ids[mb]], then the
@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pd_dist.core.logits import SparseLogits
+from pd_dist.core.logits import SignalSpec, SparseLogits
 
 MAGIC = 0x5044_4453  # "PDDS"
 VERSION = 3  # 2 sent a bare 12-field hello, 1 a 10-field one; 3 put the preamble before every message
@@ -59,7 +60,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {"fp32": 1, "bf16": 2, "fp16": 3}
 HELLO_FIELDS = ("magic", "version", "vocab_size", "tokenizer_hash", "seq_len", "top_k", "top_p_x1e6",
                 "value_dtype", "micro_batch", "index_bytes", "signal", "signal_params_hash", "n_samples")
-SIGNAL_CODES = {"top_p_k": 0, "sampled": 1, "head_tail": 2}
 
 
 # The first handshake waits for the other side to start (and, with no teacher.path, for the teacher's
@@ -90,19 +90,25 @@ def tokenizer_hash_int(hex_hash: str) -> int:
 
 @dataclass(frozen=True)
 class WireSpec:
-    """What both sides must agree on; determines every buffer size."""
+    """What both sides must agree on; determines every buffer size. The teacher signal is ``signal``
+    (a SignalSpec): the handshake carries its width, its head's top_p, its wire code and a hash of its
+    draw parameters, so a student and a teacher that disagree on any of them fail it."""
     vocab_size: int
     tokenizer_hash: str
     seq_len: int
-    top_k: int
-    top_p: float
+    signal: SignalSpec
     value_dtype: str      # fp32 | bf16 | fp16
     micro_batch: int
-    signal: str = "top_p_k"  # pd_dist.core.logits.SIGNAL_KINDS; top_k is the signal's width
-    signal_params: str = ""  # canonical JSON of the draws' parameters (SignalSpec.params)
     n_samples: int = field(kw_only=True)  # the dataset's samples: request ids must lie in [0, n_samples)
+    # data.document_mask: the teacher's answers depend on it (hashed with the draw parameters; absent
+    # when off, so peers of versions before it agree)
+    document_mask: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
+        if not isinstance(self.signal, SignalSpec):
+            raise ValueError(f"WireSpec.signal must be a SignalSpec, got {self.signal!r}")
+        if self.value_dtype not in DTYPE_CODES:
+            raise ValueError(f"WireSpec.value_dtype must be one of {', '.join(DTYPE_CODES)}, got {self.value_dtype!r}")
         if isinstance(self.n_samples, bool) or int(self.n_samples) != self.n_samples or self.n_samples < 1:
             raise ValueError(f"WireSpec.n_samples must be an integer >= 1, got {self.n_samples!r}")
 
@@ -112,13 +118,16 @@ class WireSpec:
 
     @property
     def width(self) -> int:
-        return min(self.top_k, self.vocab_size)
+        """Entries per position on the wire (the signal's width at this vocabulary)."""
+        return self.signal.width(self.vocab_size)
 
     def hello(self) -> torch.Tensor:
+        params = self.signal.params() | ({"document_mask": True} if self.document_mask else {})
+        params = json.dumps(params, sort_keys=True)
         return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
-                             self.seq_len, self.top_k, round(self.top_p * 1e6), DTYPE_CODES[self.value_dtype],
-                             self.micro_batch, self.index_bytes, SIGNAL_CODES[self.signal],
-                             tokenizer_hash_int(self.signal_params), self.n_samples], dtype=torch.int64)
+                             self.seq_len, self.width, round(self.signal.wire_top_p() * 1e6),
+                             DTYPE_CODES[self.value_dtype], self.micro_batch, self.index_bytes, self.signal.code,
+                             tokenizer_hash_int(params), self.n_samples], dtype=torch.int64)
 
     def request_numel(self) -> int:
         return 3 + self.micro_batch + self.micro_batch * self.seq_len

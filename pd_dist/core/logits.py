@@ -8,8 +8,8 @@ applied later, at training time, by :func:`target_probs`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -375,72 +375,328 @@ def head_tail_signal(logits: torch.Tensor, keys: torch.Tensor, top_p: float, top
 
 
 # ------------------------------------------------------------------------------------ signal kinds
-SIGNAL_KINDS = ("top_p_k", "sampled", "head_tail")
+class _Registered(type):
+    """Lets ``SignalSpec(kind, ...)`` build the registered class of ``kind`` (see SignalSpec.of)."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is SignalSpec:
+            return SignalSpec.of(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _check_top_p(top_p) -> None:
+    if isinstance(top_p, bool) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"signal top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise ValueError(f"signal top_k must be an integer >= 1, got {top_k!r}")
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise ValueError(f"signal seed must be an integer, got {seed!r}")
+
+
+class SignalSpec(metaclass=_Registered):
+    """What of the teacher's distribution is kept per position (distill.signal), and how it is formed,
+    sent, stored, checked and read by the loss: the one description of the teacher signal.
+
+    Each kind is one frozen dataclass subclass, registered under its ``kind`` (the distill.signal value)
+    and its wire ``code`` (the integer a teacher and its students exchange in the handshake):
+
+    * :class:`TopPK` (``top_p_k``): the truncated raw logits (:func:`truncate` at top_p, top_k); the
+      loss applies tau. A stored one serves any narrower top_p/top_k (re-truncated on load).
+    * :class:`Sampled` (``sampled``): ``samples`` draws at ``temperature`` (:func:`sample_signal`); log
+      weights, loss at 1.
+    * :class:`HeadTail` (``head_tail``): the top-p-k head plus ``samples`` tail draws
+      (:func:`head_tail_signal`); log weights, loss at 1.
+
+    Drawn kinds key their draws by (``seed``, sample id, position) (:func:`sample_keys`) and can only be
+    served by a store holding exactly the same draws.
+
+    Build one with ``SignalSpec.of(kind, **params)`` (or ``SignalSpec(kind, ...)``: the same, with the
+    parameters also accepted positionally in the order top_p, top_k, samples, temperature, seed);
+    parameters the kind does not hold are ignored (a config passes all of distill's), a name no kind
+    holds is refused.
+
+    A new kind is one subclass; everything that looks a kind up (config validation, the wire's
+    handshake, a store's manifest, the compatibility check) then knows it. For example, the arg-max
+    token alone, with weight 1::
+
+        @dataclass(frozen=True)
+        class Greedy(SignalSpec, kind="greedy", code=7):
+            temperature: float = 1.0
+
+            def width(self, vocab_size):
+                return 1
+
+            def describe(self, seed=True):
+                return "greedy"
+
+            def form(self, logits, keys=None, keep_lse=False):
+                idx = logits.argmax(-1, keepdim=True)
+                return SparseLogits(idx, torch.zeros(idx.shape))  # log weight 0 = probability 1
+
+            @property
+            def loss_temperature(self):
+                return 1.0
+
+    The defaults below cover the rest: no draw parameters (``params``), no head truncation
+    (``truncation``), served only by an equal spec (``cannot_serve``), the config keys from the
+    dataclass fields (``config_keys``). A kind whose signal holds draws sets ``drawn = True``.
+    """
+
+    kind: ClassVar[str] = ""
+    code: ClassVar[int] = -1
+    drawn: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type]] = {}
+    _POSITIONAL: ClassVar[tuple[str, ...]] = ("top_p", "top_k", "samples", "temperature", "seed")
+
+    def __init_subclass__(cls, kind: Optional[str] = None, code: Optional[int] = None, **kw):
+        super().__init_subclass__(**kw)
+        if kind is None:
+            return
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"a signal kind must be a non-empty string, got {kind!r}")
+        if isinstance(code, bool) or not isinstance(code, int) or code < 0:
+            raise ValueError(f"signal kind {kind!r}: its wire code must be an integer >= 0, got {code!r}")
+        taken = {c.code: k for k, c in SignalSpec.registry.items()}
+        if kind in SignalSpec.registry:
+            raise ValueError(f"signal kind {kind!r} is registered already ({SignalSpec.registry[kind].__name__})")
+        if code in taken:
+            raise ValueError(f"signal kind {kind!r}: wire code {code} is {taken[code]!r}'s already")
+        cls.kind, cls.code = kind, code
+        SignalSpec.registry[kind] = cls
+
+    @staticmethod
+    def kinds() -> tuple[str, ...]:
+        """The registered kinds, in registration order."""
+        return tuple(SignalSpec.registry)
+
+    @staticmethod
+    def unregister(kind: str) -> None:
+        """Forget ``kind`` (for a kind registered for a while only, as a test's)."""
+        SignalSpec.registry.pop(kind, None)
+
+    @staticmethod
+    def cls_of(kind: str) -> type:
+        """The class registered for ``kind``; ValueError naming the registered ones otherwise."""
+        try:
+            return SignalSpec.registry[kind]
+        except (KeyError, TypeError):
+            raise ValueError(f"signal kind must be one of {', '.join(SignalSpec.registry)}, got {kind!r}") from None
+
+    @staticmethod
+    def of(kind: str = "top_p_k", *args, **params) -> "SignalSpec":
+        """The spec of ``kind`` with those of ``params`` it holds (see the class docstring)."""
+        cls = SignalSpec.cls_of(kind)
+        if len(args) > len(SignalSpec._POSITIONAL):
+            raise TypeError(f"SignalSpec takes at most {len(SignalSpec._POSITIONAL)} positional parameters "
+                            f"after the kind, got {len(args)}")
+        for name, value in zip(SignalSpec._POSITIONAL, args):
+            if name in params:
+                raise TypeError(f"SignalSpec: {name} given twice")
+            params[name] = value
+        known = {f.name for c in SignalSpec.registry.values() for f in fields(c)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TypeError(f"SignalSpec: no signal kind has the parameter(s) {unknown} (known: {sorted(known)})")
+        own = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in own})
+
+    # ------------------------------------------------------------------ what each kind defines
+    def width(self, vocab_size: int) -> int:
+        """Entries per position."""
+        raise NotImplementedError
+
+    def describe(self, seed: bool = True) -> str:
+        """One phrase, e.g. "top-0.95-20 head + 30 draws at tau 1 (seed 0)"."""
+        raise NotImplementedError
+
+    def form(self, logits: torch.Tensor, keys: Optional[torch.Tensor] = None, keep_lse: bool = False) -> SparseLogits:
+        """The signal of ``logits`` [..., V]; ``keys`` (the leading shape) for drawn kinds; ``keep_lse``:
+        carry each position's full-vocabulary logsumexp where the kind keeps raw logits."""
+        raise NotImplementedError
+
+    @property
+    def loss_temperature(self) -> float:
+        """The temperature the loss applies to the signal's values."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """The parameters that decide the drawn values besides the head truncation (empty for undrawn
+        kinds): what a store records and a teacher and its students must agree on."""
+        return {}
+
+    def truncation(self) -> Optional[tuple[float, int]]:
+        """(top_p, top_k) of the exact top-p-k part of the signal; None when it has none."""
+        return None
+
+    def cannot_serve(self, want: "SignalSpec", vocab_size: int) -> Optional[str]:
+        """Why a store holding this signal cannot give ``want`` (None when it can): by default only the
+        same kind with the same parameters can."""
+        if want.kind != self.kind:
+            return f"it holds the {self.kind} signal ({self.describe()}), the run asks for {want.kind} ({want.describe()})"
+        if want.truncation() != self.truncation() or want.params() != self.params():
+            return (f"it holds {self.describe()}, the run asks for {want.describe()} (drawn signals are not "
+                    "re-drawn on load)")
+        return None
+
+    def config_keys(self) -> dict:
+        """The distill config keys (without the ``distill.`` prefix) this spec was built from: kind and
+        the dataclass fields, the seed as train.seed's (``seed``)."""
+        return {"signal": self.kind, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    # ---------------------------------------------------------------- store and wire forms
+    def wire_top_p(self) -> float:
+        """The top_p a handshake carries (0 where the signal has no top-p-k part)."""
+        t = self.truncation()
+        return 0.0 if t is None else float(t[0])
+
+    def store_fields(self) -> tuple[float, int, dict]:
+        """(top_p, top_k, signal) as a store manifest writes them: the head truncation, else (1, width
+        without a vocabulary bound, as format 2 wrote a sampled store), and the signal object ({} for
+        top-p-k, the manifest of format version 1)."""
+        t = self.truncation()
+        top_p, top_k = t if t is not None else (1.0, self.width(1 << 62))
+        return float(top_p), int(top_k), {"kind": self.kind, **self.params()}
+
+    @staticmethod
+    def from_store(top_p: float, top_k: int, signal: Optional[dict]) -> "SignalSpec":
+        """The spec a manifest's (top_p, top_k, signal) fields describe (a missing or empty signal is
+        top-p-k, as format 1 and 2 stores of logits wrote it); inverse of :meth:`store_fields`."""
+        sig = dict(signal or {"kind": "top_p_k"})
+        kind = sig.pop("kind", "top_p_k")
+        cls = SignalSpec.cls_of(kind)
+        own = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {"top_p": float(top_p), "top_k": int(top_k), **sig}.items() if k in own})
 
 
 @dataclass(frozen=True)
-class SignalSpec:
-    """What of the teacher's distribution is kept per position (distill.signal), and how the loss reads it.
+class TopPK(SignalSpec, kind="top_p_k", code=0):
+    """The paper's signal: the raw logits kept by top-p (at temperature 1) then top-k truncation; the
+    loss applies ``temperature``. A stored one can be narrowed on load to any smaller top_p / top_k."""
+    top_p: float = 1.0
+    top_k: int = 50
+    temperature: float = 1.0
 
-    * ``top_p_k``: the truncated raw logits (:func:`truncate` at top_p, top_k); the loss applies tau.
-    * ``sampled``: ``samples`` draws at ``temperature`` (:func:`sample_signal`); log weights, loss at 1.
-    * ``head_tail``: the top-p-k head plus ``samples`` tail draws (:func:`head_tail_signal`); log
-      weights, loss at 1.
-    Draws are keyed by (``seed``, sample id, position) (:func:`sample_keys`)."""
-    kind: str = "top_p_k"
+    def __post_init__(self):
+        _check_top_p(self.top_p)
+        _check_top_k(self.top_k)
+        _check_temperature(self.temperature)
+
+    def width(self, vocab_size: int) -> int:
+        return min(int(self.top_k), int(vocab_size))
+
+    def describe(self, seed: bool = True) -> str:
+        return f"top-{self.top_p:g}-{self.top_k}"
+
+    def form(self, logits, keys=None, keep_lse=False) -> SparseLogits:
+        return truncate(logits, self.top_p, self.top_k, keep_lse=keep_lse)
+
+    @property
+    def loss_temperature(self) -> float:
+        return float(self.temperature)
+
+    def truncation(self) -> tuple[float, int]:
+        return float(self.top_p), int(self.top_k)
+
+    def store_fields(self) -> tuple[float, int, dict]:
+        return float(self.top_p), int(self.top_k), {}
+
+    def cannot_serve(self, want, vocab_size):
+        if want.kind != self.kind:
+            return super().cannot_serve(want, vocab_size)
+        problems = []
+        if self.width(vocab_size) < want.width(vocab_size):
+            problems.append(f"it keeps top_k={self.top_k} entries per token, fewer than the asked "
+                            f"top_k={want.top_k} (a store can only be narrowed on load, not widened)")
+        if self.top_p < float(want.top_p) - TOP_P_EPS:
+            problems.append(f"it was truncated at top_p={self.top_p}, narrower than the asked "
+                            f"top_p={want.top_p} (a store can only be narrowed on load, not widened)")
+        return "; ".join(problems) or None
+
+
+TOP_P_EPS = 1e-9  # top_p values closer than this are the same truncation
+
+
+@dataclass(frozen=True)
+class Sampled(SignalSpec, kind="sampled", code=1):
+    """``samples`` draws per position from softmax(logits / temperature) (:func:`sample_signal`): log
+    weights, read by the loss at temperature 1. Served only by the same draws."""
+    samples: int = 50
+    temperature: float = 1.0
+    seed: int = 0
+    drawn: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_draws(self.samples)
+        _check_temperature(self.temperature)
+        _check_seed(self.seed)
+
+    def width(self, vocab_size: int) -> int:
+        return int(self.samples)
+
+    def params(self) -> dict:
+        return {"samples": int(self.samples), "temperature": float(self.temperature), "seed": int(self.seed)}
+
+    def describe(self, seed: bool = True) -> str:
+        return f"{self.samples} draws at tau {self.temperature:g}" + (f" (seed {self.seed})" if seed else "")
+
+    def form(self, logits, keys=None, keep_lse=False) -> SparseLogits:
+        if keys is None:
+            raise ValueError(f"signal {self.kind} needs per-position keys (sample_keys)")
+        return sample_signal(logits, keys, self.samples, self.temperature)
+
+    @property
+    def loss_temperature(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class HeadTail(SignalSpec, kind="head_tail", code=2):
+    """The exact top-p-k head plus ``samples`` draws from the tail (:func:`head_tail_signal`): log
+    weights, read by the loss at temperature 1. Served only by the same head and the same draws."""
     top_p: float = 1.0
     top_k: int = 50
     samples: int = 50
     temperature: float = 1.0
     seed: int = 0
+    drawn: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.kind not in SIGNAL_KINDS:
-            raise ValueError(f"signal kind must be one of {', '.join(SIGNAL_KINDS)}, got {self.kind!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise ValueError(f"signal top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1:
-            raise ValueError(f"signal top_k must be an integer >= 1, got {self.top_k!r}")
+        _check_top_p(self.top_p)
+        _check_top_k(self.top_k)
         _check_draws(self.samples)
         _check_temperature(self.temperature)
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
-            raise ValueError(f"signal seed must be an integer, got {self.seed!r}")
-
-    @property
-    def drawn(self) -> bool:
-        """True when the signal holds draws (needs each sample's id to key them)."""
-        return self.kind != "top_p_k"
+        _check_seed(self.seed)
 
     def width(self, vocab_size: int) -> int:
-        """Entries per position."""
-        head = min(int(self.top_k), int(vocab_size))
-        return {"top_p_k": head, "sampled": int(self.samples), "head_tail": head + int(self.samples)}[self.kind]
+        return min(int(self.top_k), int(vocab_size)) + int(self.samples)
+
+    def params(self) -> dict:
+        return {"samples": int(self.samples), "temperature": float(self.temperature), "seed": int(self.seed)}
+
+    def truncation(self) -> tuple[float, int]:
+        return float(self.top_p), int(self.top_k)
+
+    def cannot_serve(self, want, vocab_size):
+        if want.kind == self.kind and abs(self.top_p - want.top_p) <= TOP_P_EPS and self.top_k == want.top_k \
+                and self.params() == want.params():
+            return None
+        return super().cannot_serve(want, vocab_size)
+
+    def describe(self, seed: bool = True) -> str:
+        return (f"top-{self.top_p:g}-{self.top_k} head + {self.samples} draws at tau {self.temperature:g}"
+                + (f" (seed {self.seed})" if seed else ""))
+
+    def form(self, logits, keys=None, keep_lse=False) -> SparseLogits:
+        if keys is None:
+            raise ValueError(f"signal {self.kind} needs per-position keys (sample_keys)")
+        return head_tail_signal(logits, keys, self.top_p, self.top_k, self.samples, self.temperature)
 
     @property
     def loss_temperature(self) -> float:
-        """The temperature the loss applies: tau to truncated logits; 1 to log weights (drawn at tau)."""
-        return float(self.temperature) if self.kind == "top_p_k" else 1.0
-
-    def params(self) -> dict:
-        """The parameters that decide the drawn values besides top_p/top_k (empty for top_p_k): what a
-        store records and a teacher and its students must agree on."""
-        if not self.drawn:
-            return {}
-        return {"samples": int(self.samples), "temperature": float(self.temperature), "seed": int(self.seed)}
-
-    def describe(self, seed: bool = True) -> str:
-        """One phrase, e.g. "top-0.95-20 head + 30 draws at tau 1 (seed 0)"."""
-        if self.kind == "top_p_k":
-            return f"top-{self.top_p:g}-{self.top_k}"
-        head = f"top-{self.top_p:g}-{self.top_k} head + " if self.kind == "head_tail" else ""
-        return f"{head}{self.samples} draws at tau {self.temperature:g}" + (f" (seed {self.seed})" if seed else "")
-
-    def form(self, logits: torch.Tensor, keys: Optional[torch.Tensor] = None, keep_lse: bool = False) -> SparseLogits:
-        """The signal of ``logits`` [..., V]; ``keys`` (the leading shape) for drawn kinds."""
-        if not self.drawn:
-            return truncate(logits, self.top_p, self.top_k, keep_lse=keep_lse)
-        if keys is None:
-            raise ValueError(f"signal {self.kind} needs per-position keys (sample_keys)")
-        if self.kind == "sampled":
-            return sample_signal(logits, keys, self.samples, self.temperature)
-        return head_tail_signal(logits, keys, self.top_p, self.top_k, self.samples, self.temperature)
+        return 1.0

@@ -68,7 +68,7 @@ def held_out_metrics(model, data, micro_batch: int, source=None, kind: str = "nl
     def micro():
         for ids in held_out_ids(data, micro_batch):
             m = signalled_micro_batch(data, source, ids, cpu)
-            unsignalled[0] += m[3] is None
+            unsignalled[0] += m.teacher is None
             yield m
 
     student = PDStudent(model, kind, temperature, chunk_size, document_eos=document_eos).eval()

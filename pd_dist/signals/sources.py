@@ -154,9 +154,8 @@ class ColocatedTeacher(SignalSource):
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
-        d = ctx.cfg.distill
-        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision), d.top_p,
-                                 d.top_k, ctx.cfg.train.loss_chunk_size, signal=signal_spec(ctx.cfg),
+        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision),
+                                 signal_spec(ctx.cfg), ctx.cfg.train.loss_chunk_size,
                                  document_eos=ctx.data.document_eos(ctx.cfg.data.document_mask)),
                    ctx.data, ctx.cfg.train.micro_batch_size)
 
@@ -251,10 +250,18 @@ class _StoredMicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j: int) -> "StoredMicroBatch":
         ids = self.plan[j]
-        sparse = self.store.get_batch(ids)
-        return torch.from_numpy(ids), sparse.indices, sparse.values
+        return StoredMicroBatch(torch.from_numpy(ids), self.store.get_batch(ids))
+
+
+@dataclass
+class StoredMicroBatch:
+    """What the offline loader hands over per planned micro-batch: the sample ids (int64 [B]) and their
+    stored signal, lse included where the store keeps it (a DataLoader with batch_size=None passes it
+    through as it is)."""
+    ids: torch.Tensor
+    teacher: SparseLogits
 
 
 @register
@@ -274,8 +281,8 @@ class StoredLogits(SignalSource):
         d, data = ctx.cfg.distill, ctx.data
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
-                                  vocab_size=data.vocab_size, top_p=d.top_p, top_k=d.top_k,
-                                  signal=signal_spec(ctx.cfg), document_mask=ctx.cfg.data.document_mask)
+                                  vocab_size=data.vocab_size, signal=signal_spec(ctx.cfg),
+                                  document_mask=ctx.cfg.data.document_mask)
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):
@@ -294,13 +301,14 @@ class StoredLogits(SignalSource):
                 self._loader = iter(torch.utils.data.DataLoader(
                     _StoredMicroBatches(self._plan, self.store), batch_size=None, shuffle=False,
                     num_workers=self.workers, prefetch_factor=4 if self.workers else None))
-            got, idx, val = next(self._loader)
-            if not np.array_equal(got.numpy(), ids):
-                raise RuntimeError("offline loader out of step with the training plan")
-            return SparseLogits(idx, val)
+            got = next(self._loader)
+            if not np.array_equal(got.ids.numpy(), ids):
+                raise RuntimeError(f"offline loader out of step with the training plan: it gave samples "
+                                   f"{got.ids.tolist()[:8]}, the plan asks for {list(ids)[:8]}")
+            return got.teacher
         if int(np.max(ids)) >= len(self.store):
             return None  # the store holds no logits for these (held-out) samples
-        return self.store.get_batch(ids).without_lse()
+        return self.store.get_batch(ids)
 
     def close(self, finished: bool = False):
         self._loader = None

@@ -4,8 +4,9 @@ pass and read every step by distillation runs (random access, memory-mapped, che
 Layout and fidelity: see :mod:`pd_dist.store.format` (files) and :mod:`pd_dist.store.codec` (sample
 blocks and the quantization bound). Typical use::
 
-    meta = StoreMeta(teacher={...}, tokenizer_hash=..., data_fingerprint=..., seq_len=256,
-                     vocab_size=V, top_p=0.95, top_k=50, n_samples=N, shard_size=256)
+    meta = StoreMeta.for_signal(SignalSpec.of("top_p_k", top_p=0.95, top_k=50), teacher={...},
+                                tokenizer_hash=..., data_fingerprint=..., seq_len=256, vocab_size=V,
+                                n_samples=N, shard_size=256)
     for i in range(meta.n_shards):
         if shard_done(root, meta, i):
             continue                      # resumable generation
@@ -17,7 +18,8 @@ blocks and the quantization bound). Typical use::
     write_manifest(root, meta)
 
     store = open_for_training(root, data_fingerprint=..., tokenizer_hash=..., seq_len=256,
-                              vocab_size=V, top_p=0.95, top_k=20)   # re-truncates 50 -> 20 on load
+                              vocab_size=V, signal=SignalSpec.of("top_p_k", top_p=0.95, top_k=20))
+                                                    # re-truncates 50 -> 20 on load
     sparse, lse = store.get_batch(ids)
 """
 from pd_dist.store.codec import mass_tolerance, tv_bound, value_tolerance

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pd_dist.core.logits import SIGNAL_KINDS, SignalSpec
+from pd_dist.core.logits import SignalSpec
 from pd_dist.store.codec import check_encoding, default_encoding
 
 FORMAT_VERSION = 2
@@ -80,26 +80,34 @@ class StoreMeta:
     n_samples: int
     shard_size: int  # samples per shard (the last one may be shorter)
     encoding: dict = field(default_factory=dict)  # value encoding: name + params (+ zstd_level)
-    # The teacher signal: {} for top-p-k (top_p, top_k above); else {"kind": "sampled" | "head_tail",
-    # "samples", "temperature", "seed"} (head_tail's head is top_p, top_k; sampled has top_p 1, top_k n)
+    # The teacher signal in the manifest's form (SignalSpec.store_fields): {} for top-p-k (top_p, top_k
+    # above); else {"kind", **SignalSpec.params()}, with top_p, top_k the head truncation (for a signal
+    # without one, as format 2 wrote it: top_p 1 and top_k its width). Build it from a spec with
+    # StoreMeta.for_signal; read it back with signal_spec.
     signal: dict = field(default_factory=dict)
     # data.document_mask of the teacher's forward (each document of a window attended to on its own).
     # Absent from the manifest (and its digest) when false: a store written before it reads as false.
     document_mask: bool = False
 
+    @classmethod
+    def for_signal(cls, spec: SignalSpec, **fields) -> "StoreMeta":
+        """The meta of a store holding ``spec`` (its top_p, top_k and signal fields derived from it);
+        ``fields``: the rest (teacher, tokenizer_hash, data_fingerprint, seq_len, vocab_size, n_samples,
+        shard_size, encoding)."""
+        if not isinstance(spec, SignalSpec):
+            raise ValueError(f"StoreMeta.for_signal needs a SignalSpec, got {spec!r}")
+        top_p, top_k, signal = spec.store_fields()
+        return cls(top_p=top_p, top_k=top_k, signal=signal, **fields)
+
     @property
     def signal_spec(self) -> SignalSpec:
-        """The stored signal as a SignalSpec (top-p-k: this store's top_p, top_k)."""
-        sig = self.signal or {"kind": "top_p_k"}
-        kind = sig.get("kind", "top_p_k")
-        if kind == "top_p_k":
-            return SignalSpec("top_p_k", float(self.top_p), int(self.top_k))
-        return SignalSpec(kind, float(self.top_p), int(self.top_k), sig["samples"], sig["temperature"], sig["seed"])
+        """The stored signal as a SignalSpec (SignalSpec.from_store of the manifest's fields)."""
+        return SignalSpec.from_store(self.top_p, self.top_k, self.signal)
 
     @property
     def width(self) -> int:
-        """Stored entries per token: k = min(top_k, vocab_size) for top-p-k (as pd_dist.core.logits.truncate),
-        the draws for sampled, the head plus the draws for head_tail."""
+        """Stored entries per token: the signal's width (for top-p-k k = min(top_k, vocab_size), as
+        pd_dist.core.logits.truncate; the draws for sampled; the head plus the draws for head_tail)."""
         return self.signal_spec.width(self.vocab_size)
 
     @property
@@ -164,21 +172,24 @@ class StoreMeta:
                 raise ValueError("encoding counts holds sampled signals only (StoreMeta.signal is top-p-k)")
             return
         kind = sig.get("kind")
-        if kind not in SIGNAL_KINDS or kind == "top_p_k":
-            raise ValueError(f"StoreMeta.signal kind must be sampled or head_tail (top-p-k is an empty "
-                             f"signal), got {kind!r}")
-        want = {"kind", "samples", "temperature", "seed"}
+        if kind not in SignalSpec.kinds() or kind == "top_p_k":
+            raise ValueError(f"StoreMeta.signal kind must be one of {', '.join(k for k in SignalSpec.kinds() if k != 'top_p_k')} "
+                             f"(top-p-k is an empty signal), got {kind!r}")
+        try:
+            spec = self.signal_spec  # validates the values
+        except TypeError as e:
+            raise ValueError(f"StoreMeta.signal {kind}: {e}, got {sig!r}") from None
+        want = {"kind", *spec.params()}
         if set(sig) != want:
             raise ValueError(f"StoreMeta.signal {kind} needs exactly {sorted(want)}, got {sorted(sig)}")
-        spec = self.signal_spec  # validates the values
-        if spec.params() != {k: sig[k] for k in ("samples", "temperature", "seed")}:
-            raise ValueError(f"StoreMeta.signal parameters must be samples: int, temperature: float, seed: "
-                             f"int, got {sig!r}")
+        if spec.params() != {k: sig[k] for k in spec.params()}:
+            raise ValueError(f"StoreMeta.signal parameters must be {spec.params()!r}'s types, got {sig!r}")
+        fields = spec.store_fields()
+        if (self.top_p, self.top_k) != fields[:2]:
+            raise ValueError(f"a {kind} store of {spec.describe()} has top_p={fields[0]} and top_k={fields[1]}, "
+                             f"got top_p={self.top_p}, top_k={self.top_k}")
         enc = self.value_encoding
         if kind == "sampled":
-            if (self.top_p, self.top_k) != (1.0, spec.samples):
-                raise ValueError(f"a sampled store has top_p 1 and top_k = samples ({spec.samples}), got "
-                                 f"top_p={self.top_p}, top_k={self.top_k}")
             if enc["name"] == "qgap":
                 raise ValueError("a sampled store needs encoding counts (or exact): qgap would round its weights")
             if enc["name"] == "counts" and enc["samples"] != spec.samples:

@@ -16,14 +16,14 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from pd_dist.core.logits import SignalSpec, SparseLogits, top_p_keep
+from pd_dist.core.logits import TOP_P_EPS, SignalSpec, SparseLogits, top_p_keep
 from pd_dist.store.codec import CodecError, decode_block, mass_tolerance, tv_bound, value_tolerance, zstd_decompressor
 from pd_dist.store.format import (sha256_file, CODEC_BLOCK, FORMAT_NAME, MANIFEST, READABLE_VERSIONS, SHARD_DIR,
                      ForeignShardError, ShardLayout, StoreError, StoreMeta, check_layout, manifest_bytes,
                      manifest_dict, min_shard_bytes, parse_shard, shard_name, shard_path, shard_range)
 
 _NEG_INF = float("-inf")
-_P_EPS = 1e-9  # top_p values closer than this are the same truncation
+_P_EPS = TOP_P_EPS  # top_p values closer than this are the same truncation
 
 
 def _absent(e: OSError) -> bool:
@@ -282,16 +282,18 @@ class LogitsStore:
     def __len__(self) -> int:
         return self.meta.n_samples
 
-    def check_compatible(self, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p,
-                         top_k, signal: Optional[SignalSpec] = None, document_mask: bool = False) -> None:
-        """Refuse (StoreError) a store that was not made for this run's data and signal.
+    def check_compatible(self, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size,
+                         signal: SignalSpec, document_mask: bool = False) -> None:
+        """Refuse (StoreError) a store that was not made for this run's data and ``signal``.
 
-        Data fingerprint, tokenizer, seq_len and vocabulary must match. For top-p-k (``signal`` None or
-        top_p_k), the store must hold top-p-k logits truncated at least as wide as asked (store top_k
-        >= top_k and store top_p >= top_p); a wider store is re-truncated on load by
-        get(..., top_p, top_k). A drawn signal (sampled, head_tail) cannot be re-drawn: the store must
-        hold the same kind with the same draws (samples, temperature, seed) and, for head_tail, the same
-        head truncation. data.document_mask must match: the teacher's forward depends on it."""
+        Data fingerprint, tokenizer, seq_len and vocabulary must match, and the stored signal must be
+        able to serve the asked one (SignalSpec.cannot_serve): a top-p-k store truncated at least as wide
+        as asked (store top_k >= top_k and store top_p >= top_p) is re-truncated on load; a drawn signal
+        (sampled, head_tail) cannot be re-drawn, so the store must hold the same kind with the same draws
+        (samples, temperature, seed) and, for head_tail, the same head truncation. data.document_mask
+        must match: the teacher's forward depends on it."""
+        if not isinstance(signal, SignalSpec):
+            raise ValueError(f"check_compatible: signal must be a SignalSpec, got {signal!r}")
         m, where = self.meta, f"teacher-logits store {self.root}"
         problems = []
         if m.data_fingerprint != data_fingerprint:
@@ -306,23 +308,9 @@ class LogitsStore:
         if m.document_mask != bool(document_mask):
             problems.append(f"it was generated with data.document_mask={str(m.document_mask).lower()}, the run "
                             f"has data.document_mask={str(bool(document_mask)).lower()}")
-        have = m.signal_spec
-        want = signal if signal is not None else SignalSpec("top_p_k", float(top_p), int(top_k))
-        if have.kind != want.kind:
-            problems.append(f"it holds the {have.kind} signal ({have.describe()}), the run asks for "
-                            f"{want.kind} ({want.describe()})")
-        elif want.drawn:
-            same_head = want.kind == "sampled" or (abs(have.top_p - want.top_p) <= _P_EPS and have.top_k == want.top_k)
-            if have.params() != want.params() or not same_head:
-                problems.append(f"it holds {have.describe()}, the run asks for {want.describe()} (drawn "
-                                "signals are not re-drawn on load)")
-        else:
-            if self.k < min(int(top_k), int(vocab_size)):
-                problems.append(f"it keeps top_k={m.top_k} entries per token, fewer than the asked "
-                                f"top_k={top_k} (a store can only be narrowed on load, not widened)")
-            if m.top_p < float(top_p) - _P_EPS:
-                problems.append(f"it was truncated at top_p={m.top_p}, narrower than the asked top_p={top_p} "
-                                "(a store can only be narrowed on load, not widened)")
+        why = m.signal_spec.cannot_serve(signal, int(vocab_size))
+        if why:
+            problems.extend(why.split("; "))
         if problems:
             raise StoreError(f"{where} cannot be used for this run:\n  - " + "\n  - ".join(problems))
 
@@ -429,16 +417,16 @@ class LogitsStore:
         return mass_tolerance(self._enc)
 
 
-def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, top_p, top_k,
-                      signal: Optional[SignalSpec] = None, verify: bool = False,
-                      document_mask: bool = False) -> LogitsStore:
+def open_for_training(root, *, data_fingerprint, tokenizer_hash, seq_len, vocab_size, signal: SignalSpec,
+                      verify: bool = False, document_mask: bool = False) -> LogitsStore:
     """Open a store for a run: check_compatible, then make get/get_batch/iteration default to the
-    run's (top_p, top_k), re-truncating a wider top-p-k store on load (a drawn signal is read whole)."""
+    run's ``signal``: a wider top-p-k store is re-truncated on load to its (top_p, top_k); a drawn
+    signal is read whole."""
     store = LogitsStore(root, verify=verify)
     store.check_compatible(data_fingerprint=data_fingerprint, tokenizer_hash=tokenizer_hash,
-                           seq_len=seq_len, vocab_size=vocab_size, top_p=top_p, top_k=top_k, signal=signal,
-                           document_mask=document_mask)
+                           seq_len=seq_len, vocab_size=vocab_size, signal=signal, document_mask=document_mask)
     if not store.meta.signal:
+        top_p, top_k = signal.truncation()
         store.default_top_p = float(top_p)
         store.default_top_k = min(int(top_k), int(vocab_size))
     return store

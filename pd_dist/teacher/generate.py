@@ -82,9 +82,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, w
         return root
     todo = [i for i in mine if i in todo_all]
     model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-    teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.top_p, meta.top_k,
-                            cfg.train.loss_chunk_size, keep_lse=True, signal=meta.signal_spec,
-                            document_eos=data.document_eos(meta.document_mask))
+    teacher = FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.signal_spec,
+                            cfg.train.loss_chunk_size, keep_lse=True, document_eos=data.document_eos(meta.document_mask))
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     ranges = shard_ranges(meta.n_samples, meta.shard_size)
     total = sum((ranges[i][1] - ranges[i][0]) * meta.seq_len for i in todo_all)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from pd_dist.cluster.topology import Topology
+from pd_dist.core.logits import SignalSpec
 from pd_dist.pipeline_layers import LayerWeights, hf_config, pipeline_module
 from pd_dist.teacher.inference import sparse_logits_from_hidden
 
@@ -23,13 +24,17 @@ class _Head:
 class TeacherPipeline:
     """A teacher replica as a forward-only DeepSpeed pipeline on the teacher world (teacher.pipeline_stages
     > 1): the same layer specs as the student's, no loss, no optimizer; `__call__(micro_batches, n)` runs
-    n micro-batches through it (teacher.server.StagedTeacherServer's forward) and, on the last stage, truncates
-    each output to top-p-k with the head weight that lives there. ``document_eos``: data.document_mask's
-    EOS id (pd_dist.pipeline_layers)."""
+    n micro-batches through it (teacher.server.StagedTeacherServer's forward) and, on the last stage, forms
+    each output into ``signal`` (top-p-k truncation) with the head weight that lives there.
+    ``document_eos``: data.document_mask's EOS id (pd_dist.pipeline_layers)."""
 
     def __init__(self, weights_cfg, topo: Topology, vocab_size: int, micro_batch: int, dtype: torch.dtype,
-                 top_p: float, top_k: int, chunk_size: int, seed: int, document_eos: Optional[int] = None):
+                 signal: SignalSpec, chunk_size: int, seed: int, document_eos: Optional[int] = None):
         import deepspeed
+
+        if not isinstance(signal, SignalSpec) or signal.drawn:
+            raise ValueError(f"TeacherPipeline: signal must be an undrawn SignalSpec (a drawn one needs sample "
+                             f"ids, which a pipeline's micro-batches do not carry), got {signal!r}")
 
         conf = hf_config(weights_cfg, vocab_size)
         if getattr(conf, "tie_word_embeddings", False):
@@ -42,7 +47,8 @@ class TeacherPipeline:
               "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10 ** 9}
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds)
         self.engine.eval()
-        self.truncate = lambda h: sparse_logits_from_hidden(h, self.holder.head.weight, top_p, top_k, chunk_size)
+        self.signal = signal
+        self.truncate = lambda h: sparse_logits_from_hidden(h, self.holder.head.weight, signal, chunk_size)
         self.micro_batch, self.seq_label = micro_batch, None
 
     @torch.no_grad()

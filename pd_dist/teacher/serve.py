@@ -45,9 +45,8 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
         lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-    teacher = FrozenTeacher(model, device(), dtype, d.top_p, d.top_k, cfg.train.loss_chunk_size, gather=gather,
-                            signal=signal_spec(cfg), keep_lse=bool(d.write_through),
-                            document_eos=data.document_eos(cfg.data.document_mask))
+    teacher = FrozenTeacher(model, device(), dtype, signal_spec(cfg), cfg.train.loss_chunk_size, gather=gather,
+                            keep_lse=bool(d.write_through), document_eos=data.document_eos(cfg.data.document_mask))
     val_loss = teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size))
     publish_teacher_val_loss(topo, val_loss)
     spec = wire_spec(cfg, data)
@@ -118,8 +117,8 @@ def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: Packed
                              dtype: torch.dtype) -> None:
     """A teacher replica over teacher.pipeline_stages ranks: its first stage takes the requests, its last
     answers, all stages of all replicas step in lockstep (StagedTeacherServer)."""
-    d, spec = cfg.distill, wire_spec(cfg, data)
-    pipe = TeacherPipeline(weights, topo, data.vocab_size, spec.micro_batch, dtype, d.top_p, d.top_k,
+    spec = wire_spec(cfg, data)
+    pipe = TeacherPipeline(weights, topo, data.vocab_size, spec.micro_batch, dtype, spec.signal,
                            cfg.train.loss_chunk_size, cfg.train.seed,
                            document_eos=data.document_eos(cfg.data.document_mask))
     replica = topo.dp_rank

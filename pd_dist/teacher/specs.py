@@ -3,7 +3,6 @@ its parameters), the wire (a WireSpec, what a teacher replica and its students a
 (a StoreMeta, what generation, write-through and dump_logits write)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,15 +28,20 @@ def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
     sample ids a teacher serves."""
     d = cfg.distill
     dtype = d.wire_dtype if d.wire_dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    sig = signal_spec(cfg)
-    params = sig.params()
-    if cfg.data.document_mask:  # the teacher's answers depend on it (absent when off: older peers agree)
-        params["document_mask"] = True
     return WireSpec(vocab_size=data.vocab_size, tokenizer_hash=data.meta["tokenizer_hash"],
-                    seq_len=data.seq_len, top_k=sig.width(data.vocab_size),
-                    top_p=0.0 if sig.kind == "sampled" else d.top_p, value_dtype=dtype,
-                    micro_batch=cfg.train.micro_batch_size, signal=sig.kind,
-                    signal_params=json.dumps(params, sort_keys=True), n_samples=data.n_train + data.n_val)
+                    seq_len=data.seq_len, signal=signal_spec(cfg), value_dtype=dtype,
+                    micro_batch=cfg.train.micro_batch_size, n_samples=data.n_train + data.n_val,
+                    document_mask=cfg.data.document_mask)
+
+
+def stored_signal(cfg: ExperimentConfig) -> SignalSpec:
+    """The signal a store written by a run of `cfg` holds: a drawn signal as the run draws it (it cannot
+    be narrowed later); top-p-k at generate.top_p/top_k (each defaulting to distill's)."""
+    sig = signal_spec(cfg)
+    if sig.drawn:
+        return sig
+    top_p, top_k = cfg.stored_truncation()
+    return SignalSpec.of(sig.kind, top_p=top_p, top_k=top_k)
 
 
 def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> StoreMeta:
@@ -45,18 +49,12 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> Sto
     truncation generate.top_p/top_k (default: distill's); the training samples plus the held-out ones
     when generate.include_val; data.document_mask (the teacher's forward depends on it)."""
     g = cfg.generate
-    top_p, top_k = cfg.stored_truncation()
-    sig = signal_spec(cfg)
-    signal = {}
-    if sig.drawn:  # drawn signals are stored as the run draws them (they cannot be narrowed later)
-        signal = {"kind": sig.kind, **sig.params()}
-        top_p, top_k = (1.0, sig.samples) if sig.kind == "sampled" else (sig.top_p, sig.top_k)
-    return StoreMeta(teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
-                     data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
-                     top_p=top_p, top_k=top_k, n_samples=data.n_train + (data.n_val if g.include_val else 0),
-                     shard_size=g.shard_size, signal=signal,
-                     encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
-                     document_mask=cfg.data.document_mask).resolved()
+    return StoreMeta.for_signal(stored_signal(cfg), teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
+                                data_fingerprint=data.fingerprint, seq_len=data.seq_len, vocab_size=data.vocab_size,
+                                n_samples=data.n_train + (data.n_val if g.include_val else 0),
+                                shard_size=g.shard_size,
+                                encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
+                                document_mask=cfg.data.document_mask).resolved()
 
 
 def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset, weights: ModelConfig) -> StoreMeta:

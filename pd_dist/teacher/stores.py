@@ -42,7 +42,7 @@ from pd_dist.store import (ShardWriter, StoreError, StoreFaults, StoreMeta, shar
 from pd_dist.store.format import shard_name
 from pd_dist.store.reader import other_inputs
 from pd_dist.teacher.inference import FrozenTeacher, sparse_logits_from_hidden
-from pd_dist.teacher.specs import store_meta
+from pd_dist.teacher.specs import store_meta, stored_signal
 
 SPOOL_DIR = ".spool"
 
@@ -88,7 +88,7 @@ class LogitsDump:
     this rank's spool of the run's own logits, and the store made of all ranks' spools at the end.
 
     ``head_output`` (run inside the student's forward, without grad) truncates the student's logits to
-    the store's top-p-k (cfg.stored_truncation(), k at most the vocabulary) chunk by chunk with their
+    the store's signal (teacher.specs.stored_signal: the stored top-p-k) chunk by chunk with their
     logsumexp; ``on_micro_batch`` appends them to ``<distill.store>/.spool/rank<dp rank>.bin`` under the
     step ``on_step`` announced (the spool is opened at the first step, so a run refused before training
     leaves no file). ``close(finished)`` closes the spool and, when the run finished (its student
@@ -98,20 +98,21 @@ class LogitsDump:
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, export_dir: Path,
                  log: Callable[[str], None] = print):
         self.cfg, self.topo, self.data, self.export_dir, self.log = cfg, topo, data, Path(export_dir), log
-        top_p, k = cfg.stored_truncation()
-        self.top_p_k = (top_p, min(k, data.vocab_size))
+        self.signal = stored_signal(cfg)
+        if self.signal.drawn:  # the config refuses it; a drawn signal would need the sample ids here
+            raise ValueError(f"distill.dump_logits keeps a top-p-k signal, not {self.signal.describe()}")
         self.spool: Optional[Spool] = None
         self.step = 0
 
     def head_output(self, hidden: torch.Tensor, head_weight: torch.Tensor) -> SparseLogits:
         """The student's own logits as they are now, truncated (one more chunked head pass)."""
-        return sparse_logits_from_hidden(hidden, head_weight, *self.top_p_k, self.cfg.train.loss_chunk_size,
+        return sparse_logits_from_hidden(hidden, head_weight, self.signal, self.cfg.train.loss_chunk_size,
                                          keep_lse=True)
 
     def on_step(self, step: int) -> None:
         if self.spool is None:
             self.spool = Spool(Path(self.cfg.distill.store), f"rank{self.topo.dp_rank:05d}", self.data.seq_len,
-                               self.top_p_k[1])
+                               self.signal.width(self.data.vocab_size))
         self.step = step
 
     def on_micro_batch(self, ids: np.ndarray, output) -> None:
@@ -364,7 +365,7 @@ def finish_dump(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, expo
     """distill.dump_logits: turn the run's spools into a store; samples never trained on come from the
     exported final model."""
     final = FrozenTeacher(build_model(ModelConfig(path=str(export_dir)), data.vocab_size, seed=0), device(),
-                          torch.float32, *cfg.stored_truncation(), cfg.train.loss_chunk_size, keep_lse=True,
+                          torch.float32, stored_signal(cfg), cfg.train.loss_chunk_size, keep_lse=True,
                           document_eos=data.document_eos(cfg.data.document_mask))
     ident = model_identity(export_dir, f"{cfg.output_dir} during training (moving model, "
                                        f"{cfg.train.steps} steps; dump_logits)")

@@ -58,7 +58,9 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     """What the student is and is trained toward, as flat config keys, derived from the sections the
     result depends on: the student model (every `model` key), the whole teacher signal (every `distill`
     key but where files are and how far ahead to fetch: mode, signal, samples, truncation, loss,
-    temperature, the alpha schedule, wire dtype), the teacher (preset, path and `teacher_weights`, a
+    temperature, the alpha schedule, wire dtype; the signal's keys as its SignalSpec gives them,
+    SignalSpec.config_keys, so each kind's parameters are covered; its draws' seed is train.seed, which
+    the data order pins already), the teacher (preset, path and `teacher_weights`, a
     models.weights_digest or a store's teacher hash; None where this rank cannot read it), the
     optimizer and LR schedule, clipping, and data.document_mask (what the student attends to; the rest
     of the data is checked by its fingerprint and order). A resumed run must keep every one of them
@@ -67,6 +69,8 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     distill = {k: v for k, v in to_dict(cfg.distill).items() if k not in DISTILL_OPERATIONAL}
     keys: dict[str, Any] = _flat("model", to_dict(cfg.model))
     keys.update(_flat("distill", distill))
+    spec = cfg.distill.signal_spec(cfg.train.seed)
+    keys.update({f"distill.{k}": v for k, v in spec.config_keys().items() if k != "seed"})
     keys.update(_flat("optim", to_dict(cfg.optim)))
     keys["train.grad_clip"] = cfg.train.grad_clip
     keys["data.document_mask"] = cfg.data.document_mask

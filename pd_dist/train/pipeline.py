@@ -99,12 +99,12 @@ class PipelineStudent:
         return vec
 
     def _batches(self, micro):
-        for _ids, inp, tgt, teacher in micro:
-            labels = (tgt,) if teacher is None else (tgt, teacher.indices, teacher.values)
-            yield inp, labels
+        for m in micro:
+            labels = (m.targets,) if m.teacher is None else (m.targets, m.teacher.indices, m.teacher.values)
+            yield m.input_ids, labels
 
     def train(self, micro, alpha: float, normalizer: float, head_fn=None, on_micro=None) -> torch.Tensor:
-        """One optimizer step over `micro` (an iterable of (ids, input_ids, targets, teacher or None),
+        """One optimizer step over `micro` (an iterable of MicroBatch,
         produced lazily: only the first and last stage draw from it). Returns [lm, kd, tokens, top-1]
         sums, on the last stage (zeros elsewhere: see share). Step hooks that see micro-batches
         (``head_fn``, ``on_micro``: pd_dist.train.hooks) are refused: no stage holds a whole

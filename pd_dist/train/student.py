@@ -121,7 +121,7 @@ class DataParallelStudent:
         return vec
 
     def train(self, micro, alpha: float, normalizer: float, head_fn=None, on_micro=None) -> torch.Tensor:
-        """One optimizer step over `micro`, an iterable of (ids, input_ids, targets, teacher or None).
+        """One optimizer step over `micro`, an iterable of MicroBatch (pd_dist.train.batch).
         Returns this rank's [lm, kd, tokens, top-1] sums. Step hooks (pd_dist.train.hooks): ``head_fn``
         goes to the forward (PDStudent.forward), ``on_micro(ids, output)`` is called after each
         micro-batch's forward, before its backward."""
@@ -129,10 +129,11 @@ class DataParallelStudent:
         # the global token sum, so scale by dp size and let the average undo it.
         scale = float(self.topo.dp_size)
         sums = torch.zeros(4, dtype=torch.float64)
-        for ids, inp, tgt, teacher in micro:
-            out = self.engine(inp, tgt, teacher=teacher, alpha=alpha, normalizer=normalizer, head_fn=head_fn)
+        for m in micro:
+            out = self.engine(m.input_ids, m.targets, teacher=m.teacher, alpha=alpha, normalizer=normalizer,
+                              head_fn=head_fn)
             if on_micro is not None:
-                on_micro(ids, out)
+                on_micro(m.ids, out)
             self.engine.backward(out.loss * scale, scale_wrt_gas=False)
             self.engine.step()
             sums += _sums(out)
@@ -173,16 +174,16 @@ def _sums(out: StudentOutput) -> torch.Tensor:
 
 @torch.no_grad()
 def held_out_sums(student, micro) -> torch.Tensor:
-    """[lm, kd, tokens, top-1] sums (float64) of the fused loss over ``micro``, an iterable of (sample
-    ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None).
+    """[lm, kd, tokens, top-1] sums (float64) of the fused loss over ``micro``, an iterable of
+    MicroBatch (pd_dist.train.batch).
 
     ``student`` is a :class:`PDStudent` or a DeepSpeed engine wrapping one (the caller sets eval mode).
     The held-out evaluation of a run (DataParallelStudent.evaluate) and of its exported student
     (``pd-dist eval``, pd_dist.explore.evaluate) are both this loop: alpha is 0, so the KD sum and the
     top-1 agreement are measured, not trained, and each micro-batch's sums are added in float64."""
     sums = torch.zeros(4, dtype=torch.float64)
-    for _ids, inp, tgt, teacher in micro:
-        sums += _sums(student(inp, tgt, teacher=teacher))
+    for m in micro:
+        sums += _sums(student(m.input_ids, m.targets, teacher=m.teacher))
     return sums
 
 

@@ -30,6 +30,7 @@ from pd_dist.core.schedules import alpha_at, lr_at
 from pd_dist.signals.sources import SignalSource
 from pd_dist.train.hooks import StepHook
 from pd_dist.train.pipeline import PipelineStudent
+from pd_dist.train.batch import MicroBatch
 from pd_dist.train.student import DataParallelStudent, held_out_figures
 from pd_dist.cluster.topology import Topology
 
@@ -62,14 +63,14 @@ def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokeni
     return DataParallelStudent(cfg, topo, vocab_size, tokenizer_dir, bf16, document_eos)
 
 
-def signalled_micro_batch(data: PackedDataset, source: SignalSource, ids: np.ndarray, dev: torch.device):
-    """(ids, input_ids [B, T], targets [B, T], teacher SparseLogits [B, T, k] or None) of the samples
-    ``ids`` on ``dev``: the tuple the student engines' train and evaluate take, with the signal asked of
-    ``source`` (the trainer's step and evaluation, and ``pd-dist eval``)."""
+def signalled_micro_batch(data: PackedDataset, source: SignalSource, ids: np.ndarray,
+                          dev: torch.device) -> MicroBatch:
+    """The MicroBatch of the samples ``ids`` on ``dev`` (what the student engines' train and evaluate
+    take), with the signal asked of ``source``: the trainer's step and evaluation, and ``pd-dist eval``."""
     batch = torch.from_numpy(data.batch(ids)).to(dev)
     inp, tgt = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     sig = source.signal(ids, inp)
-    return ids, inp, tgt, None if sig is None else sig.to(dev)
+    return MicroBatch(ids, inp, tgt, None if sig is None else sig.to(dev))
 
 
 def _sum_stats(topo: Topology, *vals: torch.Tensor) -> list[float]:
@@ -149,8 +150,8 @@ class Trainer:
                 hook.on_micro_batch(ids, out._replace(head_output=None if head_fn is None else out.head_output[i]))
         return head_fn, on_micro
 
-    def _micro(self, ids: np.ndarray):
-        """(ids, input_ids, targets, teacher signal or None) of one micro-batch, on the device."""
+    def _micro(self, ids: np.ndarray) -> MicroBatch:
+        """One micro-batch (tokens, targets and teacher signal or None), on the device."""
         return signalled_micro_batch(self.data, self.source, ids, self.device)
 
     def save(self, step: int) -> None:
@@ -224,7 +225,7 @@ class Trainer:
         # All held-out samples (data.val_samples), sharded over ranks: the same set at any dp size.
         val = self.data.val_ids()[self.topo.dp_rank::self.topo.dp_size]
         micro = [self._micro(val[s:s + mb]) for s in range(0, len(val), mb)]
-        unsignalled = float(sum(m[3] is None for m in micro))
+        unsignalled = float(sum(m.teacher is None for m in micro))
         sums = self.student.evaluate(micro)
         shared = self.student.share(torch.cat([sums, torch.tensor([unsignalled], dtype=torch.float64)]))
         *totals, unsignalled = _sum_stats(self.topo, shared)
@@ -259,7 +260,8 @@ class Trainer:
     def fit(self, export_dir: Optional[Path] = None) -> TrainResult:
         t, m = self.cfg.train, self.monitor
         d = self.cfg.distill
-        signal = f" ({d.signal_spec(0).describe(seed=False)})" if d.signal != "top_p_k" and self.source.has_signal else ""
+        spec = d.signal_spec(0)
+        signal = f" ({spec.describe(seed=False)})" if spec.drawn and self.source.has_signal else ""
         m.print(f"{self.n_params / 1e6:.2f}M params | mode {d.mode}{signal} | dp {self.topo.dp_size} x "
                 f"micro {t.micro_batch_size} x accum {self.accum} = {t.global_batch_size} samples "
                 f"({t.global_batch_size * self.data.seq_len} tokens)/step | ZeRO {t.zero_stage} | "
