@@ -195,7 +195,7 @@ def test_dataset_gives_the_tokenizers_eos(smoke_data):
 
 # ------------------------------------------------------------------------------------- store, resume
 def test_store_records_the_mask_and_older_stores_read_as_off(tmp_path):
-    from test_store import RUN, full_logits, make_meta, write_store
+    from test_store import full_logits, make_meta, run_kw, write_store
 
     from pd_dist.store import LogitsStore, StoreError, StoreMeta, open_for_training
 
@@ -207,12 +207,12 @@ def test_store_records_the_mask_and_older_stores_read_as_off(tmp_path):
     store_off = LogitsStore(write_store(tmp_path / "off", full, off))
     store_on = LogitsStore(write_store(tmp_path / "on", full, on))
     assert store_on.meta.document_mask and not store_off.meta.document_mask
-    store_off.check_compatible(**RUN)
-    store_on.check_compatible(**RUN, document_mask=True)
+    store_off.check_compatible(**run_kw())
+    store_on.check_compatible(**run_kw(), document_mask=True)
     with pytest.raises(StoreError, match=r"data.document_mask=true, the run has data.document_mask=false"):
-        open_for_training(tmp_path / "on", **RUN)
+        open_for_training(tmp_path / "on", **run_kw())
     with pytest.raises(StoreError, match=r"data.document_mask=false, the run has data.document_mask=true"):
-        open_for_training(tmp_path / "off", **RUN, document_mask=True)
+        open_for_training(tmp_path / "off", **run_kw(), document_mask=True)
 
 
 def test_store_meta_of_a_run_follows_the_config(smoke_cfg, smoke_data):
