@@ -267,10 +267,16 @@ def _short_documents(path) -> None:
 
 @pytest.mark.multiproc
 def test_pipelined_student_and_teacher_train_as_one_rank_does(tmp_path, smoke_data, tiny_teacher_dir):
-    """On short documents with the mask on, a 2-stage student pipeline (colocated teacher) and a 2-stage
-    teacher pipeline (online) give the one-rank run's losses, and those are not the unmasked ones."""
+    """On short documents with the mask on, a 2-stage student pipeline fed by a 2-stage teacher pipeline
+    (online) gives the one-rank colocated run's losses; and the launched runs did mask: their held-out
+    figures are those of the mask, recomputed here, not the unmasked ones."""
     from conftest import launch, read_summary
     from test_layouts import COMMON
+
+    from pd_dist.config import load_config
+    from pd_dist.data import PackedDataset
+    from pd_dist.explore.evaluate import held_out_metrics
+    from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
 
     corpus = tmp_path / "short.jsonl"
     _short_documents(corpus)
@@ -281,17 +287,29 @@ def test_pipelined_student_and_teacher_train_as_one_rank_does(tmp_path, smoke_da
         out = tmp_path / name
         launch(nprocs, COMMON + data + [f"output_dir={out}", f"teacher.path={tiny_teacher_dir}",
                                         f"distill.mode={mode}", "train.zero_stage=0",
-                                        "train.micro_batch_size=4", *extra], cwd=tmp_path)
+                                        "train.micro_batch_size=4", "data.document_mask=true", *extra], cwd=tmp_path)
         return read_summary(out)
 
-    ref = run("ref", 1, "colocated", "data.document_mask=true")
-    plain = run("plain", 1, "colocated")
-    assert ref["losses"] != pytest.approx(plain["losses"], rel=1e-4)
-    assert ref["teacher_val_loss"] != pytest.approx(plain["teacher_val_loss"], rel=1e-4)
-    pp = run("pp", 2, "colocated", "train.pipeline_stages=2", "data.document_mask=true")
-    tpp = run("tpp", 3, "online", "topology.teacher_ranks=[0,1]", "teacher.pipeline_stages=2",
-              "data.document_mask=true")
-    for s in (pp, tpp):
-        assert s["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
-        assert s["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
-        assert s["teacher_val_loss"] == pytest.approx(ref["teacher_val_loss"], rel=1e-6)
+    ref = run("ref", 1, "colocated")
+    both = run("both", 4, "online", "topology.teacher_ranks=[0,1]", "teacher.pipeline_stages=2",
+               "train.pipeline_stages=2")
+    assert both["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+    assert both["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+    assert both["teacher_val_loss"] == pytest.approx(ref["teacher_val_loss"], rel=1e-6)
+
+    cfg = load_config(tmp_path / "ref" / "config.yaml")
+    packed = PackedDataset(tmp_path / "data")
+    eos = packed.document_eos(True)
+    teacher = build_model(ModelConfig(path=str(tiny_teacher_dir)), packed.vocab_size, seed=0)
+    student = build_model(ModelConfig(path=str(tmp_path / "ref" / "student")), packed.vocab_size, seed=0)
+    figures = {}
+    for mask in (eos, None):
+        frozen = FrozenTeacher(teacher, torch.device("cpu"), torch.float32, cfg.distill.signal_spec(0),
+                               cfg.train.loss_chunk_size, document_eos=mask)
+        figures[mask] = (frozen.val_loss(held_out_batches(packed, 4)),
+                         held_out_metrics(student, packed, 4, chunk_size=cfg.train.loss_chunk_size,
+                                          document_eos=mask, log=lambda s: None)["val_loss"])
+    assert ref["teacher_val_loss"] == pytest.approx(figures[eos][0], rel=1e-5)
+    assert ref["val_loss"] == pytest.approx(figures[eos][1], rel=1e-5)
+    assert figures[None][0] != pytest.approx(figures[eos][0], rel=1e-4)
+    assert figures[None][1] != pytest.approx(figures[eos][1], rel=1e-4)
