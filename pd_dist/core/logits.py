@@ -8,6 +8,7 @@ applied later, at training time, by :func:`target_probs`.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar, Optional
 
@@ -375,8 +376,9 @@ def head_tail_signal(logits: torch.Tensor, keys: torch.Tensor, top_p: float, top
 
 
 # ------------------------------------------------------------------------------------ signal kinds
-class _Registered(type):
-    """Lets ``SignalSpec(kind, ...)`` build the registered class of ``kind`` (see SignalSpec.of)."""
+class _Registered(ABCMeta):
+    """Lets ``SignalSpec(kind, ...)`` build the registered class of ``kind`` (see SignalSpec.of); a kind
+    that leaves one of SignalSpec's abstract methods undefined cannot be built (TypeError naming it)."""
 
     def __call__(cls, *args, **kwargs):
         if cls is SignalSpec:
@@ -507,23 +509,23 @@ class SignalSpec(metaclass=_Registered):
         return cls(**{k: v for k, v in params.items() if k in own})
 
     # ------------------------------------------------------------------ what each kind defines
+    @abstractmethod
     def width(self, vocab_size: int) -> int:
         """Entries per position."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self, seed: bool = True) -> str:
         """One phrase, e.g. "top-0.95-20 head + 30 draws at tau 1 (seed 0)"."""
-        raise NotImplementedError
 
+    @abstractmethod
     def form(self, logits: torch.Tensor, keys: Optional[torch.Tensor] = None, keep_lse: bool = False) -> SparseLogits:
         """The signal of ``logits`` [..., V]; ``keys`` (the leading shape) for drawn kinds; ``keep_lse``:
         carry each position's full-vocabulary logsumexp where the kind keeps raw logits."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def loss_temperature(self) -> float:
         """The temperature the loss applies to the signal's values."""
-        raise NotImplementedError
 
     def params(self) -> dict:
         """The parameters that decide the drawn values besides the head truncation (empty for undrawn
