@@ -160,27 +160,37 @@ def store_main(argv: list[str]) -> int:
     import json
 
     from pd_dist.store import StoreCheckError, StoreError, store_info, verify_store
+    from pd_dist.store.library import is_window_store, library_stores
 
+    # A library of document stores (distill.teacher_context document): each source's store in turn.
+    paths = [args.path] if is_window_store(args.path) else (library_stores(args.path) or [args.path])
     if args.action == "verify":  # exit 0: sound, 1: faults found, 2: could not check
-        try:
-            faults = verify_store(args.path)
-        except StoreCheckError as e:
-            print(f"pd-dist: {e}", file=sys.stderr)
-            return 2
-        for f in faults:
-            print(f"FAULT {f}")
-        print(f"{args.path}: {'OK' if not faults else f'{len(faults)} fault(s)'}")
-        return 1 if faults else 0
+        worst = 0
+        for path in paths:
+            try:
+                faults = verify_store(path)
+            except StoreCheckError as e:
+                print(f"pd-dist: {e}", file=sys.stderr)
+                worst = 2
+                continue
+            for f in faults:
+                print(f"FAULT {f}")
+            print(f"{path}: {'OK' if not faults else f'{len(faults)} fault(s)'}")
+            worst = max(worst, 1 if faults else 0)
+        return worst
     try:
-        info = store_info(args.path)
+        infos = [store_info(path) for path in paths]
     except StoreError as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps(infos[0] if len(infos) == 1 and paths == [args.path] else infos, indent=1))
     else:
-        for k, v in info.items():
-            print(f"{k:28s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        for n, info in enumerate(infos):
+            if n:
+                print()
+            for k, v in info.items():
+                print(f"{k:28s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     return 0
 
 

@@ -111,6 +111,16 @@ class DistillConfig:
         "online: every teacher replica also keeps the signals it serves and, when its students are done, "
         "completes them into an offline store in this directory (samples nobody asked for filled by the "
         "teacher; generate.shard_size/encoding/include_val apply), so later runs train offline from it"))
+    teacher_context: Literal["window", "document"] = field(default="window", metadata=doc(
+        "what the teacher reads to predict a token: window (the student's packed sample, as the student "
+        "reads it: the cheapest teacher, a store that serves this data.seq_len only) or document (the "
+        "token's own document from its start, in chunks of distill.teacher_seq_len: the signal is a "
+        "property of (source, document, offset), so one store, kept per source, serves a student at any "
+        "seq_len, seed, layout or blend; costs colocated/online runs the document prefixes before each "
+        "window)"))
+    teacher_seq_len: Optional[int] = field(default=None, metadata=doc(
+        "teacher_context document: tokens per chunk the teacher reads a document in (null: data.seq_len "
+        "when writing a store or running a teacher; the store's own when training from one)"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=doc(
@@ -129,6 +139,13 @@ class DistillConfig:
             fail(f"{prefix}.prefetch", self.prefetch, "must be >= 0")
         if self.samples < 1:
             fail(f"{prefix}.samples", self.samples, "must be >= 1")
+        if self.teacher_seq_len is not None and not 2 <= self.teacher_seq_len < 1 << 31:
+            fail(f"{prefix}.teacher_seq_len", self.teacher_seq_len, "must be null or in [2, 2^31)")
+        if self.teacher_seq_len is not None and self.teacher_context != "document":
+            fail(f"{prefix}.teacher_seq_len", self.teacher_seq_len, "is only read with teacher_context document")
+        if self.teacher_context == "document" and self.signal != "top_p_k":
+            fail(f"{prefix}.teacher_context", "document", f"serves the top_p_k signal only: {self.signal} keys "
+                 "its draws by sample id, which a document-keyed store does not have")
         if self.signal not in SignalSpec.kinds():
             fail(f"{prefix}.signal", self.signal, f"must be one of {', '.join(SignalSpec.kinds())}")
         if self.signal != "top_p_k":
@@ -167,6 +184,9 @@ class GenerateConfig:
         "the token's max, or for the sampled signal its exact draw counts), qgap, or exact (lossless fp32)"))
     include_val: bool = field(default=True, metadata=doc(
         "also store the held-out samples, so evaluation reports KD loss and teacher agreement"))
+    record_tokens: int = field(default=128, metadata=doc(
+        "distill.teacher_context document: stream positions per stored record (the unit a window is read "
+        "in: a window of L tokens decodes about L + record_tokens of them)"))
 
     def validate(self, prefix: str) -> None:
         check_choices(self, prefix)
@@ -176,6 +196,8 @@ class GenerateConfig:
             fail(f"{prefix}.top_k", self.top_k, "must be >= 1")
         if self.shard_size < 1:
             fail(f"{prefix}.shard_size", self.shard_size, "must be >= 1")
+        if not 1 <= self.record_tokens <= 1 << 20:
+            fail(f"{prefix}.record_tokens", self.record_tokens, "must be in [1, 2^20]")
         if self.micro_batch_size < 0:
             fail(f"{prefix}.micro_batch_size", self.micro_batch_size, "must be >= 0")
 
@@ -340,6 +362,15 @@ class ExperimentConfig:
                  "draw counts) or exact")
         if self.distill.signal != "top_p_k" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
             fail("distill.signal", self.distill.signal, "is not supported with pipelined students or teachers yet")
+        if self.distill.teacher_context == "document":
+            not_yet = ("distill.write_through" if self.distill.write_through else
+                       "distill.dump_logits" if self.distill.dump_logits else
+                       "teacher.pipeline_stages" if self.teacher.pipeline_stages > 1 else
+                       "teacher.zero_stage" if self.teacher.zero_stage == 3 and self.distill.mode == "online" else None)
+            if not_yet:
+                fail(not_yet, getattr(self.distill, not_yet.split(".")[1], None) if not_yet.startswith("distill")
+                     else getattr(self.teacher, not_yet.split(".")[1]), "is not supported with distill.teacher_context "
+                     "document yet (write a document store with launch/generate_logits.py)")
         if self.topology.teacher_failover and self.distill.mode == "online":
             # Those teacher ranks step in lockstep collectives: with one of them gone the others hang.
             if self.teacher.zero_stage == 3:

@@ -309,6 +309,14 @@ def document_inputs(conf, input_ids: torch.Tensor, eos_id: int, dtype: torch.dty
     return {"position_ids": pos, "attention_mask": attention_mask_for(conf, document_causal_mask(pos), dtype)}
 
 
+def body_hidden_at(body, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder body's final hidden states [B, T, H] of rows packed with independent sequences:
+    each sequence starts where ``position_ids`` is 0 and attends to itself alone."""
+    dtype = body.get_input_embeddings().weight.dtype
+    mask = attention_mask_for(body.config, document_causal_mask(position_ids), dtype)
+    return body(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
+
+
 def body_hidden(body, input_ids: torch.Tensor, document_eos: Optional[int] = None) -> torch.Tensor:
     """The decoder body's final hidden states [B, T, H] of token windows; with ``document_eos`` (the
     EOS id, data.document_mask) each document of a window is attended to on its own."""

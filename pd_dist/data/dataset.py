@@ -14,12 +14,15 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from pd_dist.data.documents import DataError
 from pd_dist.data.prepare import META_VERSION
+
+if TYPE_CHECKING:
+    from pd_dist.data.spans import DocumentIndex
 
 OPEN_SHARDS = 64  # memory maps kept open per source (each holds a file descriptor)
 
@@ -132,6 +135,22 @@ class PackedDataset:
             raise IndexError(f"sample {i} outside the dataset's {self.n_train + self.n_val}")
         s = int(np.searchsorted(self._val_off, j, side="right")) - 1
         return s, self.sources[s]["n_train"] + j - int(self._val_off[s])
+
+    def window(self, i: int) -> tuple[int, int]:
+        """(source, first stream position) of flat sample id ``i``: its inputs are that source's stream
+        positions [start, start + seq_len)."""
+        s, w = self.locate(int(i))
+        return s, w * self.seq_len
+
+    def document_index(self, source: int) -> "DocumentIndex":
+        """The documents of a source's token stream (read from its shards' .idx once, then kept)."""
+        from pd_dist.data.spans import DocumentIndex
+
+        cache = self.__dict__.setdefault("_doc_index", {})
+        if source not in cache:
+            st = self.streams[source]
+            cache[source] = DocumentIndex(st.prefixes, [int(n) for n in np.diff(st.starts)])
+        return cache[source]
 
     def sample(self, i: int) -> np.ndarray:
         """Sample i (0 <= i < n_train + n_val): seq_len + 1 tokens, int64."""

@@ -40,8 +40,10 @@ from pd_dist.core.logits import SparseLogits
 from pd_dist.core.runtime import model_dtype
 from pd_dist.data import PackedDataset
 from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
-from pd_dist.store import open_for_training
-from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
+from pd_dist.store import StoreError, open_for_training
+from pd_dist.store.library import is_window_store, library_stores, open_source_store
+from pd_dist.teacher.document import DocumentTeacher, context_teacher, teacher_held_out_loss
+from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.specs import signal_spec, wire_spec
 from pd_dist.teacher.stores import SpoolReader
 from pd_dist.teacher.val_loss import read_store_teacher_eval, read_teacher_val_loss
@@ -154,16 +156,21 @@ class ColocatedTeacher(SignalSource):
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
-        return cls(FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(ctx.cfg.train.precision),
-                                 signal_spec(ctx.cfg), ctx.cfg.train.loss_chunk_size,
-                                 document_eos=ctx.data.document_eos(ctx.cfg.data.document_mask)),
-                   ctx.data, ctx.cfg.train.micro_batch_size)
+        cfg = ctx.cfg
+        frozen = FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(cfg.train.precision), signal_spec(cfg),
+                               cfg.train.loss_chunk_size, document_eos=ctx.data.document_eos(cfg.data.document_mask))
+        return cls(context_teacher(cfg, frozen, ctx.data), ctx.data, cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
         return self.teacher(input_ids, ids)
 
+    def scalars(self):
+        if isinstance(self.teacher, DocumentTeacher):
+            return {"teacher/context_overhead": self.teacher.context_overhead}
+        return {}
+
     def teacher_val_loss(self):
-        return self.teacher.val_loss(held_out_batches(self.data, self.micro_batch))
+        return teacher_held_out_loss(self.teacher, self.data, self.micro_batch)
 
 
 @register
@@ -240,6 +247,47 @@ class OnlineTeacher(SignalSource):
         self.client.close(finished)
 
 
+class DocumentStoreWindows:
+    """The run's training windows read from a library of document stores (format 3, pd_dist.store.library):
+    sample i is source s's stream positions [start, start + seq_len) (PackedDataset.window), cut from s's
+    store. Every sample, held-out ones included, has its signal."""
+
+    def __init__(self, root: Path, stores: list, data: PackedDataset):
+        self.root, self.stores, self.data = Path(root), stores, data
+        self.meta = stores[0].meta
+
+    @classmethod
+    def open(cls, root, data: PackedDataset, signal, teacher_seq_len: Optional[int]) -> "DocumentStoreWindows":
+        stores = [open_source_store(root, fingerprint=e["fingerprint"], label=e["label"],
+                                    tokenizer_hash=data.meta["tokenizer_hash"], vocab_size=data.vocab_size,
+                                    signal=signal, teacher_seq_len=teacher_seq_len) for e in data.sources]
+        chunks = {s.meta.teacher_seq_len for s in stores}
+        if len(chunks) > 1:
+            raise StoreError(f"the document stores of {root} for this run's sources were read in chunks of "
+                             f"{sorted(chunks)} tokens: one run reads one teacher_seq_len")
+        return cls(root, stores, data)
+
+    def __len__(self) -> int:
+        return self.data.n_train + self.data.n_val
+
+    def describe(self) -> str:
+        m = self.meta
+        return (f"offline logits: document stores in {self.root} ({len(self.stores)} source(s), teacher chunks of "
+                f"{m.teacher_seq_len}, stored top-{m.top_p}-{m.top_k}, used top-{self.stores[0].default_top_p}-"
+                f"{self.stores[0].default_top_k}, read at seq_len {self.data.seq_len})")
+
+    def get_batch(self, ids) -> SparseLogits:
+        """[B, seq_len, k] of the samples ``ids``, in their order."""
+        where = [self.data.window(int(i)) for i in np.asarray(ids).reshape(-1)]
+        parts: list = [None] * len(where)
+        for s in sorted({w[0] for w in where}):
+            js = [j for j, w in enumerate(where) if w[0] == s]
+            got = self.stores[s].get_spans([where[j][1] for j in js], self.data.seq_len)
+            for n, j in enumerate(js):
+                parts[j] = got[n:n + 1]
+        return SparseLogits.cat(parts)
+
+
 class _StoredMicroBatches(torch.utils.data.Dataset):
     """Item j: the stored logits of the plan's micro-batch j (read in DataLoader workers, each mapping
     the store itself, so decoding and re-truncation run ahead of the step that needs them)."""
@@ -279,6 +327,12 @@ class StoredLogits(SignalSource):
     @classmethod
     def build(cls, ctx: SourceContext) -> "StoredLogits":
         d, data = ctx.cfg.distill, ctx.data
+        if d.teacher_context == "document":
+            return cls(DocumentStoreWindows.open(d.store, data, signal_spec(ctx.cfg), d.teacher_seq_len), data,
+                       ctx.cfg.data.loader_workers)
+        if library_stores(d.store) and not is_window_store(d.store):
+            raise StoreError(f"distill.store {d.store} is a library of document stores (format 3): set "
+                             "distill.teacher_context document to train from it")
         store = open_for_training(d.store, data_fingerprint=data.fingerprint,
                                   tokenizer_hash=data.meta["tokenizer_hash"], seq_len=data.seq_len,
                                   vocab_size=data.vocab_size, signal=signal_spec(ctx.cfg),
@@ -286,6 +340,8 @@ class StoredLogits(SignalSource):
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):
+        if isinstance(self.store, DocumentStoreWindows):
+            return self.store.describe()
         m = self.store.meta
         if m.signal:
             return f"offline signal: {self.store.root} ({len(self.store)} samples, {m.signal_spec.describe()})"

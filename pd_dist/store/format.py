@@ -35,6 +35,7 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -42,7 +43,9 @@ from pd_dist.core.logits import SignalSpec
 from pd_dist.store.codec import check_encoding, default_encoding
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: top-p-k only, no `signal` in the manifest
+READABLE_VERSIONS = (1, 2, 3)  # 1: top-p-k only, no `signal` in the manifest; 3: document-keyed
+DOCUMENT_FORMAT_VERSION = 3
+SOURCE_STORE_PREFIX = "source-"  # a document store library: one store per source, source-<fingerprint[:16]>
 FORMAT_NAME = "pd-dist-teacher-logits"
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -88,6 +91,19 @@ class StoreMeta:
     # data.document_mask of the teacher's forward (each document of a window attended to on its own).
     # Absent from the manifest (and its digest) when false: a store written before it reads as false.
     document_mask: bool = False
+    # distill.teacher_context: "window" (a sample is a training window of data_fingerprint's dataset) or
+    # "document" (format 3: one source's token stream, data_fingerprint the source's fingerprint, a
+    # "sample" a record of seq_len consecutive stream positions, n_tokens the stream's length, each
+    # position's signal read in document context with chunks of teacher_seq_len). Absent when window.
+    context: str = "window"
+    teacher_seq_len: int = 0
+    n_tokens: int = 0
+    source: str = ""  # the source's label when it was written (for messages; not compared)
+
+    @property
+    def format_version(self) -> int:
+        """The format this meta's store is written in: 3 for a document store, else 2."""
+        return DOCUMENT_FORMAT_VERSION if self.context == "document" else FORMAT_VERSION
 
     @classmethod
     def for_signal(cls, spec: SignalSpec, **fields) -> "StoreMeta":
@@ -136,7 +152,8 @@ class StoreMeta:
                       data_fingerprint=str(self.data_fingerprint), seq_len=int(self.seq_len),
                       vocab_size=int(self.vocab_size), top_p=float(self.top_p), top_k=int(self.top_k),
                       n_samples=int(self.n_samples), shard_size=int(self.shard_size), encoding=enc,
-                      signal=sig, document_mask=self.document_mask)
+                      signal=sig, document_mask=self.document_mask, context=str(self.context),
+                      teacher_seq_len=int(self.teacher_seq_len), n_tokens=int(self.n_tokens), source=str(self.source))
         m.validate()
         return m
 
@@ -159,6 +176,19 @@ class StoreMeta:
         self._validate_signal()
         if not isinstance(self.document_mask, bool):
             raise ValueError(f"StoreMeta.document_mask must be true or false, got {self.document_mask!r}")
+        if self.context not in ("window", "document"):
+            raise ValueError(f"StoreMeta.context must be window or document, got {self.context!r}")
+        if self.context == "document":
+            if self.teacher_seq_len < 1 or self.n_tokens < 1:
+                raise ValueError(f"a document store needs teacher_seq_len and n_tokens >= 1, got "
+                                 f"{self.teacher_seq_len}, {self.n_tokens}")
+            if self.n_samples != -(-self.n_tokens // self.seq_len):
+                raise ValueError(f"a document store of {self.n_tokens} tokens in records of {self.seq_len} has "
+                                 f"{-(-self.n_tokens // self.seq_len)} records, got n_samples={self.n_samples}")
+            if self.document_mask or self.signal:
+                raise ValueError("a document store holds a top-p-k signal read per document (no document_mask)")
+        elif self.teacher_seq_len or self.n_tokens or self.source:
+            raise ValueError("teacher_seq_len, n_tokens and source belong to document stores")
         lvl = self.encoding.get("zstd_level", DEFAULT_ZSTD_LEVEL)
         if isinstance(lvl, bool) or not isinstance(lvl, int) or not 1 <= lvl <= 22:
             raise ValueError(f"encoding zstd_level must be an integer in [1, 22], got {lvl!r}")
@@ -203,6 +233,9 @@ class StoreMeta:
             del d["signal"]  # top-p-k: the metadata (and its digest) of format version 1
         if not d["document_mask"]:
             del d["document_mask"]  # off: the metadata (and its digest) of a store that predates it
+        if d["context"] == "window":
+            for k in ("context", "teacher_seq_len", "n_tokens", "source"):
+                del d[k]  # a window store: the metadata (and digest) of format 2
         return d
 
     @classmethod
@@ -213,7 +246,9 @@ class StoreMeta:
         if missing:
             raise StoreError(f"manifest lacks {missing}")
         return cls(**{n: d[n] for n in names}, signal=d.get("signal") or {},
-                   document_mask=d.get("document_mask", False))
+                   document_mask=d.get("document_mask", False), context=d.get("context", "window"),
+                   teacher_seq_len=d.get("teacher_seq_len", 0), n_tokens=d.get("n_tokens", 0),
+                   source=d.get("source", ""))
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved meta (identifies what the shards were written for)."""
@@ -269,7 +304,7 @@ def shard_path(root, index: int) -> Path:
 
 
 def pack_header(meta: StoreMeta, index: int, first: int, end: int) -> bytes:
-    return HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, index, first, end, meta.seq_len, meta.width,
+    return HEADER.pack(HEADER_MAGIC, meta.format_version, index, first, end, meta.seq_len, meta.width,
                        meta.vocab_size, 0, bytes.fromhex(meta.digest())[:16])
 
 
@@ -342,14 +377,14 @@ def manifest_bytes(d: dict) -> bytes:
 
 
 def manifest_dict(meta: StoreMeta, shards: list[dict], hist, n_kept: int,
-                  version: int = FORMAT_VERSION) -> dict:
+                  version: Optional[int] = None) -> dict:
     """The manifest of a store of ``meta`` (resolved) whose shards have the entries ``shards`` (index,
     file, first, end, bytes, sha256), kept-entries histogram ``hist`` and ``n_kept`` kept entries in all:
     what write_manifest writes (format ``version``: a version-1 store's manifest is checked as written)."""
     d = meta.to_dict()
-    d.update({"format": FORMAT_NAME, "format_version": version, "meta_digest": meta.digest(),
+    d.update({"format": FORMAT_NAME, "format_version": version or meta.format_version, "meta_digest": meta.digest(),
               "shards": shards,
-              "stats": {"tokens": meta.n_samples * meta.seq_len, "kept_entries": int(n_kept),
+              "stats": {"tokens": meta.n_tokens or meta.n_samples * meta.seq_len, "kept_entries": int(n_kept),
                         "kept_hist": [int(x) for x in hist],
                         "shard_bytes": int(sum(s["bytes"] for s in shards))}})
     return d

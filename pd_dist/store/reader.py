@@ -73,6 +73,9 @@ def _manifest_meta(man: dict, path: Path) -> StoreMeta:
         raise StoreError(f"{path}: {e}") from None
     except (ValueError, TypeError, OverflowError, AttributeError) as e:
         raise StoreError(f"{path}: invalid store metadata ({e})") from None
+    if (version == 3) != (meta.context == "document"):
+        raise StoreError(f"{path}: format version {version} with context {meta.context} (version 3 is the "
+                         "document-keyed store, and only it)")
     if man.get("meta_digest") != meta.digest():
         raise StoreError(f"{path}: meta_digest does not match the manifest's metadata (edited manifest?)")
     return meta
@@ -388,6 +391,32 @@ class LogitsStore:
         lse = np.empty((len(ids), T), np.float32)
         for b, (i, raw) in enumerate(zip(ids, raws)):
             self._decode_into(raw, i, p, kk, vals[b], idx[b], lse[b])
+        return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
+
+    def get_spans(self, starts, length: int, top_p: float | None = None,
+                  top_k: int | None = None) -> SparseLogits:
+        """A document store (format 3): the signal at stream positions [start, start + length) for each
+        of ``starts``, stacked: SparseLogits [B, length, k'] with lse. Each span is cut from the records
+        (seq_len positions each) that hold it."""
+        if self.meta.context != "document":
+            raise StoreError(f"{self.root} is a window store (format {self.manifest['format_version']}): its "
+                             "samples are read by sample id, not stream position")
+        p, kk = self._resolve(top_p, top_k)
+        R, N = self.meta.seq_len, self.meta.n_tokens
+        starts = [int(a) for a in (starts.tolist() if hasattr(starts, "tolist") else starts)]
+        vals = np.empty((len(starts), length, kk), np.float32)
+        idx = np.empty((len(starts), length, kk), np.int64)
+        lse = np.empty((len(starts), length), np.float32)
+        rv, ri, rl = np.empty((R, kk), np.float32), np.empty((R, kk), np.int64), np.empty(R, np.float32)
+        for b, a in enumerate(starts):
+            if not 0 <= a and a + length <= N:
+                raise IndexError(f"span [{a}, {a + length}) outside the stream's {N} tokens "
+                                 f"(store {self.root}, source {self.meta.source})")
+            for r in range(a // R, (a + length - 1) // R + 1):
+                self._decode_into(self._raw_block(r), r, p, kk, rv, ri, rl)
+                lo, hi = max(a, r * R), min(a + length, (r + 1) * R)
+                vals[b, lo - a:hi - a], idx[b, lo - a:hi - a] = rv[lo - r * R:hi - r * R], ri[lo - r * R:hi - r * R]
+                lse[b, lo - a:hi - a] = rl[lo - r * R:hi - r * R]
         return SparseLogits(torch.from_numpy(idx), torch.from_numpy(vals), self._lse(lse))
 
     def __getitem__(self, sample_id: int):
@@ -716,6 +745,8 @@ def store_info(root) -> dict:
         "tokenizer_hash": meta.tokenizer_hash, "data_fingerprint": meta.data_fingerprint,
         "seq_len": meta.seq_len, "vocab_size": meta.vocab_size, "top_p": meta.top_p, "top_k": meta.top_k,
         "document_mask": meta.document_mask,
+        **({"context": "document", "source": meta.source, "teacher_seq_len": meta.teacher_seq_len,
+            "record_tokens": meta.seq_len} if meta.context == "document" else {}),
         "signal": {"kind": meta.signal_spec.kind, **meta.signal_spec.params(), "width": meta.width,
                    "describe": meta.signal_spec.describe()},
         "encoding": meta.encoding, "n_samples": meta.n_samples, "shard_size": meta.shard_size,

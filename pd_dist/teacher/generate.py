@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pd_dist.config import ExperimentConfig
@@ -28,7 +29,14 @@ from pd_dist.teacher.val_loss import write_store_teacher_eval
 from pd_dist.teacher.stores import complete_store, describe_repair, store_state
 from pd_dist.store import StoreFaults, StoreMeta, shard_ranges
 from pd_dist.store.format import MANIFEST
-from pd_dist.store.reader import other_inputs
+from pd_dist.store.reader import _load_manifest, other_inputs
+from pd_dist.store.codec import default_encoding
+from pd_dist.store.format import StoreError
+from pd_dist.store.library import is_window_store, source_store_dir
+from pd_dist.core.logits import SparseLogits
+from pd_dist.teacher.document import DocumentTeacher, teacher_held_out_loss
+from pd_dist.teacher.specs import stored_signal
+from pd_dist.models import model_identity
 from pd_dist.cluster.topology import Topology
 
 
@@ -69,6 +77,8 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, w
     """Write (or repair) distill.store with the teacher at ``weights`` over every rank of ``topo``: each
     rank writes the damaged or missing shards of its own, rank 0 the manifest and the teacher's held-out
     loss. Called by the orchestration (pd_dist.run.generate_store) with ready weights."""
+    if cfg.distill.teacher_context == "document":
+        return run_document_generation(cfg, topo, data, weights, log)
     root = Path(cfg.distill.store)
     say = log if topo.dp_rank == 0 else (lambda *_: None)
     meta = teacher_store_meta(cfg, data, weights)
@@ -133,3 +143,102 @@ def _shards_to_write(root: Path, meta: StoreMeta, mine: list[int], topo: Topolog
     faults.shards = {i: faults.shards.get(i, []) for i in range(n) if flags[i]}
     faults.missing = {i for i in faults.shards if flags[i] == 1}
     return faults, bool(flags[n])
+
+
+class SourceRecords:
+    """One source's token stream as the records of a document store (``record`` positions each): what
+    write_shard reads a record's tokens from (the last record is padded with its last token)."""
+
+    def __init__(self, data: PackedDataset, source: int, record: int):
+        self.stream, self.record = data.streams[source], record
+
+    def batch(self, ids) -> np.ndarray:
+        out = np.empty((len(ids), self.record + 1), np.int64)
+        for j, r in enumerate(np.asarray(ids).tolist()):
+            a = r * self.record
+            n = min(self.record + 1, self.stream.n_tokens - a)
+            out[j, :n] = self.stream.read(a, n)
+            out[j, n:] = out[j, n - 1]
+        return out
+
+
+def document_fill(teacher: DocumentTeacher, source: int, record: int, n_tokens: int):
+    """write_shard's fill for a document store: the signal of records ``ids`` (stream positions
+    [r * record, (r + 1) * record)); the last record's positions past the stream repeat its last one."""
+    def fill(tokens: torch.Tensor, ids: np.ndarray) -> SparseLogits:
+        starts = [int(r) * record for r in ids]
+        full = [a for a in starts if a + record <= n_tokens]
+        parts = [teacher.spans(source, full, record)] if full else []
+        for a in starts[len(full):]:  # only the stream's last record can be short
+            got = teacher.spans(source, [a], n_tokens - a)
+            pad = torch.full((record,), n_tokens - a - 1, dtype=torch.int64)
+            pad[:n_tokens - a] = torch.arange(n_tokens - a)
+            parts.append(got[:, pad])
+        return SparseLogits.cat(parts)
+    return fill
+
+
+def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
+                            log=print) -> Path:
+    """Complete the library distill.store with a document store (format 3) for each of the data's sources
+    that it lacks (a source's store already there, from any run over the same tokens, is checked and kept);
+    every rank writes its share of each source's shards. Rank 0 leaves the teacher's held-out loss (read
+    in document context) in the library for runs over this data."""
+    lib = Path(cfg.distill.store)
+    say = log if topo.dp_rank == 0 else (lambda *_: None)
+    if is_window_store(lib):
+        raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
+                         "stores (distill.teacher_context document)")
+    T = cfg.distill.teacher_seq_len or data.seq_len
+    R = cfg.generate.record_tokens
+    micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
+    ident = model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
+                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
+    g = cfg.generate
+    teacher = None
+    for s, e in enumerate(data.sources):
+        N = int(data.streams[s].n_tokens)
+        meta = StoreMeta.for_signal(
+            stored_signal(cfg), teacher=ident, tokenizer_hash=data.meta["tokenizer_hash"],
+            data_fingerprint=e["fingerprint"], seq_len=R, vocab_size=data.vocab_size, n_samples=-(-N // R),
+            shard_size=g.shard_size, encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
+            context="document", teacher_seq_len=T, n_tokens=N, source=e["label"]).resolved()
+        root = source_store_dir(lib, e["fingerprint"])
+        if (root / MANIFEST).is_file():
+            _, have = _load_manifest(root)
+            if have.digest() != meta.digest():
+                diff = [k for k, v in meta.to_dict().items() if have.to_dict().get(k) != v and k != "source"]
+                raise StoreError(f"{root}: the document store of source {e['label']} was written with other "
+                                 f"{', '.join(diff) or 'settings'}: remove it or name another distill.store")
+        mine = [i for i in range(meta.n_shards) if i % topo.dp_size == topo.dp_rank]
+        damage, manifest_bad = _shards_to_write(root, meta, mine, topo)
+        if not damage.shards and not manifest_bad:
+            say(f"[generate] source {e['label']}: {root} is complete already (kept)")
+            continue
+        if teacher is None:
+            model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
+            teacher = DocumentTeacher(FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.signal_spec,
+                                                    cfg.train.loss_chunk_size, keep_lse=True), data, T, micro)
+        total = sum(min(N, hi * R) - lo * R for lo, hi in (shard_ranges(meta.n_samples, meta.shard_size)[i]
+                                                           for i in damage.shards))
+        say(f"[generate] source {e['label']}: {N:,} tokens in {data.document_index(s).n_docs:,} documents, "
+            f"read in chunks of {T}, {meta.n_shards} shard(s) of {g.shard_size} records of {R} tokens "
+            f"({meta.n_shards - len(damage.shards)} complete already) over {topo.dp_size} rank(s) -> {root}")
+        progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
+        t0 = time.perf_counter()
+        complete_store(root, meta, SourceRecords(data, s, R), document_fill(teacher, s, R, N), micro,
+                       source="generate", fill_from="the teacher", log=say, rank=topo.dp_rank, ranks=topo.dp_size,
+                       barrier=topo.barrier, shards=set(damage.shards), compress=g.compress,
+                       on_tokens=progress.add, info=False)
+        el = time.perf_counter() - t0
+        say(f"[generate] source {e['label']} complete: {root} ({progress.done:,} tokens in {el:.1f}s on rank 0, "
+            f"teacher context overhead {teacher.context_overhead:.3f}x)")
+    if topo.dp_rank == 0:
+        if teacher is None:
+            model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
+            teacher = DocumentTeacher(FrozenTeacher(model, device(), model_dtype(cfg.train.precision),
+                                                    stored_signal(cfg), cfg.train.loss_chunk_size), data, T, micro)
+        write_store_teacher_eval(lib, data, teacher_held_out_loss(teacher, data, micro))
+        say(f"[generate] document stores complete: {lib} ({len(data.sources)} source(s))")
+    topo.barrier()
+    return lib

@@ -17,7 +17,8 @@ from pd_dist.core.runtime import device, model_dtype
 from pd_dist.data import PackedDataset
 from pd_dist.models import ModelConfig, build_model, partitioned_builder
 from pd_dist.store import StoreMeta
-from pd_dist.teacher.inference import FrozenTeacher, held_out_batches
+from pd_dist.teacher.document import context_teacher, teacher_held_out_loss
+from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.pipelined import TeacherPipeline
 from pd_dist.teacher.server import Lockstep, StagedTeacherServer, TeacherServer
 from pd_dist.teacher.specs import signal_spec, teacher_store_meta, wire_spec
@@ -45,9 +46,10 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
         lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
     else:
         model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-    teacher = FrozenTeacher(model, device(), dtype, signal_spec(cfg), cfg.train.loss_chunk_size, gather=gather,
-                            keep_lse=bool(d.write_through), document_eos=data.document_eos(cfg.data.document_mask))
-    val_loss = teacher.val_loss(held_out_batches(data, cfg.train.micro_batch_size))
+    teacher = context_teacher(cfg, FrozenTeacher(
+        model, device(), dtype, signal_spec(cfg), cfg.train.loss_chunk_size, gather=gather,
+        keep_lse=bool(d.write_through), document_eos=data.document_eos(cfg.data.document_mask)), data)
+    val_loss = teacher_held_out_loss(teacher, data, cfg.train.micro_batch_size)
     publish_teacher_val_loss(topo, val_loss)
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
