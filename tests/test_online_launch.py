@@ -118,7 +118,10 @@ def test_teacher_killed_students_exit_then_resume(tmp_path, smoke_data, tiny_tea
 
 @pytest.mark.cluster
 def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
-    """`deepspeed --hostfile` over pdsh/ssh: node1 runs the teacher, node2 the student."""
+    """`deepspeed --hostfile` over pdsh/ssh: node1 runs the teacher, node2 the student, in document
+    context (distill.teacher_context document, chunks of 48 for 64-token windows). The launched run's
+    held-out KD figures are recomputed in-process for its exported student from a colocated document
+    teacher and from a document store (all modes, one definition), and differ from a window teacher's."""
     from cluster import LoopbackCluster, ensure_cluster_packages, skip_or_fail
 
     reason = ensure_cluster_packages()
@@ -128,7 +131,8 @@ def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
     with LoopbackCluster(workdir=tmp_path / "cluster") as c:
         c.deepspeed_env(tmp_path, {"PYTHONPATH": str(REPO)})
         proc = c.launch(REPO / "launch" / "pretrain_pd.py",
-                        _args(_runcfg(out, smoke_data, tiny_teacher_dir, "online")), cwd=tmp_path, timeout=400)
+                        _args(_runcfg(out, smoke_data, tiny_teacher_dir, "online") + DOCUMENT), cwd=tmp_path,
+                        timeout=400)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert re.search(r"node1: .*\[teacher 0\] serving students \[1\]", text), text[-3000:]
@@ -136,3 +140,44 @@ def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
     s = read_summary(out)
     assert s["finished"] and len(s["losses"]) == 4
     assert (out / "student" / "model.safetensors").is_file()
+    kd = re.search(r"final eval \|.*val_kd_loss ([0-9.]+)", text)
+    assert kd, text[-3000:]
+    _document_figures_agree(out, s, float(kd.group(1)), smoke_data, tiny_teacher_dir, tmp_path)
+
+
+DOCUMENT = ["distill.teacher_context=document", "distill.teacher_seq_len=48"]
+
+
+def _document_figures_agree(out, s, kd_printed, smoke_data, tiny_teacher_dir, tmp_path):
+    """``s``: the launched run's summary; ``kd_printed``: its final held-out KD loss (4 decimals)."""
+    import torch
+
+    from test_teacher_context import _one_rank
+
+    from pd_dist.config import load_config
+    from pd_dist.explore.evaluate import held_out_metrics
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.signals.sources import ColocatedTeacher, DocumentStoreWindows, StoredLogits
+    from pd_dist.teacher.document import context_teacher
+    from pd_dist.teacher.generate import run_generation
+    from pd_dist.teacher.inference import FrozenTeacher
+
+    cfg = load_config(out / "config.yaml")
+    spec = cfg.distill.signal_spec(cfg.train.seed)
+    student = build_model(ModelConfig(path=str(out / "student")), smoke_data.vocab_size, seed=0)
+    teacher = build_model(ModelConfig(path=str(tiny_teacher_dir)), smoke_data.vocab_size, seed=0)
+    frozen = FrozenTeacher(teacher, torch.device("cpu"), torch.float32, spec, cfg.train.loss_chunk_size)
+    lib = tmp_path / "library"
+    gen = load_config(out / "config.yaml", ["distill.mode=offline", f"distill.store={lib}", "generate.encoding=exact"])
+    run_generation(gen, _one_rank(), smoke_data, ModelConfig(path=str(tiny_teacher_dir)), log=lambda *_: None)
+    sources = {"colocated": ColocatedTeacher(context_teacher(cfg, frozen, smoke_data), smoke_data, 4),
+               "offline": StoredLogits(DocumentStoreWindows.open(lib, smoke_data, spec, 48), smoke_data, 0),
+               "window": ColocatedTeacher(frozen, smoke_data, 4)}
+    figs = {k: held_out_metrics(student, smoke_data, 4, source=v, kind=cfg.distill.loss,
+                                chunk_size=cfg.train.loss_chunk_size, log=lambda *_: None)
+            for k, v in sources.items()}
+    assert s["teacher_val_loss"] == pytest.approx(sources["colocated"].teacher_val_loss(), rel=1e-5)
+    for mode in ("colocated", "offline"):
+        assert s["teacher_top1_agreement"] == pytest.approx(figs[mode]["teacher_top1_agreement"], abs=1e-6), mode
+        assert kd_printed == pytest.approx(figs[mode]["val_kd_loss"], abs=6e-5), mode
+    assert abs(figs["window"]["val_kd_loss"] - kd_printed) > 1e-3, (figs["window"], kd_printed)

@@ -1,0 +1,134 @@
+"""One teacher pass for every student: the miniature of distill.teacher_context document.
+
+With the embedded default's teacher (pre-trained first if missing), writes one library of document
+stores (format 3) and trains the default student from it, each launch beside its own LM-only twin
+(`baseline: true`, same tokens and initialisation):
+
+- `doc256`: data.seq_len 256 (the default's shape);
+- `doc128`: data.seq_len 128 over the same tokens (16 samples a step instead of 8, val_samples 64);
+- `blend`: the embedded corpus (weight 3) blended with a second source (weight 1): this machine's
+  numpy sources as JSON lines, capped at 2M characters; the library gains that source's store and
+  reads the embedded corpus's from the first pass;
+- `window256`: today's recipe from a window store (format 2) at seq_len 256, for reference.
+
+Every run uses the default's tokenizer (data.tokenizer), so the embedded source keeps its fingerprint
+whatever its seq_len or blend. Reported per run: teacher, LM-only and PD held-out losses and the gain,
+and whether each PD run beats its twin by more than the three-seed spread of docs/benchmarks.md
+(`--spread`, 0.058: the larger of the two arms'). Last line: one JSON object.
+
+    python bench/doc_store.py            # ~40 minutes on 2 cores once the teacher exists
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, log  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _launch(script: str, overrides: list[str], cwd: Path) -> str:
+    exe = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd += ["--num_gpus", "1", str(REPO / "launch" / script)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit("launch failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
+    return proc.stdout + proc.stderr
+
+
+def _second_source(path: Path, max_chars: int) -> None:
+    """This machine's numpy sources as JSON lines (one file a document), in path order, up to max_chars."""
+    import numpy
+
+    if path.is_file():
+        return
+    total = 0
+    with open(path, "w") as fh:
+        for f in sorted(Path(numpy.__file__).parent.rglob("*.py")):
+            text = f.read_text(errors="replace")
+            if total + len(text) > max_chars:
+                break
+            fh.write(json.dumps({"text": text}) + "\n")
+            total += len(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench_doc_store"))
+    ap.add_argument("--default-dir", default=str(REPO / "runs" / "default"),
+                    help="the default run's output_dir: its tokenizer and teacher are reused")
+    ap.add_argument("--spread", type=float, default=0.058, help="the three-seed spread to beat")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these (doc256 doc128 blend window256)")
+    args = ap.parse_args()
+    out, default = Path(args.out), Path(args.default_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = default / "teacher" / "export"
+    t0 = time.perf_counter()
+    if not (teacher / "config.json").is_file():
+        log(f"no teacher in {teacher}: running the default first (it pre-trains and caches the teacher)")
+        _launch("pretrain_pd.py", [f"output_dir={default}"], cwd=REPO)
+    second = out / "numpy_sources.jsonl"
+    _second_source(second, 2_000_000)
+    lib = out / "library"
+    common = [f"data.tokenizer={default / 'data' / 'tokenizer'}", f"teacher.path={teacher}"]
+    doc = ["distill.mode=offline", "distill.teacher_context=document", f"distill.store={lib}"]
+    blend = ["data.source=blend", f"data.blend=[{{path: embedded, weight: 3}}, {{path: {second}, weight: 1}}]"]
+    runs = {
+        "doc256": (doc, []),
+        "doc128": (doc, ["data.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=16",
+                         "data.val_samples=64"]),
+        "blend": (doc, blend),
+        "window256": (["distill.mode=offline", f"distill.store={out / 'window_store'}"], []),
+    }
+    results, timings = {}, {}
+    for name, (mode, shape) in runs.items():
+        if args.only is not None and name not in args.only:
+            continue
+        run = out / name
+        data_dir = out / f"data-{name.replace('doc', '').replace('window', '')}"  # doc256, window256: one
+        if name == "window256" and (out / "doc256" / "baseline").is_dir() and not (run / "baseline").exists():
+            shutil.copytree(out / "doc256" / "baseline", run / "baseline")  # the same LM-only twin
+        cfg = common + mode + shape + [f"data.dir={data_dir}"]
+        if not (run / "summary.json").is_file():
+            t = time.perf_counter()
+            log(f"{name}: teacher pass (kept where the store has it already)")
+            text = _launch("generate_logits.py", cfg + [f"output_dir={run}"], cwd=REPO)
+            timings[f"{name}_generate_s"] = round(time.perf_counter() - t, 1)
+            for line in text.splitlines():
+                if "[generate]" in line and ("complete" in line or "kept" in line):
+                    log("  " + line.strip())
+            t = time.perf_counter()
+            log(f"{name}: LM-only twin + distilled student -> {run}")
+            _launch("pretrain_pd.py", cfg + [f"output_dir={run}", "baseline=true"], cwd=REPO)
+            timings[f"{name}_train_s"] = round(time.perf_counter() - t, 1)
+        s = json.loads((run / "summary.json").read_text())
+        gap = s["lm_only_val_loss"] - s["val_loss"]
+        results[name] = {"teacher_val_loss": s.get("teacher_val_loss"), "lm_only_val_loss": s["lm_only_val_loss"],
+                         "pd_val_loss": s["val_loss"], "pd_gain": s["pd_gain"], "gap": gap,
+                         "beats_twin_beyond_spread": gap > args.spread}
+        log(f"{name}: teacher {s.get('teacher_val_loss')} | LM-only {s['lm_only_val_loss']:.4f} | "
+            f"PD {s['val_loss']:.4f} | gain {s['pd_gain']:+.2%} | gap {gap:.4f} (spread {args.spread})")
+    extra = {}
+    if "doc256" in results and "window256" in results:
+        extra["doc_vs_window_256"] = results["doc256"]["pd_val_loss"] - results["window256"]["pd_val_loss"]
+        extra["doc_within_spread_of_window"] = abs(extra["doc_vs_window_256"]) <= args.spread
+    emit({"runs": results, "spread": args.spread, **extra, **timings,
+          "all_beat_twins": all(r["beats_twin_beyond_spread"] for n, r in results.items() if n != "window256"),
+          "wall_s": round(time.perf_counter() - t0, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
