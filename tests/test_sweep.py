@@ -242,3 +242,32 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
     subprocess.run([pd_dist, "report", str(out)], check=True, capture_output=True, cwd=tmp_path, env=env)
     assert (out / "report.md").read_text() == first
 
+
+
+def test_a_document_library_is_shared_across_seq_len_seed_and_blend_axes(tmp_path, tiny_teacher_dir, smoke_data):
+    """distill.teacher_context document: one teacher group, one library, one generation job per data
+    config; every point (two seq_lens and a blend, two seeds) reads the library; the dry run says so."""
+    from pd_dist.explore.sweep import Sweep, SweepSpec
+
+    blend = [{"path": "embedded", "weight": 3}, {"path": str(REPO / "README.md"), "weight": 1}]
+    f = _write(tmp_path / "s.yaml", {
+        "base": str(SMOKE), "output_dir": str(tmp_path / "sw"), "seeds": [1, 2],
+        "set": {"teacher.path": str(tiny_teacher_dir), "distill.teacher_context": "document",
+                "data.tokenizer": str(smoke_data.tokenizer_dir), "data.max_chars": 100000},
+        "zip": [{"data.seq_len": [64, 32, 64], "train.global_batch_size": [8, 16, 8],
+                 "data.source": ["embedded", "embedded", "blend"], "data.blend": [[], [], blend]}]})
+    sw = Sweep(SweepSpec.load(f), log=lambda *_: None)
+    assert len(sw.points) == 6 and len(sw.groups) == 1
+    (g,) = sw.groups.values()
+    assert g.document and len(g.datas) == 3 and len(g.job_configs()) == 3
+    assert {p.config.distill.store for p in sw.points} == {str(g.store)}
+    assert all(p.config.distill.mode == "offline" for p in sw.points)
+    assert [c.teacher.path for c in g.job_configs()] == [str(tiny_teacher_dir)] * 3
+    out = sw.describe()  # what `pd-dist sweep --dry-run` prints
+    assert "1 teacher/store job(s)" in out and "document library" in out and "for 3 data config(s)" in out
+    assert "at seq_len 32" in out and "blend of embedded x3" in out
+    assert out.count("| store of teacher-") == 6
+    (tmp_path / "w").mkdir()
+    window = _sweep(tmp_path / "w", seeds=[1], set={"teacher.path": str(tiny_teacher_dir)},
+                    axes={"data.seq_len": [64, 32]})
+    assert len(window.groups) == 2  # a window store serves one seq_len: one per data

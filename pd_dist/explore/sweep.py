@@ -30,6 +30,11 @@ points, and points with a drawn signal (distill.signal sampled or head_tail, who
 formed from stored top-p-k logits), run as configured, with their teacher.path or the group's teacher
 (whose store is then written but unused).
 
+With `distill.teacher_context: document` in the base, the store is a library of per-source document
+stores that serves any seq_len, blend or seed: one group per teacher and tokenizer (not per data), its
+generation job run once per distinct data config of its points (a source already stored is kept), so
+points along seq_len, seed and blend axes all read the one library.
+
 Resumable: a point with a finished summary.json is skipped, one with checkpoints continues with
 --resume. `--slurm` writes the generation and the points as two Slurm arrays (the second depending on
 the first) and submits them.
@@ -203,6 +208,27 @@ class TeacherGroup:
     """The generation job shared by the points of one teacher and data (teacher_signal: store)."""
     name: str
     config: ExperimentConfig     # its output_dir holds the pre-trained teacher; distill.store the store
+    # distill.teacher_context document: every distinct data config of its points (the first: config.data),
+    # each generated into the one library
+    datas: list = field(default_factory=list)
+
+    @property
+    def document(self) -> bool:
+        return self.config.distill.teacher_context == "document"
+
+    def job_configs(self) -> list[ExperimentConfig]:
+        """The generation jobs, in order: the group's config (it pre-trains the teacher where needed), then
+        for a library one per further data config, reading the teacher the first one left."""
+        out = [self.config]
+        for d in self.datas[1:]:
+            c = copy.deepcopy(self.config)
+            c.data = copy.deepcopy(d)
+            c.teacher.path = str(self.teacher_dir)
+            out.append(c)
+        return out
+
+    def job_file(self, i: int) -> Path:
+        return self.dir / ("point.yaml" if i == 0 else f"point-data{i}.yaml")
 
     @property
     def dir(self) -> Path:
@@ -218,7 +244,14 @@ class TeacherGroup:
         return Path(c.teacher.path) if c.teacher.path else self.dir / "teacher" / "export"
 
     def done(self) -> bool:
+        if self.document:  # each data config's job leaves its mark once its sources are stored
+            return all((self.dir / f"generated-{i}.done").is_file() for i in range(len(self.job_configs())))
         return (self.store / "manifest.json").is_file()
+
+
+def _describe_data(d) -> str:
+    what = (d.source if d.source != "blend" else "blend of " + ", ".join(f"{s.path} x{s.weight:g}" for s in d.blend))
+    return f"{what} at seq_len {d.seq_len}"
 
 
 def _digest(obj: Any) -> str:
@@ -306,14 +339,23 @@ class Sweep:
 
     def _group(self, cfg: ExperimentConfig) -> TeacherGroup:
         # One teacher per teacher config and data (a teacher pre-trained here: with the first point's seed).
-        name = f"teacher-{_digest({'teacher': to_dict(cfg.teacher), 'data': to_dict(cfg.data)})}"
+        # A document library is keyed by the teacher and the tokenizer only: any seq_len or blend reads it
+        # (a tokenizer trained on the data, data.tokenizer null, depends on the data, so then it is too).
+        data_key = to_dict(cfg.data)
+        if cfg.distill.teacher_context == "document" and cfg.data.tokenizer:
+            data_key = {"tokenizer": cfg.data.tokenizer, "teacher_seq_len": cfg.distill.teacher_seq_len}
+        name = f"teacher-{_digest({'teacher': to_dict(cfg.teacher), 'data': data_key})}"
+        if name in self.groups and self.groups[name].document:
+            g = self.groups[name]
+            if all(to_dict(d) != to_dict(cfg.data) for d in g.datas):
+                g.datas.append(copy.deepcopy(cfg.data))
         if name not in self.groups:
             g = copy.deepcopy(cfg)
             g.output_dir = str(self.out / "teachers" / name)
             g.distill = dataclasses.replace(cfg.distill, mode="offline", signal="top_p_k",
                                             store=str(self.out / "teachers" / name / "store"))
             g.generate = dataclasses.replace(cfg.generate, include_val=True)
-            self.groups[name] = TeacherGroup(name, g)
+            self.groups[name] = TeacherGroup(name, g, datas=[copy.deepcopy(cfg.data)])
         return self.groups[name]
 
     def _widen_stores(self) -> None:
@@ -341,8 +383,10 @@ class Sweep:
 
         for g in self.groups.values():
             c = g.config
+            what = (f"document library {g.store} (one store per source) for {len(g.datas)} data config(s): "
+                    + "; ".join(_describe_data(d) for d in g.datas) if g.document else f"store {g.store}")
             lines.append(f"  [teacher] {g.name}: teacher {c.teacher.path or c.teacher.preset + ' (pre-trained here)'}"
-                         f" -> store {g.store} top-{c.generate.top_p}-{c.generate.top_k} "
+                         f" -> {what} top-{c.generate.top_p}-{c.generate.top_k} "
                          f"[{'done' if g.done() else 'to do'}]")
             pt = params(c.teacher, c.data.vocab_size)
             if pt and not c.teacher.path:
@@ -370,9 +414,13 @@ class Sweep:
             "spec": dataclasses.asdict(self.spec), "axes": self.axis_keys(), "oat_base": self.oat_base,
             "points": [self._point_record(p) for p in self.points + self.baselines],
             "groups": {g.name: str(g.dir) for g in self.groups.values()}}, indent=1, default=str))
-        for job in self.points + self.baselines + list(self.groups.values()):
+        for job in self.points + self.baselines:
             job.dir.mkdir(parents=True, exist_ok=True)
             (job.dir / "point.yaml").write_text(dump_config(job.config))
+        for g in self.groups.values():
+            g.dir.mkdir(parents=True, exist_ok=True)
+            for i, c in enumerate(g.job_configs()):
+                g.job_file(i).write_text(dump_config(c))
         for p in self.points + self.baselines:
             (p.dir / "point.json").write_text(json.dumps(self._point_record(p), indent=1, default=str))
 
@@ -411,8 +459,14 @@ class Sweep:
                 self.log(f"[sweep] {g.name}: store done, reused")
                 continue
             # The generation job also pre-trains the teacher when it has no path (online points use it too).
-            self.log(f"[sweep] {g.name}: generating the store (log {g.dir / 'run.log'})")
-            self._run(self._launch_cmd("generate_logits", g.dir / "point.yaml", False), g.dir / "run.log")
+            for i in range(len(g.job_configs())):
+                if g.document and (g.dir / f"generated-{i}.done").is_file():
+                    continue
+                self.log(f"[sweep] {g.name}: generating the store{f' (data config {i + 1})' if g.document else ''} "
+                         f"(log {g.dir / 'run.log'})")
+                self._run(self._launch_cmd("generate_logits", g.job_file(i), False), g.dir / "run.log")
+                if g.document:
+                    (g.dir / f"generated-{i}.done").write_text("")
         jobs = self.baselines + self.points
         for i, p in enumerate(jobs, 1):
             state = p.state()
@@ -445,11 +499,15 @@ class Sweep:
         out = {}
         groups = list(self.groups.values())
         if groups:
-            cases = "\n".join(f"  {i}) CFG={g.dir / 'point.yaml'} ;;" for i, g in enumerate(groups))
+            # A library's jobs run in order in its task (each adds the sources of one data config).
+            cases = "\n".join(f"  {i}) CFGS=\"{' '.join(str(g.job_file(j)) for j in range(len(g.job_configs())))}\" ;;"
+                              for i, g in enumerate(groups))
             out["teachers.sbatch"] = "\n".join(head + ["#SBATCH --job-name=pd-sweep-teachers",
                                                        f"#SBATCH --array=0-{len(groups) - 1}", *env,
                                                        "case $SLURM_ARRAY_TASK_ID in", cases, "esac",
-                                                       f"srun {sys.executable} {entry_script('generate_logits')} --config $CFG"]) + "\n"
+                                                       "for CFG in $CFGS; do",
+                                                       f"  srun {sys.executable} {entry_script('generate_logits')} --config $CFG || exit 1",
+                                                       "done"]) + "\n"
         jobs = self.baselines + self.points
         cases = "\n".join(f"  {i}) DIR={p.dir} ;;" for i, p in enumerate(jobs))
         out["points.sbatch"] = "\n".join(head + ["#SBATCH --job-name=pd-sweep-points",
