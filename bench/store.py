@@ -18,6 +18,10 @@ token at tau = 1, see pd_dist.store.codec):
     for a top-0.95-20 head plus 30 tail draws (qgap), the same 50-entry budget;
   * bytes_per_token_151k: the same at top-0.95-50 for a random-weights tiny-teacher with a 151552
     vocabulary whose LM head is scaled up so its distributions are far from uniform (reported only);
+  * format3_bytes_per_token: the same top-0.95-50 logits as one source's stream in a document store
+    (format 3, records of --record-tokens positions), and format3_vs_format2, its ratio to format 2;
+    format3_read_tokens_per_s: windows of seq_len read at random positions (each decodes the records it
+    spans), and its ratio to format 2's sample reads;
   * read_tokens_per_s: tokens/s decoded by get_batch (batch 8) in a random sample order, one process
     (includes the crc32 check, zstd and the vectorized decode); read_vs_consume when
     --consume-tokens-per-s is given (the student's consumption rate).
@@ -117,6 +121,40 @@ def build_stores(root: Path, full: list[torch.Tensor], vocab: int, seq_len: int,
                 w.finish()
         write_manifest(d, meta)
     return {key: root / f"top{key[0]}-{key[1]}" for key in metas}
+
+
+def build_document_store(root: Path, full: list[torch.Tensor], vocab: int, record: int, shard_size: int) -> Path:
+    """The same logits as one source's stream in a document store (format 3) at top-0.95-50: the samples
+    back to back, cut into records of ``record`` positions (the last one padded as generation pads it)."""
+    stream = torch.cat(full)
+    n_tok = stream.shape[0]
+    n_rec = -(-n_tok // record)
+    meta = StoreMeta(teacher={"name": "bench", "config_hash": "-", "weights_hash": "-"}, tokenizer_hash="-",
+                     data_fingerprint="-", seq_len=record, vocab_size=vocab, top_p=0.95, top_k=50,
+                     n_samples=n_rec, shard_size=shard_size * max(1, full[0].shape[0] // record),
+                     context="document", teacher_seq_len=full[0].shape[0], n_tokens=n_tok, source="bench").resolved()
+    d = root / "document"
+    for i, (a, b) in enumerate(shard_ranges(n_rec, meta.shard_size)):
+        with ShardWriter(d, meta, i) as w:
+            for r in range(a, b):
+                rows = torch.arange(r * record, (r + 1) * record).clamp_max(n_tok - 1)
+                w.add(r, truncate(stream[rows], 0.95, 50, keep_lse=True))
+            w.finish()
+    write_manifest(d, meta)
+    return d
+
+
+def read_spans_throughput(d: Path, seconds: float, batch: int, length: int) -> float:
+    """Tokens/s of get_spans(batch random windows of ``length``) from a document store, one process."""
+    store = LogitsStore(d)
+    rng = np.random.default_rng(1)
+    top = store.meta.n_tokens - length
+    store.get_spans(rng.integers(0, top, batch), length)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        store.get_spans(rng.integers(0, top, batch), length)
+        n += batch * length
+    return n / (time.perf_counter() - t0)
 
 
 DRAWN = {"sampled": SignalSpec("sampled", 1.0, 50, 50, 1.0, 0),  # 50 draws: the top-50 budget
@@ -231,6 +269,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="synthetic source: vocabulary")
     ap.add_argument("--seq-len", type=int, default=256, help="synthetic source: tokens per sample")
     ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--record-tokens", type=int, default=128, help="format 3: positions per record")
     ap.add_argument("--samples-151k", type=int, default=8)
     ap.add_argument("--seq-len-151k", type=int, default=256)
     ap.add_argument("--head-scale-151k", type=float, default=60.0)
@@ -255,6 +294,7 @@ def main() -> int:
         root = Path(tmp)
         stores = build_stores(root, full, src.vocab, src.seq_len, [(0.95, 50), (0.95, 100)], args.shard_size)
         drawn = build_drawn_stores(root, full, src.vocab, src.seq_len, args.shard_size)
+        document = build_document_store(root, full, src.vocab, args.record_tokens, args.shard_size)
         del full
         log(f"stores written ({time.perf_counter() - t0:.1f}s)")
         for (p, k), d in stores.items():
@@ -277,6 +317,16 @@ def main() -> int:
         result["read_tokens_per_s"] = round(rate)
         result["read_setting"] = f"get_batch({args.read_batch}) random order, top-0.95-50, 1 process"
         log(f"read: {rate:,.0f} tokens/s")
+        info3 = store_info(document)
+        result["format3_bytes_per_token"] = round(info3["shard_bytes"] / info3["tokens"], 3)
+        result["format3_vs_format2"] = round(result["format3_bytes_per_token"] / result["bytes_per_token"], 4)
+        rate3 = read_spans_throughput(document, args.read_seconds, args.read_batch, src.seq_len)
+        result["format3_read_tokens_per_s"] = round(rate3)
+        result["format3_read_vs_format2"] = round(rate3 / rate, 3)
+        result["format3_setting"] = (f"records of {args.record_tokens} positions; get_spans({args.read_batch} random "
+                                     f"windows of {src.seq_len}), top-0.95-50, 1 process")
+        log(f"format 3: {result['format3_bytes_per_token']} B/token ({result['format3_vs_format2']}x format 2), "
+            f"read {rate3:,.0f} tokens/s ({result['format3_read_vs_format2']}x format 2)")
         consume = args.consume_tokens_per_s
         summary = REPO / "runs" / "default" / "summary.json"
         if consume is None and src.name == "default-teacher" and summary.is_file():
