@@ -164,16 +164,24 @@ class SourceRecords:
 
 def document_fill(teacher: DocumentTeacher, source: int, record: int, n_tokens: int):
     """write_shard's fill for a document store: the signal of records ``ids`` (stream positions
-    [r * record, (r + 1) * record)); the last record's positions past the stream repeat its last one."""
+    [r * record, (r + 1) * record)); the last record's positions past the stream repeat its last one.
+    Consecutive records are asked for as one span, so a chunk they share is run once (only the first
+    record's chunk prefix is extra)."""
     def fill(tokens: torch.Tensor, ids: np.ndarray) -> SparseLogits:
-        starts = [int(r) * record for r in ids]
-        full = [a for a in starts if a + record <= n_tokens]
-        parts = [teacher.spans(source, full, record)] if full else []
-        for a in starts[len(full):]:  # only the stream's last record can be short
-            got = teacher.spans(source, [a], n_tokens - a)
-            pad = torch.full((record,), n_tokens - a - 1, dtype=torch.int64)
-            pad[:n_tokens - a] = torch.arange(n_tokens - a)
-            parts.append(got[:, pad])
+        ids = [int(r) for r in ids]
+        runs, parts = [], []
+        for r in ids:
+            if runs and r == runs[-1][1]:
+                runs[-1][1] = r + 1
+            else:
+                runs.append([r, r + 1])
+        for lo, hi in runs:
+            a, b = lo * record, min(hi * record, n_tokens)
+            got = teacher.spans(source, [a], b - a)[0]
+            if b - a < (hi - lo) * record:  # the stream's last record: pad with its last position
+                pad = torch.arange((hi - lo) * record).clamp_max(b - a - 1)
+                got = got[pad]
+            parts.append(got.reshape(hi - lo, record))
         return SparseLogits.cat(parts)
     return fill
 
