@@ -64,6 +64,25 @@ def _second_source(path: Path, max_chars: int) -> None:
             total += len(text)
 
 
+def context_overhead(data_dir: Path, chunk: int, windows: int = 2000) -> float:
+    """Teacher tokens a colocated/online run in document context reads per window token (chunk prefixes
+    before each window included), over random training windows of the prepared data in ``data_dir``."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from pd_dist.data import PackedDataset
+
+    data = PackedDataset(data_dir)
+    rng = np.random.default_rng(0)
+    read = asked = 0
+    for i in rng.integers(0, data.n_train, windows):
+        s, a = data.window(int(i))
+        pieces = data.document_index(s).pieces(a, a + data.seq_len, chunk)
+        read += int((pieces[:, 1] - pieces[:, 0]).sum())
+        asked += data.seq_len
+    return read / asked
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_doc_store"))
@@ -121,6 +140,9 @@ def main() -> int:
         log(f"{name}: teacher {s.get('teacher_val_loss')} | LM-only {s['lm_only_val_loss']:.4f} | "
             f"PD {s['val_loss']:.4f} | gain {s['pd_gain']:+.2%} | gap {gap:.4f} (spread {args.spread})")
     extra = {}
+    for name, d in (("256", out / "data-256"), ("128", out / "data-128")):
+        if (d / "meta.json").is_file():  # the teacher reads documents in chunks of 256 (its seq_len)
+            extra[f"context_overhead_seq{name}"] = round(context_overhead(d, 256), 3)
     if "doc256" in results and "window256" in results:
         extra["doc_vs_window_256"] = results["doc256"]["pd_val_loss"] - results["window256"]["pd_val_loss"]
         extra["doc_within_spread_of_window"] = abs(extra["doc_vs_window_256"]) <= args.spread
