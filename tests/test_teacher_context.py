@@ -287,3 +287,43 @@ def test_verify_checks_every_store_of_a_library(doc_setup, tmp_path):
     shard.write_bytes(bytes(raw))
     bad = subprocess.run(cli, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAULT" in bad.stdout and bad.stdout.count(": OK") == 1, bad.stdout
+
+
+def test_resume_refuses_a_changed_teacher_context_and_reads_older_checkpoints_as_window(smoke_data):
+    from test_resume_guard import _cfg, _state
+
+    from pd_dist.teacher.specs import wire_spec
+    from pd_dist.train.checkpoint import ResumeError, check_run_state, objective
+
+    old = _cfg()
+    state, sampler = _state(old)
+    doc = _cfg("distill.teacher_context=document")
+    with pytest.raises(ResumeError, match=r"distill.teacher_context was 'window' in the checkpoint, now 'document'"):
+        check_run_state(state, doc, sampler, "fp", objective(doc, "w1"))
+    for key in ("distill.teacher_context", "distill.teacher_seq_len"):
+        del state["objective"][key]  # a checkpoint written before the keys existed: window context
+    assert check_run_state(state, old, sampler, "fp", objective(old, "w1")) == []
+    with pytest.raises(ResumeError, match="distill.teacher_context"):
+        check_run_state(state, doc, sampler, "fp", objective(doc, "w1"))
+    # A student and a teacher that disagree on the context or its chunk fail the bridge's handshake.
+    hellos = [wire_spec(c, smoke_data).hello() for c in
+              (old, doc, _cfg("distill.teacher_context=document", "distill.teacher_seq_len=32"))]
+    assert not torch.equal(hellos[0], hellos[1]) and not torch.equal(hellos[1], hellos[2])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["distill.teacher_seq_len=64"], "is only read with teacher_context document"),
+    (["distill.teacher_context=document", "distill.signal=sampled"], "serves the top_p_k signal only"),
+    (["distill.teacher_context=document", "distill.mode=online", "distill.write_through=/tmp/x"],
+     "distill.write_through.*not supported with distill.teacher_context document"),
+    (["distill.teacher_context=document", "teacher.pipeline_stages=2"], "teacher.pipeline_stages"),
+    (["distill.teacher_context=document", "distill.teacher_seq_len=1"], r"must be null or in \[2"),
+])
+def test_teacher_context_config_refusals(overrides, needle):
+    from pd_dist.config import load_config
+    from pd_dist.core.configlib import ConfigError
+
+    from conftest import SMOKE
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(SMOKE, overrides)

@@ -103,6 +103,9 @@ class WireSpec:
     # data.document_mask: the teacher's answers depend on it (hashed with the draw parameters; absent
     # when off, so peers of versions before it agree)
     document_mask: bool = field(default=False, kw_only=True)
+    # distill.teacher_context document: the chunk the teacher reads documents in (0: window context);
+    # hashed likewise, absent when 0
+    document_chunk: int = field(default=0, kw_only=True)
 
     def __post_init__(self):
         if not isinstance(self.signal, SignalSpec):
@@ -122,7 +125,8 @@ class WireSpec:
         return self.signal.width(self.vocab_size)
 
     def hello(self) -> torch.Tensor:
-        params = self.signal.params() | ({"document_mask": True} if self.document_mask else {})
+        params = self.signal.params() | ({"document_mask": True} if self.document_mask else {}) | (
+            {"document_chunk": int(self.document_chunk)} if self.document_chunk else {})
         params = json.dumps(params, sort_keys=True)
         return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
                              self.seq_len, self.width, round(self.signal.wire_top_p() * 1e6),

@@ -130,8 +130,10 @@ def check_run_state(state: dict, cfg: ExperimentConfig, sampler: GlobalBatchSamp
         # The teacher keys name one thing (which teacher), and it appears or goes with the mode: a
         # deliberate change of one of them may change all of them.
         overrides |= set(TEACHER_KEYS)
-    # A checkpoint written before data.document_mask existed trained without it.
-    changes = objective_changes({"data.document_mask": False, **state["objective"]}, now)
+    # A checkpoint written before data.document_mask or distill.teacher_context existed trained without
+    # the mask, its teacher reading the window.
+    before = {"data.document_mask": False, "distill.teacher_context": "window", "distill.teacher_seq_len": None}
+    changes = objective_changes({**before, **state["objective"]}, now)
     refused = [c for c in changes if c[0] not in overrides]
     if refused:
         raise ResumeError("--resume: the run's objective changed: " + "; ".join(
