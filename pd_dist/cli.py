@@ -160,10 +160,12 @@ def store_main(argv: list[str]) -> int:
     import json
 
     from pd_dist.store import StoreCheckError, StoreError, store_info, verify_store
-    from pd_dist.store.library import is_window_store, library_stores
+    from pd_dist.store.library import library_stores
 
-    # A library of document stores (distill.teacher_context document): each source's store in turn.
-    paths = [args.path] if is_window_store(args.path) else (library_stores(args.path) or [args.path])
+    # A library of document stores (distill.teacher_context document): each source's store in turn. A
+    # manifest there, readable or not, makes the path one store (its faults reported as such).
+    lone = os.path.lexists(os.path.join(args.path, "manifest.json"))
+    paths = (None if lone else library_stores(args.path)) or [args.path]
     if args.action == "verify":  # exit 0: sound, 1: faults found, 2: could not check
         worst = 0
         for path in paths:
