@@ -119,8 +119,9 @@ class DistillConfig:
         "seq_len, seed, layout or blend; costs colocated/online runs the document prefixes before each "
         "window)"))
     teacher_seq_len: Optional[int] = field(default=None, metadata=doc(
-        "teacher_context document: tokens per chunk the teacher reads a document in (null: data.seq_len "
-        "when writing a store or running a teacher; the store's own when training from one)"))
+        "teacher_context document: tokens per chunk the teacher reads a document in (null: when writing a "
+        "library, the chunk of the stores already in it, else data.seq_len; when training from one, its "
+        "own; a colocated or online teacher: data.seq_len)"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=doc(

@@ -32,7 +32,7 @@ from pd_dist.store.format import MANIFEST
 from pd_dist.store.reader import _load_manifest, other_inputs
 from pd_dist.store.codec import default_encoding
 from pd_dist.store.format import StoreError
-from pd_dist.store.library import is_window_store, source_store_dir
+from pd_dist.store.library import is_window_store, library_stores, source_store_dir
 from pd_dist.core.logits import SparseLogits
 from pd_dist.teacher.document import DocumentTeacher, teacher_held_out_loss
 from pd_dist.teacher.specs import stored_signal
@@ -186,6 +186,21 @@ def document_fill(teacher: DocumentTeacher, source: int, record: int, n_tokens: 
     return fill
 
 
+def library_chunk(lib: Path):
+    """The chunk (teacher_seq_len) the stores already in the library ``lib`` were read in, so a run adding
+    sources at another data.seq_len keeps the library one definition; None for an empty library."""
+    chunks = set()
+    for p in library_stores(lib):
+        try:
+            chunks.add(_load_manifest(p)[1].teacher_seq_len)
+        except StoreError:
+            continue
+    if len(chunks) > 1:
+        raise StoreError(f"distill.store {lib} holds document stores read in chunks of {sorted(chunks)}: set "
+                         "distill.teacher_seq_len")
+    return chunks.pop() if chunks else None
+
+
 def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
                             log=print) -> Path:
     """Complete the library distill.store with a document store (format 3) for each of the data's sources
@@ -197,7 +212,7 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
     if is_window_store(lib):
         raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
                          "stores (distill.teacher_context document)")
-    T = cfg.distill.teacher_seq_len or data.seq_len
+    T = cfg.distill.teacher_seq_len or library_chunk(lib) or data.seq_len
     R = cfg.generate.record_tokens
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     ident = model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
