@@ -75,3 +75,35 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def launch_entry(script: str, overrides: list[str], cwd) -> str:
+    """One rank of the real entry point launch/<script> through the deepspeed launcher, with ``--set``
+    overrides; its output, or SystemExit with the tail of its log when it fails."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    exe = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd += ["--num_gpus", "1", str(repo / "launch" / script)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit("launch failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
+    return proc.stdout + proc.stderr
+
+
+def default_teacher(default_dir):
+    """The embedded default run's teacher (``<default_dir>/teacher/export``), pre-trained by running the
+    default first when missing."""
+    from pathlib import Path
+
+    teacher = Path(default_dir) / "teacher" / "export"
+    if not (teacher / "config.json").is_file():
+        log(f"no teacher in {teacher}: running the default first (it pre-trains and caches the teacher)")
+        launch_entry("pretrain_pd.py", [f"output_dir={default_dir}"], cwd=Path(__file__).resolve().parent.parent)
+    return teacher

@@ -22,30 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, log  # noqa: E402
+from _common import default_teacher, emit, launch_entry, log  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _launch(script: str, overrides: list[str], cwd: Path) -> str:
-    exe = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "1", str(REPO / "launch" / script)]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit("launch failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
-    return proc.stdout + proc.stderr
 
 
 def _second_source(path: Path, max_chars: int) -> None:
@@ -93,11 +78,8 @@ def main() -> int:
     args = ap.parse_args()
     out, default = Path(args.out), Path(args.default_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = default / "teacher" / "export"
     t0 = time.perf_counter()
-    if not (teacher / "config.json").is_file():
-        log(f"no teacher in {teacher}: running the default first (it pre-trains and caches the teacher)")
-        _launch("pretrain_pd.py", [f"output_dir={default}"], cwd=REPO)
+    teacher = default_teacher(default)
     second = out / "numpy_sources.jsonl"
     _second_source(second, 2_000_000)
     lib = out / "library"
@@ -123,14 +105,14 @@ def main() -> int:
         if not (run / "summary.json").is_file():
             t = time.perf_counter()
             log(f"{name}: teacher pass (kept where the store has it already)")
-            text = _launch("generate_logits.py", cfg + [f"output_dir={run}"], cwd=REPO)
+            text = launch_entry("generate_logits.py", cfg + [f"output_dir={run}"], cwd=REPO)
             timings[f"{name}_generate_s"] = round(time.perf_counter() - t, 1)
             for line in text.splitlines():
                 if "[generate]" in line and ("complete" in line or "kept" in line):
                     log("  " + line.strip())
             t = time.perf_counter()
             log(f"{name}: LM-only twin + distilled student -> {run}")
-            _launch("pretrain_pd.py", cfg + [f"output_dir={run}", "baseline=true"], cwd=REPO)
+            launch_entry("pretrain_pd.py", cfg + [f"output_dir={run}", "baseline=true"], cwd=REPO)
             timings[f"{name}_train_s"] = round(time.perf_counter() - t, 1)
         s = json.loads((run / "summary.json").read_text())
         gap = s["lm_only_val_loss"] - s["val_loss"]

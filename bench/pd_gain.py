@@ -15,29 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, log  # noqa: E402
+from _common import default_teacher, emit, launch_entry, log  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _launch(overrides: list[str], cwd: Path) -> None:
-    exe = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "1", str(REPO / "launch" / "pretrain_pd.py")]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit("launch failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
 
 
 def main() -> int:
@@ -51,17 +37,14 @@ def main() -> int:
     args = ap.parse_args()
     out, default = Path(args.out), Path(args.default_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = default / "teacher" / "export"
     t0 = time.perf_counter()
-    if not (teacher / "config.json").is_file():
-        log(f"no teacher in {teacher}: running the default first (it pre-trains and caches the teacher)")
-        _launch([f"output_dir={default}"], cwd=REPO)
+    teacher = default_teacher(default)
     runs = {}
     for seed in args.seeds:
         run = out / f"seed{seed}"
         if not (run / "summary.json").is_file():
             log(f"seed {seed}: LM-only baseline + distilled student -> {run}")
-            _launch([f"output_dir={run}", f"data.dir={default / 'data'}", f"teacher.path={teacher}",
+            launch_entry("pretrain_pd.py", [f"output_dir={run}", f"data.dir={default / 'data'}", f"teacher.path={teacher}",
                      "baseline=true", f"train.seed={seed}", *args.overrides], cwd=REPO)
         s = json.loads((run / "summary.json").read_text())
         runs[seed] = s
