@@ -6,8 +6,10 @@ stores (format 3) and trains the default student from it, each launch beside its
 
 - `doc256`: data.seq_len 256 (the default's shape);
 - `doc128`: data.seq_len 128 over the same tokens (16 samples a step instead of 8, val_samples 64);
-- `blend`: the embedded corpus (weight 3) blended with a second source (weight 1): this machine's
-  numpy sources as JSON lines, capped at 2M characters; the library gains that source's store and
+- `blend`: the embedded corpus (weight 3) blended with a second source (weight 1), 2M characters as
+  JSON lines: by default the standard library past the embedded corpus's cap (the teacher's domain,
+  text it never saw); `--second numpy` (run `blend_numpy`) this machine's numpy sources, code the
+  teacher never learned, where distillation from it hurts; the library gains that source's store and
   reads the embedded corpus's from the first pass;
 - `window256`: today's recipe from a window store (format 2) at seq_len 256, for reference.
 
@@ -33,16 +35,29 @@ from _common import default_teacher, emit, launch_entry, log  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _second_source(path: Path, max_chars: int) -> None:
-    """This machine's numpy sources as JSON lines (one file a document), in path order, up to max_chars."""
-    import numpy
-
+def _second_source(path: Path, kind: str, max_chars: int) -> None:
+    """The blend's second source as JSON lines, up to max_chars: ``stdlib``, the standard library past the
+    embedded corpus's 6M-character cap (its continuation: the teacher's domain, text it never saw), or
+    ``numpy``, this machine's numpy sources (code the teacher never learned)."""
     if path.is_file():
         return
+    sys.path.insert(0, str(REPO))
+    if kind == "stdlib":
+        from pd_dist.data.corpus import EMBEDDED_MAX_CHARS, embedded_documents
+
+        # The cap keeps documents up to and including the one that reaches it: the rest is unseen.
+        total, texts = 0, []
+        for t in embedded_documents(0):
+            if total >= EMBEDDED_MAX_CHARS:
+                texts.append(t)
+            total += len(t)
+    else:
+        import numpy
+
+        texts = (f.read_text(errors="replace") for f in sorted(Path(numpy.__file__).parent.rglob("*.py")))
     total = 0
     with open(path, "w") as fh:
-        for f in sorted(Path(numpy.__file__).parent.rglob("*.py")):
-            text = f.read_text(errors="replace")
+        for text in texts:
             if total + len(text) > max_chars:
                 break
             fh.write(json.dumps({"text": text}) + "\n")
@@ -75,13 +90,16 @@ def main() -> int:
                     help="the default run's output_dir: its tokenizer and teacher are reused")
     ap.add_argument("--spread", type=float, default=0.058, help="the three-seed spread to beat")
     ap.add_argument("--only", nargs="*", default=None, help="run only these (doc256 doc128 blend window256)")
+    ap.add_argument("--second", choices=["stdlib", "numpy"], default="stdlib",
+                    help="the blend's second source: the standard library past the embedded cap, or numpy")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (runs named ...-seedN)")
     args = ap.parse_args()
     out, default = Path(args.out), Path(args.default_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     teacher = default_teacher(default)
-    second = out / "numpy_sources.jsonl"
-    _second_source(second, 2_000_000)
+    second = out / f"{args.second}_sources.jsonl"
+    _second_source(second, args.second, 2_000_000)
     lib = out / "library"
     common = [f"data.tokenizer={default / 'data' / 'tokenizer'}", f"teacher.path={teacher}"]
     doc = ["distill.mode=offline", "distill.teacher_context=document", f"distill.store={lib}"]
@@ -90,18 +108,21 @@ def main() -> int:
         "doc256": (doc, []),
         "doc128": (doc, ["data.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=16",
                          "data.val_samples=64"]),
-        "blend": (doc, blend),
+        "blend" if args.second == "stdlib" else "blend_numpy": (doc, blend),
         "window256": (["distill.mode=offline", f"distill.store={out / 'window_store'}"], []),
     }
     results, timings = {}, {}
     for name, (mode, shape) in runs.items():
         if args.only is not None and name not in args.only:
             continue
+        seeded = [f"train.seed={args.seed}"] if args.seed is not None else []
+        if args.seed is not None:
+            name = f"{name}-seed{args.seed}"
         run = out / name
-        data_dir = out / f"data-{name.replace('doc', '').replace('window', '')}"  # doc256, window256: one
-        if name == "window256" and (out / "doc256" / "baseline").is_dir() and not (run / "baseline").exists():
-            shutil.copytree(out / "doc256" / "baseline", run / "baseline")  # the same LM-only twin
-        cfg = common + mode + shape + [f"data.dir={data_dir}"]
+        data_dir = out / f"data-{name.split('-seed')[0].replace('doc', '').replace('window', '')}"  # 256: one
+        if name.startswith("window256") and (out / name.replace("window", "doc") / "baseline").is_dir() and not (run / "baseline").exists():
+            shutil.copytree(out / name.replace("window", "doc") / "baseline", run / "baseline")  # the same LM-only twin
+        cfg = common + mode + shape + seeded + [f"data.dir={data_dir}"]
         if not (run / "summary.json").is_file():
             t = time.perf_counter()
             log(f"{name}: teacher pass (kept where the store has it already)")
