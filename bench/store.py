@@ -269,7 +269,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="synthetic source: vocabulary")
     ap.add_argument("--seq-len", type=int, default=256, help="synthetic source: tokens per sample")
     ap.add_argument("--shard-size", type=int, default=16)
-    ap.add_argument("--record-tokens", type=int, default=128, help="format 3: positions per record")
+    ap.add_argument("--record-tokens", type=int, default=256, help="format 3: positions per record")
     ap.add_argument("--samples-151k", type=int, default=8)
     ap.add_argument("--seq-len-151k", type=int, default=256)
     ap.add_argument("--head-scale-151k", type=float, default=60.0)

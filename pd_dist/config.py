@@ -185,9 +185,10 @@ class GenerateConfig:
         "the token's max, or for the sampled signal its exact draw counts), qgap, or exact (lossless fp32)"))
     include_val: bool = field(default=True, metadata=doc(
         "also store the held-out samples, so evaluation reports KD loss and teacher agreement"))
-    record_tokens: int = field(default=128, metadata=doc(
+    record_tokens: int = field(default=256, metadata=doc(
         "distill.teacher_context document: stream positions per stored record (the unit a window is read "
-        "in: a window of L tokens decodes about L + record_tokens of them)"))
+        "in: a window of L tokens decodes about L + record_tokens of them; smaller records read faster "
+        "and compress worse: 128 cost 2.1% more bytes per token than 256 on the default teacher)"))
 
     def validate(self, prefix: str) -> None:
         check_choices(self, prefix)
