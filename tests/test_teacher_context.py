@@ -165,9 +165,10 @@ def doc_setup(tmp_path_factory, smoke_data, tiny_teacher_dir):
         out[name] = (cfg, data)
     for name in ("a32", "blend"):
         cfg, data = out[name]
-        if name == "blend":  # no teacher_seq_len: the library's own chunk (40), not data.seq_len
-            cfg = load_config(SMOKE, [c for c in common if "teacher_seq_len" not in c] + runs[name]
-                              + [f"output_dir={tmp / name}"])
+        if name == "blend":  # no teacher_seq_len: the library's own chunk (40), not data.seq_len; and
+            # records of another size: source a's store is kept as it is, b's written in the new size
+            cfg = load_config(SMOKE, [c for c in common if "teacher_seq_len" not in c and "record_tokens" not in c]
+                              + runs[name] + ["generate.record_tokens=24", f"output_dir={tmp / name}"])
         run_generation(cfg, _one_rank(), data, ModelConfig(path=str(tiny_teacher_dir)), log=logs.append)
     return SimpleNamespace_(out=out, lib=lib, logs=logs, tmp=tmp)
 

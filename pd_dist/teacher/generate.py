@@ -229,10 +229,13 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
         root = source_store_dir(lib, e["fingerprint"])
         if (root / MANIFEST).is_file():
             _, have = _load_manifest(root)
-            if have.digest() != meta.digest():
-                diff = [k for k, v in meta.to_dict().items() if have.to_dict().get(k) != v and k != "source"]
+            # How it is laid out (record and shard sizes) does not change what it holds: keep it as it is.
+            layout = {"seq_len", "n_samples", "shard_size", "source"}
+            diff = [k for k, v in meta.to_dict().items() if have.to_dict().get(k) != v and k not in layout]
+            if diff:
                 raise StoreError(f"{root}: the document store of source {e['label']} was written with other "
-                                 f"{', '.join(diff) or 'settings'}: remove it or name another distill.store")
+                                 f"{', '.join(diff)}: remove it or name another distill.store")
+            meta = have
         mine = [i for i in range(meta.n_shards) if i % topo.dp_size == topo.dp_rank]
         damage, manifest_bad = _shards_to_write(root, meta, mine, topo)
         if not damage.shards and not manifest_bad:
