@@ -83,8 +83,8 @@ def test_document_teacher_equals_each_chunk_run_alone(smoke_data, tiny_teacher_d
     stream = smoke_data.streams[0]
     # spans that cross a document boundary and a chunk boundary
     bounds = index.starts[1:4]
-    starts = [int(bounds[0]) - 5, int(bounds[1]) - 30, 3]
-    L = 40
+    starts = [int(bounds[0]) - 5, int(bounds[1]) - 26, 3]
+    L = 28
     hid = dt.hidden(0, starts, L)
     body = model.model
     for j, a in enumerate(starts):
@@ -146,12 +146,13 @@ def doc_setup(tmp_path_factory, smoke_data, tiny_teacher_dir):
 
     tmp = tmp_path_factory.mktemp("doc_stores")
     a, b = tmp / "a.jsonl", tmp / "b.jsonl"
-    _corpus(a, 1)
-    _corpus(b, 2, n=60)
+    _corpus(a, 1, n=50)
+    _corpus(b, 2, n=25)
     lib = tmp / "lib"
     common = [f"data.tokenizer={smoke_data.tokenizer_dir}", "data.val_samples=4", "distill.mode=offline",
+              "data.prepare_workers=1",
               "distill.teacher_context=document", f"distill.store={lib}", "distill.teacher_seq_len=40",
-              "generate.record_tokens=16", "generate.shard_size=8", "generate.encoding=exact",
+              "generate.record_tokens=32", "generate.shard_size=4", "generate.encoding=exact",
               f"teacher.path={tiny_teacher_dir}", "train.micro_batch_size=4"]
     runs = {"a32": ["data.source=files", f"data.files=[{a}]", "data.seq_len=32"],
             "a48": ["data.source=files", f"data.files=[{a}]", "data.seq_len=48"],
@@ -275,22 +276,23 @@ def test_a_window_run_refuses_a_library_and_regeneration_refuses_other_settings(
         run_generation(other, _one_rank(), data, ModelConfig(path=str(tiny_teacher_dir)), log=lambda *_: None)
 
 
-def test_verify_checks_every_store_of_a_library(doc_setup, tmp_path):
+def test_verify_checks_every_store_of_a_library(doc_setup, tmp_path, capsys):
     import shutil
-    import subprocess
-    import sys
+
+    from pd_dist.cli import store_main
 
     lib = tmp_path / "lib"
     shutil.copytree(doc_setup.lib, lib)
-    cli = [sys.executable, "-m", "pd_dist.cli", "store", "verify", str(lib)]
-    ok = subprocess.run(cli, capture_output=True, text=True)
-    assert ok.returncode == 0 and ok.stdout.count(": OK") == 2, ok.stdout + ok.stderr
+    assert store_main(["verify", str(lib)]) == 0  # `pd-dist store verify LIBRARY`
+    out = capsys.readouterr().out
+    assert out.count(": OK") == 2, out
     shard = sorted((lib / sorted(p.name for p in lib.glob("source-*"))[0] / "shards").glob("*.bin"))[1]
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    bad = subprocess.run(cli, capture_output=True, text=True)
-    assert bad.returncode == 1 and "FAULT" in bad.stdout and bad.stdout.count(": OK") == 1, bad.stdout
+    assert store_main(["verify", str(lib)]) == 1
+    out = capsys.readouterr().out
+    assert "FAULT" in out and out.count(": OK") == 1, out
 
 
 def test_resume_refuses_a_changed_teacher_context_and_reads_older_checkpoints_as_window(smoke_data):
