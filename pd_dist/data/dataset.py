@@ -142,6 +142,18 @@ class PackedDataset:
         s, w = self.locate(int(i))
         return s, w * self.seq_len
 
+    def by_source(self, ids, fn) -> list:
+        """``fn(source, starts)`` once per source of the samples ``ids`` (``starts``: their first stream
+        positions, PackedDataset.window), its per-start results put back in the samples' order."""
+        where = [self.window(int(i)) for i in np.asarray(ids).reshape(-1)]
+        out: list = [None] * len(where)
+        for s in sorted({w[0] for w in where}):
+            js = [j for j, w in enumerate(where) if w[0] == s]
+            got = fn(s, [where[j][1] for j in js])
+            for n, j in enumerate(js):
+                out[j] = got[n]
+        return out
+
     def document_index(self, source: int) -> "DocumentIndex":
         """The documents of a source's token stream (read from its shards' .idx once, then kept)."""
         from pd_dist.data.spans import DocumentIndex

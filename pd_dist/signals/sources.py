@@ -278,14 +278,9 @@ class DocumentStoreWindows:
 
     def get_batch(self, ids) -> SparseLogits:
         """[B, seq_len, k] of the samples ``ids``, in their order."""
-        where = [self.data.window(int(i)) for i in np.asarray(ids).reshape(-1)]
-        parts: list = [None] * len(where)
-        for s in sorted({w[0] for w in where}):
-            js = [j for j, w in enumerate(where) if w[0] == s]
-            got = self.stores[s].get_spans([where[j][1] for j in js], self.data.seq_len)
-            for n, j in enumerate(js):
-                parts[j] = got[n:n + 1]
-        return SparseLogits.cat(parts)
+        L = self.data.seq_len
+        parts = self.data.by_source(ids, lambda s, starts: self.stores[s].get_spans(starts, L))
+        return SparseLogits.cat([p.reshape(1, *p.shape) for p in parts])
 
 
 class _StoredMicroBatches(torch.utils.data.Dataset):

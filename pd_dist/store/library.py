@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from pd_dist.core.logits import SignalSpec
-from pd_dist.store.format import MANIFEST, SOURCE_STORE_PREFIX, StoreError
+from pd_dist.store.format import MANIFEST, SOURCE_STORE_PREFIX, StoreError, StoreMeta
 from pd_dist.store.reader import LogitsStore, _load_manifest
 
 
@@ -32,15 +32,21 @@ def is_window_store(root) -> bool:
     return (Path(root) / MANIFEST).is_file()
 
 
-def _held(root: Path) -> str:
-    """What the library holds, for a message: each store's source label and fingerprint."""
-    held = []
+def library_metas(root) -> list[tuple[Path, Optional[StoreMeta]]]:
+    """Each source store of the library ``root`` with its manifest's metadata (None: unreadable)."""
+    out = []
     for p in library_stores(root):
         try:
-            _, meta = _load_manifest(p)
-            held.append(f"{meta.source or '?'} ({meta.data_fingerprint[:16]}, tokenizer {meta.tokenizer_hash[:12]})")
+            out.append((p, _load_manifest(p)[1]))
         except StoreError:
-            held.append(f"{p.name} (unreadable manifest)")
+            out.append((p, None))
+    return out
+
+
+def _held(metas) -> str:
+    """What the library holds, for a message: each store's source label and fingerprint."""
+    held = [f"{m.source or '?'} ({m.data_fingerprint[:16]}, tokenizer {m.tokenizer_hash[:12]})" if m else
+            f"{p.name} (unreadable manifest)" for p, m in metas]
     return ", ".join(held) or "nothing"
 
 
@@ -58,18 +64,13 @@ def open_source_store(root, *, fingerprint: str, label: str, tokenizer_hash: str
                          "document stores: set distill.teacher_context window to train from it")
     path = source_store_dir(root, fingerprint)
     if not (path / MANIFEST).is_file():
-        others = library_stores(root)
-        toks = set()
-        for p in others:
-            try:
-                toks.add(_load_manifest(p)[1].tokenizer_hash)
-            except StoreError:
-                pass
+        metas = library_metas(root)
+        toks = {m.tokenizer_hash for _, m in metas if m}
         why = (f"the tokenizer differs (the library's: {', '.join(t[:12] for t in sorted(toks))}; the run's: "
                f"{tokenizer_hash[:12]})" if toks and tokenizer_hash not in toks else
                "the source's tokens differ from every stored source's (another corpus, data.max_chars or order)")
         raise StoreError(f"distill.store {root} holds no document store for source {label} (fingerprint "
-                         f"{fingerprint[:16]}): {why}; it holds: {_held(root)}. Generate it with "
+                         f"{fingerprint[:16]}): {why}; it holds: {_held(metas)}. Generate it with "
                          "launch/generate_logits.py (existing sources are kept)")
     store = LogitsStore(path, verify=verify)
     m = store.meta

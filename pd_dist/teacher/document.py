@@ -91,17 +91,6 @@ class DocumentTeacher:
             return sparse_logits_from_hidden(hidden, head.weight, self.signal, self.frozen.chunk_size,
                                              self.keep_lse)
 
-    def _by_source(self, sample_ids, fn) -> list:
-        """``fn(source, starts)`` per source of the samples, results placed back in the samples' order."""
-        where = [self.data.window(int(i)) for i in np.asarray(sample_ids).reshape(-1)]
-        out: list = [None] * len(where)
-        for s in sorted({w[0] for w in where}):
-            js = [j for j, w in enumerate(where) if w[0] == s]
-            got = fn(s, [where[j][1] for j in js])
-            for n, j in enumerate(js):
-                out[j] = got[n]
-        return out
-
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, sample_ids=None) -> SparseLogits:
         """The signal [B, seq_len, k] of training windows by their sample ids (``input_ids`` only gives
@@ -110,7 +99,7 @@ class DocumentTeacher:
         if sample_ids is None:
             return self.frozen(input_ids)
         L = int(input_ids.shape[1])
-        parts = self._by_source(sample_ids, lambda s, starts: self.spans(s, starts, L))
+        parts = self.data.by_source(sample_ids, lambda s, starts: self.spans(s, starts, L))
         return SparseLogits.cat([p.reshape(1, *p.shape) for p in parts])
 
     @torch.no_grad()
@@ -122,7 +111,7 @@ class DocumentTeacher:
         total, count = 0.0, 0
         for b in range(0, len(ids_all), micro_batch):
             ids = ids_all[b:b + micro_batch]
-            hidden = torch.stack(self._by_source(
+            hidden = torch.stack(self.data.by_source(
                 ids, lambda s, starts: self.hidden(s, starts, self.data.seq_len)))
             targets = torch.from_numpy(self.data.batch(ids)[:, 1:]).to(hidden.device).flatten()
             flat = hidden.flatten(0, 1)

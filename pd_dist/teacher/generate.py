@@ -30,13 +30,11 @@ from pd_dist.teacher.stores import complete_store, describe_repair, store_state
 from pd_dist.store import StoreFaults, StoreMeta, shard_ranges
 from pd_dist.store.format import MANIFEST
 from pd_dist.store.reader import _load_manifest, other_inputs
-from pd_dist.store.codec import default_encoding
 from pd_dist.store.format import StoreError
-from pd_dist.store.library import is_window_store, library_stores, source_store_dir
+from pd_dist.store.library import is_window_store, library_metas, source_store_dir
 from pd_dist.core.logits import SparseLogits
 from pd_dist.teacher.document import DocumentTeacher, teacher_held_out_loss
-from pd_dist.teacher.specs import stored_signal
-from pd_dist.models import model_identity
+from pd_dist.teacher.specs import document_store_meta, stored_signal, teacher_identity
 from pd_dist.cluster.topology import Topology
 
 
@@ -189,12 +187,7 @@ def document_fill(teacher: DocumentTeacher, source: int, record: int, n_tokens: 
 def library_chunk(lib: Path):
     """The chunk (teacher_seq_len) the stores already in the library ``lib`` were read in, so a run adding
     sources at another data.seq_len keeps the library one definition; None for an empty library."""
-    chunks = set()
-    for p in library_stores(lib):
-        try:
-            chunks.add(_load_manifest(p)[1].teacher_seq_len)
-        except StoreError:
-            continue
+    chunks = {m.teacher_seq_len for _, m in library_metas(lib) if m}
     if len(chunks) > 1:
         raise StoreError(f"distill.store {lib} holds document stores read in chunks of {sorted(chunks)}: set "
                          "distill.teacher_seq_len")
@@ -213,19 +206,21 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
         raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
                          "stores (distill.teacher_context document)")
     T = cfg.distill.teacher_seq_len or library_chunk(lib) or data.seq_len
-    R = cfg.generate.record_tokens
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
-    ident = model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
-                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
+    ident = teacher_identity(cfg, weights)
     g = cfg.generate
-    teacher = None
+    loaded: list[DocumentTeacher] = []
+
+    def teacher() -> DocumentTeacher:  # built once, when a store needs writing or for the held-out loss
+        if not loaded:
+            model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
+            loaded.append(DocumentTeacher(FrozenTeacher(model, device(), model_dtype(cfg.train.precision),
+                                                        stored_signal(cfg), cfg.train.loss_chunk_size, keep_lse=True),
+                                          data, T, micro))
+        return loaded[0]
+
     for s, e in enumerate(data.sources):
-        N = int(data.streams[s].n_tokens)
-        meta = StoreMeta.for_signal(
-            stored_signal(cfg), teacher=ident, tokenizer_hash=data.meta["tokenizer_hash"],
-            data_fingerprint=e["fingerprint"], seq_len=R, vocab_size=data.vocab_size, n_samples=-(-N // R),
-            shard_size=g.shard_size, encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
-            context="document", teacher_seq_len=T, n_tokens=N, source=e["label"]).resolved()
+        meta = document_store_meta(cfg, data, s, ident, T)
         root = source_store_dir(lib, e["fingerprint"])
         if (root / MANIFEST).is_file():
             _, have = _load_manifest(root)
@@ -236,35 +231,28 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
                 raise StoreError(f"{root}: the document store of source {e['label']} was written with other "
                                  f"{', '.join(diff)}: remove it or name another distill.store")
             meta = have
+        N, R = meta.n_tokens, meta.seq_len  # a kept store's own record size
         mine = [i for i in range(meta.n_shards) if i % topo.dp_size == topo.dp_rank]
         damage, manifest_bad = _shards_to_write(root, meta, mine, topo)
         if not damage.shards and not manifest_bad:
             say(f"[generate] source {e['label']}: {root} is complete already (kept)")
             continue
-        if teacher is None:
-            model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-            teacher = DocumentTeacher(FrozenTeacher(model, device(), model_dtype(cfg.train.precision), meta.signal_spec,
-                                                    cfg.train.loss_chunk_size, keep_lse=True), data, T, micro)
         total = sum(min(N, hi * R) - lo * R for lo, hi in (shard_ranges(meta.n_samples, meta.shard_size)[i]
                                                            for i in damage.shards))
         say(f"[generate] source {e['label']}: {N:,} tokens in {data.document_index(s).n_docs:,} documents, "
-            f"read in chunks of {T}, {meta.n_shards} shard(s) of {g.shard_size} records of {R} tokens "
+            f"read in chunks of {T}, {meta.n_shards} shard(s) of {meta.shard_size} records of {R} tokens "
             f"({meta.n_shards - len(damage.shards)} complete already) over {topo.dp_size} rank(s) -> {root}")
         progress = Progress(root, topo.dp_rank, topo.dp_size, total, say)
         t0 = time.perf_counter()
-        complete_store(root, meta, SourceRecords(data, s, R), document_fill(teacher, s, R, N), micro,
+        complete_store(root, meta, SourceRecords(data, s, R), document_fill(teacher(), s, R, N), micro,
                        source="generate", fill_from="the teacher", log=say, rank=topo.dp_rank, ranks=topo.dp_size,
                        barrier=topo.barrier, shards=set(damage.shards), compress=g.compress,
                        on_tokens=progress.add, info=False)
         el = time.perf_counter() - t0
         say(f"[generate] source {e['label']} complete: {root} ({progress.done:,} tokens in {el:.1f}s on rank 0, "
-            f"teacher context overhead {teacher.context_overhead:.3f}x)")
+            f"teacher context overhead {teacher().context_overhead:.3f}x)")
     if topo.dp_rank == 0:
-        if teacher is None:
-            model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
-            teacher = DocumentTeacher(FrozenTeacher(model, device(), model_dtype(cfg.train.precision),
-                                                    stored_signal(cfg), cfg.train.loss_chunk_size), data, T, micro)
-        write_store_teacher_eval(lib, data, teacher_held_out_loss(teacher, data, micro))
+        write_store_teacher_eval(lib, data, teacher_held_out_loss(teacher(), data, micro))
         say(f"[generate] document stores complete: {lib} ({len(data.sources)} source(s))")
     topo.barrier()
     return lib

@@ -58,9 +58,26 @@ def store_meta(cfg: ExperimentConfig, data: PackedDataset, teacher: dict) -> Sto
                                 document_mask=cfg.data.document_mask).resolved()
 
 
+def teacher_identity(cfg: ExperimentConfig, weights: ModelConfig) -> dict:
+    """The teacher a store records: its weights (``weights.path``, hashed: read once per caller) and name."""
+    return model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
+                          f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
+
+
 def teacher_store_meta(cfg: ExperimentConfig, data: PackedDataset, weights: ModelConfig) -> StoreMeta:
     """The store this run's teacher writes (the generation job, or distill.write_through): the run's
-    signal, identified by the teacher's weights (``weights.path``, hashed: read once per caller)."""
-    ident = model_identity(Path(weights.path), cfg.teacher.path or f"{cfg.teacher.preset} "
-                           f"(pre-trained by pd-dist, {cfg.teacher.pretrain_steps} steps)")
-    return store_meta(cfg, data, ident)
+    signal, identified by the teacher's weights (teacher_identity)."""
+    return store_meta(cfg, data, teacher_identity(cfg, weights))
+
+
+def document_store_meta(cfg: ExperimentConfig, data: PackedDataset, source: int, teacher: dict,
+                        teacher_seq_len: int) -> StoreMeta:
+    """The document store (format 3) of ``data``'s source ``source``: its whole token stream in records of
+    generate.record_tokens positions, read in chunks of ``teacher_seq_len``, the run's stored signal."""
+    g, e = cfg.generate, data.sources[source]
+    n, record = int(data.streams[source].n_tokens), g.record_tokens
+    return StoreMeta.for_signal(
+        stored_signal(cfg), teacher=teacher, tokenizer_hash=data.meta["tokenizer_hash"],
+        data_fingerprint=e["fingerprint"], seq_len=record, vocab_size=data.vocab_size, n_samples=-(-n // record),
+        shard_size=g.shard_size, encoding={} if g.encoding == "auto" else default_encoding(g.encoding),
+        context="document", teacher_seq_len=teacher_seq_len, n_tokens=n, source=e["label"]).resolved()
