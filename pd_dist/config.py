@@ -110,7 +110,8 @@ class DistillConfig:
     write_through: Optional[str] = field(default=None, metadata=doc(
         "online: every teacher replica also keeps the signals it serves and, when its students are done, "
         "completes them into an offline store in this directory (samples nobody asked for filled by the "
-        "teacher; generate.shard_size/encoding/include_val apply), so later runs train offline from it"))
+        "teacher; generate.shard_size/encoding/include_val apply), so later runs train offline from it; "
+        "with teacher_context document, a library of document stores (generate.record_tokens applies)"))
     teacher_context: Literal["window", "document"] = field(default="window", metadata=doc(
         "what the teacher reads to predict a token: window (the student's packed sample, as the student "
         "reads it: the cheapest teacher, a store that serves this data.seq_len only) or document (the "
@@ -364,15 +365,18 @@ class ExperimentConfig:
                  "draw counts) or exact")
         if self.distill.signal != "top_p_k" and (self.train.pipeline_stages > 1 or self.teacher.pipeline_stages > 1):
             fail("distill.signal", self.distill.signal, "is not supported with pipelined students or teachers yet")
+        if self.distill.teacher_context == "document" and self.distill.dump_logits:
+            # A dump keeps the logits the model computes on its training windows; in document context a
+            # token's signal must come from its own document read in chunks, which those windows are not.
+            fail("distill.dump_logits", True, "keeps the logits of the run's training windows (window context); "
+                 "for document stores of this model, run launch/generate_logits.py with distill.teacher_context "
+                 "document and teacher.path set to its exported student")
         if self.distill.teacher_context == "document":
-            not_yet = ("distill.write_through" if self.distill.write_through else
-                       "distill.dump_logits" if self.distill.dump_logits else
-                       "teacher.pipeline_stages" if self.teacher.pipeline_stages > 1 else
+            not_yet = ("teacher.pipeline_stages" if self.teacher.pipeline_stages > 1 else
                        "teacher.zero_stage" if self.teacher.zero_stage == 3 and self.distill.mode == "online" else None)
             if not_yet:
-                fail(not_yet, getattr(self.distill, not_yet.split(".")[1], None) if not_yet.startswith("distill")
-                     else getattr(self.teacher, not_yet.split(".")[1]), "is not supported with distill.teacher_context "
-                     "document yet (write a document store with launch/generate_logits.py)")
+                fail(not_yet, getattr(self.teacher, not_yet.split(".")[1]), "is not supported with "
+                     "distill.teacher_context document yet (write a document store with launch/generate_logits.py)")
         if self.topology.teacher_failover and self.distill.mode == "online":
             # Those teacher ranks step in lockstep collectives: with one of them gone the others hang.
             if self.teacher.zero_stage == 3:

@@ -119,9 +119,10 @@ def test_teacher_killed_students_exit_then_resume(tmp_path, smoke_data, tiny_tea
 @pytest.mark.cluster
 def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
     """`deepspeed --hostfile` over pdsh/ssh: node1 runs the teacher, node2 the student, in document
-    context (distill.teacher_context document, chunks of 48 for 64-token windows). The launched run's
-    held-out KD figures are recomputed in-process for its exported student from a colocated document
-    teacher and from a document store (all modes, one definition), and differ from a window teacher's."""
+    context (distill.teacher_context document, chunks of 48 for 64-token windows), the teacher writing
+    through what it serves into a library of document stores. The launched run's held-out KD figures
+    are recomputed in-process for its exported student from a colocated document teacher and from that
+    library (all modes, one definition), and differ from a window teacher's."""
     from cluster import LoopbackCluster, ensure_cluster_packages, skip_or_fail
 
     reason = ensure_cluster_packages()
@@ -131,7 +132,9 @@ def test_two_host_hostfile_launch(tmp_path, smoke_data, tiny_teacher_dir):
     with LoopbackCluster(workdir=tmp_path / "cluster") as c:
         c.deepspeed_env(tmp_path, {"PYTHONPATH": str(REPO)})
         proc = c.launch(REPO / "launch" / "pretrain_pd.py",
-                        _args(_runcfg(out, smoke_data, tiny_teacher_dir, "online") + DOCUMENT), cwd=tmp_path,
+                        _args(_runcfg(out, smoke_data, tiny_teacher_dir, "online") + DOCUMENT
+                              + [f"distill.write_through={tmp_path / 'library'}", "generate.encoding=exact"]),
+                        cwd=tmp_path,
                         timeout=400)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -150,16 +153,17 @@ DOCUMENT = ["distill.teacher_context=document", "distill.teacher_seq_len=48"]
 
 def _document_figures_agree(out, s, kd_printed, smoke_data, tiny_teacher_dir, tmp_path):
     """``s``: the launched run's summary; ``kd_printed``: its final held-out KD loss (4 decimals)."""
-    import torch
+    import json
 
-    from test_teacher_context import _one_rank
+    import torch
 
     from pd_dist.config import load_config
     from pd_dist.explore.evaluate import held_out_metrics
     from pd_dist.models import ModelConfig, build_model
     from pd_dist.signals.sources import ColocatedTeacher, DocumentStoreWindows, StoredLogits
+    from pd_dist.store import verify_store
+    from pd_dist.store.library import library_stores
     from pd_dist.teacher.document import context_teacher
-    from pd_dist.teacher.generate import run_generation
     from pd_dist.teacher.inference import FrozenTeacher
 
     cfg = load_config(out / "config.yaml")
@@ -167,9 +171,10 @@ def _document_figures_agree(out, s, kd_printed, smoke_data, tiny_teacher_dir, tm
     student = build_model(ModelConfig(path=str(out / "student")), smoke_data.vocab_size, seed=0)
     teacher = build_model(ModelConfig(path=str(tiny_teacher_dir)), smoke_data.vocab_size, seed=0)
     frozen = FrozenTeacher(teacher, torch.device("cpu"), torch.float32, spec, cfg.train.loss_chunk_size)
-    lib = tmp_path / "library"
-    gen = load_config(out / "config.yaml", ["distill.mode=offline", f"distill.store={lib}", "generate.encoding=exact"])
-    run_generation(gen, _one_rank(), smoke_data, ModelConfig(path=str(tiny_teacher_dir)), log=lambda *_: None)
+    lib = tmp_path / "library"  # what the online teacher wrote through: one source store, sound
+    assert [verify_store(p) for p in library_stores(lib)] == [[]]
+    info = json.loads((library_stores(lib)[0] / "write_through_info.json").read_text())
+    assert info["samples_from_spools"] > 0 and info["samples_filled"] > 0, info
     sources = {"colocated": ColocatedTeacher(context_teacher(cfg, frozen, smoke_data), smoke_data, 4),
                "offline": StoredLogits(DocumentStoreWindows.open(lib, smoke_data, spec, 48), smoke_data, 0),
                "window": ColocatedTeacher(frozen, smoke_data, 4)}

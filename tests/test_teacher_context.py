@@ -272,8 +272,67 @@ def test_a_window_run_refuses_a_library_and_regeneration_refuses_other_settings(
     import dataclasses
 
     other = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_seq_len=24))
-    with pytest.raises(StoreError, match="written with other teacher_seq_len"):
+    with pytest.raises(StoreError, match="read in chunks of 40 tokens, the run asks distill.teacher_seq_len=24"):
         run_generation(other, _one_rank(), data, ModelConfig(path=str(tiny_teacher_dir)), log=lambda *_: None)
+
+
+def test_document_write_through_completes_the_library_generation_writes(doc_setup, tiny_teacher_dir, tmp_path):
+    """An online teacher in document context spools the windows it serves (some training windows in
+    two sittings, a held-out one); completing the library cuts them into each source's records and
+    fills the rest: every record equals what generation wrote (exact encoding), whatever its source
+    (written from spools, partly covered, filled), and a second source's store is filled whole."""
+    import json
+
+    from pd_dist.config import load_config
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.store import LogitsStore, verify_store
+    from pd_dist.teacher.inference import FrozenTeacher
+    from pd_dist.teacher.document import DocumentTeacher
+    from pd_dist.teacher.serve import complete_document_write_through, write_through_stores
+    from pd_dist.teacher.stores import SPOOL_DIR, DocumentRecords, WriteThrough, latest_records, record_dtype
+
+    from conftest import SMOKE
+
+    _, data = doc_setup.out["blend"]  # windows of 32 cut into records of 24
+    lib = tmp_path / "through"
+    cfg = load_config(SMOKE, [f"data.tokenizer={data.tokenizer_dir}", "data.val_samples=4", "distill.mode=online",
+                              "distill.teacher_context=document", "distill.teacher_seq_len=40",
+                              f"distill.write_through={lib}", "generate.record_tokens=24", "generate.shard_size=4",
+                              "generate.encoding=exact", f"teacher.path={tiny_teacher_dir}",
+                              "train.micro_batch_size=4", "data.seq_len=32"])
+    weights = ModelConfig(path=str(tiny_teacher_dir))
+    frozen = FrozenTeacher(build_model(weights, data.vocab_size, seed=0), torch.device("cpu"), torch.float32,
+                           cfg.distill.signal_spec(cfg.train.seed), 64, keep_lse=True)
+    teacher = DocumentTeacher(frozen, data, 40, 4)
+    stores = write_through_stores(cfg, data, weights, teacher)
+    assert [m.seq_len for _, m in stores] == [24, 24] and all(m.context == "document" for _, m in stores)
+    a_train = [i for i in range(data.n_train) if data.window(i)[0] == 0]
+    served = a_train[: len(a_train) // 2] + [int(data.val_ids()[0])]
+    for sitting, ids in enumerate((served[::2], served[1::2])):  # a resumed run appends to the same spool
+        through = WriteThrough(teacher, lib, "teacher00000", data.seq_len, stores[0][1].width)
+        for b in range(0, len(ids), 4):
+            through(torch.zeros(len(ids[b:b + 4]), data.seq_len, dtype=torch.int64), ids[b:b + 4])
+        through.close()
+    latest = latest_records(lib / SPOOL_DIR, record_dtype(data.seq_len, stores[0][1].width))
+    assert sorted(latest) == sorted(served)
+    covered = DocumentRecords(latest, data, 0, 24, stores[0][1].n_tokens).covered()
+    assert 0 < len(covered) < stores[0][1].n_samples
+    complete_document_write_through(lib, stores, data, teacher, 4, log=lambda *_: None)
+    assert not (lib / SPOOL_DIR).exists()
+    for (root, meta), src in zip(stores, ("a", "b")):
+        assert verify_store(root) == []
+        info = json.loads((root / "write_through_info.json").read_text())
+        assert info["samples_from_spools"] == (len(covered) if src == "a" else 0)
+        got = LogitsStore(root)
+        ref = LogitsStore(doc_setup.lib / root.name)
+        assert got.meta.to_dict() == {**ref.meta.to_dict(), "seq_len": 24, "n_samples": got.meta.n_samples,
+                                      "shard_size": 4}
+        n = got.meta.n_tokens
+        want = ref.get_spans([0], n)
+        have = got.get_spans([0], n)
+        fin = want.values > -1e30
+        assert torch.equal(have.values > -1e30, fin) and torch.equal(have.indices[fin], want.indices[fin])
+        torch.testing.assert_close(have.values[fin], want.values[fin], rtol=1e-5, atol=1e-5)
 
 
 def test_verify_checks_every_store_of_a_library(doc_setup, tmp_path, capsys):
@@ -320,8 +379,8 @@ def test_resume_refuses_a_changed_teacher_context_and_reads_older_checkpoints_as
 @pytest.mark.parametrize("overrides,needle", [
     (["distill.teacher_seq_len=64"], "is only read with teacher_context document"),
     (["distill.teacher_context=document", "distill.signal=sampled"], "serves the top_p_k signal only"),
-    (["distill.teacher_context=document", "distill.mode=online", "distill.write_through=/tmp/x"],
-     "distill.write_through.*not supported with distill.teacher_context document"),
+    (["distill.teacher_context=document", "distill.mode=none", "distill.dump_logits=true", "distill.store=/tmp/x"],
+     "distill.dump_logits.*training windows .*launch/generate_logits.py"),
     (["distill.teacher_context=document", "teacher.pipeline_stages=2"], "teacher.pipeline_stages"),
     (["distill.teacher_context=document", "distill.teacher_seq_len=1"], r"must be null or in \[2"),
 ])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pd_dist.core.logits import SparseLogits, truncate
-from pd_dist.teacher.stores import SPOOL_DIR, Spool, WriteThrough, _latest_records, record_dtype
+from pd_dist.teacher.stores import SPOOL_DIR, Spool, WriteThrough, latest_records, record_dtype
 
 
 def _sig(seed: int, b: int = 2, t: int = 5, v: int = 30, k: int = 4) -> SparseLogits:
@@ -31,7 +31,7 @@ def test_a_spool_cut_by_a_crash_is_continued_with_whole_records(tmp_path):
     assert sp.path.stat().st_size == 2 * record_dtype(5, 4).itemsize
     sp.add(0, np.array([7, 9]), b)
     sp.close()
-    latest = _latest_records(tmp_path / SPOOL_DIR, record_dtype(5, 4))
+    latest = latest_records(tmp_path / SPOOL_DIR, record_dtype(5, 4))
     assert sorted(latest) == [3, 7, 9]
     mm, j = latest[9]
     assert np.array_equal(mm[j]["idx"], b.indices[1].numpy()) and np.array_equal(mm[j]["val"], b.values[1].numpy())
@@ -53,7 +53,7 @@ def test_write_through_answers_unchanged_and_keeps_only_real_samples(tmp_path):
     wt(torch.full((2, 5), 2), None)  # a padding forward: answered, not kept
     wt.close()
     assert wt.kept == 2
-    assert sorted(_latest_records(tmp_path / SPOOL_DIR, record_dtype(5, 4))) == [4, 5]
+    assert sorted(latest_records(tmp_path / SPOOL_DIR, record_dtype(5, 4))) == [4, 5]
 
 
 def test_write_through_config_refusals():

@@ -194,6 +194,40 @@ def library_chunk(lib: Path):
     return chunks.pop() if chunks else None
 
 
+def library_teacher_seq_len(cfg: ExperimentConfig, data: PackedDataset, lib: Path) -> int:
+    """The chunk a run writing document stores into the library ``lib`` reads documents in:
+    distill.teacher_seq_len, else the library's own (library_chunk), else data.seq_len. StoreError when
+    ``lib`` holds a window store, or stores read in another chunk than distill.teacher_seq_len asks."""
+    if is_window_store(lib):
+        raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
+                         "stores (distill.teacher_context document)")
+    have, want = library_chunk(lib), cfg.distill.teacher_seq_len
+    if have is not None and want is not None and have != want:
+        raise StoreError(f"{lib}: its document stores were read in chunks of {have} tokens, the run asks "
+                         f"distill.teacher_seq_len={want}: a library holds one definition; name another directory")
+    return want or have or data.seq_len
+
+
+def source_store(cfg: ExperimentConfig, data: PackedDataset, source: int, teacher: dict, teacher_seq_len: int,
+                 lib: Path) -> tuple[Path, StoreMeta]:
+    """(directory, meta) of the library ``lib``'s store for ``data``'s source ``source``: the meta a run of
+    ``cfg`` writes (document_store_meta) or, for a store already there, that store's own (how it is laid
+    out, record and shard sizes, does not change what it holds, so it is kept as it is). StoreError, in
+    one line, for a store there written with other settings (teacher, signal, chunk)."""
+    e = data.sources[source]
+    meta = document_store_meta(cfg, data, source, teacher, teacher_seq_len)
+    root = source_store_dir(lib, e["fingerprint"])
+    if (root / MANIFEST).is_file():
+        _, have = _load_manifest(root)
+        layout = {"seq_len", "n_samples", "shard_size", "source"}
+        diff = [k for k, v in meta.to_dict().items() if have.to_dict().get(k) != v and k not in layout]
+        if diff:
+            raise StoreError(f"{root}: the document store of source {e['label']} was written with other "
+                             f"{', '.join(diff)}: remove it or name another distill.store")
+        meta = have
+    return root, meta
+
+
 def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
                             log=print) -> Path:
     """Complete the library distill.store with a document store (format 3) for each of the data's sources
@@ -202,10 +236,7 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
     in document context) in the library for runs over this data."""
     lib = Path(cfg.distill.store)
     say = log if topo.dp_rank == 0 else (lambda *_: None)
-    if is_window_store(lib):
-        raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
-                         "stores (distill.teacher_context document)")
-    T = cfg.distill.teacher_seq_len or library_chunk(lib) or data.seq_len
+    T = library_teacher_seq_len(cfg, data, lib)
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     ident = teacher_identity(cfg, weights)
     g = cfg.generate
@@ -220,17 +251,7 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
         return loaded[0]
 
     for s, e in enumerate(data.sources):
-        meta = document_store_meta(cfg, data, s, ident, T)
-        root = source_store_dir(lib, e["fingerprint"])
-        if (root / MANIFEST).is_file():
-            _, have = _load_manifest(root)
-            # How it is laid out (record and shard sizes) does not change what it holds: keep it as it is.
-            layout = {"seq_len", "n_samples", "shard_size", "source"}
-            diff = [k for k, v in meta.to_dict().items() if have.to_dict().get(k) != v and k not in layout]
-            if diff:
-                raise StoreError(f"{root}: the document store of source {e['label']} was written with other "
-                                 f"{', '.join(diff)}: remove it or name another distill.store")
-            meta = have
+        root, meta = source_store(cfg, data, s, ident, T, lib)
         N, R = meta.n_tokens, meta.seq_len  # a kept store's own record size
         mine = [i for i in range(meta.n_shards) if i % topo.dp_size == topo.dp_rank]
         damage, manifest_bad = _shards_to_write(root, meta, mine, topo)

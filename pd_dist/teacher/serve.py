@@ -17,12 +17,16 @@ from pd_dist.core.runtime import device, model_dtype
 from pd_dist.data import PackedDataset
 from pd_dist.models import ModelConfig, build_model, partitioned_builder
 from pd_dist.store import StoreMeta
-from pd_dist.teacher.document import context_teacher, teacher_held_out_loss
+from pd_dist.store.format import MANIFEST, StoreError
+from pd_dist.store.library import is_window_store
+from pd_dist.teacher.document import DocumentTeacher, context_teacher, teacher_held_out_loss
+from pd_dist.teacher.generate import SourceRecords, document_fill, library_chunk, source_store
 from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.pipelined import TeacherPipeline
 from pd_dist.teacher.server import Lockstep, StagedTeacherServer, TeacherServer
-from pd_dist.teacher.specs import signal_spec, teacher_store_meta, wire_spec
-from pd_dist.teacher.stores import WriteThrough, complete_store, describe_repair, store_state
+from pd_dist.teacher.specs import signal_spec, teacher_identity, teacher_store_meta, wire_spec
+from pd_dist.teacher.stores import (SPOOL_DIR, DocumentRecords, WriteThrough, latest_records, complete_store,
+                                    describe_repair, record_dtype, store_state)
 from pd_dist.teacher.val_loss import publish_teacher_val_loss, write_store_teacher_eval
 
 Log = Callable[[str], None]
@@ -54,19 +58,21 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
     spec = wire_spec(cfg, data)
     max_batch = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size * topo.students_per_teacher
     me = f"[teacher {topo.rank}] "
-    answer, through = teacher, None
+    answer, through, todo = teacher, None, []
     if d.write_through:
-        meta = teacher_store_meta(cfg, data, weights)
-        found = store_state(Path(d.write_through), meta)  # raises for a store of other inputs
-        if found.sound:
+        stores = write_through_stores(cfg, data, weights, teacher)
+        found = [store_state(root, meta) for root, meta in stores]  # raises for a store of other inputs
+        todo = [(root, meta) for (root, meta), f in zip(stores, found) if not f.sound]
+        if not todo:
             print(f"{me}the write-through store {d.write_through} is complete already: not written again",
                   flush=True)
         else:
-            if (Path(d.write_through) / "manifest.json").exists():
-                print(f"{me}the write-through store {d.write_through} is damaged: {describe_repair(found)}, "
-                      "rewritten when the run completes it", flush=True)
+            for (root, _), f in zip(stores, found):
+                if not f.sound and (root / MANIFEST).exists():
+                    print(f"{me}the write-through store {root} is damaged: {describe_repair(f)}, "
+                          "rewritten when the run completes it", flush=True)
             answer = through = WriteThrough(teacher, Path(d.write_through), f"teacher{topo.rank:05d}",
-                                            data.seq_len, meta.width)
+                                            data.seq_len, stores[0][1].width)
     # One event directory per teacher replica: their throughputs differ.
     tb = Monitor(True, Path(cfg.output_dir) / "tensorboard" / f"teacher{topo.rank}")
     server = TeacherServer(topo, spec, answer, max_batch, log=lambda s: print(me + s, flush=True),
@@ -84,16 +90,37 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
     if through is not None:
         through.close()
         print(f"{me}kept {through.kept} served samples for the write-through store {d.write_through}", flush=True)
-        _complete_write_through(cfg, topo, data, meta, teacher, stats.finished, val_loss, me, log)
+        _complete_write_through(cfg, topo, data, todo, teacher, stats.finished, val_loss, me, log)
 
 
-def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, meta: StoreMeta,
-                            teacher: FrozenTeacher, finished_here: bool, val_loss: Optional[float], me: str,
-                            log: Log) -> None:
-    """Complete distill.write_through's store, only when every student trained to the end of the run (a
-    stopped or interrupted run leaves the spools for its resumed run to continue). The teacher ranks
-    share the shards; with topology.teacher_failover (a replica may be gone, so no collective among
-    them) the first live replica completes it alone."""
+def write_through_stores(cfg: ExperimentConfig, data: PackedDataset, weights: ModelConfig,
+                         teacher) -> list[tuple[Path, StoreMeta]]:
+    """(directory, meta) of each store distill.write_through completes: the one window store or, in
+    document context, the library's document store of each of the data's sources (a store already there
+    keeps its own layout: generate.source_store). StoreError, in one line, for a library of another
+    chunk than the teacher reads (``teacher.T``) or a window store where a library belongs."""
+    root = Path(cfg.distill.write_through)
+    if cfg.distill.teacher_context != "document":
+        return [(root, teacher_store_meta(cfg, data, weights))]
+    if is_window_store(root):
+        raise StoreError(f"distill.write_through {root} holds a window store: name another directory for the "
+                         "document stores (distill.teacher_context document)")
+    have = library_chunk(root)
+    if have is not None and have != teacher.T:
+        raise StoreError(f"distill.write_through {root}: its document stores were read in chunks of {have} tokens, "
+                         f"this run's teacher reads chunks of {teacher.T} (distill.teacher_seq_len): a library "
+                         "holds one definition; name another directory")
+    ident = teacher_identity(cfg, weights)
+    return [source_store(cfg, data, s, ident, teacher.T, root) for s in range(len(data.sources))]
+
+
+def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedDataset,
+                            todo: list[tuple[Path, StoreMeta]], teacher, finished_here: bool,
+                            val_loss: Optional[float], me: str, log: Log) -> None:
+    """Complete distill.write_through's stores ``todo`` (write_through_stores: those not sound), only
+    when every student trained to the end of the run (a stopped or interrupted run leaves the spools for
+    its resumed run to continue). The teacher ranks share the shards; with topology.teacher_failover (a
+    replica may be gone, so no collective among them) the first live replica completes it alone."""
     root = Path(cfg.distill.write_through)
     share = dict(rank=topo.dp_rank, ranks=topo.dp_size, barrier=topo.barrier)
     if topo.teacher_failover:
@@ -108,11 +135,38 @@ def _complete_write_through(cfg: ExperimentConfig, topo: Topology, data: PackedD
         print(f"{me}the students stopped before the end of the run: the write-through spools stay in {root} "
               "for the resumed run", flush=True)
         return
-    complete_store(root, meta, data, teacher,
-                cfg.generate.micro_batch_size or cfg.train.micro_batch_size, source="write_through",
-                fill_from="the teacher", log=log, **share)
+    micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
+    if cfg.distill.teacher_context == "document":
+        complete_document_write_through(root, todo, data, teacher, micro, log, **share)
+    else:
+        complete_store(root, todo[0][1], data, teacher, micro, source="write_through", fill_from="the teacher",
+                       log=log, **share)
     if share.get("rank", 0) == 0:  # runs trained from the store report the teacher's held-out loss
         write_store_teacher_eval(root, data, val_loss)
+
+
+def complete_document_write_through(lib: Path, todo: list[tuple[Path, StoreMeta]], data: PackedDataset,
+                                    teacher: DocumentTeacher, micro_batch: int, log: Log = print, rank: int = 0,
+                                    ranks: int = 1, barrier: Callable[[], None] = lambda: None) -> None:
+    """Complete each document store ``todo`` of the library ``lib`` from the windows the teacher replicas
+    spooled in ``lib`` (their records cut into the stores' records: DocumentRecords), the records no
+    spooled window covers filled by ``teacher``; then rank 0 removes the spools."""
+    spool_dir = lib / SPOOL_DIR
+    width = todo[0][1].width
+    latest = latest_records(spool_dir, record_dtype(data.seq_len, width)) if spool_dir.is_dir() else {}
+    labels = {e["fingerprint"]: s for s, e in enumerate(data.sources)}
+    for root, meta in todo:
+        s = labels[meta.data_fingerprint]
+        R, N = meta.seq_len, meta.n_tokens
+        records = DocumentRecords(latest, data, s, R, N)
+        complete_store(root, meta, SourceRecords(data, s, R), document_fill(teacher, s, R, N), micro_batch,
+                       source="write_through", fill_from="the teacher", log=log, rank=rank, ranks=ranks,
+                       barrier=barrier, spooled=records.spooled())
+    if rank == 0 and spool_dir.is_dir():
+        for f in spool_dir.glob("*"):
+            f.unlink()
+        spool_dir.rmdir()
+    barrier()
 
 
 def _serve_pipelined_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,

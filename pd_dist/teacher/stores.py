@@ -12,7 +12,9 @@ Two producers use it:
   serves, so later runs (another student, a sweep point, a rerun) train offline from the store with no
   teacher cost. The teacher is frozen and deterministic, so a sample served more than once (by a
   resumed run, or to evaluation) has the same signal each time; it is written once. Samples nobody
-  asked for are filled at the end by the same teacher.
+  asked for are filled at the end by the same teacher. In document context (distill.teacher_context
+  document) the spooled windows are cut into the records of each source's document store
+  (:class:`DocumentRecords`), and the records no spooled window covers are filled by the teacher.
 
 Each rank appends fixed-size records (sample id, step, indices, values, lse) to its own spool file
 (``<store>/.spool/<name>.bin``; a record cut short by a crash is dropped when the file is reopened, so a
@@ -173,7 +175,7 @@ class WriteThrough:
             raise RuntimeError(f"write-through to {self.spool.path} failed: {self._failure[0]}") from self._failure[0]
 
 
-def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memmap, int]]:
+def latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memmap, int]]:
     """sample id -> (spool, record index) of the latest step that produced it."""
     best: dict[int, tuple[int, int, np.memmap, int]] = {}
     for f in sorted(spool_dir.glob("*.bin")):
@@ -190,12 +192,63 @@ def _latest_records(spool_dir: Path, dtype: np.dtype) -> dict[int, tuple[np.memm
     return {s: (v[2], v[3]) for s, v in best.items()}
 
 
+class DocumentRecords:
+    """The records of one source's document store (``record`` positions each, ``n_tokens`` in its
+    stream) that spooled training windows cover, assembled from those windows: what a write-through
+    teacher in document context kept. In document context a position's signal is the same in every
+    window that holds it, so a record is whole when the windows over all its positions were served.
+
+    ``latest``: sample id -> (spool, record index), as latest_records gives for the served windows
+    (``data.seq_len`` positions each). ``spooled()``: record id -> (self, record id), what
+    complete_store and write_shard read (``self[r]``: that record's idx/val/lse; the stream's last
+    record repeats its last position past the stream, as generation writes it)."""
+
+    def __init__(self, latest: dict, data: PackedDataset, source: int, record: int, n_tokens: int):
+        self.L, self.R, self.N = data.seq_len, int(record), int(n_tokens)
+        self.windows: dict[int, tuple[np.memmap, int]] = {}  # window index in the stream -> spool record
+        n = data.n_train + data.n_val
+        for sid, where in latest.items():
+            if 0 <= sid < n:
+                s, start = data.window(sid)
+                if s == source:
+                    self.windows[start // self.L] = where
+
+    def _span(self, r: int) -> tuple[int, int]:
+        return r * self.R, min((r + 1) * self.R, self.N)
+
+    def covered(self) -> list[int]:
+        """The records every position of which a spooled window holds."""
+        out = []
+        for r in range(-(-self.N // self.R)):
+            a, b = self._span(r)
+            if all(w in self.windows for w in range(a // self.L, (b - 1) // self.L + 1)):
+                out.append(r)
+        return out
+
+    def spooled(self) -> dict[int, tuple["DocumentRecords", int]]:
+        return {r: (self, r) for r in self.covered()}
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        a, b = self._span(int(r))
+        parts = {k: [] for k in ("idx", "val", "lse")}
+        for w in range(a // self.L, (b - 1) // self.L + 1):
+            mm, j = self.windows[w]
+            lo, hi = max(a, w * self.L) - w * self.L, min(b, (w + 1) * self.L) - w * self.L
+            for k in parts:
+                parts[k].append(np.asarray(mm[j][k][lo:hi]))
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        if b - a < self.R:  # the stream's last record: its last position repeated, as generation pads it
+            pad = np.minimum(np.arange(self.R), b - a - 1)
+            out = {k: v[pad] for k, v in out.items()}
+        return out
+
+
 def write_shard(root: Path, meta: StoreMeta, index: int, data: PackedDataset,
                 fill: Callable[[torch.Tensor, np.ndarray], SparseLogits], micro_batch: int,
                 spooled: Optional[dict] = None, compress: bool = True,
                 on_tokens: Callable[[int], None] = lambda n: None) -> int:
     """Write shard ``index`` of the store: each sample's signal from ``spooled`` (sample id -> (spool,
-    record), see _latest_records) where a spool holds it, else from ``fill(tokens, sample_ids)``, run in
+    record), see latest_records) where a spool holds it, else from ``fill(tokens, sample_ids)``, run in
     fixed micro-batches over the samples no spool holds (so a shard with no spools has the same
     micro-batches, and bytes, whoever writes it). Returns how many samples were filled.
 
@@ -260,15 +313,20 @@ def complete_store(root: Path, meta: StoreMeta, data: PackedDataset,
                    fill_from: str, log=print, rank: int = 0, ranks: int = 1,
                    barrier: Callable[[], None] = lambda: None, shards: Optional[set[int]] = None,
                    compress: bool = True, on_tokens: Callable[[int], None] = lambda n: None,
-                   info: bool = True) -> None:
+                   info: bool = True, spooled: Optional[dict] = None) -> None:
     """The one way a store is completed, by generation, write-through and dump alike: this rank writes
     its shards (round-robin over ``ranks`` ranks) of ``shards`` (default: those not complete yet), each
     from the spools under ``root`` and, for the samples no spool holds, from ``fill``; then, after
     ``barrier``, rank 0 writes the manifest, ``<source>_info.json`` (``info``) and clears what the run
-    left behind (spools, temporary shards, progress files)."""
+    left behind (spools, temporary shards, progress files). ``spooled``: the records already produced
+    (record id -> (records, index), as latest_records gives), instead of reading ``root``'s own spools
+    (a document store completed from spooled windows: DocumentRecords)."""
     root = Path(root)
     spool_dir = root / SPOOL_DIR
-    latest = _latest_records(spool_dir, record_dtype(meta.seq_len, meta.width)) if spool_dir.is_dir() else {}
+    if spooled is not None:
+        latest = spooled
+    else:
+        latest = latest_records(spool_dir, record_dtype(meta.seq_len, meta.width)) if spool_dir.is_dir() else {}
     todo = [i for i in range(rank, meta.n_shards, ranks)
             if (i in shards if shards is not None else not shard_done(root, meta, i))]
     filled = sum(write_shard(root, meta, i, data, fill, micro_batch, latest, compress, on_tokens) for i in todo)
@@ -300,7 +358,7 @@ class SpoolReader:
 
     def __init__(self, root: Path, seq_len: int, width: int):
         self.root = Path(root)
-        self.latest = _latest_records(self.root / SPOOL_DIR, record_dtype(seq_len, width))
+        self.latest = latest_records(self.root / SPOOL_DIR, record_dtype(seq_len, width))
 
     def __len__(self) -> int:
         return len(self.latest)
