@@ -11,7 +11,11 @@ stores (format 3) and trains the default student from it, each launch beside its
   text it never saw); `--second numpy` (run `blend_numpy`) this machine's numpy sources, code the
   teacher never learned, where distillation from it hurts; the library gains that source's store and
   reads the embedded corpus's from the first pass;
-- `window256`: today's recipe from a window store (format 2) at seq_len 256, for reference.
+- `window256`: today's recipe from a window store (format 2) at seq_len 256, for reference;
+- `window_blend`: the same recipe over the `blend` data, so a blend's gain can be told apart from the
+  document store's.
+
+The window runs reuse their document twin's LM-only baseline (same data, seed and initialisation).
 
 Every run uses the default's tokenizer (data.tokenizer), so the embedded source keeps its fingerprint
 whatever its seq_len or blend. Reported per run: teacher, LM-only and PD held-out losses and the gain,
@@ -89,7 +93,8 @@ def main() -> int:
     ap.add_argument("--default-dir", default=str(REPO / "runs" / "default"),
                     help="the default run's output_dir: its tokenizer and teacher are reused")
     ap.add_argument("--spread", type=float, default=0.058, help="the three-seed spread to beat")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these (doc256 doc128 blend window256)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these (doc256 doc128 blend window256 window_blend)")
     ap.add_argument("--second", choices=["stdlib", "numpy"], default="stdlib",
                     help="the blend's second source: the standard library past the embedded cap, or numpy")
     ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (runs named ...-seedN)")
@@ -110,7 +115,11 @@ def main() -> int:
                          "data.val_samples=64"]),
         "blend" if args.second == "stdlib" else "blend_numpy": (doc, blend),
         "window256": (["distill.mode=offline", f"distill.store={out / 'window_store'}"], []),
+        "window_blend": (["distill.mode=offline", f"distill.store={out / 'window_store_blend'}"], blend),
     }
+    data_of = {"doc256": "256", "window256": "256", "doc128": "128", "blend": "blend", "window_blend": "blend",
+               "blend_numpy": "blend_numpy"}
+    twin_of = {"window256": "doc256", "window_blend": "blend"}  # the window run shares that run's LM-only twin
     results, timings = {}, {}
     for name, (mode, shape) in runs.items():
         if args.only is not None and name not in args.only:
@@ -119,9 +128,11 @@ def main() -> int:
         if args.seed is not None:
             name = f"{name}-seed{args.seed}"
         run = out / name
-        data_dir = out / f"data-{name.split('-seed')[0].replace('doc', '').replace('window', '')}"  # 256: one
-        if name.startswith("window256") and (out / name.replace("window", "doc") / "baseline").is_dir() and not (run / "baseline").exists():
-            shutil.copytree(out / name.replace("window", "doc") / "baseline", run / "baseline")  # the same LM-only twin
+        base = name.split("-seed")[0]
+        data_dir = out / f"data-{data_of[base]}"
+        twin = out / name.replace(base, twin_of[base]) / "baseline" if base in twin_of else None
+        if twin is not None and twin.is_dir() and not (run / "baseline").exists():
+            shutil.copytree(twin, run / "baseline")  # the same LM-only twin: not trained again
         cfg = common + mode + shape + seeded + [f"data.dir={data_dir}"]
         if not (run / "summary.json").is_file():
             t = time.perf_counter()
@@ -149,8 +160,11 @@ def main() -> int:
     if "doc256" in results and "window256" in results:
         extra["doc_vs_window_256"] = results["doc256"]["pd_val_loss"] - results["window256"]["pd_val_loss"]
         extra["doc_within_spread_of_window"] = abs(extra["doc_vs_window_256"]) <= args.spread
+    if "blend" in results and "window_blend" in results:
+        extra["doc_vs_window_blend"] = results["blend"]["pd_val_loss"] - results["window_blend"]["pd_val_loss"]
     emit({"runs": results, "spread": args.spread, **extra, **timings,
-          "all_beat_twins": all(r["beats_twin_beyond_spread"] for n, r in results.items() if n != "window256"),
+          "all_beat_twins": all(r["beats_twin_beyond_spread"] for n, r in results.items()
+                                if not n.startswith("window")),
           "wall_s": round(time.perf_counter() - t0, 1)})
     return 0
 

@@ -29,6 +29,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(m) for m in SLOW_TIERS):
             item.add_marker(pytest.mark.fast)
+    # The fast tier first: its failures show within minutes, and DeepSpeed's one-time build of its comm
+    # op (about a minute of compiling) runs beside it rather than inside the first launcher test.
+    items.sort(key=lambda item: item.get_closest_marker("fast") is None)
+    if any(item.get_closest_marker("fast") is None for item in items):
+        _PREBUILD.append(subprocess.Popen([sys.executable, "-c", _BUILD_DS_OP], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+
+
+# What deepspeed.comm builds the first time a rank starts on the CPU accelerator (cached afterwards, and
+# torch's build lock makes a rank that starts meanwhile wait for this build instead of starting another).
+_BUILD_DS_OP = """
+import os
+os.nice(5)
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+b = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False):
+    b.load(verbose=False)
+"""
+_PREBUILD: list = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc in _PREBUILD:  # let it finish: a build killed midway would leave torch's lock held
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _slow_tier_program(args) -> Optional[str]:
@@ -157,8 +185,9 @@ def reference_2rank_overrides(out: Path, smoke_data, mode: str, **kw) -> list[st
 def colocated_2rank(tmp_path_factory, smoke_data, tiny_teacher_dir) -> Path:
     """The output directory of the shared 2-rank colocated reference run (REFERENCE_2RANK)."""
     out = tmp_path_factory.mktemp("colocated_2rank") / "run"
-    launch(2, reference_2rank_overrides(out, smoke_data, "colocated", **{"teacher.path": tiny_teacher_dir}),
-           cwd=out.parent)
+    proc = launch(2, reference_2rank_overrides(out, smoke_data, "colocated", **{"teacher.path": tiny_teacher_dir}),
+                  cwd=out.parent)
+    (out.parent / "launch.log").write_text(proc.stdout + proc.stderr)  # what it printed, for tests to read
     return out
 
 

@@ -31,9 +31,12 @@ def mpirun():
 def _mpirun(mpirun, n: int, overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{Path(mpirun).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [mpirun, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+    # By name, not by its absolute path: Open MPI started by absolute path acts as --prefix and puts its
+    # own bin (/usr/bin) first on the ranks' PATH, where a system ninja then re-compiles DeepSpeed's
+    # comm op (and the next launch, with the venv's ninja, compiles it back): a minute per switch.
+    cmd = [Path(mpirun).name, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
     for var in ("MASTER_ADDR", "MASTER_PORT", "PATH", "PYTHONPATH"):
         cmd += ["-x", var]
     cmd += [sys.executable, str(REPO / "launch" / "pretrain_pd.py"), "--config", str(SMOKE)]
