@@ -25,10 +25,13 @@ _NOT_IN_FAST = {"deepspeed", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", 
 _NOT_IN_FAST_MODULES = {"pip", "deepspeed", "deepspeed.launcher.runner", "torch.distributed.run", "venv"}
 
 
+def pytest_itemcollected(item):
+    if not any(item.get_closest_marker(m) for m in SLOW_TIERS):
+        item.add_marker(pytest.mark.fast)
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the build starts only when launches will run
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if not any(item.get_closest_marker(m) for m in SLOW_TIERS):
-            item.add_marker(pytest.mark.fast)
     # The fast tier first: its failures show within minutes, and DeepSpeed's one-time build of its comm
     # op (about a minute of compiling) runs beside it rather than inside the first launcher test.
     items.sort(key=lambda item: item.get_closest_marker("fast") is None)
