@@ -1,0 +1,143 @@
+"""Teacher and student with different tokenizers: positions aligned in byte space, and the teacher's
+vocabulary projected onto the student's.
+
+Both tokenizers cut the same document's bytes into consecutive, non-empty tokens. Student position i
+(after its token i) predicts the token that starts at byte ``student_ends[i]``; teacher position j at
+``teacher_ends[j]``. Where ``student_ends[i] == teacher_ends[j]`` both predict what follows the same
+prefix of bytes, so the teacher's next-token distribution at j, projected onto the student's vocabulary,
+is a target for the student at i (:func:`align_positions`). The other student positions end inside a
+teacher token: the teacher has no distribution for them, and they train on the LM loss alone.
+
+The projection (:func:`vocab_projection`) sends each teacher token to the longest student token that its
+bytes begin with: the student token a student would most often emit first for that text. It is exact
+where the two vocabularies share the token's string (the common case for BPEs trained on similar text)
+and an approximation otherwise: the student's next token is then only the first piece of what the
+teacher predicts, so the projected mass is right and its spread over the student's continuations is
+not modelled. Teacher tokens with no byte string (special tokens other than EOS) map nowhere, and the
+mass on them is reported by :func:`project_probs`, not dropped silently. Universal logit distillation
+(Boizard et al., 2024) needs no map at all, comparing sorted probabilities instead; it is the
+alternative to measure this projection against.
+
+Everything here is a pure function of numpy arrays or byte strings.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def byte_ends(token_bytes: Sequence[bytes]) -> np.ndarray:
+    """int64 [n]: the byte offset where each token of a tokenization ends (cumulative lengths). Every
+    token must cover at least one byte (ValueError naming the first that does not)."""
+    lens = np.fromiter((len(b) for b in token_bytes), np.int64, len(token_bytes))
+    if len(lens) and lens.min() < 1:
+        i = int(np.argmin(lens))
+        raise ValueError(f"token {i} covers no bytes ({token_bytes[i]!r}): every token of an aligned "
+                         "tokenization must cover at least one byte")
+    return np.cumsum(lens)
+
+
+def align_positions(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
+    """int64 [len(student_ends)]: for each student position, the teacher position whose prefix ends at
+    the same byte, or -1 where none does. Both arrays strictly increasing (byte_ends of the same text)."""
+    s = np.asarray(student_ends, np.int64)
+    t = np.asarray(teacher_ends, np.int64)
+    for name, e in (("student_ends", s), ("teacher_ends", t)):
+        if e.ndim != 1 or (len(e) > 1 and (np.diff(e) <= 0).any()):
+            raise ValueError(f"{name} must be one strictly increasing row of byte offsets")
+    if not len(t):
+        return np.full(len(s), -1, np.int64)
+    j = np.searchsorted(t, s)
+    hit = (j < len(t)) & (t[np.minimum(j, len(t) - 1)] == s)
+    return np.where(hit, j, -1).astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """The GPT-2 byte-level alphabet, character -> byte (the inverse of its bytes_to_unicode)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def byte_level_token_bytes(vocab: dict[str, int], special: Sequence[str] = ()) -> list[Optional[bytes]]:
+    """Each token id's bytes for a byte-level BPE vocabulary (token string -> id, as
+    ``tokenizer.get_vocab()`` gives), None for the ``special`` tokens. ValueError, naming the token, for
+    a string outside the byte-level alphabet (not a byte-level BPE)."""
+    dec = _byte_level_decoder()
+    out: list[Optional[bytes]] = [None] * (max(vocab.values()) + 1 if vocab else 0)
+    specials = set(special)
+    for tok, i in vocab.items():
+        if tok in specials:
+            continue
+        try:
+            out[i] = bytes(dec[ch] for ch in tok)
+        except KeyError:
+            raise ValueError(f"token {i} ({tok!r}) is not in the byte-level alphabet: cross-tokenizer "
+                             "alignment needs byte-level tokenizers") from None
+    return out
+
+
+def vocab_projection(teacher_bytes: Sequence[Optional[bytes]],
+                     student_bytes: Sequence[Optional[bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(target, exact): int64 [V_teacher], the student token each teacher token maps to (the longest
+    student token its bytes begin with; -1 for a teacher token with no bytes, or none of whose prefixes
+    is a student token), and bool [V_teacher], whether that student token is the teacher token's whole
+    string."""
+    index: dict[bytes, int] = {}
+    for i, b in enumerate(student_bytes):
+        if b:
+            index.setdefault(b, i)  # a duplicate string keeps its lowest id
+    longest = max((len(b) for b in index), default=0)
+    target = np.full(len(teacher_bytes), -1, np.int64)
+    exact = np.zeros(len(teacher_bytes), bool)
+    for t, b in enumerate(teacher_bytes):
+        if not b:
+            continue
+        for n in range(min(len(b), longest), 0, -1):
+            s = index.get(b[:n])
+            if s is not None:
+                target[t], exact[t] = s, n == len(b)
+                break
+    return target, exact
+
+
+def project_probs(indices: np.ndarray, probs: np.ndarray, target: np.ndarray,
+                  width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse teacher distribution per row (``indices``/``probs`` [N, k], teacher ids and their
+    probabilities; 0 for empty slots) projected through ``target`` (vocab_projection): returns
+    (student ids [N, w], probabilities [N, w], unmapped mass [N]). Probabilities that map to the same
+    student token are summed; each row's entries are sorted by probability, descending, and padded
+    with id 0 and probability 0; ``w`` = ``width`` or the most distinct ids of any row. Mass is kept:
+    each row's projected sum plus its unmapped mass equals its input sum (float64 arithmetic)."""
+    idx = np.asarray(indices, np.int64)
+    p = np.asarray(probs, np.float64)
+    if idx.shape != p.shape or idx.ndim != 2:
+        raise ValueError(f"indices and probs must be [N, k] of one shape, got {idx.shape} and {p.shape}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(target)):
+        raise ValueError(f"teacher ids must lie in [0, {len(target)}), got {idx.min()}..{idx.max()}")
+    mapped = np.asarray(target, np.int64)[idx]
+    lost = np.where(mapped < 0, p, 0.0).sum(axis=1)
+    rows = []
+    for r in range(len(idx)):
+        keep = (mapped[r] >= 0) & (p[r] > 0)
+        ids, inv = np.unique(mapped[r][keep], return_inverse=True)
+        mass = np.bincount(inv, weights=p[r][keep], minlength=len(ids))
+        order = np.argsort(-mass, kind="stable")
+        rows.append((ids[order], mass[order]))
+    w = width if width is not None else max((len(i) for i, _ in rows), default=0)
+    out_i = np.zeros((len(rows), w), np.int64)
+    out_p = np.zeros((len(rows), w), np.float64)
+    for r, (ids, mass) in enumerate(rows):
+        if len(ids) > w:
+            raise ValueError(f"row {r} maps to {len(ids)} student ids, more than width {w}")
+        out_i[r, :len(ids)], out_p[r, :len(ids)] = ids, mass
+    return out_i, out_p, lost

@@ -1,0 +1,122 @@
+"""Cross-tokenizer alignment in byte space and the teacher-to-student vocabulary projection
+(pd_dist.core.crosstok), against brute-force references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pd_dist.core.crosstok import (align_positions, byte_ends, byte_level_token_bytes, project_probs,
+                                   vocab_projection)
+
+
+def _segment(data: bytes, rng, max_len: int) -> list[bytes]:
+    """A random cut of ``data`` into non-empty pieces of at most max_len bytes."""
+    out, i = [], 0
+    while i < len(data):
+        n = int(rng.integers(1, max_len + 1))
+        out.append(data[i:i + n])
+        i += n
+    return out
+
+
+def _align_brute(student: list[bytes], teacher: list[bytes]) -> list[int]:
+    """For each student prefix, the teacher prefix with the same bytes (by comparing the strings)."""
+    prefixes = {b"".join(teacher[:j + 1]): j for j in range(len(teacher))}
+    return [prefixes.get(b"".join(student[:i + 1]), -1) for i in range(len(student))]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_alignment_matches_a_brute_force_prefix_comparison(seed):
+    rng = np.random.default_rng(seed)
+    text = bytes(rng.integers(0, 256, int(rng.integers(1, 400))).astype(np.uint8))
+    student = _segment(text, rng, int(rng.integers(1, 6)))
+    teacher = _segment(text, rng, int(rng.integers(1, 9)))
+    got = align_positions(byte_ends(student), byte_ends(teacher))
+    assert got.tolist() == _align_brute(student, teacher)
+    assert got[-1] == len(teacher) - 1  # the whole text is a common prefix
+    # A teacher that cuts exactly like the student aligns everywhere.
+    assert align_positions(byte_ends(student), byte_ends(student)).tolist() == list(range(len(student)))
+
+
+def test_alignment_refusals():
+    with pytest.raises(ValueError, match="token 1 covers no bytes"):
+        byte_ends([b"a", b"", b"c"])
+    with pytest.raises(ValueError, match="teacher_ends must be one strictly increasing row"):
+        align_positions(np.array([1, 2]), np.array([2, 2]))
+    assert align_positions(np.array([1, 3]), np.array([], np.int64)).tolist() == [-1, -1]
+
+
+@pytest.fixture(scope="module")
+def two_bpes(tmp_path_factory):
+    """Two byte-level BPEs trained by pd-dist's own trainer on different halves of one corpus."""
+    from pd_dist.data import load_tokenizer
+    from pd_dist.data.prepare import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["".join(chr(c) for c in rng.integers(97, 123, int(rng.integers(2, 8)))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words, 12)) + ("\n" if i % 3 else ". Ünïcødé ✓\n") for i in range(3000)]
+    root = tmp_path_factory.mktemp("bpes")
+    train_tokenizer(lines[:1500], 400, root / "a")
+    train_tokenizer(lines[1500:], 300, root / "b")
+    return load_tokenizer(root / "a"), load_tokenizer(root / "b"), lines
+
+
+def _table(tok):
+    return byte_level_token_bytes(tok.get_vocab(), tok.all_special_tokens)
+
+
+def test_token_bytes_of_real_tokenizers_rebuild_the_text_and_align(two_bpes):
+    a, b, lines = two_bpes
+    ta, tb = _table(a), _table(b)
+    text = "".join(lines[2990:])
+    sa = [ta[i] for i in a(text)["input_ids"]]
+    sb = [tb[i] for i in b(text)["input_ids"]]
+    assert b"".join(sa) == b"".join(sb) == text.encode()
+    got = align_positions(byte_ends(sb), byte_ends(sa))
+    assert got.tolist() == _align_brute(sb, sa)
+    assert 0.3 < (got >= 0).mean() < 1.0  # different merges: many boundaries shared, not all
+    assert ta[a.eos_token_id] is None
+
+
+def test_projection_maps_to_the_longest_student_prefix(two_bpes):
+    a, b, _ = two_bpes
+    ta, tb = _table(a), _table(b)
+    target, exact = vocab_projection(ta, tb)
+    student = {s: i for i, s in enumerate(tb) if s}
+    for t, s in enumerate(ta):
+        if s is None:
+            assert target[t] == -1
+            continue
+        prefixes = [n for n in range(1, len(s) + 1) if s[:n] in student]
+        want = student[s[:max(prefixes)]] if prefixes else -1
+        assert target[t] == want and exact[t] == (s in student), (t, s)
+    assert exact.mean() > 0.5  # most strings are shared by BPEs of similar text
+    with pytest.raises(ValueError, match="not in the byte-level alphabet"):
+        byte_level_token_bytes({"a": 0, "\u4e00": 1})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_projection_keeps_the_mass(seed):
+    """Float64: each row's projected probabilities plus its unmapped mass equal its input mass; ids
+    that map to one student token are summed; the result equals a dense scatter-add."""
+    rng = np.random.default_rng(seed)
+    V_t, V_s, N, k = 50, 20, 30, 8
+    target = rng.integers(-1, V_s, V_t)  # -1: unmapped teacher tokens
+    idx = np.stack([rng.choice(V_t, k, replace=False) for _ in range(N)])
+    p = rng.dirichlet(np.ones(k), N) * rng.uniform(0.5, 1.0, (N, 1))  # truncated: rows sum below 1
+    p[:, -2:] = np.where(rng.random((N, 2)) < 0.3, 0.0, p[:, -2:])  # empty slots
+    ids, mass, lost = project_probs(idx, p, target)
+    np.testing.assert_allclose(mass.sum(1) + lost, p.sum(1), rtol=0, atol=1e-12)
+    dense = np.zeros((N, V_s))
+    for r in range(N):
+        for j in range(k):
+            if target[idx[r, j]] >= 0:
+                dense[r, target[idx[r, j]]] += p[r, j]
+    got = np.zeros((N, V_s))
+    for r in range(N):
+        np.add.at(got[r], ids[r], mass[r])
+    np.testing.assert_allclose(got, dense, rtol=0, atol=1e-12)
+    assert (np.diff(mass, axis=1) <= 0).all()  # sorted descending, zero padding last
+    np.testing.assert_allclose(lost, np.where(target[idx] < 0, p, 0).sum(1), atol=1e-12)
+    with pytest.raises(ValueError, match=r"teacher ids must lie in \[0, 50\)"):
+        project_probs(idx + 50, p, target)
