@@ -98,6 +98,8 @@ def main() -> int:
     ap.add_argument("--second", choices=["stdlib", "numpy"], default="stdlib",
                     help="the blend's second source: the standard library past the embedded cap, or numpy")
     ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (runs named ...-seedN)")
+    ap.add_argument("--mask", action="store_true",
+                    help="data.document_mask true for every run, students and window teachers (runs named ...-mask)")
     args = ap.parse_args()
     out, default = Path(args.out), Path(args.default_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +110,16 @@ def main() -> int:
     lib = out / "library"
     common = [f"data.tokenizer={default / 'data' / 'tokenizer'}", f"teacher.path={teacher}"]
     doc = ["distill.mode=offline", "distill.teacher_context=document", f"distill.store={lib}"]
+    masked = "-mask" if args.mask else ""
     blend = ["data.source=blend", f"data.blend=[{{path: embedded, weight: 3}}, {{path: {second}, weight: 1}}]"]
     runs = {
         "doc256": (doc, []),
         "doc128": (doc, ["data.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=16",
                          "data.val_samples=64"]),
         "blend" if args.second == "stdlib" else "blend_numpy": (doc, blend),
-        "window256": (["distill.mode=offline", f"distill.store={out / 'window_store'}"], []),
-        "window_blend": (["distill.mode=offline", f"distill.store={out / 'window_store_blend'}"], blend),
+        # A window store depends on the mask (the teacher's forward does); a document store does not.
+        "window256": (["distill.mode=offline", f"distill.store={out / ('window_store' + masked)}"], []),
+        "window_blend": (["distill.mode=offline", f"distill.store={out / ('window_store_blend' + masked)}"], blend),
     }
     data_of = {"doc256": "256", "window256": "256", "doc128": "128", "blend": "blend", "window_blend": "blend",
                "blend_numpy": "blend_numpy"}
@@ -125,10 +129,13 @@ def main() -> int:
         if args.only is not None and name not in args.only:
             continue
         seeded = [f"train.seed={args.seed}"] if args.seed is not None else []
+        base = name
         if args.seed is not None:
             name = f"{name}-seed{args.seed}"
+        if args.mask:
+            seeded.append("data.document_mask=true")
+            name += "-mask"
         run = out / name
-        base = name.split("-seed")[0]
         data_dir = out / f"data-{data_of[base]}"
         twin = out / name.replace(base, twin_of[base]) / "baseline" if base in twin_of else None
         if twin is not None and twin.is_dir() and not (run / "baseline").exists():
@@ -157,11 +164,13 @@ def main() -> int:
     for name, d in (("256", out / "data-256"), ("128", out / "data-128")):
         if (d / "meta.json").is_file():  # the teacher reads documents in chunks of 256 (its seq_len)
             extra[f"context_overhead_seq{name}"] = round(context_overhead(d, 256), 3)
-    if "doc256" in results and "window256" in results:
-        extra["doc_vs_window_256"] = results["doc256"]["pd_val_loss"] - results["window256"]["pd_val_loss"]
+    sfx = (f"-seed{args.seed}" if args.seed is not None else "") + masked  # every run of this invocation's
+    if f"doc256{sfx}" in results and f"window256{sfx}" in results:
+        extra["doc_vs_window_256"] = results[f"doc256{sfx}"]["pd_val_loss"] - results[f"window256{sfx}"]["pd_val_loss"]
         extra["doc_within_spread_of_window"] = abs(extra["doc_vs_window_256"]) <= args.spread
-    if "blend" in results and "window_blend" in results:
-        extra["doc_vs_window_blend"] = results["blend"]["pd_val_loss"] - results["window_blend"]["pd_val_loss"]
+    if f"blend{sfx}" in results and f"window_blend{sfx}" in results:
+        extra["doc_vs_window_blend"] = (results[f"blend{sfx}"]["pd_val_loss"]
+                                        - results[f"window_blend{sfx}"]["pd_val_loss"])
     library_runs = [r for n, r in results.items() if not n.startswith("window")]  # the window runs: reference
     emit({"runs": results, "spread": args.spread, **extra, **timings,
           "all_beat_twins": all(r["beats_twin_beyond_spread"] for r in library_runs) if library_runs else None,
