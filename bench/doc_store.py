@@ -16,6 +16,8 @@ stores (format 3) and trains the default student from it, each launch beside its
   document store's.
 
 The window runs reuse their document twin's LM-only baseline (same data, seed and initialisation).
+`--seed N` and `--mask` (data.document_mask true for the students and the window teachers; a window
+store of its own) run every arm again under names ending -seedN / -mask.
 
 Every run uses the default's tokenizer (data.tokenizer), so the embedded source keeps its fingerprint
 whatever its seq_len or blend. Reported per run: teacher, LM-only and PD held-out losses and the gain,
