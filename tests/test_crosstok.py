@@ -120,3 +120,40 @@ def test_projection_keeps_the_mass(seed):
     np.testing.assert_allclose(lost, np.where(target[idx] < 0, p, 0).sum(1), atol=1e-12)
     with pytest.raises(ValueError, match=r"teacher ids must lie in \[0, 50\)"):
         project_probs(idx + 50, p, target)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_projected_signal_equals_the_numpy_projection_and_feeds_the_kd_losses(temperature):
+    """project_signal (torch, any leading shape) against project_probs on target_probs; rows with
+    nothing kept project to nothing; a KD loss at temperature 1 on the result targets p' / mapped."""
+    import torch
+
+    from pd_dist.core.crosstok import project_signal
+    from pd_dist.core.logits import SparseLogits, target_probs
+    from pd_dist.core.losses import distillation_loss
+
+    rng = np.random.default_rng(1)
+    V_t, V_s, k = 60, 25, 7
+    target = rng.integers(-1, V_s, V_t)
+    idx = torch.from_numpy(np.stack([rng.choice(V_t, k, replace=False) for _ in range(2 * 5)])).reshape(2, 5, k)
+    val = torch.from_numpy(np.sort(rng.normal(0, 3, (2, 5, k)), -1)[..., ::-1].copy()).float()
+    val[..., -2:] = torch.where(torch.rand(2, 5, 2) < 0.4, float("-inf"), val[..., -2:])
+    val[1, 3] = float("-inf")  # a row with nothing kept
+    sig = SparseLogits(idx, val)
+    out, mapped = project_signal(sig, torch.from_numpy(target), temperature)
+    assert out.values.shape == (2, 5, k) and mapped.shape == (2, 5)
+    p = target_probs(sig, temperature).double().reshape(-1, k).numpy()
+    ids, mass, lost = project_probs(idx.reshape(-1, k).numpy(), p, target, width=k)
+    got_p = torch.where(out.mask, out.values.double().exp(), torch.zeros((), dtype=torch.float64))
+    np.testing.assert_allclose(got_p.reshape(-1, k).numpy(), mass, rtol=1e-6, atol=1e-7)
+    keep = mass > 0
+    assert (out.indices.reshape(-1, k).numpy()[keep] == ids[keep]).all()
+    np.testing.assert_allclose(mapped.reshape(-1).numpy(), p.sum(1) - lost, rtol=1e-6, atol=1e-7)
+    assert mapped[1, 3] == 0 and not out.mask[1, 3].any()
+    want = np.where(mapped.reshape(-1, 1).numpy() > 0, mass / np.maximum(mapped.reshape(-1, 1).numpy(), 1e-30), 0)
+    np.testing.assert_allclose(target_probs(out, 1.0).reshape(-1, k).numpy(), want, rtol=1e-5, atol=1e-6)
+    z = torch.randn(2, 5, V_s, dtype=torch.float64)
+    kd = distillation_loss(z, out, "kld", 1.0)
+    logq = torch.log_softmax(z, -1).reshape(-1, V_s).numpy()
+    ref = [sum(w * (np.log(w) - logq[r, i]) for i, w in zip(ids[r], want[r]) if w > 0) for r in range(10)]
+    np.testing.assert_allclose(kd.reshape(-1).numpy(), ref, rtol=1e-5, atol=1e-6)

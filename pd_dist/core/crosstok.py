@@ -18,7 +18,9 @@ mass on them is reported by :func:`project_probs`, not dropped silently. Univers
 (Boizard et al., 2024) needs no map at all, comparing sorted probabilities instead; it is the
 alternative to measure this projection against.
 
-Everything here is a pure function of numpy arrays or byte strings.
+Everything here is a pure function of numpy arrays, byte strings or tensors. :func:`project_signal`
+is the torch form of :func:`project_probs` for a teacher signal: its result is an ordinary
+SparseLogits over the student's vocabulary, so every KD loss applies to it unchanged.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+
+from pd_dist.core.logits import SparseLogits, target_probs
 
 
 def byte_ends(token_bytes: Sequence[bytes]) -> np.ndarray:
@@ -141,3 +146,41 @@ def project_probs(indices: np.ndarray, probs: np.ndarray, target: np.ndarray,
             raise ValueError(f"row {r} maps to {len(ids)} student ids, more than width {w}")
         out_i[r, :len(ids)], out_p[r, :len(ids)] = ids, mass
     return out_i, out_p, lost
+
+
+def project_signal(sig: SparseLogits, target: torch.Tensor, temperature: float) -> tuple[SparseLogits, torch.Tensor]:
+    """The teacher signal ``sig`` ([..., k], teacher ids) as a signal over the student's vocabulary.
+
+    Its kept entries' probabilities at ``temperature`` (target_probs) are sent to ``target[id]``
+    (vocab_projection; -1: nowhere) and summed per student id. Returns (SparseLogits [..., k] with
+    values log p' sorted descending, -inf and index 0 in empty slots, no lse; and the mapped mass
+    [...], float32: sum of p', so 1 minus the mass on teacher tokens that map nowhere, 0 for a row with
+    nothing kept). A KD loss at temperature 1 on the result targets p' renormalised over the student
+    ids, the teacher's distribution given that its next token maps somewhere. At most k student ids
+    per row (teacher ids only merge), so nothing is cut."""
+    k = sig.k
+    lead = sig.values.shape[:-1]
+    p = target_probs(sig, temperature).to(torch.float64).reshape(-1, k)
+    tgt = torch.as_tensor(target, dtype=torch.int64, device=sig.indices.device)[sig.indices.reshape(-1, k)]
+    n = p.shape[0]
+    ok = (tgt >= 0) & (p > 0)
+    span = int(tgt.max()) + 1 if tgt.numel() else 1
+    rows = torch.arange(n, device=p.device).unsqueeze(1).expand(n, k)
+    key = torch.where(ok, rows * span + tgt, torch.full_like(tgt, n * span))  # unmapped: one key past all rows
+    uniq, inv = torch.unique(key, return_inverse=True)
+    mass = torch.zeros(len(uniq), dtype=torch.float64, device=p.device).scatter_add_(
+        0, inv.flatten(), torch.where(ok, p, torch.zeros_like(p)).flatten())
+    real = uniq < n * span
+    urow, uid, umass = uniq[real] // span, uniq[real] % span, mass[real]
+    order = torch.argsort(-umass, stable=True)
+    order = order[torch.argsort(urow[order], stable=True)]  # by row, and by mass descending within it
+    urow, uid, umass = urow[order], uid[order], umass[order]
+    counts = torch.bincount(urow, minlength=n)
+    slot = torch.arange(len(urow), device=p.device) - (torch.cumsum(counts, 0) - counts)[urow]
+    idx = torch.zeros(n, k, dtype=torch.int64, device=p.device)
+    val = torch.full((n, k), float("-inf"), dtype=torch.float32, device=p.device)
+    idx[urow, slot] = uid
+    val[urow, slot] = umass.log().to(torch.float32)
+    mapped = torch.zeros(n, dtype=torch.float64, device=p.device).scatter_add_(0, urow, umass)
+    return (SparseLogits(idx.reshape(*lead, k), val.reshape(*lead, k)),
+            mapped.to(torch.float32).reshape(lead))
