@@ -58,7 +58,7 @@ def two_bpes(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpes")
     train_tokenizer(lines[:1500], 400, root / "a")
     train_tokenizer(lines[1500:], 300, root / "b")
-    return load_tokenizer(root / "a"), load_tokenizer(root / "b"), lines
+    return load_tokenizer(root / "a"), load_tokenizer(root / "b"), lines, root
 
 
 def _table(tok):
@@ -66,7 +66,7 @@ def _table(tok):
 
 
 def test_token_bytes_of_real_tokenizers_rebuild_the_text_and_align(two_bpes):
-    a, b, lines = two_bpes
+    a, b, lines, _ = two_bpes
     ta, tb = _table(a), _table(b)
     text = "".join(lines[2990:])
     sa = [ta[i] for i in a(text)["input_ids"]]
@@ -79,7 +79,7 @@ def test_token_bytes_of_real_tokenizers_rebuild_the_text_and_align(two_bpes):
 
 
 def test_projection_maps_to_the_longest_student_prefix(two_bpes):
-    a, b, _ = two_bpes
+    a, b, _, _ = two_bpes
     ta, tb = _table(a), _table(b)
     target, exact = vocab_projection(ta, tb)
     student = {s: i for i, s in enumerate(tb) if s}
@@ -157,3 +157,56 @@ def test_projected_signal_equals_the_numpy_projection_and_feeds_the_kd_losses(te
     logq = torch.log_softmax(z, -1).reshape(-1, V_s).numpy()
     ref = [sum(w * (np.log(w) - logq[r, i]) for i, w in zip(ids[r], want[r]) if w > 0) for r in range(10)]
     np.testing.assert_allclose(kd.reshape(-1).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pair_projection_is_built_once_and_cached_beside_the_data(two_bpes, tmp_path, monkeypatch):
+    import pd_dist.data.tokenizer_pair as tp
+
+    a, b, _, root = two_bpes
+    logs = []
+    first = tp.pair_projection(root / "a", root / "b", tmp_path, log=logs.append)
+    want = vocab_projection(_table(a), _table(b))
+    assert np.array_equal(first.target, want[0]) and np.array_equal(first.exact, want[1])
+    assert first.path.parent == tmp_path / tp.PAIR_DIR and first.path.with_suffix(".json").is_file()
+    assert len(logs) == 1 and "teacher tokens mapped" in logs[0]
+    monkeypatch.setattr(tp, "vocab_projection", lambda *a: pytest.fail("built again"))
+    again = tp.pair_projection(root / "a", root / "b", tmp_path, log=logs.append)
+    assert np.array_equal(again.target, first.target) and len(logs) == 1
+    monkeypatch.undo()
+    other = tp.pair_projection(root / "b", root / "a", tmp_path)  # the other direction: a pair of its own
+    assert other.path != first.path and len(other.target) == len(_table(b))
+
+
+def test_tokenizers_that_cannot_be_aligned_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pd_dist.data.tokenizer_pair import TokenizerPairError, checked_token_bytes
+
+    words = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # drops the spaces: no round trip
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    with pytest.raises(TokenizerPairError, match="the student's tokenizer: its tokens do not rebuild the text"):
+        checked_token_bytes(tok, "the student's", "hello world")
+    wide = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"数据": 0, "[UNK]": 1},
+                                                                                unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+    with pytest.raises(TokenizerPairError, match="the teacher's tokenizer: token 0 .* byte-level alphabet"):
+        checked_token_bytes(wide, "the teacher's")
+
+
+def test_aligned_fraction_counts_the_student_positions_a_teacher_prefix_ends_at(two_bpes):
+    from pd_dist.data.tokenizer_pair import aligned_fraction, checked_token_bytes
+
+    a, b, lines, _ = two_bpes
+    ta, tb = checked_token_bytes(a, "a"), checked_token_bytes(b, "b")
+    texts = lines[2900:2920]
+    hits = total = 0
+    for text in texts:
+        s = [tb[i] for i in b(text, add_special_tokens=False)["input_ids"]]
+        t = [ta[i] for i in a(text, add_special_tokens=False)["input_ids"]]
+        got = _align_brute(s, t)
+        hits += sum(g >= 0 for g in got)
+        total += len(got)
+    assert aligned_fraction(texts, a, b, ta, tb) == pytest.approx(hits / total, abs=1e-12)
+    assert aligned_fraction(texts, a, a, ta, ta) == 1.0
