@@ -210,3 +210,51 @@ def test_aligned_fraction_counts_the_student_positions_a_teacher_prefix_ends_at(
         total += len(got)
     assert aligned_fraction(texts, a, b, ta, tb) == pytest.approx(hits / total, abs=1e-12)
     assert aligned_fraction(texts, a, a, ta, ta) == 1.0
+
+
+def test_student_signal_of_one_text_across_two_real_tokenizers(two_bpes):
+    """A teacher signal over one text's teacher tokens, moved to the student's positions: with the same
+    tokenizer on both sides it is the teacher's own signal (KD loss equal, every position aligned);
+    across two tokenizers each aligned position carries its teacher position's projected distribution
+    and the others are empty (KD 0)."""
+    import torch
+
+    from pd_dist.core.crosstok import project_signal, student_signal
+    from pd_dist.core.logits import SparseLogits
+    from pd_dist.core.losses import distillation_loss
+
+    a, b, lines, _ = two_bpes
+    ta, tb = _table(a), _table(b)
+    text = lines[2950] + lines[2951]
+    ids_a = a(text, add_special_tokens=False)["input_ids"]
+    ids_b = b(text, add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    k = 6
+    vals, idx = torch.randn(len(ids_a), len(ta), generator=g, dtype=torch.float64).mul(3).topk(k)
+    sig = SparseLogits(idx, vals.float())
+    # The same tokenizer on both sides: the identity projection, every position aligned.
+    ident = torch.arange(len(ta))
+    same, mask, mass = student_signal(sig, align_positions(byte_ends([ta[i] for i in ids_a]),
+                                                           byte_ends([ta[i] for i in ids_a])), ident, 1.0)
+    assert bool(mask.all()) and torch.allclose(mass, torch.ones(len(ids_a)))
+    z = torch.randn(len(ids_a), len(ta), generator=g, dtype=torch.float64)
+    torch.testing.assert_close(distillation_loss(z, same, "kld", 1.0), distillation_loss(z, sig, "kld", 1.0),
+                               rtol=1e-6, atol=1e-6)
+    # Two tokenizers: b's positions take a's signal where a prefix of a ends.
+    aligned = align_positions(byte_ends([tb[i] for i in ids_b]), byte_ends([ta[i] for i in ids_a]))
+    target = torch.from_numpy(vocab_projection(ta, tb)[0])
+    out, mask, mass = student_signal(sig, aligned, target, 2.0)
+    assert mask.tolist() == (aligned >= 0).tolist() and 0 < mask.float().mean() < 1
+    for pos in range(len(ids_b)):
+        if aligned[pos] < 0:
+            assert not out.mask[pos].any() and mass[pos] == 0
+            continue
+        one, m1 = project_signal(SparseLogits(idx[aligned[pos]:aligned[pos] + 1], vals[aligned[pos]:aligned[pos] + 1].float()),
+                                 target, 2.0)
+        assert torch.equal(out.indices[pos], one.indices[0]) and torch.equal(out.values[pos], one.values[0])
+        assert mass[pos] == m1[0]
+    zb = torch.randn(len(ids_b), len(tb), generator=g, dtype=torch.float64)
+    kd = distillation_loss(zb, out, "kld", 1.0)
+    assert (kd[~mask] == 0).all() and (kd[mask] > 0).all()
+    with pytest.raises(ValueError, match="names teacher position"):
+        student_signal(sig, torch.tensor([len(ids_a)]), target, 1.0)

@@ -184,3 +184,24 @@ def project_signal(sig: SparseLogits, target: torch.Tensor, temperature: float) 
     mapped = torch.zeros(n, dtype=torch.float64, device=p.device).scatter_add_(0, urow, umass)
     return (SparseLogits(idx.reshape(*lead, k), val.reshape(*lead, k)),
             mapped.to(torch.float32).reshape(lead))
+
+
+def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: torch.Tensor,
+                   temperature: float) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
+    """The teacher's signal for one tokenized text ([T_teacher, k], teacher ids) as the student's, per
+    student position: ``aligned`` [T_student] (align_positions: the teacher position whose prefix ends
+    where the student's does, or -1). Returns (SparseLogits [T_student, k] over the student's vocabulary,
+    empty where the position does not align, so a KD loss gives it 0; the aligned mask [T_student]; the
+    mapped mass [T_student], 0 where not aligned), the projection as in project_signal."""
+    a = torch.as_tensor(aligned, dtype=torch.int64, device=teacher_sig.indices.device)
+    if a.dim() != 1:
+        raise ValueError(f"aligned must be one row of teacher positions, got shape {tuple(a.shape)}")
+    if len(a) and int(a.max()) >= teacher_sig.values.shape[0]:
+        raise ValueError(f"aligned names teacher position {int(a.max())}, the signal has "
+                         f"{teacher_sig.values.shape[0]}")
+    mask = a >= 0
+    rows = SparseLogits(teacher_sig.indices[a.clamp_min(0)], teacher_sig.values[a.clamp_min(0)])
+    out, mapped = project_signal(rows, target, temperature)
+    values = torch.where(mask.unsqueeze(-1), out.values, torch.full_like(out.values, float("-inf")))
+    indices = torch.where(mask.unsqueeze(-1), out.indices, torch.zeros_like(out.indices))
+    return SparseLogits(indices, values), mask, torch.where(mask, mapped, torch.zeros_like(mapped))
