@@ -258,3 +258,33 @@ def test_student_signal_of_one_text_across_two_real_tokenizers(two_bpes):
     assert (kd[~mask] == 0).all() and (kd[mask] > 0).all()
     with pytest.raises(ValueError, match="names teacher position"):
         student_signal(sig, torch.tensor([len(ids_a)]), target, 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_uld_loss_is_the_l1_distance_of_sorted_probabilities(temperature):
+    """Against a float64 reference that sorts both full distributions and pads the shorter with zeros;
+    its gradient reaches the student logits; rows with nothing kept give 0."""
+    import torch
+
+    from pd_dist.core.crosstok import uld_loss
+    from pd_dist.core.logits import SparseLogits, target_probs
+
+    g = torch.Generator().manual_seed(3)
+    N, V_s, V_t, k = 12, 30, 50, 6
+    vals, idx = torch.randn(N, V_t, generator=g, dtype=torch.float64).mul(2).topk(k)
+    vals[:, -1] = torch.where(torch.rand(N, generator=g) < 0.5, float("-inf"), vals[:, -1])
+    vals[4] = float("-inf")  # nothing kept
+    sig = SparseLogits(idx, vals)
+    z = torch.randn(N, V_s, generator=g, dtype=torch.float64, requires_grad=True)
+    got = uld_loss(z, sig, temperature)
+    p = target_probs(sig, temperature).double().numpy()
+    q = torch.softmax(z, -1).detach().numpy()
+    for r in range(N):
+        ps = np.zeros(max(V_s, k))
+        ps[:k] = np.sort(p[r])[::-1]
+        qs = np.zeros(max(V_s, k))
+        qs[:V_s] = np.sort(q[r])[::-1]
+        want = 0.0 if r == 4 else np.abs(ps - qs).sum()
+        assert float(got[r].detach()) == pytest.approx(want, abs=1e-9), r
+    got.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad[0].abs().sum() > 0

@@ -205,3 +205,21 @@ def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: tor
     values = torch.where(mask.unsqueeze(-1), out.values, torch.full_like(out.values, float("-inf")))
     indices = torch.where(mask.unsqueeze(-1), out.indices, torch.zeros_like(out.indices))
     return SparseLogits(indices, values), mask, torch.where(mask, mapped, torch.zeros_like(mapped))
+
+
+def uld_loss(student_logits: torch.Tensor, teacher: SparseLogits, temperature: float) -> torch.Tensor:
+    """Universal logit distillation (Boizard et al., 2024), per token [...]: the L1 distance between the
+    student's and the teacher's probabilities each sorted descending, the shorter padded with zeros, so
+    no vocabulary map is needed (the teacher's ids are ignored). The teacher's are its kept entries at
+    ``temperature`` (target_probs); the student's are softmax(logits) over its whole vocabulary (not
+    tempered, as in every KD loss here). With k kept entries only the student's k largest meet a teacher
+    probability; the rest of its mass, 1 - sum of those k, is all distance. Rows with nothing kept give
+    0."""
+    k = teacher.k
+    q = torch.softmax(student_logits.to(torch.float64 if student_logits.dtype == torch.float64 else torch.float32),
+                      dim=-1)
+    top = q.topk(min(k, q.shape[-1]), dim=-1).values
+    p = target_probs(teacher, temperature).to(top.dtype)
+    p = p.sort(dim=-1, descending=True).values[..., :top.shape[-1]]
+    dist = (top - p).abs().sum(-1) + (1 - top.sum(-1)).clamp_min(0)
+    return torch.where(teacher.mask.any(-1), dist, torch.zeros_like(dist))
