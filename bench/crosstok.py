@@ -40,7 +40,6 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=50)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from pd_dist.core.crosstok import align_positions, byte_ends, student_signal
