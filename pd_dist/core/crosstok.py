@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pd_dist.core.logits import SparseLogits, target_probs
+from pd_dist.core.losses import _compute_dtype
 
 
 def byte_ends(token_bytes: Sequence[bytes]) -> np.ndarray:
@@ -216,8 +217,7 @@ def uld_loss(student_logits: torch.Tensor, teacher: SparseLogits, temperature: f
     probability; the rest of its mass, 1 - sum of those k, is all distance. Rows with nothing kept give
     0."""
     k = teacher.k
-    q = torch.softmax(student_logits.to(torch.float64 if student_logits.dtype == torch.float64 else torch.float32),
-                      dim=-1)
+    q = torch.softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
     top = q.topk(min(k, q.shape[-1]), dim=-1).values
     p = target_probs(teacher, temperature).to(top.dtype)
     p = p.sort(dim=-1, descending=True).values[..., :top.shape[-1]]

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -194,18 +195,19 @@ def library_chunk(lib: Path):
     return chunks.pop() if chunks else None
 
 
-def library_teacher_seq_len(cfg: ExperimentConfig, data: PackedDataset, lib: Path) -> int:
-    """The chunk a run writing document stores into the library ``lib`` reads documents in:
-    distill.teacher_seq_len, else the library's own (library_chunk), else data.seq_len. StoreError when
-    ``lib`` holds a window store, or stores read in another chunk than distill.teacher_seq_len asks."""
+def checked_library_chunk(lib: Path, key: str, chunk: Optional[int] = None, asks: str = "") -> Optional[int]:
+    """The chunk the stores already in the library ``lib`` (config key ``key``) were read in
+    (library_chunk; None for an empty library), after refusing, in one line, a window store where the
+    library belongs and, when ``chunk`` is given, a library read in another chunk (``asks``: what asks
+    for ``chunk``, for the message)."""
     if is_window_store(lib):
-        raise StoreError(f"distill.store {lib} holds a window store: name another directory for the document "
-                         "stores (distill.teacher_context document)")
-    have, want = library_chunk(lib), cfg.distill.teacher_seq_len
-    if have is not None and want is not None and have != want:
-        raise StoreError(f"{lib}: its document stores were read in chunks of {have} tokens, the run asks "
-                         f"distill.teacher_seq_len={want}: a library holds one definition; name another directory")
-    return want or have or data.seq_len
+        raise StoreError(f"{key} {lib} holds a window store: name another directory for the document stores "
+                         "(distill.teacher_context document)")
+    have = library_chunk(lib)
+    if have is not None and chunk is not None and have != chunk:
+        raise StoreError(f"{key} {lib}: its document stores were read in chunks of {have} tokens, {asks}: a "
+                         "library holds one definition; name another directory")
+    return have
 
 
 def source_store(cfg: ExperimentConfig, data: PackedDataset, source: int, teacher: dict, teacher_seq_len: int,
@@ -236,7 +238,9 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
     in document context) in the library for runs over this data."""
     lib = Path(cfg.distill.store)
     say = log if topo.dp_rank == 0 else (lambda *_: None)
-    T = library_teacher_seq_len(cfg, data, lib)
+    want = cfg.distill.teacher_seq_len
+    have = checked_library_chunk(lib, "distill.store", want, f"the run asks distill.teacher_seq_len={want}")
+    T = want or have or data.seq_len  # unset: the library's own chunk, else data.seq_len
     micro = cfg.generate.micro_batch_size or cfg.train.micro_batch_size
     ident = teacher_identity(cfg, weights)
     g = cfg.generate

@@ -17,10 +17,9 @@ from pd_dist.core.runtime import device, model_dtype
 from pd_dist.data import PackedDataset
 from pd_dist.models import ModelConfig, build_model, partitioned_builder
 from pd_dist.store import StoreMeta
-from pd_dist.store.format import MANIFEST, StoreError
-from pd_dist.store.library import is_window_store
+from pd_dist.store.format import MANIFEST
 from pd_dist.teacher.document import DocumentTeacher, context_teacher, teacher_held_out_loss
-from pd_dist.teacher.generate import SourceRecords, document_fill, library_chunk, source_store
+from pd_dist.teacher.generate import SourceRecords, checked_library_chunk, document_fill, source_store
 from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.pipelined import TeacherPipeline
 from pd_dist.teacher.server import Lockstep, StagedTeacherServer, TeacherServer
@@ -102,14 +101,8 @@ def write_through_stores(cfg: ExperimentConfig, data: PackedDataset, weights: Mo
     root = Path(cfg.distill.write_through)
     if cfg.distill.teacher_context != "document":
         return [(root, teacher_store_meta(cfg, data, weights))]
-    if is_window_store(root):
-        raise StoreError(f"distill.write_through {root} holds a window store: name another directory for the "
-                         "document stores (distill.teacher_context document)")
-    have = library_chunk(root)
-    if have is not None and have != teacher.T:
-        raise StoreError(f"distill.write_through {root}: its document stores were read in chunks of {have} tokens, "
-                         f"this run's teacher reads chunks of {teacher.T} (distill.teacher_seq_len): a library "
-                         "holds one definition; name another directory")
+    checked_library_chunk(root, "distill.write_through", teacher.T,
+                          f"this run's teacher reads chunks of {teacher.T} (distill.teacher_seq_len)")
     ident = teacher_identity(cfg, weights)
     return [source_store(cfg, data, s, ident, teacher.T, root) for s in range(len(data.sources))]
 
