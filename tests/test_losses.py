@@ -54,6 +54,8 @@ def textbook_kd(z: torch.Tensor, teacher: SparseLogits, kind: str, tau: float) -
         return 0.5 * (kl_pm + kl_qm).sum(-1)
     if kind == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if kind == "uld":  # both distributions sorted over the whole vocabulary (p zero-padded)
+        return (p.sort(-1, descending=True).values - q.sort(-1, descending=True).values).abs().sum(-1)
     raise AssertionError(kind)
 
 
@@ -323,3 +325,34 @@ def test_fused_argument_errors():
         fused_pd_loss(hidden, weight, targets, teacher, 1.5, "kld", 1.0, 5.0)
     with pytest.raises(ValueError, match="temperature"):
         distillation_loss(hidden @ weight.t(), teacher, "kld", -1.0)
+
+
+@pytest.mark.parametrize("kind,alpha", [("nll", 0.7), ("uld", 0.7), ("kld", 1.0)])
+def test_rows_without_teacher_entries_train_on_lm_at_full_weight(kind, alpha):
+    """A row whose signal keeps nothing (an unaligned position across tokenizers) has no KD term and an
+    LM weight of 1, not 1 - alpha: fused and reference against the formula written out, in float64."""
+    hidden, weight, targets, teacher = fused_case()
+    empty = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    empty[::3] = True
+    teacher = SparseLogits(teacher.indices, torch.where(empty.unsqueeze(-1), float("-inf"), teacher.values))
+    norm = float((targets != IGNORE_INDEX).sum())
+    logits = hidden @ weight.t()
+    valid = targets != IGNORE_INDEX
+    kd = torch.where(valid & ~empty, distillation_loss(logits, teacher, kind, 1.5), 0.0)
+    w = torch.where(empty, 1.0, 1.0 - alpha).double()
+    want = float(((w * lm_loss(logits, targets)).sum() + alpha * kd.sum()) / norm)
+    args = (targets, teacher, alpha, kind, 1.5, norm)
+    ref = run(pd_loss_reference, hidden, weight, *args)
+    assert float(ref[0].loss) == pytest.approx(want, rel=1e-12)
+    for chunk in (4, 1024):
+        check_outputs(run(fused_pd_loss, hidden, weight, *args, chunk_size=chunk), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_uld_matches_the_cross_tokenizer_reference():
+    """losses' uld (the student's top-k gathered) against crosstok.uld_loss (full sorted softmax)."""
+    from pd_dist.core.crosstok import uld_loss
+
+    z, teacher = make_case(n=9, vocab=31, k=7, seed=4)
+    z, teacher = z.double(), SparseLogits(teacher.indices, teacher.values.double())
+    got = distillation_loss(z, teacher, "uld", 1.3)
+    torch.testing.assert_close(got, uld_loss(z, teacher, 1.3), rtol=1e-12, atol=1e-12)

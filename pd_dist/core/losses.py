@@ -3,11 +3,15 @@
 Notation: q_s = softmax(student logits) over the full vocabulary (never tempered), p_t =
 target_probs(teacher, tau) over the teacher's kept entries (zero elsewhere).
 
-Every loss here depends on the student logits z only through z at the teacher's kept indices (z_I),
-z at the target (z_y) and the log-normalizer lse = logsumexp(z), because log q_s[i] = z_i - lse and
-the mass outside the kept set is 1 - sum_j q_s[I_j]. Hence dL/dz = (dL/dlse) * q_s + scatter(dL/dz_I)
+Every loss here depends on the student logits z only through z at k indices I (the teacher's kept
+indices; for uld the student's own k largest), z at the target (z_y) and the log-normalizer lse =
+logsumexp(z), because log q_s[i] = z_i - lse and the mass outside I is 1 - sum_j q_s[I_j]. Hence dL/dz = (dL/dlse) * q_s + scatter(dL/dz_I)
 + scatter(dL/dz_y): the fused path runs autograd only on these [N, k]-sized quantities and forms the
 dense [chunk, V] gradient in place, with one exp pass over the chunk logits.
+
+A position whose teacher signal keeps no entry (a student position no teacher position aligns with,
+when teacher and student tokenize differently: pd_dist.core.crosstok) has no KD term and trains on the
+LM loss at full weight, not at 1 - alpha.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 from pd_dist.core.logits import SparseLogits, teacher_log_probs, _check_temperature
 
-KDLoss = Literal["nll", "kld", "mse", "reverse_kld", "jsd", "tvd"]
+KDLoss = Literal["nll", "kld", "mse", "reverse_kld", "jsd", "tvd", "uld"]
 KD_LOSSES = get_args(KDLoss)
 IGNORE_INDEX = -100
 _LOG2 = math.log(2.0)
@@ -45,13 +49,31 @@ def lm_loss(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return out.reshape(targets.shape)
 
 
+def kd_indices(z: torch.Tensor, teacher_indices: torch.Tensor, kind: str) -> torch.Tensor:
+    """The k student-vocabulary indices a KD loss reads the student logits ``z [..., V]`` at: the
+    teacher's kept indices, or for uld the student's own k largest logits (sorted descending)."""
+    if kind == "uld":
+        return z.topk(min(teacher_indices.shape[-1], z.shape[-1]), dim=-1).indices
+    return teacher_indices
+
+
 def _kd_from_gathered(z_idx: torch.Tensor, lse: torch.Tensor, t_values: torch.Tensor, mask: torch.Tensor,
                       kind: str, temperature: float) -> torch.Tensor:
-    """Per-token KD loss from student logits at the kept indices ``z_idx[..., k]``, the student
-    log-normalizer ``lse[...]``, and the raw teacher values/mask. Dropped slots contribute exactly 0,
-    and every masked branch is sanitized first so that neither values nor gradients become NaN."""
+    """Per-token KD loss from student logits at the indices of kd_indices ``z_idx[..., k]``, the
+    student log-normalizer ``lse[...]``, and the raw teacher values/mask. Dropped slots contribute
+    exactly 0, and every masked branch is sanitized first so that neither values nor gradients become
+    NaN."""
     dtype = z_idx.dtype
     zero = torch.zeros((), dtype=dtype, device=z_idx.device)
+    if kind == "uld":
+        # Universal logit distillation (Boizard et al., 2024): L1 between the sorted probabilities, so
+        # the teacher's ids are never read. z_idx holds the student's k largest logits, descending;
+        # the student's mass beyond them meets teacher zeros and counts whole.
+        logp = teacher_log_probs(t_values, mask, temperature, dtype)
+        p = torch.where(mask, logp.exp(), zero).sort(dim=-1, descending=True).values[..., :z_idx.shape[-1]]
+        q = (z_idx - lse.unsqueeze(-1)).exp()
+        dist = (q - p).abs().sum(-1) + (1.0 - q.sum(-1))
+        return torch.where(mask.any(-1), dist, zero)
     if kind == "mse":
         # Raw logits on both sides: the temperature is deliberately not applied (logit matching).
         t = torch.where(mask, t_values.to(dtype), zero)
@@ -92,7 +114,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher: SparseLogits, kind:
     nll: -sum p_t log q_s;  kld: KL(p_t || q_s);  mse: mean over kept of (z_s - z_t)^2 on raw logits
     (temperature not applied);  reverse_kld: KL(q~ || p_t), q~ = q_s renormalized over the kept indices;
     jsd: exact Jensen-Shannon divergence between p_t (zero outside kept) and the full q_s;
-    tvd: 0.5 * sum_V |p_t - q_s|.
+    tvd: 0.5 * sum_V |p_t - q_s|;  uld: sum_V |sort(p_t) - sort(q_s)| (universal logit distillation,
+    teacher ids ignored). A row with no kept entry gives 0.
     """
     _check_kind(kind)
     _check_temperature(temperature)
@@ -101,13 +124,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher: SparseLogits, kind:
                          f"{tuple(student_logits.shape[:-1])}")
     z = student_logits.to(_compute_dtype(student_logits))
     lse = torch.logsumexp(z, dim=-1)
-    z_idx = z.gather(-1, teacher.indices)
+    z_idx = z.gather(-1, kd_indices(z, teacher.indices, kind))
     return _kd_from_gathered(z_idx, lse, teacher.values, teacher.mask, kind, temperature)
 
 
 @dataclass
 class PDLossOutput:
-    loss: torch.Tensor  # differentiable scalar = ((1-alpha)*lm_sum + alpha*kd_sum) / normalizer
+    loss: torch.Tensor  # differentiable scalar = sum over tokens of (w*lm + alpha*kd) / normalizer, w = 1 - alpha
+    # (1 where the teacher row keeps no entry)
     lm_sum: torch.Tensor  # detached scalars: sums over valid tokens (float32, float64 for float64 inputs)
     kd_sum: torch.Tensor
     n_tokens: torch.Tensor  # int64: number of valid tokens (targets != IGNORE_INDEX)
@@ -141,8 +165,12 @@ def pd_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     _validate(hidden, weight, targets, teacher, alpha, kind, temperature, normalizer)
     logits = (hidden @ weight.t()).to(_compute_dtype(hidden, weight))
     valid = targets != IGNORE_INDEX
-    lm_sum = lm_loss(logits, targets).sum()
-    loss = (1.0 - alpha) * lm_sum if alpha != 1 else None
+    lm = lm_loss(logits, targets)
+    lm_sum = lm.sum()
+    if teacher is None:
+        loss = (1.0 - alpha) * lm_sum
+    else:  # a row with no kept teacher entry trains on the LM loss alone
+        loss = torch.where(teacher.mask.any(-1), 1.0 - alpha, 1.0).to(lm.dtype).mul(lm).sum()
     if teacher is None:
         kd_sum = torch.zeros((), dtype=logits.dtype, device=logits.device)
         top1 = torch.zeros((), dtype=torch.int64, device=logits.device)
@@ -150,7 +178,7 @@ def pd_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         kd = distillation_loss(logits, teacher, kind, temperature)
         kd_sum = torch.where(valid, kd, torch.zeros_like(kd)).sum()
         if alpha != 0:
-            loss = alpha * kd_sum if loss is None else loss + alpha * kd_sum
+            loss = loss + alpha * kd_sum
         top1 = ((logits.argmax(-1) == teacher.indices[:, 0]) & valid).sum()
     return PDLossOutput(loss=loss / normalizer, lm_sum=lm_sum.detach(), kd_sum=kd_sum.detach(),
                         n_tokens=valid.sum(), top1_agree=top1)
@@ -180,6 +208,7 @@ def _fused_forward(hidden, weight, targets, t_idx, t_val, alpha, kind, temperatu
     # so no extra fp32 copy of a vocabulary-sized gradient is needed.
     grad_w = torch.zeros_like(weight) if grad_weight_needed and n == 0 else None
     lm_sum = torch.zeros((), dtype=cdt, device=device)
+    lm_obj_sum = torch.zeros((), dtype=cdt, device=device)  # the LM sum as weighted in the loss
     kd_sum = torch.zeros((), dtype=cdt, device=device)
     top1 = torch.zeros((), dtype=torch.int64, device=device)
     valid_all = targets != IGNORE_INDEX
@@ -200,7 +229,10 @@ def _fused_forward(hidden, weight, targets, t_idx, t_val, alpha, kind, temperatu
         if have_teacher:
             idx, tv = t_idx[s:e], t_val[s:e]
             tmask = tv > float("-inf")
-            z_idx = z.gather(1, idx)
+            kidx = kd_indices(z, idx, kind)
+            z_idx = z.gather(1, kidx)
+            # rows with no kept entry: LM at full weight (a tensor only where that can happen)
+            w_row = torch.where(tmask.any(-1), w_lm, 1.0).to(cdt) if w_lm != 1.0 else None
         m, amax = z.max(1)
         if have_teacher:
             top1 += ((amax == idx[:, 0]) & valid).sum()
@@ -214,7 +246,13 @@ def _fused_forward(hidden, weight, targets, t_idx, t_val, alpha, kind, temperatu
             zy_l = z_y.detach().requires_grad_(need_grad)
             lm = torch.where(valid, lse_l - zy_l, torch.zeros_like(lse_l))
             lm_sum += lm.detach().sum()
-            obj = lm.sum() * (w_lm / normalizer) if w_lm != 0 else None
+            if have_teacher and w_row is not None:
+                lm_w = (lm * w_row).sum()
+                lm_obj_sum += lm_w.detach()
+                obj = lm_w / normalizer
+            else:
+                lm_obj_sum += lm.detach().sum() * w_lm
+                obj = lm.sum() * (w_lm / normalizer) if w_lm != 0 else None
             kd_grad = have_teacher and need_grad and w_kd != 0
             if have_teacher:
                 # alpha == 0: KD is only logged, so keep it out of the autograd graph.
@@ -233,10 +271,9 @@ def _fused_forward(hidden, weight, targets, t_idx, t_val, alpha, kind, temperatu
 
         # dense logits gradient: (dL/dlse) * softmax(z) + scattered dL/dz_y and dL/dz_I
         g = z.mul_((grads[0] / ssum).unsqueeze(1))
-        if w_lm != 0:
-            g.scatter_add_(1, y, grads[1].unsqueeze(1))
+        g.scatter_add_(1, y, grads[1].unsqueeze(1))  # zeros where the LM term has no weight
         if kd_grad:
-            g.scatter_add_(1, idx, grads[2])
+            g.scatter_add_(1, kidx, grads[2])
         if low_precision:
             g = lpbuf[: e - s].copy_(g)
         if grad_hidden_needed:
@@ -247,7 +284,7 @@ def _fused_forward(hidden, weight, targets, t_idx, t_val, alpha, kind, temperatu
             else:
                 grad_w.addmm_(g.t(), h)
 
-    loss = (w_lm * lm_sum + w_kd * kd_sum) / normalizer
+    loss = (lm_obj_sum + w_kd * kd_sum) / normalizer
     stats = (lm_sum, kd_sum, valid_all.sum(), top1)
     return loss, stats, grad_h, grad_w
 
