@@ -123,6 +123,16 @@ class DistillConfig:
         "teacher_context document: tokens per chunk the teacher reads a document in (null: when writing a "
         "library, the chunk of the stores already in it, else data.seq_len; when training from one, its "
         "own; a colocated or online teacher: data.seq_len)"))
+    cross_tokenizer: Literal["off", "map", "uld"] = field(default="off", metadata=doc(
+        "a teacher whose tokenizer differs from the student's (teacher.path's tokenizer; off: refused): "
+        "student positions whose byte prefix ends where a teacher prefix ends take the teacher's "
+        "distribution, the others the LM loss alone (docs/cross-tokenizer.md). map: projected onto the "
+        "student's vocabulary (each teacher token to the longest student token its bytes begin with), "
+        "trained with distill.loss; uld: universal logit distillation (L1 between sorted probabilities, no "
+        "vocabulary map; distill.loss is then uld). Needs teacher_context document"))
+    min_aligned_frac: float = field(default=0.5, metadata=doc(
+        "cross_tokenizer: the least fraction of student positions that must align with a teacher position "
+        "(measured on a sample of the data at start), in [0, 1]"))
     prefetch: int = field(default=2, metadata=doc(
         "online: micro-batches requested from the teacher ahead of the one training"))
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=doc(
@@ -150,6 +160,26 @@ class DistillConfig:
                  "its draws by sample id, which a document-keyed store does not have")
         if self.signal not in SignalSpec.kinds():
             fail(f"{prefix}.signal", self.signal, f"must be one of {', '.join(SignalSpec.kinds())}")
+        if not 0.0 <= self.min_aligned_frac <= 1.0:
+            fail(f"{prefix}.min_aligned_frac", self.min_aligned_frac, "must be in [0, 1]")
+        if self.cross_tokenizer != "off":
+            ct = f"{prefix}.cross_tokenizer"
+            if self.teacher_context != "document":
+                fail(ct, self.cross_tokenizer, "needs distill.teacher_context document (a window's teacher "
+                     "tokens are cut where the student's window is, so its prefixes are not the document's; a "
+                     "window store serves one tokenizer)")
+            if self.mode == "none":
+                fail(ct, self.cross_tokenizer, "needs a teacher (distill.mode colocated, online or offline)")
+            if self.cross_tokenizer == "map" and self.loss in ("mse", "uld"):
+                fail(f"{prefix}.loss", self.loss, "cannot train on projected probabilities (mse matches raw "
+                     "logits of one vocabulary; for uld set distill.cross_tokenizer uld)")
+            if self.cross_tokenizer == "uld" and self.loss not in ("nll", "uld"):
+                fail(f"{prefix}.loss", self.loss, "is replaced by uld with distill.cross_tokenizer uld: leave it "
+                     "nll (the default) or set uld")
+            if self.write_through or self.dump_logits:
+                fail(f"{prefix}.write_through" if self.write_through else f"{prefix}.dump_logits", True,
+                     "is not supported with distill.cross_tokenizer: write the teacher's document store with "
+                     "launch/generate_logits.py on the data prepared with the teacher's tokenizer")
         if self.signal != "top_p_k":
             if self.loss not in ("nll", "kld"):
                 fail(f"{prefix}.loss", self.loss, f"must be nll or kld with distill.signal {self.signal} (its "
@@ -167,8 +197,14 @@ class DistillConfig:
     @property
     def loss_temperature(self) -> float:
         """The temperature the loss applies to the signal (SignalSpec.loss_temperature): tau for top-p-k
-        logits; 1 for drawn signals (sampled, head_tail), whose log weights were formed at tau already."""
-        return self.signal_spec(0).loss_temperature
+        logits; 1 for drawn signals (sampled, head_tail), whose log weights were formed at tau already, and
+        across tokenizers (the projection forms log probabilities at tau)."""
+        return 1.0 if self.cross_tokenizer != "off" else self.signal_spec(0).loss_temperature
+
+    @property
+    def kd_loss(self) -> str:
+        """The KD loss the student trains with: distill.loss, or uld with cross_tokenizer uld."""
+        return "uld" if self.cross_tokenizer == "uld" else self.loss
 
 
 @dataclass
@@ -385,6 +421,14 @@ class ExperimentConfig:
             if self.teacher.pipeline_stages > 1:
                 fail("topology.teacher_failover", True, "cannot work with teacher.pipeline_stages > 1 (the "
                      "replicas' stages run in lockstep)")
+        if self.distill.cross_tokenizer != "off":
+            if not self.teacher.path:
+                fail("distill.cross_tokenizer", self.distill.cross_tokenizer, "needs teacher.path: a teacher "
+                     "with its own tokenizer (the default teacher is pre-trained with the student's; offline, "
+                     "only its tokenizer files are read)")
+            if self.data.source == "indexed":
+                fail("distill.cross_tokenizer", self.distill.cross_tokenizer, "needs text sources: indexed data "
+                     "holds one tokenizer's ids, and the teacher must tokenize the text itself")
         if self.distill.mode == "offline" and not self.distill.store:
             fail("distill.store", self.distill.store, "must name a teacher-logits store when distill.mode is offline")
 

@@ -243,7 +243,9 @@ def check_same_tokenizer(model_path: str | os.PathLike, run_tokenizer_dir: str |
         if a != b:
             raise ValueError(
                 f"{what} at {mp} was trained with a different tokenizer (hash {a}) than the run's "
-                f"({b} at {run_tokenizer_dir}): teacher and student must share vocabulary and tokenizer")
+                f"({b} at {run_tokenizer_dir}): " + ("set distill.cross_tokenizer map (or uld) to distil across "
+                "tokenizers, or give a teacher of the run's tokenizer" if what == "the teacher" else
+                "teacher and student must share vocabulary and tokenizer"))
 
 
 def final_norm_and_head(model):

@@ -36,8 +36,9 @@ from pd_dist.core.configlib import to_dict
 from pd_dist.core.monitor import Monitor
 from pd_dist.core.runtime import StopSignals, device, set_threads
 from pd_dist.data import DataError, PackedDataset, prepare_data
-from pd_dist.models import ModelConfig, build_model, check_same_tokenizer, weights_digest
+from pd_dist.models import ModelConfig, build_model, check_same_tokenizer, tokenizer_hash, weights_digest
 from pd_dist.signals.sources import SOURCES, NoTeacher, SourceContext, build_source
+from pd_dist.teacher.crosstok import CrossTokenizer
 from pd_dist.teacher.generate import run_generation
 from pd_dist.teacher.serve import serve_teacher
 from pd_dist.teacher.stores import LogitsDump
@@ -48,11 +49,11 @@ Log = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------------------- data
-def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) -> PackedDataset:
+def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print, key: str = "pd/data") -> PackedDataset:
     """One rank prepares (or reuses) the packed data; the others wait and then read it.
 
-    In online mode the first teacher rank prepares and publishes the outcome in the job's store, so the
-    two roles never write the same files."""
+    In online mode the first teacher rank prepares and publishes the outcome in the job's store under
+    ``key``, so the two roles never write the same files."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
     preparer = topo.role_rank == 0 and (not topo.online or topo.role == "teacher")
     err = None
@@ -63,10 +64,10 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
             err = e
     if topo.online:
         if preparer:
-            topo.store.set("pd/data", "ok" if err is None else f"error: {err}")
+            topo.store.set(key, "ok" if err is None else f"error: {err}")
         else:
-            topo.store.wait(["pd/data"], datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
-        status = topo.store.get("pd/data").decode()
+            topo.store.wait([key], datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+        status = topo.store.get(key).decode()
         if err is not None:
             raise err
         if status != "ok":
@@ -80,6 +81,24 @@ def prepare_run_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) ->
     if ok.item() < topo.role_size:
         raise DataError("data preparation failed on rank 0 (its log says why)")
     return PackedDataset(data_dir)
+
+
+def teacher_view_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) -> Optional[PackedDataset]:
+    """With distill.cross_tokenizer, the run's data prepared with the teacher's tokenizer (teacher.path's),
+    beside the run's own data directory in ``<dir>-teacher-<tokenizer hash>``: the same sources, caps
+    and documents, tokenized as the teacher reads them (and as the teacher's document stores were
+    written). None otherwise."""
+    if cfg.distill.cross_tokenizer == "off":
+        return None
+    tok = Path(cfg.teacher.path)
+    if not (tok / "tokenizer.json").is_file():
+        raise DataError(f"teacher.path {tok} has no tokenizer.json: distill.cross_tokenizer needs the teacher's "
+                        "own (fast) tokenizer saved with it")
+    base = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
+    tc = copy.copy(cfg)
+    tc.data = dataclasses.replace(cfg.data, tokenizer=str(tok),
+                                  dir=str(base.parent / f"{base.name}-teacher-{tokenizer_hash(tok)}"))
+    return prepare_run_data(tc, topo, log=log, key="pd/teacher_data")
 
 
 def data_summary(data: PackedDataset, sampler, steps: int) -> dict:
@@ -228,6 +247,12 @@ def generate_store(cfg: ExperimentConfig, topo: Topology, log: Log = print) -> P
         raise ValueError("set distill.store: the directory the teacher-logits store is written to")
     say = log if topo.dp_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
+    tdata = teacher_view_data(cfg, topo, log=say)
+    if tdata is not None:  # across tokenizers: the teacher's library, from the data as its tokenizer cuts it
+        say(f"[generate] distill.cross_tokenizer: writing the teacher's document stores from {tdata.path} (the "
+            "run's data in the teacher's tokenizer); every student tokenizer maps from them at load")
+        data, cfg = tdata, copy.copy(cfg)
+        cfg.distill = dataclasses.replace(cfg.distill, cross_tokenizer="off")
     return run_generation(cfg, topo, data, teacher_weights(cfg, topo, data, log=say), log=log)
 
 
@@ -249,11 +274,13 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     set_threads(cfg.train.threads)
     say = log if topo.role_rank == 0 else (lambda *_: None)
     data = prepare_run_data(cfg, topo, log=say)
+    tdata = teacher_view_data(cfg, topo, log=say)  # distill.cross_tokenizer: what the teacher reads
+    pair = CrossTokenizer.build(cfg, data, tdata, log=say) if tdata is not None else None
     if topo.role == "teacher":
-        serve_teacher(cfg, topo, data, teacher_weights(cfg, topo, data, log=say), log=say)
+        serve_teacher(cfg, topo, data, teacher_weights(cfg, topo, tdata or data, log=say), log=say, pair=pair)
         return None
-    ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, data, log=say),
-                        log=say)
+    ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, tdata or data, log=say),
+                        log=say, pair=pair)
     reports_as = SOURCES[cfg.distill.mode]
     say(describe_data(data, cfg.train.steps * cfg.train.global_batch_size))
     if topo.is_last_stage:
@@ -262,7 +289,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         # A pipeline's other stages compute no loss and need no teacher signal; a teacher that must
         # be pre-trained first is still trained by every rank together.
         if cfg.distill.mode == "colocated":
-            teacher_weights(cfg, topo, data, log=say)
+            teacher_weights(cfg, topo, tdata or data, log=say)
         source = NoTeacher()
     # The yardstick: the same student trained LM-only (an online teacher waits for its first request).
     baseline = obtain_baseline(cfg, topo, data, log=say) if cfg.baseline and cfg.distill.mode != "none" else None
@@ -272,7 +299,8 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     hooks = [LogitsDump(cfg, topo, data, export, log=say)] if cfg.distill.dump_logits else []
     try:
         trainer = Trainer(cfg, topo, data, source, resume=resume, reports_as=reports_as,
-                          objective_keys=objective(cfg, teacher_digest(cfg)), resume_overrides=resume_overrides,
+                          objective_keys=objective(cfg, teacher_digest(cfg), pair_hashes(pair)),
+                          resume_overrides=resume_overrides,
                           stop=stop, hooks=hooks)
     except ResumeError:
         source.close()  # an online teacher is told this student is done, not left waiting
@@ -287,11 +315,17 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     finally:
         trainer.close()
     if topo.is_logger:
-        summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps))
+        summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps),
+                       **source.summary())
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
     return result
+
+
+def pair_hashes(pair: Optional[CrossTokenizer]) -> Optional[tuple[str, str]]:
+    """(teacher, student) tokenizer hashes of a cross-tokenizer run, for checkpoint.objective."""
+    return None if pair is None else (pair.summary["teacher_tokenizer"], pair.summary["student_tokenizer"])
 
 
 def teacher_digest(cfg: ExperimentConfig) -> Optional[str]:

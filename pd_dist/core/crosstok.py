@@ -188,12 +188,17 @@ def project_signal(sig: SparseLogits, target: torch.Tensor, temperature: float) 
 
 
 def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: torch.Tensor,
-                   temperature: float) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
+                   temperature: float, merge: bool = True) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
     """The teacher's signal for one tokenized text ([T_teacher, k], teacher ids) as the student's, per
     student position: ``aligned`` [T_student] (align_positions: the teacher position whose prefix ends
     where the student's does, or -1). Returns (SparseLogits [T_student, k] over the student's vocabulary,
     empty where the position does not align, so a KD loss gives it 0; the aligned mask [T_student]; the
-    mapped mass [T_student], 0 where not aligned), the projection as in project_signal."""
+    mapped mass [T_student], 0 where not aligned), the projection as in project_signal.
+
+    ``merge`` False (universal logit distillation, which reads sorted probabilities only): each row keeps
+    the teacher's own probabilities at ``temperature``, entry by entry (log p, sorted as the teacher
+    kept them), with each id replaced by its projection (0 where it maps nowhere), so the ids still name
+    the teacher's top-1 in the student's vocabulary for the agreement figure."""
     a = torch.as_tensor(aligned, dtype=torch.int64, device=teacher_sig.indices.device)
     if a.dim() != 1:
         raise ValueError(f"aligned must be one row of teacher positions, got shape {tuple(a.shape)}")
@@ -202,7 +207,14 @@ def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: tor
                          f"{teacher_sig.values.shape[0]}")
     mask = a >= 0
     rows = SparseLogits(teacher_sig.indices[a.clamp_min(0)], teacher_sig.values[a.clamp_min(0)])
-    out, mapped = project_signal(rows, target, temperature)
+    if merge:
+        out, mapped = project_signal(rows, target, temperature)
+    else:
+        p = target_probs(rows, temperature)
+        tgt = torch.as_tensor(target, dtype=torch.int64, device=rows.indices.device)[rows.indices]
+        mapped = torch.where(tgt >= 0, p, torch.zeros_like(p)).sum(-1).to(torch.float32)
+        out = SparseLogits(tgt.clamp_min(0), torch.where(p > 0, p.log(), torch.full_like(p, float("-inf")))
+                           .to(torch.float32))
     values = torch.where(mask.unsqueeze(-1), out.values, torch.full_like(out.values, float("-inf")))
     indices = torch.where(mask.unsqueeze(-1), out.indices, torch.zeros_like(out.indices))
     return SparseLogits(indices, values), mask, torch.where(mask, mapped, torch.zeros_like(mapped))

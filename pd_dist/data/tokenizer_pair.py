@@ -1,7 +1,9 @@
 """A teacher tokenizer and a student tokenizer as a pair, for distillation across tokenizers: each
 checked for what byte-space alignment needs, the teacher-to-student vocabulary projection built once per
-pair and cached, and the fraction of student positions that align measured on sample text. The
-alignment and projection themselves are pd_dist.core.crosstok's."""
+pair and cached, the fraction of student positions that align measured on sample text, and
+:class:`StreamAlignment`, which finds for any student window of the prepared data the teacher positions
+it aligns with in the same data prepared with the teacher's tokenizer. The alignment and projection
+themselves are pd_dist.core.crosstok's."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ import numpy as np
 from pd_dist.core.crosstok import align_positions, byte_ends, byte_level_token_bytes, vocab_projection
 
 PAIR_DIR = "tokenizer_pairs"  # under the cache root (the prepared data's directory)
+PAIR_VERSION = 2  # in the cache file's name: 2 maps the teacher's EOS to the student's
 ROUND_TRIP_SAMPLE = "Distillation, déjà vu: 3 tokens\tand\n  spaces — ✓ 数据\n"
 
 
@@ -67,13 +70,16 @@ def pair_projection(teacher_dir, student_dir, cache_root, log=lambda *_: None) -
     from pd_dist.models import tokenizer_hash
 
     th, sh = tokenizer_hash(teacher_dir), tokenizer_hash(student_dir)
-    path = Path(cache_root) / PAIR_DIR / f"{th}-{sh}.npz"
+    path = Path(cache_root) / PAIR_DIR / f"{th}-{sh}-v{PAIR_VERSION}.npz"
     if path.is_file():
         with np.load(path) as z:
             return Projection(z["target"], z["exact"], th, sh, path)
-    teacher = checked_token_bytes(load_tokenizer(teacher_dir), "the teacher's")
-    student = checked_token_bytes(load_tokenizer(student_dir), "the student's")
+    t_tok, s_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    teacher = checked_token_bytes(t_tok, "the teacher's")
+    student = checked_token_bytes(s_tok, "the student's")
     target, exact = vocab_projection(teacher, student)
+    if t_tok.eos_token_id is not None and s_tok.eos_token_id is not None:  # end of document is one event
+        target[t_tok.eos_token_id], exact[t_tok.eos_token_id] = s_tok.eos_token_id, True
     proj = Projection(target, exact, th, sh, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -102,3 +108,77 @@ def aligned_fraction(texts: Sequence[str], teacher, student, teacher_bytes: Sequ
         aligned += int((got >= 0).sum())
         total += len(s)
     return aligned / total if total else 0.0
+
+
+def byte_lengths(table: Sequence[Optional[bytes]], vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: each id's byte length, 1 for a special token (EOS ends every prepared
+    document: one virtual byte, the same event in both tokenizations) and for ids past the table."""
+    out = np.ones(max(vocab_size, len(table)), np.int64)
+    for i, b in enumerate(table):
+        if b:
+            out[i] = len(b)
+    return out
+
+
+class StreamAlignment:
+    """The run's data prepared twice, with the student's tokenizer (``student``) and the teacher's
+    (``teacher``): the same sources, documents and order, so document d of a source is the same text in
+    both. For a student window it gives the teacher stream positions each student position aligns with
+    (equal byte prefixes of the document; pd_dist.core.crosstok), so a teacher in document context, or
+    a document store written from ``teacher``, can answer for it. ``student_len``/``teacher_len``: byte
+    lengths per id (byte_lengths). A document whose bytes differ between the two is an error naming it."""
+
+    def __init__(self, student, teacher, student_len: np.ndarray, teacher_len: np.ndarray):
+        if len(student.sources) != len(teacher.sources):
+            raise TokenizerPairError(f"the student's data has {len(student.sources)} source(s), the teacher's "
+                                     f"{len(teacher.sources)}: prepare both from one data section")
+        self.student, self.teacher = student, teacher
+        self.student_len, self.teacher_len = student_len, teacher_len
+        self._checked: set[int] = set()
+
+    def _indexes(self, source: int):
+        si, ti = self.student.document_index(source), self.teacher.document_index(source)
+        if source not in self._checked:
+            if si.n_docs != ti.n_docs:
+                raise TokenizerPairError(
+                    f"source {self.student.sources[source]['label']}: {si.n_docs:,} documents in the student's "
+                    f"data, {ti.n_docs:,} in the teacher's: not the same text")
+            self._checked.add(source)
+        return si, ti
+
+    def span(self, source: int, start: int, length: int) -> tuple[int, int, np.ndarray]:
+        """For the student stream positions [start, start + length) of ``source``: (t0, n, aligned),
+        where the teacher positions they align with lie in the teacher stream's [t0, t0 + n) and
+        ``aligned`` [length] gives each student position's teacher position minus t0, or -1 (no teacher
+        prefix ends where it does). n is 0 when nothing aligns."""
+        si, ti = self._indexes(source)
+        s_stream, t_stream = self.student.streams[source], self.teacher.streams[source]
+        aligned = np.full(length, -1, np.int64)
+        b = start + length
+        first, last = si.document_of([start, b - 1])
+        for d in range(int(first), int(last) + 1):
+            ds, de = int(si.starts[d]), int(si.starts[d + 1])
+            lo, hi = max(start, ds), min(b, de)
+            s_end = np.cumsum(self.student_len[s_stream.read(ds, hi - ds)])
+            tds, tde = int(ti.starts[d]), int(ti.starts[d + 1])
+            want = int(s_end[-1])  # teacher tokens are read until their bytes reach the student's
+            n = min(tde - tds, (hi - ds) + 16)
+            while True:
+                t_end = np.cumsum(self.teacher_len[t_stream.read(tds, n)])
+                if t_end[-1] >= want or n == tde - tds:
+                    break
+                n = min(tde - tds, 2 * n)
+            if hi == de and (n != tde - tds or int(t_end[-1]) != want):
+                if n != tde - tds:  # the teacher's document is longer: read it whole for the message
+                    t_end = np.cumsum(self.teacher_len[t_stream.read(tds, tde - tds)])
+                raise TokenizerPairError(
+                    f"source {self.student.sources[source]['label']}, document {d}: {want:,} bytes as the "
+                    f"student's data holds it, {int(t_end[-1]):,} as the teacher's: the two were not prepared "
+                    "from the same text, or a tokenizer does not round-trip it")
+            got = align_positions(s_end[lo - ds:], t_end)
+            aligned[lo - start:hi - start] = np.where(got >= 0, got + tds, -1)
+        hit = aligned >= 0
+        if not hit.any():
+            return 0, 0, aligned
+        t0 = int(aligned[hit].min())
+        return t0, int(aligned[hit].max()) - t0 + 1, np.where(hit, aligned - t0, -1)

@@ -169,7 +169,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baselin
     source = signal_source(cfg, data, log)
     eos = data.document_eos(cfg.data.document_mask)
     try:
-        result = held_out_metrics(_load_causal_lm(run_dir / "student"), data, mb, source, cfg.distill.loss,
+        result = held_out_metrics(_load_causal_lm(run_dir / "student"), data, mb, source, cfg.distill.kd_loss,
                                   cfg.distill.loss_temperature, chunk, log=log, document_eos=eos)
         teacher_loss = source.teacher_val_loss()
     finally:

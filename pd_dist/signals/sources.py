@@ -42,6 +42,7 @@ from pd_dist.data import PackedDataset
 from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
 from pd_dist.store import StoreError, open_for_training
 from pd_dist.store.library import is_window_store, library_stores, open_source_store
+from pd_dist.teacher.crosstok import CrossTokenizer, CrossTokenizerStore, alignment_figures
 from pd_dist.teacher.document import DocumentTeacher, context_teacher, teacher_held_out_loss
 from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.specs import signal_spec, wire_spec
@@ -54,13 +55,15 @@ class SourceContext:
     """What a source may need to build itself. `teacher()` obtains the teacher model (loading it, or
     pre-training the default one); it is only called by sources that run a teacher in this process.
     `topo` is None outside a launched job (``pd-dist eval``): the colocated and offline sources need
-    none, the online one does."""
+    none, the online one does. `pair`: with distill.cross_tokenizer, the tokenizer pair (its teacher
+    side, ``pair.align.teacher``, is the data prepared with the teacher's tokenizer); None otherwise."""
     cfg: ExperimentConfig
     topo: Optional[Topology]
     data: PackedDataset
     device: torch.device
     teacher: Callable[[], nn.Module]
     log: Callable[[str], None] = print
+    pair: Optional[CrossTokenizer] = None
 
 
 class SignalSource:
@@ -73,6 +76,12 @@ class SignalSource:
         self._spent = 0.0
         self._plan: Sequence[np.ndarray] = ()
         self._cursor = 0
+        # distill.cross_tokenizer (set by build_source): whether the signal is projected (map) or not (uld),
+        # and the alignment figures [positions, aligned, mapped mass] since the last scalars() and in all
+        self.cross_merge: Optional[bool] = None
+        self.cross_summary: dict = {}
+        self._align_step = np.zeros(3)
+        self._align_run = np.zeros(3)
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "SignalSource":
@@ -90,6 +99,11 @@ class SignalSource:
             self._cursor += 1
         out = self._fetch(ids, input_ids, planned)
         self._spent += time.perf_counter() - t0
+        if self.cross_merge is not None and planned:
+            fig = alignment_figures(out, self.cross_merge)
+            if fig is not None:
+                self._align_step += fig
+                self._align_run += fig
         return out
 
     def _fetch(self, ids: np.ndarray, input_ids: torch.Tensor, planned: bool) -> Optional[SparseLogits]:
@@ -101,8 +115,26 @@ class SignalSource:
         return self._spent
 
     def scalars(self) -> dict[str, float]:
-        """Extra per-step scalars of this source (TensorBoard)."""
-        return {}
+        """Extra per-step scalars of this source (TensorBoard): across tokenizers, the fraction of the
+        student positions trained since the last call that took a teacher signal (kd/aligned_frac) and
+        the mean teacher mass they mapped (kd/mapped_mass, map only)."""
+        if self.cross_merge is None or not self._align_step[0]:
+            return {}
+        n, hit, mass = self._align_step
+        self._align_step = np.zeros(3)
+        out = {"kd/aligned_frac": hit / n}
+        if self.cross_merge and hit:
+            out["kd/mapped_mass"] = mass / hit
+        return out
+
+    def summary(self) -> dict:
+        """What summary.json records of this source: across tokenizers, the pair and the run's alignment
+        figures; {} otherwise."""
+        if self.cross_merge is None:
+            return {}
+        n, hit, mass = self._align_run
+        return {"cross_tokenizer": dict(self.cross_summary, aligned_frac=hit / n if n else None,
+                                        mapped_mass=mass / hit if hit and self.cross_merge else None)}
 
     def describe(self) -> Optional[str]:
         """One line for the console at start, or None."""
@@ -131,7 +163,12 @@ def register(cls: type[SignalSource]) -> type[SignalSource]:
 
 def build_source(ctx: SourceContext) -> SignalSource:
     """The source for `ctx.cfg.distill.mode`."""
-    return SOURCES[ctx.cfg.distill.mode].build(ctx)
+    source = SOURCES[ctx.cfg.distill.mode].build(ctx)
+    how = ctx.cfg.distill.cross_tokenizer
+    if how != "off" and source.has_signal:
+        source.cross_merge = how == "map"
+        source.cross_summary = dict(ctx.pair.summary) if ctx.pair is not None else {"how": how}
+    return source
 
 
 @register
@@ -157,17 +194,19 @@ class ColocatedTeacher(SignalSource):
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
         cfg = ctx.cfg
+        tdata = ctx.pair.align.teacher if ctx.pair is not None else ctx.data  # what the teacher reads
         frozen = FrozenTeacher(ctx.teacher(), ctx.device, model_dtype(cfg.train.precision), signal_spec(cfg),
-                               cfg.train.loss_chunk_size, document_eos=ctx.data.document_eos(cfg.data.document_mask))
-        return cls(context_teacher(cfg, frozen, ctx.data), ctx.data, cfg.train.micro_batch_size)
+                               cfg.train.loss_chunk_size, document_eos=tdata.document_eos(cfg.data.document_mask))
+        return cls(context_teacher(cfg, frozen, ctx.data, ctx.pair), ctx.data, cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
         return self.teacher(input_ids, ids)
 
     def scalars(self):
-        if isinstance(self.teacher, DocumentTeacher):
-            return {"teacher/context_overhead": self.teacher.context_overhead}
-        return {}
+        out = super().scalars()
+        if hasattr(self.teacher, "context_overhead"):
+            out["teacher/context_overhead"] = self.teacher.context_overhead
+        return out
 
     def teacher_val_loss(self):
         return teacher_held_out_loss(self.teacher, self.data, self.micro_batch)
@@ -238,7 +277,7 @@ class OnlineTeacher(SignalSource):
         return self.client.wait_time  # blocked on answers, not the (asynchronous) sends
 
     def scalars(self):
-        out = {"comm/bytes_per_token": self.client.spec.bytes_per_token()}
+        out = dict(super().scalars(), **{"comm/bytes_per_token": self.client.spec.bytes_per_token()})
         if self.client.failover:
             out["teacher/replicas_alive"] = self.client.replicas_alive()
         return out
@@ -322,6 +361,10 @@ class StoredLogits(SignalSource):
     @classmethod
     def build(cls, ctx: SourceContext) -> "StoredLogits":
         d, data = ctx.cfg.distill, ctx.data
+        if ctx.pair is not None:  # a library written from the data as the teacher tokenizes it
+            windows = DocumentStoreWindows.open(d.store, ctx.pair.align.teacher, signal_spec(ctx.cfg),
+                                                d.teacher_seq_len)
+            return cls(CrossTokenizerStore(windows, ctx.pair), data, ctx.cfg.data.loader_workers)
         if d.teacher_context == "document":
             return cls(DocumentStoreWindows.open(d.store, data, signal_spec(ctx.cfg), d.teacher_seq_len), data,
                        ctx.cfg.data.loader_workers)
@@ -335,7 +378,7 @@ class StoredLogits(SignalSource):
         return cls(store, data, ctx.cfg.data.loader_workers)
 
     def describe(self):
-        if isinstance(self.store, DocumentStoreWindows):
+        if isinstance(self.store, (DocumentStoreWindows, CrossTokenizerStore)):
             return self.store.describe()
         m = self.store.meta
         if m.signal:
@@ -344,6 +387,8 @@ class StoredLogits(SignalSource):
                 f"{m.top_k}, used top-{self.store.default_top_p}-{self.store.default_top_k})")
 
     def teacher_val_loss(self):
+        if isinstance(self.store, CrossTokenizerStore):
+            return None  # the teacher's loss per teacher token is not comparable with the student's
         return read_store_teacher_eval(self.store.root, self.data)
 
     def _fetch(self, ids, input_ids, planned):

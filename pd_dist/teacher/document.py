@@ -46,14 +46,19 @@ class DocumentTeacher:
         return self.read_tokens / max(self.asked_tokens, 1)
 
     @torch.no_grad()
-    def hidden(self, source: int, starts, length: int) -> torch.Tensor:
+    def hidden(self, source: int, starts, length) -> torch.Tensor:
         """The teacher's final hidden states [B, length, H] at stream positions [start, start + length) of
-        ``source`` for each start, each read in document context."""
+        ``source`` for each start, each read in document context. ``length``: one for every span, or one
+        per span (the result is then as long as the longest, zeros past each span's end)."""
         index, stream = self.data.document_index(source), self.data.streams[source]
         starts = [int(a) for a in starts]
+        lengths = [int(n) for n in length] if np.ndim(length) else [int(length)] * len(starts)
+        if len(lengths) != len(starts):
+            raise ValueError(f"{len(lengths)} lengths for {len(starts)} spans")
+        length = max(lengths, default=0)
         pieces, toks, want = [], [], []  # want: (span, offset in span, piece, offset in piece, count)
         for j, a in enumerate(starts):
-            b = a + length
+            b = a + lengths[j]
             ps = index.pieces(a, b, self.T)
             base = int(ps[0, 0])
             window = stream.read(base, b - base)
@@ -69,22 +74,23 @@ class DocumentTeacher:
         for p, t in enumerate(toks):
             ids[row[p], col[p]:col[p] + len(t)] = t
             pos[row[p], col[p]:col[p] + len(t)] = np.arange(len(t))
-        self.asked_tokens += len(starts) * length
+        self.asked_tokens += sum(lengths)
         self.read_tokens += int(sum(pieces))
         body, _ = final_norm_and_head(self.frozen.model)
         dev = self.frozen.device
         ids_t, pos_t = torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev)
         hidden = torch.cat([body_hidden_at(body, ids_t[r:r + self.rows], pos_t[r:r + self.rows])
                             for r in range(0, n_rows, self.rows)])
-        out = hidden.new_empty(len(starts), length, hidden.shape[-1])
+        out = hidden.new_zeros(len(starts), length, hidden.shape[-1])
         for j, off, p, poff, n in want:
             c = int(col[p]) + poff
             out[j, off:off + n] = hidden[int(row[p]), c:c + n]
         return out
 
     @torch.no_grad()
-    def spans(self, source: int, starts, length: int) -> SparseLogits:
-        """The signal [B, length, k] at stream positions [start, start + length) of ``source``."""
+    def spans(self, source: int, starts, length) -> SparseLogits:
+        """The signal [B, length, k] at stream positions [start, start + length) of ``source`` (``length``
+        per span as in :meth:`hidden`: rows past a span's end are not its signal)."""
         hidden = self.hidden(source, starts, length)
         _, head = final_norm_and_head(self.frozen.model)
         with self.frozen.gather([head.weight]):
@@ -123,15 +129,22 @@ class DocumentTeacher:
         return total / count if count else None
 
 
-def context_teacher(cfg, frozen: FrozenTeacher, data: PackedDataset):
+def context_teacher(cfg, frozen: FrozenTeacher, data: PackedDataset, pair=None):
     """The teacher a run of ``cfg`` answers with: ``frozen`` itself in window context; in document context
     a DocumentTeacher reading documents in chunks of distill.teacher_seq_len (default: data.seq_len),
-    train.micro_batch_size rows per forward."""
+    train.micro_batch_size rows per forward. With ``pair`` (distill.cross_tokenizer, a
+    teacher.crosstok.CrossTokenizer) the DocumentTeacher reads the data as the teacher tokenizes it, and
+    answers for the student's windows in the student's vocabulary."""
     d = cfg.distill
     if d.teacher_context != "document":
         return frozen
-    return DocumentTeacher(frozen, data, d.teacher_seq_len or data.seq_len,
-                           cfg.teacher.micro_batch_size or cfg.train.micro_batch_size)
+    rows = cfg.teacher.micro_batch_size or cfg.train.micro_batch_size
+    if pair is not None:
+        from pd_dist.teacher.crosstok import CrossTokenizerTeacher
+
+        return CrossTokenizerTeacher(DocumentTeacher(frozen, pair.align.teacher, d.teacher_seq_len or data.seq_len,
+                                                     rows), pair)
+    return DocumentTeacher(frozen, data, d.teacher_seq_len or data.seq_len, rows)
 
 
 def teacher_held_out_loss(teacher, data: PackedDataset, micro_batch: int) -> Optional[float]:

@@ -32,10 +32,12 @@ Log = Callable[[str], None]
 
 
 def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, weights: ModelConfig,
-                  log: Log = print) -> None:
+                  log: Log = print, pair=None) -> None:
     """A teacher rank: load the teacher from ``weights`` (ready: the orchestration pre-trained it if it
     had to), then serve its students until each is done. With teacher.zero_stage 3 the weights are
-    partitioned over all teacher ranks, which then run their forwards in lockstep."""
+    partitioned over all teacher ranks, which then run their forwards in lockstep. ``pair``
+    (distill.cross_tokenizer, a teacher.crosstok.CrossTokenizer): the teacher reads the data as its own
+    tokenizer cuts it and answers in the student's vocabulary, so the wire is as with one tokenizer."""
     d = cfg.distill
     dtype = model_dtype(cfg.train.precision)
     if cfg.teacher.pipeline_stages > 1:
@@ -48,10 +50,11 @@ def serve_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, we
         gather = deepspeed.zero.GatheredParameters
         lockstep = Lockstep(device=device() if topo.backend == "nccl" else torch.device("cpu"))
     else:
-        model = build_model(weights, data.vocab_size, seed=cfg.train.seed)
+        model = build_model(weights, (pair.align.teacher if pair else data).vocab_size, seed=cfg.train.seed)
+    tdata = pair.align.teacher if pair is not None else data
     teacher = context_teacher(cfg, FrozenTeacher(
         model, device(), dtype, signal_spec(cfg), cfg.train.loss_chunk_size, gather=gather,
-        keep_lse=bool(d.write_through), document_eos=data.document_eos(cfg.data.document_mask)), data)
+        keep_lse=bool(d.write_through), document_eos=tdata.document_eos(cfg.data.document_mask)), data, pair)
     val_loss = teacher_held_out_loss(teacher, data, cfg.train.micro_batch_size)
     publish_teacher_val_loss(topo, val_loss)
     spec = wire_spec(cfg, data)

@@ -54,7 +54,8 @@ def _flat(prefix: str, d: dict) -> dict[str, Any]:
     return out
 
 
-def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> dict[str, Any]:
+def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None,
+              tokenizers: Optional[tuple[str, str]] = None) -> dict[str, Any]:
     """What the student is and is trained toward, as flat config keys, derived from the sections the
     result depends on: the student model (every `model` key), the whole teacher signal (every `distill`
     key but where files are and how far ahead to fetch: mode, signal, samples, truncation, loss,
@@ -65,7 +66,9 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     optimizer and LR schedule, clipping, and data.document_mask (what the student attends to; the rest
     of the data is checked by its fingerprint and order). A resumed run must keep every one of them
     unless told otherwise (`--resume-override KEY`); a key added to those sections is covered without
-    listing it."""
+    listing it. ``tokenizers``: with distill.cross_tokenizer, the (teacher, student) tokenizer hashes,
+    kept as teacher.tokenizer and student.tokenizer (a pair that changes would change every aligned
+    position's target)."""
     distill = {k: v for k, v in to_dict(cfg.distill).items() if k not in DISTILL_OPERATIONAL}
     keys: dict[str, Any] = _flat("model", to_dict(cfg.model))
     keys.update(_flat("distill", distill))
@@ -77,6 +80,8 @@ def objective(cfg: ExperimentConfig, teacher_weights: Optional[str] = None) -> d
     if cfg.distill.mode != "none":
         keys.update(zip(TEACHER_KEYS, (None if cfg.teacher.path else cfg.teacher.preset, cfg.teacher.path,
                                        teacher_weights)))
+    if tokenizers is not None:
+        keys["teacher.tokenizer"], keys["student.tokenizer"] = tokenizers
     return keys
 
 

@@ -71,7 +71,7 @@ class PipelineStudent:
         if cfg.model.path:
             check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
         self.conf = conf
-        self.loss = PipelineLoss(cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
+        self.loss = PipelineLoss(cfg.distill.kd_loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size)
         module = pipeline_module(conf, LayerWeights(cfg.train.seed, conf.initializer_range, cfg.model.path),
                                  self.loss, topo.dp_size, topo.stages, loss_fn=self.loss,
                                  document_eos=document_eos)

@@ -103,7 +103,7 @@ class DataParallelStudent:
             model = build_model(cfg.model, vocab_size, seed=cfg.train.seed)
         if cfg.model.path:
             check_same_tokenizer(cfg.model.path, tokenizer_dir, "the student")
-        module = PDStudent(model, cfg.distill.loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size,
+        module = PDStudent(model, cfg.distill.kd_loss, cfg.distill.loss_temperature, cfg.train.loss_chunk_size,
                            document_eos)
         if cfg.train.zero_stage == 3:
             module.register_for_zero3()

@@ -1,0 +1,300 @@
+"""Distillation across tokenizers in every mode (distill.cross_tokenizer): the student's signal against a
+brute-force reference, colocated against one stored library serving two student tokenizers, an online
+run against the stored signal, and the refusals."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMOKE, launch, read_summary
+
+
+def _corpus(path, seed=0, n=90):
+    rng = np.random.default_rng(seed)
+    words = ["".join(chr(c) for c in rng.integers(97, 123, int(rng.integers(2, 8)))) for _ in range(150)]
+    with open(path, "w") as fh:
+        for i in range(n):
+            text = " ".join(rng.choice(words, int(rng.integers(5, 80))))
+            fh.write(json.dumps({"text": text + (". Ünïcødé ✓ 数据" if i % 4 == 0 else ".")}) + "\n")
+    return [json.loads(line)["text"] for line in open(path)]
+
+
+def _topo():
+    """One process standing in for a one-rank job (data preparation and generation only)."""
+    return SimpleNamespace(online=False, role_rank=0, role_size=1, dp_rank=0, dp_size=1, rank=0,
+                           barrier=lambda: None, role_sum=lambda t: t, all_reduce_sum=lambda t: t, backend="gloo")
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory):
+    """A corpus; teacher tokenizer T (vocab 400, first half) with a tiny teacher saved beside it; student
+    tokenizers S1 (vocab 300, second half) and S2 (vocab 350, all); the teacher's library generated
+    once, through the generation job's cross-tokenizer path, from S1's config."""
+    from pd_dist.config import load_config
+    from pd_dist.data import PackedDataset, load_tokenizer
+    from pd_dist.data.prepare import train_tokenizer
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.run import generate_store, prepare_run_data, teacher_view_data
+
+    tmp = tmp_path_factory.mktemp("crosstok")
+    texts = _corpus(tmp / "corpus.jsonl")
+    train_tokenizer(texts[:45], 400, tmp / "T")
+    train_tokenizer(texts[45:], 300, tmp / "S1")
+    train_tokenizer(texts, 350, tmp / "S2")
+    teacher_dir = tmp / "teacher"
+    vocab_t = len(load_tokenizer(tmp / "T"))
+    model = build_model(ModelConfig(preset="tiny-teacher"), vocab_t, seed=7)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # sharp, so truncation keeps few entries
+    model.save_pretrained(str(teacher_dir), safe_serialization=True)
+    load_tokenizer(tmp / "T").save_pretrained(str(teacher_dir))
+    lib = tmp / "lib"
+    common = ["data.source=files", f"data.files=[{tmp / 'corpus.jsonl'}]", "data.seq_len=32", "data.val_samples=4",
+              "data.prepare_workers=1", "distill.mode=offline", "distill.teacher_context=document",
+              "distill.cross_tokenizer=map", f"teacher.path={teacher_dir}", f"distill.store={lib}",
+              "distill.teacher_seq_len=40", "generate.record_tokens=24", "generate.encoding=exact",
+              "generate.shard_size=4", "train.micro_batch_size=4", "distill.top_k=8", "train.threads=2"]
+    out = {}
+    for name in ("S1", "S2"):
+        cfg = load_config(SMOKE, common + [f"data.tokenizer={tmp / name}", f"output_dir={tmp / name.lower()}"])
+        if name == "S1":
+            generate_store(cfg, _topo(), log=lambda *_: None)
+        data = prepare_run_data(cfg, _topo(), log=lambda *_: None)
+        out[name] = (cfg, data, teacher_view_data(cfg, _topo(), log=lambda *_: None))
+    assert out["S1"][2].fingerprint == out["S2"][2].fingerprint  # one teacher view of one corpus
+    assert isinstance(out["S1"][1], PackedDataset)
+    return SimpleNamespace(tmp=tmp, lib=lib, teacher_dir=teacher_dir, out=out, common=common)
+
+
+def _pair(cfg, data, tdata):
+    from pd_dist.teacher.crosstok import CrossTokenizer
+
+    return CrossTokenizer.build(cfg, data, tdata)
+
+
+def _colocated(cfg, data, pair, teacher_dir, dtype=torch.float64):
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.teacher.document import context_teacher
+    from pd_dist.teacher.inference import FrozenTeacher
+
+    model = build_model(ModelConfig(path=str(teacher_dir)), pair.align.teacher.vocab_size, seed=0).to(dtype)
+    frozen = FrozenTeacher(model, torch.device("cpu"), dtype, cfg.distill.signal_spec(0), 64)
+    return context_teacher(cfg, frozen, data, pair)
+
+
+def _ids(data, n=6):
+    rng = np.random.default_rng(1)
+    return np.concatenate([rng.choice(data.n_train, n, replace=False), data.val_ids()[:2]])
+
+
+def _table(data):
+    from pd_dist.data import load_tokenizer
+    from pd_dist.data.tokenizer_pair import checked_token_bytes
+
+    return checked_token_bytes(load_tokenizer(data.tokenizer_dir), "t")
+
+
+def test_student_signal_of_a_window_against_a_brute_force_reference(cross):
+    """Every position of student windows (training and held-out, crossing documents): aligned exactly
+    where a teacher prefix of the same document ends at the same byte (dicts of byte ends, one token at a
+    time), and there the teacher's own document-context signal at that teacher position, projected
+    through project_probs (numpy, float64)."""
+    from pd_dist.core.crosstok import project_probs
+    from pd_dist.core.logits import target_probs
+
+    cfg, data, tdata = cross.out["S1"]
+    pair = _pair(cfg, data, tdata)
+    teacher = _colocated(cfg, data, pair, cross.teacher_dir)
+    ids = _ids(data)
+    got = teacher(torch.zeros(len(ids), data.seq_len, dtype=torch.int64), ids)
+    s_tab, t_tab = _table(data), _table(tdata)
+    nbytes = lambda tab, i: len(tab[i]) if tab[i] else 1  # noqa: E731  (EOS: one virtual byte)
+    L, aligned_seen = data.seq_len, 0
+    for j, i in enumerate(ids):
+        s, a = data.window(int(i))
+        si, ti = data.document_index(s), tdata.document_index(s)
+        for off in range(L):
+            p = a + off
+            d = int(np.searchsorted(si.starts, p, side="right") - 1)
+            toks = data.streams[s].read(int(si.starts[d]), p + 1 - int(si.starts[d]))
+            end = sum(nbytes(s_tab, int(t)) for t in toks)
+            ends, acc = {}, 0
+            for q in range(int(ti.starts[d]), int(ti.starts[d + 1])):
+                acc += nbytes(t_tab, int(tdata.streams[s].read(q, 1)[0]))
+                ends[acc] = q
+            row_i, row_v = got.indices[j, off], got.values[j, off]
+            if end not in ends:
+                assert torch.isinf(row_v).all(), (i, off)
+                continue
+            aligned_seen += 1
+            q = ends[end]
+            sig = teacher.teacher.spans(s, [q], 1)[0]
+            p_t = target_probs(sig, cfg.distill.temperature).numpy()
+            want_i, want_p, lost = project_probs(sig.indices.numpy(), p_t, pair.target, width=sig.k)
+            keep = want_p[0] > 0
+            assert torch.equal(row_i[:keep.sum()], torch.from_numpy(want_i[0][keep])), (i, off)
+            np.testing.assert_allclose(row_v.exp().numpy()[:keep.sum()], want_p[0][keep], rtol=1e-6)
+            assert torch.isinf(row_v[keep.sum():]).all()
+    assert 0.3 * len(ids) * L < aligned_seen < len(ids) * L  # different tokenizers: much aligns, not all
+
+
+@pytest.mark.parametrize("student", ["S1", "S2"])
+def test_one_teacher_library_serves_students_of_two_tokenizers_as_colocated_answers(cross, student):
+    """The one library, in the teacher's vocabulary, read for each student tokenizer (mapped as the
+    loader workers map it) equals the colocated cross-tokenizer teacher's answer, and the uld form keeps
+    the teacher's own probabilities entry by entry."""
+    from pd_dist.core.logits import target_probs
+    from pd_dist.signals.sources import DocumentStoreWindows
+    from pd_dist.teacher.crosstok import CrossTokenizerStore
+
+    cfg, data, tdata = cross.out[student]
+    pair = _pair(cfg, data, tdata)
+    assert pair.summary["student_tokenizer"] != pair.summary["teacher_tokenizer"]
+    windows = DocumentStoreWindows.open(cross.lib, tdata, cfg.distill.signal_spec(0), None)
+    store = CrossTokenizerStore(windows, pair)
+    assert len(store) == data.n_train + data.n_val
+    ids = _ids(data)
+    stored = store.get_batch(ids)
+    live = _colocated(cfg, data, pair, cross.teacher_dir, torch.float32)(
+        torch.zeros(len(ids), data.seq_len, dtype=torch.int64), ids)
+    assert stored.shape == live.shape == (len(ids), data.seq_len)
+    fin = live.values > -1e30
+    assert torch.equal(stored.values > -1e30, fin) and 0.3 < fin.any(-1).float().mean() < 1.0
+    assert torch.equal(stored.indices[fin], live.indices[fin])
+    torch.testing.assert_close(stored.values[fin], live.values[fin], rtol=1e-5, atol=1e-5)
+    # uld: no merging, the teacher's own probabilities at tau, the ids projected
+    pair.merge = False
+    uld = store.get_batch(ids[:2])
+    s, a = data.window(int(ids[0]))
+    t0, n, aligned = pair.align.span(s, a, data.seq_len)
+    raw = windows.stores[s].get_spans([t0], n)[0]
+    hit = np.flatnonzero(aligned >= 0)
+    want = target_probs(raw[torch.from_numpy(aligned[hit])], cfg.distill.temperature)
+    got = uld.values[0, torch.from_numpy(hit)].exp()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    tgt = torch.from_numpy(pair.target)[raw.indices[torch.from_numpy(aligned[hit])]].clamp_min(0)
+    assert torch.equal(uld.indices[0, torch.from_numpy(hit)], tgt)
+
+
+def test_alignment_figures_and_source_summary(cross):
+    """kd/aligned_frac and kd/mapped_mass as the sources report them: from the signal itself (a row
+    keeps an entry where aligned; its probabilities sum to the mass that mapped)."""
+    from pd_dist.signals.sources import DocumentStoreWindows, StoredLogits
+    from pd_dist.teacher.crosstok import CrossTokenizerStore
+
+    cfg, data, tdata = cross.out["S1"]
+    pair = _pair(cfg, data, tdata)
+    windows = DocumentStoreWindows.open(cross.lib, tdata, cfg.distill.signal_spec(0), None)
+    source = StoredLogits(CrossTokenizerStore(windows, pair), data, 0)
+    source.cross_merge, source.cross_summary = True, dict(pair.summary)
+    plan = [np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7])]
+    source.plan(plan)
+    sigs = [source.signal(ids, torch.zeros(4, data.seq_len, dtype=torch.int64)) for ids in plan]
+    scal = source.scalars()
+    hit = torch.cat([s.mask.any(-1).flatten() for s in sigs])
+    assert scal["kd/aligned_frac"] == pytest.approx(hit.float().mean().item(), abs=1e-12)
+    mass = torch.cat([s.values.exp().sum(-1).flatten() for s in sigs])[hit]
+    assert scal["kd/mapped_mass"] == pytest.approx(mass.double().mean().item(), rel=1e-6)
+    assert 0.99 < scal["kd/mapped_mass"] <= 1.0 + 1e-6  # byte-level: every teacher token maps somewhere
+    assert source.scalars() == {}  # figures since the last call
+    summ = source.summary()["cross_tokenizer"]
+    assert summ["aligned_frac"] == pytest.approx(scal["kd/aligned_frac"]) and summ["how"] == "map"
+    assert summ["sample_aligned_frac"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("overrides,needle", [
+    (["distill.teacher_context=window", "distill.teacher_seq_len=null"], "needs distill.teacher_context document"),
+    (["distill.loss=mse"], "cannot train on projected probabilities"),
+    (["distill.cross_tokenizer=uld", "distill.loss=kld"], "is replaced by uld"),
+    (["teacher.path=null"], "needs teacher.path"),
+    (["distill.min_aligned_frac=1.5"], "must be in [0, 1]"),
+])
+def test_cross_tokenizer_config_refusals(cross, overrides, needle):
+    from pd_dist.config import load_config
+    from pd_dist.core.configlib import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, cross.common + [f"data.tokenizer={cross.tmp / 'S1'}"] + overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cross_tokenizer_refusals_of_the_pair_the_data_and_the_store(cross, smoke_data, tmp_path):
+    import dataclasses
+
+    from pd_dist.data.tokenizer_pair import StreamAlignment, TokenizerPairError
+    from pd_dist.signals.sources import DocumentStoreWindows
+    from pd_dist.store import StoreError
+    from pd_dist.train.checkpoint import objective, objective_changes
+
+    cfg, data, tdata = cross.out["S1"]
+    strict = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, min_aligned_frac=0.999))
+    with pytest.raises(TokenizerPairError, match=r"only .*% of the student's positions align .*min_aligned_frac 0.999"):
+        _pair(strict, data, tdata)
+    # the teacher's data of another text
+    other = StreamAlignment(data, smoke_data, np.ones(data.vocab_size, np.int64), np.ones(smoke_data.vocab_size, np.int64))
+    with pytest.raises(TokenizerPairError, match="documents in the student's data, .* in the teacher's: not the same text"):
+        other.span(0, 0, data.seq_len)
+    # a window store (one tokenizer's samples) asked to serve through a teacher's view
+    from pd_dist.store import StoreMeta  # noqa: F401  (a window store: any manifest of format 2)
+    win = tmp_path / "win"
+    win.mkdir()
+    (win / "manifest.json").write_text(json.dumps({"format": "pd-dist-teacher-logits", "format_version": 2}))
+    with pytest.raises(StoreError, match="is a window store"):
+        DocumentStoreWindows.open(win, tdata, cfg.distill.signal_spec(0), None)
+    # a changed tokenizer on resume: the objective records the pair
+    a, b = objective(cfg, None, ("t", "s1")), objective(cfg, None, ("t", "s2"))
+    assert objective_changes(a, b) == [("student.tokenizer", "s1", "s2")]
+
+
+@pytest.mark.multiproc
+def test_online_across_tokenizers_trains_on_the_stored_signal(cross, tmp_path):
+    """1 teacher rank + 1 student, cross_tokenizer map: the teacher reads the text in its own tokenizer
+    and answers in the student's. The student's first-step loss (before any update) equals the one
+    computed here from the library's mapped signal with the same initial student, and its aligned
+    fraction over the run equals the library's over the same samples."""
+    from pd_dist.core.losses import fused_pd_loss
+    from pd_dist.core.schedules import alpha_at
+    from pd_dist.models import body_hidden, build_model, final_norm_and_head
+    from pd_dist.signals.sources import DocumentStoreWindows
+    from pd_dist.teacher.crosstok import CrossTokenizerStore
+
+    cfg, data, tdata = cross.out["S1"]
+    run = tmp_path / "online"
+    over = [o for o in cross.common if not o.startswith("distill.mode")] + [
+        f"data.tokenizer={cross.tmp / 'S1'}", f"data.dir={data.path}", "distill.mode=online",
+        f"output_dir={run}", "train.steps=3", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+        "optim.warmup_steps=1", "baseline=false"]
+    proc = launch(2, over, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "[tokenizers] teacher" in out and "serving students [1]" in out
+    summ = read_summary(run)
+    # the same signal from the library, the same initial student, step 0's global batch
+    pair = _pair(cfg, data, tdata)
+    store = CrossTokenizerStore(DocumentStoreWindows.open(cross.lib, tdata, cfg.distill.signal_spec(0), None), pair)
+    sampler = data.sampler(cfg.train.global_batch_size, cfg.train.seed)
+    model = build_model(cfg.model, data.vocab_size, seed=cfg.train.seed)
+    body, head = final_norm_and_head(model)
+    alpha = alpha_at(0, cfg.train.steps, cfg.distill.alpha)
+    batch_ids = sampler.global_batch_ids(0)
+    lm = kd = n = 0.0
+    with torch.no_grad():
+        for s in range(0, len(batch_ids), cfg.train.micro_batch_size):
+            ids = batch_ids[s:s + cfg.train.micro_batch_size]
+            toks = torch.from_numpy(data.batch(ids))
+            sig = store.get_batch(ids)
+            res = fused_pd_loss(body_hidden(body, toks[:, :-1]).flatten(0, 1), head.weight, toks[:, 1:].flatten(),
+                                sig.reshape(-1), alpha, cfg.distill.kd_loss, cfg.distill.loss_temperature, 1.0)
+            lm, kd, n = lm + float(res.lm_sum), kd + float(res.kd_sum), n + float(res.n_tokens)
+    assert summ["losses"][0] == pytest.approx((1 - alpha) * lm / n + alpha * kd / n, rel=1e-5)
+    hit = total = 0
+    for step in range(3):
+        sig = store.get_batch(sampler.global_batch_ids(step))
+        hit, total = hit + int(sig.mask.any(-1).sum()), total + sig.mask.shape[0] * sig.mask.shape[1]
+    ct = summ["cross_tokenizer"]
+    assert ct["aligned_frac"] == pytest.approx(hit / total, abs=1e-12) and 0.3 < ct["aligned_frac"] < 1.0
+    assert summ["teacher_val_loss"] is None  # per teacher token: not the student's yardstick
