@@ -166,6 +166,7 @@ def test_a_pair_projection_is_built_once_and_cached_beside_the_data(two_bpes, tm
     logs = []
     first = tp.pair_projection(root / "a", root / "b", tmp_path, log=logs.append)
     want = vocab_projection(_table(a), _table(b))
+    want[0][a.eos_token_id], want[1][a.eos_token_id] = b.eos_token_id, True  # end of document maps to itself
     assert np.array_equal(first.target, want[0]) and np.array_equal(first.exact, want[1])
     assert first.path.parent == tmp_path / tp.PAIR_DIR and first.path.with_suffix(".json").is_file()
     assert len(logs) == 1 and "teacher tokens mapped" in logs[0]
