@@ -106,6 +106,9 @@ class WireSpec:
     # distill.teacher_context document: the chunk the teacher reads documents in (0: window context);
     # hashed likewise, absent when 0
     document_chunk: int = field(default=0, kw_only=True)
+    # distill.cross_tokenizer (map | uld; "" when off): the answer is the teacher's signal formed for the
+    # student's tokens, where a position no teacher position aligns with keeps no entry; hashed likewise
+    cross_tokenizer: str = field(default="", kw_only=True)
 
     def __post_init__(self):
         if not isinstance(self.signal, SignalSpec):
@@ -126,7 +129,8 @@ class WireSpec:
 
     def hello(self) -> torch.Tensor:
         params = self.signal.params() | ({"document_mask": True} if self.document_mask else {}) | (
-            {"document_chunk": int(self.document_chunk)} if self.document_chunk else {})
+            {"document_chunk": int(self.document_chunk)} if self.document_chunk else {}) | (
+            {"cross_tokenizer": self.cross_tokenizer} if self.cross_tokenizer else {})
         params = json.dumps(params, sort_keys=True)
         return torch.tensor([MAGIC, VERSION, self.vocab_size, tokenizer_hash_int(self.tokenizer_hash),
                              self.seq_len, self.width, round(self.signal.wire_top_p() * 1e6),
@@ -201,7 +205,7 @@ def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teache
                     ) -> tuple[int, np.ndarray, SparseLogits]:
     """(request number, sample ids, sparse logits) of one reply; a reply whose count, indices (outside
     the vocabulary, or one token twice among a position's kept entries) or values (NaN, +inf, a position
-    with nothing kept) are out of range is a PeerError naming ``sender``."""
+    with nothing kept, unless across tokenizers) are out of range is a PeerError naming ``sender``."""
     h, ib, vb = spec.response_layout()
     head = buf[:h].view(torch.int64)
     seq, n = int(head[0]), int(head[1])
@@ -222,7 +226,7 @@ def decode_response(spec: WireSpec, buf: torch.Tensor, sender: str = "the teache
     if bool(torch.isnan(vals).any()) or bool((vals == float("inf")).any()):
         raise PeerError(f"{sender} answered request {seq} with NaN or +inf logits")
     kept = torch.isfinite(vals)
-    if not bool(kept.any(-1).all()):
+    if not spec.cross_tokenizer and not bool(kept.any(-1).all()):  # across tokenizers: unaligned positions
         raise PeerError(f"{sender} answered request {seq} with a position that keeps no entry")
     if spec.width > 1:
         # A token kept twice would count twice in the loss. Dropped slots (index 0 by convention) get

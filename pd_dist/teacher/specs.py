@@ -32,7 +32,8 @@ def wire_spec(cfg: ExperimentConfig, data: PackedDataset) -> WireSpec:
                     seq_len=data.seq_len, signal=signal_spec(cfg), value_dtype=dtype,
                     micro_batch=cfg.train.micro_batch_size, n_samples=data.n_train + data.n_val,
                     document_mask=cfg.data.document_mask,
-                    document_chunk=(d.teacher_seq_len or data.seq_len) if d.teacher_context == "document" else 0)
+                    document_chunk=(d.teacher_seq_len or data.seq_len) if d.teacher_context == "document" else 0,
+                    cross_tokenizer="" if d.cross_tokenizer == "off" else d.cross_tokenizer)
 
 
 def stored_signal(cfg: ExperimentConfig) -> SignalSpec:
