@@ -299,3 +299,37 @@ def test_online_across_tokenizers_trains_on_the_stored_signal(cross, tmp_path):
     ct = summ["cross_tokenizer"]
     assert ct["aligned_frac"] == pytest.approx(hit / total, abs=1e-12) and 0.3 < ct["aligned_frac"] < 1.0
     assert summ["teacher_val_loss"] is None  # per teacher token: not the student's yardstick
+
+
+def test_colocated_and_offline_sources_built_for_a_run_agree(cross):
+    """The two sources as a run builds them (build_source with the pair): colocated (its teacher model
+    of the teacher's vocabulary, reading the teacher's data) and offline (the library, mapped in a
+    DataLoader worker process, so the whole pair crosses a pickle) give the same planned signals, and
+    report the same alignment figures."""
+    import dataclasses
+
+    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.signals.sources import ColocatedTeacher, SourceContext, StoredLogits, build_source
+
+    cfg, data, tdata = cross.out["S1"]
+    pair = _pair(cfg, data, tdata)
+    plan = [np.array([3, 1, 4, 1]), np.array([5, 9, 2, 6]), data.val_ids()[:4]]
+    got = {}
+    for mode in ("colocated", "offline"):
+        c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, mode=mode),
+                                data=dataclasses.replace(cfg.data, loader_workers=1))
+        ctx = SourceContext(c, None, data, torch.device("cpu"), log=lambda *_: None, pair=pair,
+                            teacher=lambda: build_model(ModelConfig(path=str(cross.teacher_dir)), tdata.vocab_size, seed=0))
+        source = build_source(ctx)
+        assert isinstance(source, {"colocated": ColocatedTeacher, "offline": StoredLogits}[mode])
+        source.plan(plan)
+        got[mode] = ([source.signal(ids, torch.zeros(4, data.seq_len, dtype=torch.int64)) for ids in plan],
+                     source.scalars())
+        source.close()
+    for a, b in zip(got["colocated"][0], got["offline"][0]):
+        fin = a.values > -1e30
+        assert torch.equal(fin, b.values > -1e30) and torch.equal(a.indices[fin], b.indices[fin])
+        torch.testing.assert_close(a.values[fin], b.values[fin], rtol=1e-5, atol=1e-5)
+    (ca, sa), (cb, sb) = got["colocated"], got["offline"]
+    assert sa["kd/aligned_frac"] == sb["kd/aligned_frac"] and 0.3 < sa["kd/aligned_frac"] < 1.0
+    assert sa["kd/mapped_mass"] == pytest.approx(sb["kd/mapped_mass"], rel=1e-5)
