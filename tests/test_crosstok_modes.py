@@ -333,3 +333,23 @@ def test_colocated_and_offline_sources_built_for_a_run_agree(cross):
     (ca, sa), (cb, sb) = got["colocated"], got["offline"]
     assert sa["kd/aligned_frac"] == sb["kd/aligned_frac"] and 0.3 < sa["kd/aligned_frac"] < 1.0
     assert sa["kd/mapped_mass"] == pytest.approx(sb["kd/mapped_mass"], rel=1e-5)
+
+
+def test_the_dry_run_shows_the_pair_and_its_aligned_fraction(cross, capsys):
+    from pd_dist.config import load_config
+    from pd_dist.data import load_tokenizer
+    from pd_dist.data.tokenizer_pair import aligned_fraction, sample_texts
+    from pd_dist.explore.plan import print_rank_map
+
+    over = cross.common + [f"data.tokenizer={cross.tmp / 'S1'}", f"output_dir={cross.tmp / 'dry'}"]
+    cfg = load_config(SMOKE, over)
+    assert print_rank_map(cfg, 1, 1) == 0
+    out = capsys.readouterr().out
+    texts = sample_texts(cfg.data)
+    t, s = load_tokenizer(cross.teacher_dir), load_tokenizer(cross.tmp / "S1")
+    want = aligned_fraction(texts, t, s, _table(SimpleNamespace(tokenizer_dir=cross.teacher_dir)),
+                            _table(SimpleNamespace(tokenizer_dir=cross.tmp / "S1")))
+    assert f"{want:.1%} of the student's positions align on {len(texts):,} documents" in out
+    assert "distill.min_aligned_frac 0.5: ok" in out and "(vocab 400)" not in out and "vocab 400)" in out
+    print_rank_map(load_config(SMOKE, over + ["distill.min_aligned_frac=0.999"]), 1, 1)
+    assert "BELOW: the run will refuse to start" in capsys.readouterr().out

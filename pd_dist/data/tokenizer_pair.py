@@ -182,3 +182,54 @@ class StreamAlignment:
             return 0, 0, aligned
         t0 = int(aligned[hit].min())
         return t0, int(aligned[hit].max()) - t0 + 1, np.where(hit, aligned - t0, -1)
+
+
+def sample_texts(data_cfg, chars: int = 200_000) -> list[str]:
+    """The first documents of each text source of ``data_cfg`` (DataConfig), about ``chars`` characters
+    in all, read without preparing anything: what the dry run measures a pair on."""
+    from pd_dist.data.corpus import embedded_corpus_files
+    from pd_dist.data.documents import Unit, plan_units, unit_sample
+    from pd_dist.data.prepare import resolve_sources
+
+    sources = [s for s in resolve_sources(data_cfg) if s.kind != "indexed"]
+    out: list[str] = []
+    for s in sources:
+        units = ([Unit("embedded", size=sum(p.stat().st_size for p in embedded_corpus_files()))]
+                 if s.kind == "embedded" else plan_units(s.files, data_cfg.shard_bytes, data_cfg.text_field))
+        budget = chars // max(len(sources), 1)
+        for u in units:
+            got = list(unit_sample(u, budget))
+            out += got
+            budget -= sum(len(t) for t in got)
+            if budget <= 0:
+                break
+    return out
+
+
+def describe_pair(cfg, chars: int = 200_000) -> str:
+    """The dry run's lines for distill.cross_tokenizer: both tokenizers, the share of the teacher's
+    vocabulary the student's holds exactly, and the aligned fraction measured on a sample of the data's
+    text against distill.min_aligned_frac. The student's tokenizer is data.tokenizer, or the one already
+    prepared in the data directory; a tokenizer still to be trained is said so."""
+    from pd_dist.data.prepare import load_tokenizer
+    from pd_dist.models import tokenizer_hash
+
+    d = cfg.distill
+    t_dir = Path(cfg.teacher.path)
+    s_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else \
+        (Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data") / "tokenizer"
+    head = f"tokenizers ({d.cross_tokenizer}): teacher {t_dir}"
+    if not (s_dir / "tokenizer.json").is_file():
+        return (head + f" -> student: trained when the data is prepared (data.tokenizer null), so the aligned "
+                f"fraction is measured at start (distill.min_aligned_frac {d.min_aligned_frac:g})")
+    t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
+    t_tab, s_tab = checked_token_bytes(t_tok, "the teacher's"), checked_token_bytes(s_tok, "the student's")
+    target, exact = vocab_projection(t_tab, s_tab)
+    texts = sample_texts(cfg.data, chars)
+    frac = aligned_fraction(texts, t_tok, s_tok, t_tab, s_tab)
+    verdict = "ok" if frac >= d.min_aligned_frac else "BELOW: the run will refuse to start"
+    return (f"{head} ({tokenizer_hash(t_dir)}, vocab {len(t_tab):,}) -> student {s_dir} ({tokenizer_hash(s_dir)}, "
+            f"vocab {len(s_tab):,})\n  {exact.mean():.1%} of the teacher's tokens are student tokens exactly, "
+            f"{(target >= 0).mean():.1%} map somewhere; {frac:.1%} of the student's positions align on "
+            f"{len(texts):,} documents ({sum(len(t) for t in texts):,} characters) of the data: "
+            f"distill.min_aligned_frac {d.min_aligned_frac:g}: {verdict}")

@@ -422,6 +422,10 @@ def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     layout = cfg.layout(world, [f"node{r // per_node}" for r in range(world)])
     cfg.check_world(layout.dp)
     print(format_layout(layout))
+    if cfg.distill.cross_tokenizer != "off":
+        from pd_dist.data.tokenizer_pair import describe_pair
+
+        print(describe_pair(cfg))
     return 0
 
 
