@@ -320,6 +320,11 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
+        ct = source.summary().get("cross_tokenizer")
+        if ct and ct.get("aligned_frac") is not None:
+            mass = "" if ct.get("mapped_mass") is None else f", {ct['mapped_mass']:.2%} of the teacher's mass mapped"
+            say(f"  across tokenizers ({ct['how']}): {ct['aligned_frac']:.1%} of the student's positions took the "
+                f"teacher's signal{mass}; the teacher's own loss is per teacher token, so none is shown")
     return result
 
 

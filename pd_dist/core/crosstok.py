@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pd_dist.core.logits import SparseLogits, target_probs
+from pd_dist.core.logits import SparseLogits, target_probs, teacher_log_probs
 from pd_dist.core.losses import _compute_dtype
 
 
@@ -231,7 +231,7 @@ def uld_loss(student_logits: torch.Tensor, teacher: SparseLogits, temperature: f
     k = teacher.k
     q = torch.softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
     top = q.topk(min(k, q.shape[-1]), dim=-1).values
-    p = target_probs(teacher, temperature).to(top.dtype)
+    p = torch.where(teacher.mask, teacher_log_probs(teacher.values, teacher.mask, temperature, top.dtype).exp(), 0.0)
     p = p.sort(dim=-1, descending=True).values[..., :top.shape[-1]]
     dist = (top - p).abs().sum(-1) + (1 - top.sum(-1)).clamp_min(0)
     return torch.where(teacher.mask.any(-1), dist, torch.zeros_like(dist))

@@ -43,7 +43,7 @@ from pd_dist.signals.online_client import PrefetchingTeacher, TeacherClient
 from pd_dist.store import StoreError, open_for_training
 from pd_dist.store.library import is_window_store, library_stores, open_source_store
 from pd_dist.teacher.crosstok import CrossTokenizer, CrossTokenizerStore, alignment_figures
-from pd_dist.teacher.document import DocumentTeacher, context_teacher, teacher_held_out_loss
+from pd_dist.teacher.document import context_teacher, teacher_held_out_loss
 from pd_dist.teacher.inference import FrozenTeacher
 from pd_dist.teacher.specs import signal_spec, wire_spec
 from pd_dist.teacher.stores import SpoolReader
