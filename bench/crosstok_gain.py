@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--library", default=None, help="the teacher's library (default: <out>/library)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     ap.add_argument("--only", nargs="*", default=None, help="student tokenizers to run (B C)")
-    ap.add_argument("--arms", nargs="*", default=["map", "uld"])
+    ap.add_argument("--arms", nargs="*", default=["map", "uld"],
+                    help="map, uld, or either @ALPHA_MAX (e.g. uld@0.5: the ULD paper's weighting, LM and KD alike)")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (smoke: train.steps=4)")
     args = ap.parse_args()
     out, default = Path(args.out), Path(args.default_dir)
@@ -80,7 +81,9 @@ def main() -> int:
         for seed in args.seeds:
             for arm in args.arms:
                 run = out / f"{name}-{arm}-seed{seed}"
-                cfg = common + [f"distill.cross_tokenizer={arm}", f"train.seed={seed}", f"output_dir={run}"]
+                how, _, amax = arm.partition("@")  # e.g. uld@0.5: distill.alpha.max 0.5 (LM and KD weighed alike)
+                cfg = common + [f"distill.cross_tokenizer={how}", f"train.seed={seed}", f"output_dir={run}"] + (
+                    [f"distill.alpha.max={amax}"] if amax else [])
                 if not generated:
                     log(f"the teacher's library {lib} (kept where it holds the source already)")
                     text = launch_entry("generate_logits.py", cfg, cwd=REPO)
