@@ -268,7 +268,7 @@ def test_a_window_run_refuses_a_library_and_regeneration_refuses_other_settings(
     cfg, data = doc_setup.out["a32"]
     window_cfg = load_config(SMOKE, ["distill.mode=offline", f"distill.store={doc_setup.lib}"])
     with pytest.raises(StoreError, match="library of document stores .*set distill.teacher_context document"):
-        StoredLogits.build(SimpleNamespace(cfg=window_cfg, data=data))
+        StoredLogits.build(SimpleNamespace(cfg=window_cfg, data=data, pair=None))
     import dataclasses
 
     other = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_seq_len=24))
