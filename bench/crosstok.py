@@ -2,17 +2,21 @@
 teacher's, how much of the teacher's vocabulary maps exactly, and what alignment and projection cost.
 
 Tokenizers, all byte-level BPEs trained by pd-dist's own trainer on the embedded corpus:
-- A, the teacher's: vocab 8192 on the whole corpus (`--teacher-tokenizer`, default: the embedded
-  default run's, runs/default/data/tokenizer, trained here when missing);
-- B: vocab 4096 on the same corpus;
-- C: vocab 8192 on the corpus's second half only, so its merges differ.
+- A, the teacher's: the embedded default's, vocab 4096 (`--teacher-tokenizer`, default:
+  runs/default/data/tokenizer, trained here when missing);
+- B and C, bench/crosstok_gain.py's student tokenizers (trained there, or here when missing): B half
+  A's vocabulary (2048) on the same corpus, C A's size (4096) on the corpus's second half only.
 
 For the pairs A->B and A->C: the aligned fraction of the student's positions over held-out documents
 (the documents after the first 95% of the corpus), the teacher vocabulary's exact and mapped
 fractions, and the cost per student token of aligning a document and projecting a top-50 teacher
 signal onto the student's vocabulary (random teacher values; one process), against the default
 student's consumption (~4.0k tokens/s on this machine: docs/benchmarks.md). The teacher mass that maps
-nowhere needs the trained teacher's distributions and is not measured here. Last line: one JSON object.
+nowhere needs the trained teacher's distributions and is not measured here.
+
+With `--library` (bench/crosstok_gain.py's, after it ran): the offline loader's own path, in one process
+(teacher.crosstok.CrossTokenizerStore.get_batch: read and decode the teacher's stored records, align,
+project), in student tokens per second against the same consumption. Last line: one JSON object.
 
     python bench/crosstok.py     # under a minute on 2 cores once A exists
 """
@@ -38,10 +42,14 @@ def main() -> int:
     ap.add_argument("--teacher-tokenizer", default=str(REPO / "runs" / "default" / "data" / "tokenizer"))
     ap.add_argument("--docs", type=int, default=200, help="held-out documents measured")
     ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench_crosstok"), help="bench/crosstok_gain.py's --out")
+    ap.add_argument("--library", default=None, help="the teacher's library bench/crosstok_gain.py trained from")
+    ap.add_argument("--micro-batches", type=int, default=40, help="--library: micro-batches of 8 windows read")
     args = ap.parse_args()
 
     import torch
 
+    torch.set_num_threads(1)  # as in the offline loader's DataLoader workers (one thread each)
     from pd_dist.core.crosstok import align_positions, byte_ends, student_signal
     from pd_dist.core.logits import SparseLogits
     from pd_dist.data.corpus import embedded_documents
@@ -58,17 +66,17 @@ def main() -> int:
         log(f"no tokenizer in {tok_a}: training A (vocab 8192) on the corpus")
         tok_a = work / "A"
         train_tokenizer(train, 8192, tok_a)
-    log("training B (vocab 4096, same corpus) and C (vocab 8192, second half)")
-    train_tokenizer(train, 4096, work / "B")
-    train_tokenizer(train[len(train) // 2:], 8192, work / "C")
+    from crosstok_gain import student_tokenizers
+
+    toks = student_tokenizers(Path(args.out))
     teacher = load_tokenizer(tok_a)
     ta = checked_token_bytes(teacher, "A")
     g = torch.Generator().manual_seed(0)
     out = {"docs": len(held), "top_k": args.top_k}
     for name in ("B", "C"):
-        student = load_tokenizer(work / name)
+        student = load_tokenizer(toks[name])
         tb = checked_token_bytes(student, name)
-        proj = pair_projection(tok_a, work / name, work)
+        proj = pair_projection(tok_a, toks[name], work)
         s = proj.summary()
         frac = aligned_fraction(held, teacher, student, ta, tb)
         target = torch.from_numpy(proj.target)
@@ -93,9 +101,44 @@ def main() -> int:
                                "vs_consumption": round(rate / CONSUMED_TOK_S, 1)}
         log(f"A -> {name}: aligned {frac:.1%} of the student's positions, {s['exact_frac']:.1%} of A's vocabulary "
             f"exact, align + project {rate:,.0f} student tokens/s ({rate / CONSUMED_TOK_S:.0f}x consumption)")
+    if args.library:
+        out["loader"] = loader_rates(Path(args.out), Path(args.library), tok_a, args.micro_batches)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     emit(out)
     return 0
+
+
+def loader_rates(out: Path, library: Path, tok_a: Path, micro_batches: int) -> dict:
+    """Student tokens per second of CrossTokenizerStore.get_batch (one process) for B's and C's data."""
+    import numpy as np
+
+    from pd_dist.config import load_config
+    from pd_dist.data import PackedDataset
+    from pd_dist.signals.sources import DocumentStoreWindows
+    from pd_dist.teacher.crosstok import CrossTokenizer, CrossTokenizerStore
+
+    rates = {}
+    for name in ("B", "C"):
+        views = sorted(out.glob(f"data-{name}-teacher-*"))
+        if not views:
+            continue
+        data, tdata = PackedDataset(out / f"data-{name}"), PackedDataset(views[0])
+        cfg = load_config(None, [f"data.tokenizer={out / f'data-{name}' / 'tokenizer'}",
+                                 f"teacher.path={tok_a}", "distill.teacher_context=document",
+                                 "distill.cross_tokenizer=map"])
+        pair = CrossTokenizer.build(cfg, data, tdata)
+        store = CrossTokenizerStore(DocumentStoreWindows.open(library, tdata, cfg.distill.signal_spec(0), None), pair)
+        rng = np.random.default_rng(0)
+        batches = [rng.choice(data.n_train, 8, replace=False) for _ in range(micro_batches)]
+        store.get_batch(batches[0])  # warm the page cache and the pair
+        t = time.perf_counter()
+        for ids in batches:
+            store.get_batch(ids)
+        rate = micro_batches * 8 * data.seq_len / (time.perf_counter() - t)
+        rates[name] = {"student_tok_s": round(rate), "vs_consumption": round(rate / CONSUMED_TOK_S, 1)}
+        log(f"offline loader, A -> {name}: {rate:,.0f} student tokens/s in one process "
+            f"({rate / CONSUMED_TOK_S:.1f}x consumption)")
+    return rates
 
 
 if __name__ == "__main__":

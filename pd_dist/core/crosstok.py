@@ -163,28 +163,25 @@ def project_signal(sig: SparseLogits, target: torch.Tensor, temperature: float) 
     lead = sig.values.shape[:-1]
     p = target_probs(sig, temperature).to(torch.float64).reshape(-1, k)
     tgt = torch.as_tensor(target, dtype=torch.int64, device=sig.indices.device)[sig.indices.reshape(-1, k)]
-    n = p.shape[0]
     ok = (tgt >= 0) & (p > 0)
-    span = int(tgt.max()) + 1 if tgt.numel() else 1
-    rows = torch.arange(n, device=p.device).unsqueeze(1).expand(n, k)
-    key = torch.where(ok, rows * span + tgt, torch.full_like(tgt, n * span))  # unmapped: one key past all rows
-    uniq, inv = torch.unique(key, return_inverse=True)
-    mass = torch.zeros(len(uniq), dtype=torch.float64, device=p.device).scatter_add_(
-        0, inv.flatten(), torch.where(ok, p, torch.zeros_like(p)).flatten())
-    real = uniq < n * span
-    urow, uid, umass = uniq[real] // span, uniq[real] % span, mass[real]
-    order = torch.argsort(-umass, stable=True)
-    order = order[torch.argsort(urow[order], stable=True)]  # by row, and by mass descending within it
-    urow, uid, umass = urow[order], uid[order], umass[order]
-    counts = torch.bincount(urow, minlength=n)
-    slot = torch.arange(len(urow), device=p.device) - (torch.cumsum(counts, 0) - counts)[urow]
-    idx = torch.zeros(n, k, dtype=torch.int64, device=p.device)
-    val = torch.full((n, k), float("-inf"), dtype=torch.float32, device=p.device)
-    idx[urow, slot] = uid
-    val[urow, slot] = umass.log().to(torch.float32)
-    mapped = torch.zeros(n, dtype=torch.float64, device=p.device).scatter_add_(0, urow, umass)
+    # Within each row (k entries, never more than k student ids): sort by student id so equal ids sit
+    # together, sum each run, then order the sums by mass, descending (ties: lower id first, as
+    # project_probs). Everything stays [N, k]: no sort or unique over all rows at once.
+    big = int(tgt.max()) + 1 if tgt.numel() else 1
+    key, order = torch.where(ok, tgt, torch.full_like(tgt, big)).sort(dim=-1, stable=True)
+    pk = torch.where(ok, p, torch.zeros_like(p)).gather(-1, order)
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    group = new.long().cumsum(-1) - 1
+    mass = torch.zeros_like(pk).scatter_add_(1, group, pk)
+    ids = torch.zeros_like(key).scatter_(1, group, key)
+    mass, by_mass = mass.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, by_mass)
+    kept = mass > 0
+    idx = torch.where(kept, ids, torch.zeros_like(ids))
+    val = torch.where(kept, mass.clamp_min(1e-300).log(), torch.full_like(mass, float("-inf"))).to(torch.float32)
     return (SparseLogits(idx.reshape(*lead, k), val.reshape(*lead, k)),
-            mapped.to(torch.float32).reshape(lead))
+            mass.sum(-1).to(torch.float32).reshape(lead))
 
 
 def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: torch.Tensor,
