@@ -96,9 +96,13 @@ def teacher_view_data(cfg: ExperimentConfig, topo: Topology, log: Log = print) -
                         "own (fast) tokenizer saved with it")
     base = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.output_dir) / "data"
     tc = copy.copy(cfg)
-    tc.data = dataclasses.replace(cfg.data, tokenizer=str(tok),
-                                  dir=str(base.parent / f"{base.name}-teacher-{tokenizer_hash(tok)}"))
+    tc.data = dataclasses.replace(cfg.data, tokenizer=str(tok), dir=str(teacher_view_dir(base, tok)))
     return prepare_run_data(tc, topo, log=log, key="pd/teacher_data")
+
+
+def teacher_view_dir(data_dir: Path, teacher_path) -> Path:
+    """Where the data of ``data_dir`` prepared with the tokenizer of ``teacher_path`` lives."""
+    return data_dir.parent / f"{data_dir.name}-teacher-{tokenizer_hash(teacher_path)}"
 
 
 def data_summary(data: PackedDataset, sampler, steps: int) -> dict:

@@ -298,6 +298,12 @@ def test_online_across_tokenizers_trains_on_the_stored_signal(cross, tmp_path):
     ct = summ["cross_tokenizer"]
     assert ct["aligned_frac"] == pytest.approx(hit / total, abs=1e-12) and 0.3 < ct["aligned_frac"] < 1.0
     assert summ["teacher_val_loss"] is None  # per teacher token: not the student's yardstick
+    # pd-dist eval of the run reads the teacher's view beside the data and reproduces the run's figures
+    from pd_dist.explore.evaluate import evaluate_run
+
+    ev = evaluate_run(run, log=lambda *_: None, write=False)
+    assert ev["val_loss"] == pytest.approx(summ["val_loss"], rel=1e-5)
+    assert ev["teacher_top1_agreement"] == pytest.approx(summ["teacher_top1_agreement"], abs=1e-6)
 
 
 def test_colocated_and_offline_sources_built_for_a_run_agree(cross):

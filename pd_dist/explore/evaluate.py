@@ -139,15 +139,28 @@ def signal_source(cfg, data, log: Log = print):
     ecfg = copy.deepcopy(cfg)
     ecfg.train = dataclasses.replace(cfg.train, precision="fp32")
 
+    pair = None
+    if d.cross_tokenizer != "off":  # the teacher reads its own tokenization, prepared beside the run's data
+        from pd_dist.data import PackedDataset
+        from pd_dist.run import teacher_view_dir
+        from pd_dist.teacher.crosstok import CrossTokenizer
+
+        view = teacher_view_dir(data.path, cfg.teacher.path) if cfg.teacher.path else None
+        if view is None or not (view / "meta.json").is_file():
+            log(f"[eval] the teacher's view of the data ({view}) is missing: KD figures skipped")
+            return NoTeacher()
+        pair = CrossTokenizer.build(cfg, data, PackedDataset(view), log=log)
+    tdata = pair.align.teacher if pair is not None else data
+
     def teacher():
-        return build_model(type(cfg.teacher)(path=str(tdir)), data.vocab_size, seed=0)
+        return build_model(type(cfg.teacher)(path=str(tdir)), tdata.vocab_size, seed=0)
 
     if (tdir / "config.json").is_file():
         ecfg.distill = dataclasses.replace(d, mode="colocated")
     elif not (d.mode == "offline" and d.store):
         log(f"[eval] no teacher signal readable for this run ({tdir} missing): KD figures skipped")
         return NoTeacher()
-    return build_source(SourceContext(ecfg, None, data, torch.device("cpu"), teacher=teacher, log=log))
+    return build_source(SourceContext(ecfg, None, data, torch.device("cpu"), teacher=teacher, log=log, pair=pair))
 
 
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[Path] = (), baseline: Optional[Path] = None,
