@@ -296,11 +296,15 @@ class TrainConfig:
     exit_after_steps: int = field(default=0, metadata=doc(
         "save a checkpoint and stop after this many steps of this launch (0 = run to the end); "
         "for time-limited allocations: relaunch with --resume"))
+    peak_tflops: Optional[float] = field(default=None, metadata=doc(
+        "the device's dense peak TFLOPs for perf/mfu (null: known CUDA devices by name; CPU: no MFU)"))
 
     def validate(self, prefix: str) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "loss_chunk_size", "log_every"):
             if getattr(self, name) < 1:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < 1e7:
+            fail(f"{prefix}.peak_tflops", self.peak_tflops, "must be null or in (0, 1e7)")
         for name in ("eval_every", "save_every", "keep_checkpoints", "threads", "exit_after_steps"):
             if getattr(self, name) < 0:
                 fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")

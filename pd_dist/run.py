@@ -163,7 +163,7 @@ def teacher_export_dir(cfg: ExperimentConfig) -> Path:
 
 # How often a run logs, evaluates, saves and stops, and on how many threads: not what it trains to.
 OPERATIONAL_TRAIN_KEYS = ("log_every", "eval_every", "save_every", "keep_checkpoints", "threads",
-                          "exit_after_steps")
+                          "exit_after_steps", "peak_tflops")
 
 
 def _run_stamp(rc: ExperimentConfig, data: PackedDataset) -> str:

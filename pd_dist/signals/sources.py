@@ -190,6 +190,26 @@ class ColocatedTeacher(SignalSource):
     def __init__(self, teacher: FrozenTeacher, data: PackedDataset, micro_batch: int):
         super().__init__()
         self.teacher, self.data, self.micro_batch = teacher, data, micro_batch
+        self._windows = 0  # tokens asked of a window-context teacher (a document teacher counts its own)
+
+    @property
+    def teacher_shape(self):
+        """The teacher's Shape (pd_dist.core.flops), for the compute figures."""
+        from pd_dist.core.flops import shape_of_hf
+
+        inner = getattr(self.teacher, "teacher", self.teacher)  # a cross-tokenizer teacher wraps one
+        return shape_of_hf(getattr(inner, "frozen", inner).model.config)
+
+    @property
+    def teacher_context(self) -> int:
+        return int(getattr(getattr(self.teacher, "teacher", self.teacher), "T", 0) or self.data.seq_len)
+
+    @property
+    def teacher_tokens(self) -> float:
+        """Tokens the teacher has run forward in this process so far (document context: with the chunk
+        prefixes it reads before each span)."""
+        inner = getattr(self.teacher, "teacher", self.teacher)
+        return float(getattr(inner, "read_tokens", self._windows))
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":
@@ -200,6 +220,7 @@ class ColocatedTeacher(SignalSource):
         return cls(context_teacher(cfg, frozen, ctx.data, ctx.pair), ctx.data, cfg.train.micro_batch_size)
 
     def _fetch(self, ids, input_ids, planned):
+        self._windows += input_ids.numel()
         return self.teacher(input_ids, ids)
 
     def scalars(self):

@@ -23,6 +23,7 @@ import torch
 from pd_dist.train.checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
 from pd_dist.config import ExperimentConfig, dump_config
 from pd_dist.data import MicroBatchPlan, PackedDataset
+from pd_dist.core.flops import ComputeMeter, device_peak_tflops, model_shape
 from pd_dist.core.losses import IGNORE_INDEX
 from pd_dist.core.monitor import Monitor, StepTimer, fmt_duration
 from pd_dist.core.runtime import StopSignals, device, use_bf16
@@ -52,6 +53,8 @@ class TrainResult:
     teacher_val_loss: Optional[float] = None
     lm_only_val_loss: Optional[float] = None
     pd_gain: Optional[float] = None
+    # FLOPs per token and the run's totals (pd_dist.core.flops.ComputeMeter.summary)
+    compute: Optional[dict] = None
 
 
 def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool,
@@ -108,6 +111,9 @@ class Trainer:
                                      data.document_eos(cfg.data.document_mask))
         self.engine = self.student.engine
         self.n_params = self.student.n_params
+        teacher = getattr(source, "teacher_shape", None)
+        self.meter = ComputeMeter(model_shape(cfg.model, data.vocab_size), data.seq_len, topo.role_size, teacher,
+                                  getattr(source, "teacher_context", 0), device_peak_tflops(cfg.train.peak_tflops))
         self.start_step, self.losses = 0, []
         self.objective = objective_keys if objective_keys is not None else objective(cfg)
         self.stop, self.stopped_by = stop, None
@@ -268,9 +274,11 @@ class Trainer:
                 + (f"pipeline {self.topo.stages} stages | " if self.topo.stages > 1 else "") +
                 f"{'bf16' if self.bf16 else 'fp32'} | {t.steps} steps")
         timer, last, timed = StepTimer(), {}, [0.0, 0.0]  # tokens and seconds after the first step
+        teacher_tokens = getattr(self.source, "teacher_tokens", 0.0)
         for step in range(self.start_step, self.stop_at):
             stats = self.train_step(step)
             dt = timer.lap()
+            ran = getattr(self.source, "teacher_tokens", 0.0)
             self.losses.append(stats["train/loss"])
             last, done = stats, step + 1
             scalars = {k: v for k, v in stats.items() if "/" in k}
@@ -279,6 +287,8 @@ class Trainer:
             if self.reports.wait_metric:
                 scalars[self.reports.wait_metric] = stats["signal_wait"] / dt
             scalars.update(self.source.scalars())
+            scalars.update(self.meter.step(stats["tokens"], dt, ran - teacher_tokens, stats["signal_wait"]))
+            teacher_tokens = ran
             if step > self.start_step:
                 timed[0] += stats["tokens"]
                 timed[1] += dt
@@ -298,7 +308,8 @@ class Trainer:
                              val_loss=float("nan"), val_ppl=float("nan"), teacher_top1_agreement=None,
                              export_dir=None, tensorboard_dir=str(self.out / "tensorboard"),
                              losses=list(self.losses), finished=self.stop_at == t.steps,
-                             tokens_per_sec=timed[0] / timed[1] if timed[1] else None)
+                             tokens_per_sec=timed[0] / timed[1] if timed[1] else None,
+                             compute=self.meter.summary())
         if not result.finished:
             if self.checkpoints.latest() != self.checkpoints.tag(self.stop_at):
                 self.save(self.stop_at)
