@@ -144,8 +144,60 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
     return lines, summary
 
 
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, held-out loss) at the run's evaluation points, from its TensorBoard events; [] when
+    unavailable."""
+    tb = Path(run_dir) / "tensorboard"
+    if not tb.is_dir():
+        return []
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return []
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "eval/val_loss" not in acc.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in acc.Scalars("eval/val_loss")]
+
+
+SMOOTHING = 0.9  # the training curves' exponential moving average: s_t = 0.9 s_(t-1) + 0.1 x_t
+
+
+def ema(values: list[float], decay: float = SMOOTHING) -> list[float]:
+    """The exponential moving average of ``values`` (debiased, as TensorBoard's smoothing: the first
+    points are not pulled toward 0)."""
+    out, acc, weight = [], 0.0, 0.0
+    for v in values:
+        acc = decay * acc + (1 - decay) * v
+        weight = decay * weight + (1 - decay)
+        out.append(acc / weight)
+    return out
+
+
+def gain_bars(gains: dict[str, list[float]]) -> tuple[list[str], list[float], Optional[list[list[float]]], str]:
+    """What the gain plot draws per setting (label -> gains of its seeds, fractions): labels, mean gains
+    in %, error bars from the mean to the lowest and highest seed (None when every setting has one
+    seed: no bars are drawn, and the title says so) and the title's note."""
+    labels, means, lo, hi = [], [], [], []
+    for label, g in gains.items():
+        if not g:
+            continue
+        m = statistics.mean(g)
+        labels.append(label)
+        means.append(100 * m)
+        lo.append(100 * (m - min(g)))
+        hi.append(100 * (max(g) - m))
+    seeds = sorted({len(g) for g in gains.values() if g})
+    if seeds == [1] or not seeds:
+        return labels, means, None, "1 seed per point: no bars"
+    n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return labels, means, [lo, hi], f"bars: lowest to highest of {n} seeds"
+
+
 def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
-    """Loss curves per setting (seed mean) and gain vs setting for one axis; the PNG file names."""
+    """Per setting (seed mean): held-out loss at the evaluation points and the training LM loss smoothed
+    (ema, stated on the axis); and the gain vs setting with the seeds' real range; the PNG file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +211,10 @@ def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     lm = {key: [lm_curve(Path(r["dir"])) for r in rs] for key, rs in by.items()}
     use_lm = all(all(c) for c in lm.values())  # the total objective mixes LM and KD by alpha
-    for key in _ordered(list(by)):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_eval = False
+    for j, key in enumerate(_ordered(list(by))):
+        color = colors[j % len(colors)]
         if use_lm:
             curves = [[v for _, v in c] for c in lm[key]]
             steps = [t for t, _ in lm[key][0]]
@@ -168,25 +223,32 @@ def plots(axis: str, rows: list[dict], out: Path) -> list[str]:
             steps = list(range(1, 1 + min((len(c) for c in curves), default=0)))
         if curves:
             n = min(len(c) for c in curves)
-            ax.plot(steps[:n], [statistics.mean(c[i] for c in curves) for i in range(n)], label=json.loads(key))
+            mean = ema([statistics.mean(c[i] for c in curves) for i in range(n)])
+            ax.plot(steps[:n], mean, color=color, lw=0.8, alpha=0.6)
+        evals = [eval_curve(Path(r["dir"])) for r in by[key]]
+        if evals and all(evals):
+            n = min(len(e) for e in evals)
+            ax.plot([t for t, _ in evals[0][:n]], [statistics.mean(e[i][1] for e in evals) for i in range(n)],
+                    color=color, marker="o", lw=1.6, label=json.loads(key))
+            any_eval = True
+        elif curves:
+            ax.lines[-1].set_label(json.loads(key))
     ax.set_xlabel("step")
-    ax.set_ylabel("LM loss on the training batch" if use_lm else "training objective")
-    ax.set_title(f"{'LM loss' if use_lm else 'loss'} curves by {axis}")
+    what = "LM loss on the training batch" if use_lm else "training objective"
+    ax.set_ylabel(f"{'held-out loss (dots); ' if any_eval else ''}{what}, EMA {SMOOTHING:g} (thin)")
+    ax.set_title(f"{'LM loss' if use_lm else 'loss'} curves by {axis} (seed means)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     f1 = f"loss_{safe}.png"
     fig.savefig(out / f1, dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels, means, errs = [], [], []
-    for key in _ordered(list(by)):
-        m, s, _ = _stats([r["gain"] for r in by[key]])
-        if m is not None:
-            labels.append(str(json.loads(key))), means.append(100 * m), errs.append(100 * (s or 0) / 2)
-    ax.bar(range(len(labels)), means, yerr=errs, capsize=3)
+    gains = {str(json.loads(key)): [r["gain"] for r in by[key] if r["gain"] is not None] for key in _ordered(list(by))}
+    labels, means, errs, note = gain_bars(gains)
+    ax.bar(range(len(labels)), means, yerr=errs, capsize=3 if errs else 0)
     ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel("gain over LM-only, % of loss"), ax.set_title(f"gain vs {axis} (bars: half the seed spread)")
+    ax.set_ylabel("gain over LM-only, % of loss"), ax.set_title(f"gain vs {axis} ({note})")
     fig.tight_layout()
     f2 = f"gain_{safe}.png"
     fig.savefig(out / f2, dpi=100)

@@ -1,0 +1,35 @@
+"""The report's pictures say what they show: no bars for one seed, the real range for several, and the
+training curves' smoothing (pd_dist.explore.report)."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_gain_bars_draw_the_real_range_or_none_for_one_seed():
+    from pd_dist.explore.report import gain_bars
+
+    labels, means, errs, note = gain_bars({"nll": [0.02], "kld": [0.01]})
+    assert labels == ["nll", "kld"] and means == pytest.approx([2.0, 1.0]) and errs is None
+    assert note == "1 seed per point: no bars"
+    labels, means, errs, note = gain_bars({"nll": [0.01, 0.04, 0.02], "kld": [0.0, 0.01, -0.01]})
+    assert means == pytest.approx([100 * 0.07 / 3, 0.0])
+    assert errs[0] == pytest.approx([100 * (0.07 / 3 - 0.01), 0.01 * 100])  # mean down to the lowest seed
+    assert errs[1] == pytest.approx([100 * (0.04 - 0.07 / 3), 0.01 * 100])  # up to the highest
+    assert note == "bars: lowest to highest of 3 seeds"
+
+
+def test_ema_is_debiased_exponential_smoothing():
+    from pd_dist.explore.report import ema
+
+    assert ema([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # not pulled toward 0 at the start
+    got = ema([1.0, 3.0], decay=0.5)
+    assert got == pytest.approx([1.0, (0.25 * 1 + 0.5 * 3) / 0.75])
+
+
+def test_plots_render_without_event_files(tmp_path):
+    from pd_dist.explore.report import plots
+
+    rows = [{"settings": {"distill.loss": k}, "dir": str(tmp_path / k), "losses": [5.0, 4.0, 3.5], "gain": g}
+            for k, g in (("nll", 0.02), ("kld", 0.01))]
+    files = plots("distill.loss", rows, tmp_path / "plots")
+    assert all((tmp_path / "plots" / f).stat().st_size > 1000 for f in files)
