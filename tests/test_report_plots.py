@@ -33,3 +33,19 @@ def test_plots_render_without_event_files(tmp_path):
             for k, g in (("nll", 0.02), ("kld", 0.01))]
     files = plots("distill.loss", rows, tmp_path / "plots")
     assert all((tmp_path / "plots" / f).stat().st_size > 1000 for f in files)
+
+
+def test_paired_gain_is_mean_and_standard_error_over_seeds():
+    import statistics
+
+    from pd_dist.explore.report import axis_table, paired_gain
+
+    g = [0.004, 0.026, 0.018]
+    se = statistics.stdev(g) / 3 ** 0.5
+    assert paired_gain(g) == f"{sum(g) / 3:+.2%} ± {se:.2%} (3/3)"
+    assert paired_gain([-0.01]) == "-1.00% (0/1)" and paired_gain([None]) == "—"
+    rows = [{"settings": {"k": v}, "val_loss": 4.0, "gain": x, "agreement": None, "downstream": {}}
+            for v, x in (("a", 0.01), ("a", 0.03), ("b", -0.01))]
+    lines, _ = axis_table("k", rows)
+    assert lines[0].endswith("paired gain: mean ± SE (seeds PD better) |")
+    assert lines[2].endswith(f"{paired_gain([0.01, 0.03])} |") and lines[3].endswith("-1.00% (0/1) |")

@@ -103,6 +103,18 @@ def _fmt(mean: Optional[float], spread: Optional[float], n: int, pct: bool = Fal
     return f(mean) + (f" ({f(spread).lstrip('+')})" if n > 1 else "")
 
 
+def paired_gain(gains: list[Optional[float]]) -> str:
+    """The gains of one setting's seeds, each against its own LM-only twin (same initialisation and data
+    order): mean ± standard error, and how many seeds favour PD; '—' for none, no SE for one seed."""
+    g = [x for x in gains if x is not None]
+    if not g:
+        return "—"
+    better = f"{sum(x > 0 for x in g)}/{len(g)}"
+    if len(g) < 2:
+        return f"{g[0]:+.2%} ({better})"
+    return f"{statistics.mean(g):+.2%} ± {statistics.stdev(g) / len(g) ** 0.5:.2%} ({better})"
+
+
 def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
     """Markdown lines of one axis's table, and its summary line."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -113,7 +125,9 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
             order.append(key)
         groups[key].append(r)
     tasks = sorted({t for r in rows for t in r["downstream"]})
+    seeded = any(len(g) > 1 for g in groups.values())  # each run's gain is paired with its own LM-only twin
     head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
+    head += ["paired gain: mean ± SE (seeds PD better)"] if seeded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = []
     for key in _ordered(order):
@@ -123,6 +137,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
         agree = _stats([r["agreement"] for r in rs])
         cells = [json.loads(key), len(rs), _fmt(*loss), _fmt(*gain, pct=True), _fmt(*agree)]
         cells += [_fmt(*_stats([r["downstream"].get(t) for r in rs])) for t in tasks]
+        cells += [paired_gain([r["gain"] for r in rs])] if seeded else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if loss[0] is not None:
             ranked.append((loss[0], loss[1] or 0.0, loss[2], json.loads(key)))
