@@ -258,3 +258,36 @@ def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
 def test_cli_help(capsys):
     assert main(["--help"]) == 0
     assert "--teacher" in capsys.readouterr().out
+
+
+def test_the_dry_run_prints_the_layouts_compute_balance_and_warns_when_teacher_bound(capsys):
+    """64 nodes x 8 with online.yaml's one teacher node: 8 teacher ranks against 504 students. With a
+    pd-6.8b teacher and pd-1.9b students (vocab 4096, seq 256): teacher forward F_t and student training
+    F_s per token from pd_dist.core.flops; the teachers serve (8 / F_t) / (504 / F_s) of the students'
+    consumption, and the balanced split gives the teachers 512 x F_t / (F_t + F_s) ranks."""
+    from pd_dist.config import load_config
+    from pd_dist.core.flops import model_shape
+    from pd_dist.explore.plan import print_rank_map
+    from pd_dist.models import ModelConfig
+
+    over = ["teacher.path=null", "teacher.preset=pd-6.8b", "model.preset=pd-1.9b", "train.global_batch_size=4032"]
+    cfg = load_config("launch/configs/online.yaml", over)
+    assert print_rank_map(cfg, 64, 8) == 0
+    out = capsys.readouterr().out
+    ft = model_shape(ModelConfig(preset="pd-6.8b"), 4096).forward_flops(256)
+    fs = model_shape(ModelConfig(preset="pd-1.9b"), 4096).train_flops(256)
+    ideal = 512 * ft / (ft + fs)
+    assert (f"8 teacher rank(s) for 504 student rank(s); the teachers can serve {(8 / ft) / (504 / fs):.0%} of what "
+            f"the students consume") in out
+    assert f"balanced at about {ideal:.0f}:{512 - ideal:.0f} of these 512 ranks" in out
+    assert "warning: this run will be teacher-bound" in out
+    # a pd-1.9b teacher for pd-1.9b students costs a third of their training per token: 16 of 64 nodes
+    balanced = load_config("launch/configs/online.yaml", ["teacher.path=null", "teacher.preset=pd-1.9b",
+                                                          "model.preset=pd-1.9b", "topology.teacher_nodes=16",
+                                                          "train.global_batch_size=3072"])
+    print_rank_map(balanced, 64, 8)
+    out = capsys.readouterr().out
+    assert "128 teacher rank(s) for 384 student rank(s); the teachers can serve 100%" in out
+    assert "teacher-bound" not in out
+    print_rank_map(load_config(None, []), 1, 1)
+    assert "compute balance: each rank spends" in capsys.readouterr().out

@@ -408,6 +408,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def layout_balance(cfg, layout) -> str:
+    """The configured layout's teacher:student compute balance (pd_dist.core.flops: model FLOPs per
+    token from the shapes, attention included; every rank assumed equally fast), with a one-line warning
+    when the run will be teacher-bound. Online: the teacher ranks' capacity against what the students
+    consume, and the split that balances them; colocated: each rank's share spent on the teacher;
+    offline and LM-only: the teacher's cost is the generation job's (or none)."""
+    from pd_dist.core.flops import model_shape
+
+    d = cfg.distill
+    if d.mode in ("none", "offline"):
+        return "compute balance: no teacher runs in this job" + (
+            " (its cost is the generation job's)" if d.mode == "offline" else "")
+    vocab = cfg.data.vocab_size
+    seq = cfg.data.seq_len
+    student = model_shape(cfg.model, vocab).train_flops(seq)
+    from pathlib import Path
+
+    known = cfg.teacher.path and (Path(cfg.teacher.path) / "config.json").is_file()
+    tcfg = cfg.teacher if known else type(cfg.teacher)(preset=cfg.teacher.preset)
+    if cfg.teacher.path and not known:
+        return f"compute balance: teacher.path {cfg.teacher.path} is not readable here (its shape is unknown)"
+    teacher = model_shape(tcfg, vocab).forward_flops(d.teacher_seq_len or seq)
+    if d.mode == "colocated":
+        return (f"compute balance: each rank spends {teacher / (teacher + student):.0%} of its model FLOPs on the "
+                f"teacher's forward ({teacher / 1e6:,.1f} MFLOP/token against the student's {student / 1e6:,.1f})")
+    t, s = len(layout.teachers), len(layout.students)
+    served = (t / teacher) / (s / student)  # teacher capacity / student consumption, in tokens
+    ideal_t = layout.world * teacher / (teacher + student)
+    line = (f"compute balance: {t} teacher rank(s) for {s} student rank(s); the teachers can serve {served:.0%} of "
+            f"what the students consume ({teacher / 1e6:,.1f} MFLOP/token forward against {student / 1e6:,.1f} "
+            f"training); balanced at about {ideal_t:.0f}:{layout.world - ideal_t:.0f} of these {layout.world} ranks")
+    if served < 0.95:
+        line += (f"\nwarning: this run will be teacher-bound: the students wait {1 - served:.0%} of the time; "
+                 "give the teacher more ranks (topology.teacher_ranks / teacher_nodes) or see pd-dist plan")
+    return line
+
+
 def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     """The layout of a job of `nodes` x `per_node` ranks under `cfg`, checked and printed; nothing
     starts (`pd-dist plan --config`, `launch/pretrain_pd.py --dry-run`). ConfigError if impossible."""
@@ -420,8 +457,9 @@ def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     if cfg.distill.mode == "online" and world < 2:
         raise ConfigError("config key 'distill.mode' = 'online': needs at least 2 ranks")
     layout = cfg.layout(world, [f"node{r // per_node}" for r in range(world)])
-    cfg.check_world(layout.dp)
     print(format_layout(layout))
+    print(layout_balance(cfg, layout))
+    cfg.check_world(layout.dp)
     if cfg.distill.cross_tokenizer != "off":
         from pd_dist.data.tokenizer_pair import describe_pair
 
