@@ -156,7 +156,14 @@ def store_main(argv: list[str]) -> int:
     p.add_argument("action", choices=["info", "verify"])
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="info: print JSON")
+    p.add_argument("--fidelity", action="store_true", help=(
+        "info: also the stored signal against the teacher's full distribution on a sample of positions "
+        "(head mass, TV, KL both ways, JSD; pd_dist.core.fidelity), recomputed by the store's teacher; needs --data"))
+    p.add_argument("--data", default=None, help="--fidelity: the prepared data directory the store was written from")
+    p.add_argument("--positions", type=int, default=2048, help="--fidelity: positions sampled (default 2048)")
     args = p.parse_args(argv)
+    if args.fidelity and (args.action != "info" or not args.data):
+        p.error("--fidelity goes with info and needs --data DIR (the prepared data the store was written from)")
     import json
 
     from pd_dist.store import StoreCheckError, StoreError, store_info, verify_store
@@ -182,7 +189,14 @@ def store_main(argv: list[str]) -> int:
         return worst
     try:
         infos = [store_info(path) for path in paths]
-    except StoreError as e:
+        if args.fidelity:
+            from pd_dist.data import DataError, PackedDataset
+            from pd_dist.teacher.fidelity import store_fidelity
+
+            data = PackedDataset(args.data)
+            for info, path in zip(infos, paths):
+                info["fidelity"] = store_fidelity(path, data, args.positions)
+    except (StoreError, DataError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 1
     if args.json:

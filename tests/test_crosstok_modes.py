@@ -358,3 +358,42 @@ def test_the_dry_run_shows_the_pair_and_its_aligned_fraction(cross, capsys):
     assert "distill.min_aligned_frac 0.5: ok" in out and "(vocab 400)" not in out and "vocab 400)" in out
     print_rank_map(load_config(SMOKE, over + ["distill.min_aligned_frac=0.999"]), 1, 1)
     assert "BELOW: the run will refuse to start" in capsys.readouterr().out
+
+
+def test_store_fidelity_of_a_document_store_recomputes_the_teachers_distribution(cross, capsys):
+    """pd-dist store info --fidelity on the library's exact-encoded store: its metrics equal those of
+    the teacher's full logits against their own top-p-k truncation at the same positions, which only
+    holds if the stored records are read at the positions the teacher recomputes."""
+    import subprocess
+    import sys
+
+    from pd_dist.core.fidelity import mean_fidelity, signal_fidelity
+    from pd_dist.core.logits import truncate
+    from pd_dist.models import ModelConfig, build_model, final_norm_and_head
+    from pd_dist.store.library import library_stores
+    from pd_dist.teacher.document import DocumentTeacher
+    from pd_dist.teacher.fidelity import store_fidelity
+    from pd_dist.teacher.inference import FrozenTeacher
+
+    cfg, data, tdata = cross.out["S1"]
+    (root,) = library_stores(cross.lib)
+    got = store_fidelity(root, tdata, positions=10 ** 6)  # every record
+    model = build_model(ModelConfig(path=str(cross.teacher_dir)), tdata.vocab_size, seed=0).eval()
+    _, head = final_norm_and_head(model)
+    spec = cfg.distill.signal_spec(0)
+    dt = DocumentTeacher(FrozenTeacher(model, torch.device("cpu"), torch.float32, spec, 64), tdata, 40, 8)
+    n = tdata.streams[0].n_tokens
+    with torch.no_grad():
+        z = dt.hidden(0, [0], n)[0] @ head.weight.T
+    want = mean_fidelity([signal_fidelity(z, truncate(z, spec.top_p, spec.top_k), 1.0, 1.0)])
+    assert got["positions"] == n
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert 0.5 < got["head_mass"] < 1.0 and got["tv"] > 0 and got["bytes_per_token"] > 0
+    # the CLI: info with the fidelity figures, and a one-line refusal without --data
+    cli = [sys.executable, "-m", "pd_dist.cli", "store", "info", str(root), "--json"]
+    out = subprocess.run(cli + ["--fidelity", "--data", str(tdata.path), "--positions", "48"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["fidelity"]["positions"] >= 48
+    bad = subprocess.run(cli + ["--fidelity"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs --data" in bad.stderr
