@@ -195,7 +195,12 @@ def store_main(argv: list[str]) -> int:
 
             data = PackedDataset(args.data)
             for info, path in zip(infos, paths):
-                info["fidelity"] = store_fidelity(path, data, args.positions)
+                try:
+                    info["fidelity"] = store_fidelity(path, data, args.positions)
+                except StoreError as e:  # a library: the stores of sources the data does not hold are skipped
+                    if len(paths) == 1:
+                        raise
+                    info["fidelity"] = f"not measured: {e}"
     except (StoreError, DataError) as e:
         print(f"pd-dist: {e}", file=sys.stderr)
         return 1
