@@ -327,3 +327,17 @@ def body_hidden(body, input_ids: torch.Tensor, document_eos: Optional[int] = Non
     dtype = body.get_input_embeddings().weight.dtype
     masked = document_inputs(body.config, input_ids, document_eos, dtype)
     return body(input_ids=input_ids, **masked).last_hidden_state
+
+
+def model_shape(model_cfg: ModelConfig, vocab_size: int):
+    """The FLOP-counting Shape (pd_dist.core.flops) of a ModelConfig: its preset at ``vocab_size``, or the
+    config.json of its ``path``."""
+    from pd_dist.core.flops import Shape
+
+    if model_cfg.path:
+        c = json.loads((Path(model_cfg.path) / "config.json").read_text())
+        heads = int(c["num_attention_heads"])
+        return Shape(int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]), heads,
+                     int(c.get("num_key_value_heads") or heads), int(c.get("vocab_size", vocab_size)))
+    hidden, ffn, layers, heads, kv, _ = PRESETS[model_cfg.preset]
+    return Shape(hidden, ffn, layers, heads, kv, int(vocab_size))

@@ -12,8 +12,7 @@ def test_forward_flops_match_torch_flop_counter(preset, vocab, context):
     sequence of ``context`` tokens: per token it must be the shape's count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pd_dist.core.flops import model_shape
-    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.models import ModelConfig, build_model, model_shape
 
     cfg = ModelConfig(preset=preset)
     model = build_model(cfg, vocab, seed=0).eval()
@@ -31,8 +30,7 @@ def test_flops_by_hand_for_pd_1_9b():
     42,467,328; so 51,904,512 x 24 = 1,245,708,288, plus the head 2048 x 151552 = 310,378,496:
     1,556,086,784 weights, 3,112,173,568 FLOPs; attention 4 x 24 x 4096 x 2048 = 805,306,368.
     Forward 3,917,479,936 FLOPs per token; training 3x: 11,752,439,808."""
-    from pd_dist.core.flops import model_shape
-    from pd_dist.models import ModelConfig
+    from pd_dist.models import ModelConfig, model_shape
 
     s = model_shape(ModelConfig(preset="pd-1.9b"), 151552)
     assert s.matmul_params() == 1_556_086_784
@@ -43,8 +41,7 @@ def test_flops_by_hand_for_pd_1_9b():
 
 
 def test_a_saved_model_is_counted_from_its_config(tmp_path):
-    from pd_dist.core.flops import model_shape
-    from pd_dist.models import ModelConfig, build_model
+    from pd_dist.models import ModelConfig, build_model, model_shape
 
     build_model(ModelConfig(preset="tiny-teacher"), 300, seed=0).save_pretrained(str(tmp_path))
     assert model_shape(ModelConfig(path=str(tmp_path)), 999) == model_shape(ModelConfig(preset="tiny-teacher"), 300)

@@ -266,7 +266,7 @@ def test_the_dry_run_prints_the_layouts_compute_balance_and_warns_when_teacher_b
     F_s per token from pd_dist.core.flops; the teachers serve (8 / F_t) / (504 / F_s) of the students'
     consumption, and the balanced split gives the teachers 512 x F_t / (F_t + F_s) ranks."""
     from pd_dist.config import load_config
-    from pd_dist.core.flops import model_shape
+    from pd_dist.models import model_shape
     from pd_dist.explore.plan import print_rank_map
     from pd_dist.models import ModelConfig
 

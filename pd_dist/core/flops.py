@@ -9,9 +9,7 @@ A recomputed or wasted forward is not counted: these are model FLOPs, the numera
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -44,19 +42,6 @@ class Shape:
     def train_flops(self, context: int) -> float:
         """FLOPs of one token's forward and backward (3 forwards)."""
         return 3.0 * self.forward_flops(context)
-
-
-def model_shape(model_cfg, vocab_size: int) -> Shape:
-    """The Shape of a ModelConfig: its preset at ``vocab_size``, or the config.json of its ``path``."""
-    from pd_dist.models import PRESETS
-
-    if getattr(model_cfg, "path", None):
-        c = json.loads((Path(model_cfg.path) / "config.json").read_text())
-        heads = int(c["num_attention_heads"])
-        return Shape(int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]), heads,
-                     int(c.get("num_key_value_heads") or heads), int(c.get("vocab_size", vocab_size)))
-    hidden, ffn, layers, heads, kv, _ = PRESETS[model_cfg.preset]
-    return Shape(hidden, ffn, layers, heads, kv, int(vocab_size))
 
 
 def shape_of_hf(config) -> Shape:

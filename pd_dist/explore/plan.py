@@ -414,7 +414,7 @@ def layout_balance(cfg, layout) -> str:
     when the run will be teacher-bound. Online: the teacher ranks' capacity against what the students
     consume, and the split that balances them; colocated: each rank's share spent on the teacher;
     offline and LM-only: the teacher's cost is the generation job's (or none)."""
-    from pd_dist.core.flops import model_shape
+    from pd_dist.models import model_shape
 
     d = cfg.distill
     if d.mode in ("none", "offline"):

@@ -23,7 +23,8 @@ import torch
 from pd_dist.train.checkpoint import CheckpointManager, ResumeError, check_run_state, objective, run_state
 from pd_dist.config import ExperimentConfig, dump_config
 from pd_dist.data import MicroBatchPlan, PackedDataset
-from pd_dist.core.flops import ComputeMeter, device_peak_tflops, model_shape
+from pd_dist.core.flops import ComputeMeter, device_peak_tflops
+from pd_dist.models import model_shape
 from pd_dist.core.losses import IGNORE_INDEX
 from pd_dist.core.monitor import Monitor, StepTimer, fmt_duration
 from pd_dist.core.runtime import StopSignals, device, use_bf16
