@@ -166,6 +166,7 @@ def store_main(argv: list[str]) -> int:
         p.error("--fidelity goes with info and needs --data DIR (the prepared data the store was written from)")
     import json
 
+    from pd_dist.data import DataError
     from pd_dist.store import StoreCheckError, StoreError, store_info, verify_store
     from pd_dist.store.library import library_stores
 
@@ -190,7 +191,7 @@ def store_main(argv: list[str]) -> int:
     try:
         infos = [store_info(path) for path in paths]
         if args.fidelity:
-            from pd_dist.data import DataError, PackedDataset
+            from pd_dist.data import PackedDataset
             from pd_dist.teacher.fidelity import store_fidelity
 
             data = PackedDataset(args.data)
