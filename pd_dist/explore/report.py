@@ -64,9 +64,8 @@ def axis_rows(axis: str, rows: list[dict], plan: dict) -> list[dict]:
     return out
 
 
-def lm_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, LM loss on the training batch) from the run's TensorBoard events: the part of the
-    objective that is comparable across alpha, temperature and loss kinds; [] when unavailable."""
+def _tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar of the run's TensorBoard events; [] when unavailable."""
     tb = Path(run_dir) / "tensorboard"
     if not tb.is_dir():
         return []
@@ -76,9 +75,15 @@ def lm_curve(run_dir: Path) -> list[tuple[int, float]]:
         return []
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
-    if "train/lm_loss" not in acc.Tags().get("scalars", []):
+    if tag not in acc.Tags().get("scalars", []):
         return []
-    return [(e.step, e.value) for e in acc.Scalars("train/lm_loss")]
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def lm_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, LM loss on the training batch) from the run's TensorBoard events: the part of the
+    objective that is comparable across alpha, temperature and loss kinds; [] when unavailable."""
+    return _tb_scalars(run_dir, "train/lm_loss")
 
 
 def _ordered(keys: list[str]) -> list[str]:
@@ -162,18 +167,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, held-out loss) at the run's evaluation points, from its TensorBoard events; [] when
     unavailable."""
-    tb = Path(run_dir) / "tensorboard"
-    if not tb.is_dir():
-        return []
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return []
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "eval/val_loss" not in acc.Tags().get("scalars", []):
-        return []
-    return [(e.step, e.value) for e in acc.Scalars("eval/val_loss")]
+    return _tb_scalars(run_dir, "eval/val_loss")
 
 
 SMOOTHING = 0.9  # the training curves' exponential moving average: s_t = 0.9 s_(t-1) + 0.1 x_t
