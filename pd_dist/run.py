@@ -318,13 +318,13 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         source.close(finished=result.finished)
     finally:
         trainer.close()
+    extra = source.summary()
     if topo.is_logger:
-        summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps),
-                       **source.summary())
+        summary = dict(dataclasses.asdict(result), data=data_summary(data, trainer.sampler, result.steps), **extra)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.finished and topo.is_logger:
         report(cfg, result, log=say)
-        ct = source.summary().get("cross_tokenizer")
+        ct = extra.get("cross_tokenizer")
         if ct and ct.get("aligned_frac") is not None:
             mass = "" if ct.get("mapped_mass") is None else f", {ct['mapped_mass']:.2%} of the teacher's mass mapped"
             say(f"  across tokenizers ({ct['how']}): {ct['aligned_frac']:.1%} of the student's positions took the "

@@ -263,12 +263,13 @@ def test_student_signal_of_one_text_across_two_real_tokenizers(two_bpes):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_uld_loss_is_the_l1_distance_of_sorted_probabilities(temperature):
-    """Against a float64 reference that sorts both full distributions and pads the shorter with zeros;
+    """distill.loss uld, with a teacher of another vocabulary (ids past the student's, never read): against
+    a float64 reference that sorts both full distributions and pads the shorter with zeros;
     its gradient reaches the student logits; rows with nothing kept give 0."""
     import torch
 
-    from pd_dist.core.crosstok import uld_loss
     from pd_dist.core.logits import SparseLogits
+    from pd_dist.core.losses import distillation_loss
 
     g = torch.Generator().manual_seed(3)
     N, V_s, V_t, k = 12, 30, 50, 6
@@ -277,7 +278,7 @@ def test_uld_loss_is_the_l1_distance_of_sorted_probabilities(temperature):
     vals[4] = float("-inf")  # nothing kept
     sig = SparseLogits(idx, vals)
     z = torch.randn(N, V_s, generator=g, dtype=torch.float64, requires_grad=True)
-    got = uld_loss(z, sig, temperature)
+    got = distillation_loss(z, sig, "uld", temperature)
     v = sig.values.double().numpy() / temperature  # the teacher's probabilities in float64
     e = np.where(np.isfinite(v), np.exp(v - np.where(np.isfinite(v), v, -np.inf).max(1, keepdims=True)), 0.0)
     p = e / np.maximum(e.sum(1, keepdims=True), 1e-300)

@@ -15,8 +15,8 @@ and an approximation otherwise: the student's next token is then only the first 
 teacher predicts, so the projected mass is right and its spread over the student's continuations is
 not modelled. Teacher tokens with no byte string (special tokens other than EOS) map nowhere, and the
 mass on them is reported by :func:`project_probs`, not dropped silently. Universal logit distillation
-(Boizard et al., 2024) needs no map at all, comparing sorted probabilities instead; it is the
-alternative to measure this projection against.
+(Boizard et al., 2024) needs no map at all, comparing sorted probabilities instead (distill.loss uld,
+pd_dist.core.losses); it is the alternative to measure this projection against.
 
 Everything here is a pure function of numpy arrays, byte strings or tensors. :func:`project_signal`
 is the torch form of :func:`project_probs` for a teacher signal: its result is an ordinary
@@ -30,8 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pd_dist.core.logits import SparseLogits, target_probs, teacher_log_probs
-from pd_dist.core.losses import _compute_dtype
+from pd_dist.core.logits import SparseLogits, target_probs
 
 
 def byte_ends(token_bytes: Sequence[bytes]) -> np.ndarray:
@@ -215,20 +214,3 @@ def student_signal(teacher_sig: SparseLogits, aligned: torch.Tensor, target: tor
     values = torch.where(mask.unsqueeze(-1), out.values, torch.full_like(out.values, float("-inf")))
     indices = torch.where(mask.unsqueeze(-1), out.indices, torch.zeros_like(out.indices))
     return SparseLogits(indices, values), mask, torch.where(mask, mapped, torch.zeros_like(mapped))
-
-
-def uld_loss(student_logits: torch.Tensor, teacher: SparseLogits, temperature: float) -> torch.Tensor:
-    """Universal logit distillation (Boizard et al., 2024), per token [...]: the L1 distance between the
-    student's and the teacher's probabilities each sorted descending, the shorter padded with zeros, so
-    no vocabulary map is needed (the teacher's ids are ignored). The teacher's are its kept entries at
-    ``temperature`` (target_probs); the student's are softmax(logits) over its whole vocabulary (not
-    tempered, as in every KD loss here). With k kept entries only the student's k largest meet a teacher
-    probability; the rest of its mass, 1 - sum of those k, is all distance. Rows with nothing kept give
-    0."""
-    k = teacher.k
-    q = torch.softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
-    top = q.topk(min(k, q.shape[-1]), dim=-1).values
-    p = torch.where(teacher.mask, teacher_log_probs(teacher.values, teacher.mask, temperature, top.dtype).exp(), 0.0)
-    p = p.sort(dim=-1, descending=True).values[..., :top.shape[-1]]
-    dist = (top - p).abs().sum(-1) + (1 - top.sum(-1)).clamp_min(0)
-    return torch.where(teacher.mask.any(-1), dist, torch.zeros_like(dist))

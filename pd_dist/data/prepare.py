@@ -443,14 +443,19 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike, log: Log = print, 
     return out
 
 
+def source_units(cfg: DataConfig, s: Source) -> list[Unit]:
+    """The units a text source is read in: the embedded corpus as one, files planned in shards."""
+    if s.kind == "embedded":
+        return [Unit("embedded", size=sum(p.stat().st_size for p in embedded_corpus_files()))]
+    return plan_units(s.files, cfg.shard_bytes, cfg.text_field)
+
+
 def _prepare(cfg: DataConfig, out: Path, sources: list[Source], key: str, log: Log, peers: _Peers,
              workers: int) -> None:
     rank, world = peers.rank, peers.world
     who = f" rank {rank}:" if world > 1 else ""
     t0 = time.time()
-    units = {s.index: ([Unit("embedded", size=sum(p.stat().st_size for p in embedded_corpus_files()))]
-                       if s.kind == "embedded" else plan_units(s.files, cfg.shard_bytes, cfg.text_field))
-             for s in sources if s.kind != "indexed"}
+    units = {s.index: source_units(cfg, s) for s in sources if s.kind != "indexed"}
     tok_key = _tokenizer_key(cfg, sources)
     if rank == 0:
         _ensure_tokenizer(cfg, sources, units, out, tok_key, log)

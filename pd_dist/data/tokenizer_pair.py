@@ -61,12 +61,20 @@ class Projection:
                 "exact": int(self.exact.sum()), "exact_frac": float(self.exact.mean()) if len(self.exact) else 0.0}
 
 
-def pair_projection(teacher_dir, student_dir, cache_root, log=lambda *_: None) -> Projection:
+def checked_pair(teacher_dir, student_dir) -> tuple:
+    """(teacher tokenizer, student tokenizer, teacher token bytes, student token bytes) of the tokenizers
+    saved in the two directories, each checked (checked_token_bytes)."""
+    from pd_dist.data.prepare import load_tokenizer
+
+    t_tok, s_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    return t_tok, s_tok, checked_token_bytes(t_tok, "the teacher's"), checked_token_bytes(s_tok, "the student's")
+
+
+def pair_projection(teacher_dir, student_dir, cache_root, log=lambda *_: None, checked=None) -> Projection:
     """The projection of the tokenizers saved in ``teacher_dir`` and ``student_dir``, built once and kept
     in ``<cache_root>/tokenizer_pairs/<teacher hash>-<student hash>.npz`` (written whole, then renamed,
     with a JSON summary beside it); later calls load it. Both tokenizers are checked first
-    (checked_token_bytes)."""
-    from pd_dist.data.prepare import load_tokenizer
+    (checked_pair; ``checked``: its result, when the caller has it already)."""
     from pd_dist.models import tokenizer_hash
 
     th, sh = tokenizer_hash(teacher_dir), tokenizer_hash(student_dir)
@@ -74,9 +82,7 @@ def pair_projection(teacher_dir, student_dir, cache_root, log=lambda *_: None) -
     if path.is_file():
         with np.load(path) as z:
             return Projection(z["target"], z["exact"], th, sh, path)
-    t_tok, s_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
-    teacher = checked_token_bytes(t_tok, "the teacher's")
-    student = checked_token_bytes(s_tok, "the student's")
+    t_tok, s_tok, teacher, student = checked or checked_pair(teacher_dir, student_dir)
     target, exact = vocab_projection(teacher, student)
     if t_tok.eos_token_id is not None and s_tok.eos_token_id is not None:  # end of document is one event
         target[t_tok.eos_token_id], exact[t_tok.eos_token_id] = s_tok.eos_token_id, True
@@ -187,17 +193,14 @@ class StreamAlignment:
 def sample_texts(data_cfg, chars: int = 200_000) -> list[str]:
     """The first documents of each text source of ``data_cfg`` (DataConfig), about ``chars`` characters
     in all, read without preparing anything: what the dry run measures a pair on."""
-    from pd_dist.data.corpus import embedded_corpus_files
-    from pd_dist.data.documents import Unit, plan_units, unit_sample
-    from pd_dist.data.prepare import resolve_sources
+    from pd_dist.data.documents import unit_sample
+    from pd_dist.data.prepare import resolve_sources, source_units
 
     sources = [s for s in resolve_sources(data_cfg) if s.kind != "indexed"]
     out: list[str] = []
     for s in sources:
-        units = ([Unit("embedded", size=sum(p.stat().st_size for p in embedded_corpus_files()))]
-                 if s.kind == "embedded" else plan_units(s.files, data_cfg.shard_bytes, data_cfg.text_field))
         budget = chars // max(len(sources), 1)
-        for u in units:
+        for u in source_units(data_cfg, s):
             got = list(unit_sample(u, budget))
             out += got
             budget -= sum(len(t) for t in got)
@@ -211,7 +214,6 @@ def describe_pair(cfg, chars: int = 200_000) -> str:
     vocabulary the student's holds exactly, and the aligned fraction measured on a sample of the data's
     text against distill.min_aligned_frac. The student's tokenizer is data.tokenizer, or the one already
     prepared in the data directory; a tokenizer still to be trained is said so."""
-    from pd_dist.data.prepare import load_tokenizer
     from pd_dist.models import tokenizer_hash
 
     d = cfg.distill
@@ -222,8 +224,7 @@ def describe_pair(cfg, chars: int = 200_000) -> str:
     if not (s_dir / "tokenizer.json").is_file():
         return (head + f" -> student: trained when the data is prepared (data.tokenizer null), so the aligned "
                 f"fraction is measured at start (distill.min_aligned_frac {d.min_aligned_frac:g})")
-    t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
-    t_tab, s_tab = checked_token_bytes(t_tok, "the teacher's"), checked_token_bytes(s_tok, "the student's")
+    t_tok, s_tok, t_tab, s_tab = checked_pair(t_dir, s_dir)
     target, exact = vocab_projection(t_tab, s_tab)
     texts = sample_texts(cfg.data, chars)
     frac = aligned_fraction(texts, t_tok, s_tok, t_tab, s_tab)

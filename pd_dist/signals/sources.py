@@ -193,23 +193,27 @@ class ColocatedTeacher(SignalSource):
         self._windows = 0  # tokens asked of a window-context teacher (a document teacher counts its own)
 
     @property
+    def _reader(self):
+        """The teacher that runs the forwards: a FrozenTeacher (window context) or a DocumentTeacher (also
+        the one a cross-tokenizer teacher wraps)."""
+        return getattr(self.teacher, "teacher", self.teacher)
+
+    @property
     def teacher_shape(self):
         """The teacher's Shape (pd_dist.core.flops), for the compute figures."""
         from pd_dist.core.flops import shape_of_hf
 
-        inner = getattr(self.teacher, "teacher", self.teacher)  # a cross-tokenizer teacher wraps one
-        return shape_of_hf(getattr(inner, "frozen", inner).model.config)
+        return shape_of_hf(getattr(self._reader, "frozen", self._reader).model.config)
 
     @property
     def teacher_context(self) -> int:
-        return int(getattr(getattr(self.teacher, "teacher", self.teacher), "T", 0) or self.data.seq_len)
+        return int(getattr(self._reader, "T", 0) or self.data.seq_len)
 
     @property
     def teacher_tokens(self) -> float:
         """Tokens the teacher has run forward in this process so far (document context: with the chunk
         prefixes it reads before each span)."""
-        inner = getattr(self.teacher, "teacher", self.teacher)
-        return float(getattr(inner, "read_tokens", self._windows))
+        return float(getattr(self._reader, "read_tokens", self._windows))
 
     @classmethod
     def build(cls, ctx: SourceContext) -> "ColocatedTeacher":

@@ -27,7 +27,7 @@ import torch
 from pd_dist.core.crosstok import student_signal
 from pd_dist.core.logits import SparseLogits
 from pd_dist.data import PackedDataset
-from pd_dist.data.tokenizer_pair import (StreamAlignment, TokenizerPairError, byte_lengths, checked_token_bytes,
+from pd_dist.data.tokenizer_pair import (StreamAlignment, TokenizerPairError, byte_lengths, checked_pair,
                                          pair_projection)
 
 # fetch(source, starts, lengths) -> the teacher's signal [n_i, k] of each teacher stream span
@@ -55,17 +55,15 @@ class CrossTokenizer:
         teacher's tokenizer), checked: both tokenizers byte-level and lossless, one EOS convention, and at
         least distill.min_aligned_frac of the student's positions aligned on a sample of windows
         (TokenizerPairError in one line otherwise)."""
-        from pd_dist.data.prepare import load_tokenizer
-
         d = cfg.distill
-        t_tok, s_tok = load_tokenizer(teacher.tokenizer_dir), load_tokenizer(student.tokenizer_dir)
+        checked = checked_pair(teacher.tokenizer_dir, student.tokenizer_dir)
+        t_tok, s_tok, t_tab, s_tab = checked
         if (t_tok.eos_token_id is None) != (s_tok.eos_token_id is None):
             who = "teacher's" if t_tok.eos_token_id is None else "student's"
             raise TokenizerPairError(f"the {who} tokenizer has no EOS token and the other has: their prepared "
                                      "documents end differently, so they cannot be aligned")
-        t_len = byte_lengths(checked_token_bytes(t_tok, "the teacher's"), teacher.vocab_size)
-        s_len = byte_lengths(checked_token_bytes(s_tok, "the student's"), student.vocab_size)
-        proj = pair_projection(teacher.tokenizer_dir, student.tokenizer_dir, student.path, log)
+        t_len, s_len = byte_lengths(t_tab, teacher.vocab_size), byte_lengths(s_tab, student.vocab_size)
+        proj = pair_projection(teacher.tokenizer_dir, student.tokenizer_dir, student.path, log, checked)
         spec = d.signal_spec(0)
         pair = cls(StreamAlignment(student, teacher, s_len, t_len), proj.target, d.cross_tokenizer == "map",
                    float(d.temperature), spec.width(teacher.vocab_size), {})
