@@ -328,13 +328,40 @@ class TrainConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The LM-only twin of a distillation run, and the loss-against-tokens curve the compute-equivalent
+    gain is read from. ``baseline: true`` / ``false`` is short for ``baseline.enabled``."""
+    enabled: bool = field(default=False, metadata=doc(
+        "also pre-train the same student LM-only on the same tokens and schedule (cached in "
+        "<output_dir>/baseline) and report the distilled student's gain over it, (LM - PD) / LM in loss"))
+    extend: float = field(default=1.0, metadata=doc(
+        "the LM-only curve reaches this many times the run's token budget (>= 1; e.g. 2.0), so the tokens "
+        "LM-only needs to match the distilled student are measured, not extrapolated"))
+    points: int = field(default=8, metadata=doc(
+        "held-out losses on the LM-only curve, each that of a run of its own length (wsd: a decay branched "
+        "off one stable trunk; constant: the trunk itself); 1 = the twin alone, no curve"))
+
+    @classmethod
+    def from_bool(cls, on: bool) -> "BaselineConfig":
+        return cls(enabled=on)
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+    def validate(self, prefix: str) -> None:
+        if not 1.0 <= self.extend <= 100.0:
+            fail(f"{prefix}.extend", self.extend, "must be in [1, 100] (a multiple of the run's token budget)")
+        if not 1 <= self.points <= 64:
+            fail(f"{prefix}.points", self.points, "must be in [1, 64]")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole pre-training-distillation run."""
     output_dir: str = field(default="runs/default", metadata=doc(
         "where checkpoints, TensorBoard logs, the export and the resolved config go"))
-    baseline: bool = field(default=False, metadata=doc(
-        "also pre-train the same student LM-only on the same tokens and schedule (cached in "
-        "<output_dir>/baseline) and report the distilled student's gain over it, (LM - PD) / LM in loss"))
+    baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata=doc(
+        "the LM-only twin and its loss curve (`baseline: true` is short for baseline.enabled)"))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the student"))
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=doc("the teacher"))
     data: DataConfig = field(default_factory=DataConfig)

@@ -31,18 +31,22 @@ import torch.nn as nn
 
 from pd_dist.cluster.bridge import STARTUP_TIMEOUT_S
 from pd_dist.cluster.topology import Topology
-from pd_dist.config import ExperimentConfig
+from pd_dist.config import BaselineConfig, ExperimentConfig
+from pd_dist.core.compute_gain import (branch_step, check_shared_prefix, compute_balance, curve_lengths,
+                                       describe_balance, describe_multiplier, token_multiplier)
 from pd_dist.core.configlib import to_dict
 from pd_dist.core.monitor import Monitor
 from pd_dist.core.runtime import StopSignals, device, set_threads
 from pd_dist.data import DataError, PackedDataset, prepare_data
-from pd_dist.models import ModelConfig, build_model, check_same_tokenizer, tokenizer_hash, weights_digest
+from pd_dist.models import (ModelConfig, build_model, check_same_tokenizer, model_shape, tokenizer_hash,
+                            weights_digest)
+from pd_dist.store.library import library_stores
 from pd_dist.signals.sources import SOURCES, NoTeacher, SourceContext, build_source
 from pd_dist.teacher.crosstok import CrossTokenizer
 from pd_dist.teacher.generate import run_generation
 from pd_dist.teacher.serve import serve_teacher
 from pd_dist.teacher.stores import LogitsDump
-from pd_dist.train.checkpoint import ResumeError, objective
+from pd_dist.train.checkpoint import CheckpointManager, ResumeError, objective
 from pd_dist.train.trainer import Trainer, TrainResult
 
 Log = Callable[[str], None]
@@ -149,7 +153,7 @@ def baseline_run_config(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConf
     """The LM-only twin of a distillation run: the same student, tokens, schedule and seed, no teacher."""
     bc = copy.deepcopy(cfg)
     bc.output_dir = str(Path(cfg.output_dir) / "baseline")
-    bc.baseline = False
+    bc.baseline = BaselineConfig()
     bc.distill = dataclasses.replace(cfg.distill, mode="none", dump_logits=False)
     bc.train = dataclasses.replace(cfg.train, exit_after_steps=0)
     bc.data = dataclasses.replace(cfg.data, dir=str(data_dir))
@@ -233,13 +237,84 @@ def obtain_teacher(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, l
 
 
 def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, log: Log = print) -> dict:
-    """The summary of the run's LM-only twin (pre-trained here once and cached)."""
+    """The summary of the run's LM-only twin (pre-trained here once and cached), with ``lm_curve``: the
+    held-out losses of LM-only runs of several lengths (baseline.points, up to baseline.extend x the
+    run's; None with one point) that the compute-equivalent gain is read from."""
     bc = baseline_run_config(cfg, data.path)
-    export = Path(bc.output_dir) / "student"
-    return _cached_lm_run(bc, topo, data, export, "baseline",
-                          f"pre-training the LM-only baseline: the same student on the same tokens, "
-                          f"{bc.train.steps} steps, in {bc.output_dir}",
-                          f"reusing the LM-only baseline in {bc.output_dir}", log, need_summary=True)
+    lengths = curve_lengths(bc.train.steps, cfg.baseline.extend, cfg.baseline.points, bc.optim.warmup_steps)
+    if len(lengths) > 1 and branch_step(bc.train.steps, bc.optim) is None:
+        if topo.is_logger:
+            log(f"[baseline] optim.lr_schedule {bc.optim.lr_schedule}: no LM-only curve (each of its points "
+                "would be a whole run of its own; wsd or constant share one trunk), so no token multiplier")
+        lengths = [bc.train.steps]
+    if lengths == [bc.train.steps]:
+        summary = _cached_lm_run(bc, topo, data, Path(bc.output_dir) / "student", "baseline",
+                                 f"pre-training the LM-only baseline: the same student on the same tokens, "
+                                 f"{bc.train.steps} steps, in {bc.output_dir}",
+                                 f"reusing the LM-only baseline in {bc.output_dir}", log, need_summary=True)
+        return {**summary, "lm_curve": None}
+    return _lm_curve(bc, lengths, topo, data, log)
+
+
+def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: PackedDataset, log: Log) -> dict:
+    """The LM-only runs of ``lengths`` steps as one stable trunk (the longest) and a decay branched off it
+    for each shorter one (core.compute_gain). The run of bc's own length is the twin, in bc.output_dir
+    with its export; the others under <output_dir>/curve. Cached as a whole by the inputs and lengths;
+    the trunk's branch checkpoints are deleted once the branches ran."""
+    out, T = Path(bc.output_dir), bc.train.steps
+    trunk_len = lengths[-1]
+    at = {b: check_shared_prefix(b, trunk_len, bc.optim) for b in lengths if b < trunk_len}
+    stamp = f"{_run_stamp(bc, data)}-curve-{'.'.join(map(str, lengths))}"
+    stamp_file, curve_file = out / "student" / "pd_dist_baseline_stamp.txt", out / "lm_curve.json"
+    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp and curve_file.is_file():
+        if topo.is_logger:
+            log(f"[baseline] reusing the LM-only baseline and its curve in {out}")
+        return {**json.loads((out / "summary.json").read_text()), "lm_curve": json.loads(curve_file.read_text())}
+    tokens = bc.train.global_batch_size * data.seq_len
+    if topo.is_logger:
+        log(f"[baseline] pre-training the LM-only baseline and its curve: the same student on the same tokens, "
+            f"held-out loss of runs of {', '.join(map(str, lengths))} steps (x{tokens:,} tokens; a {trunk_len}-step "
+            f"stable trunk and a decay off it for each shorter one), in {out}")
+        for d in (out / "checkpoints", out / "curve"):
+            shutil.rmtree(d, ignore_errors=True)
+    topo.barrier()
+
+    def run(steps: int, where: Path, branch: Optional[tuple[Path, str]], save_at=(), export=None) -> TrainResult:
+        rc = copy.deepcopy(bc)
+        rc.output_dir = str(where)
+        rc.train = dataclasses.replace(bc.train, steps=steps, keep_checkpoints=0 if save_at else 1,
+                                       save_every=0, eval_every=0 if branch else bc.train.eval_every)
+        trainer = Trainer(rc, topo, data, NoTeacher(), run_name=f"baseline {steps}", branch_from=branch,
+                          save_at=save_at)
+        try:
+            return trainer.fit(export_dir=export)
+        finally:
+            trainer.close()
+
+    trunk_dir = out if trunk_len == T else out / "curve" / "trunk"
+    trunk = run(trunk_len, trunk_dir, None, save_at=sorted({s for s in at.values() if s > 0}),
+                export=out / "student" if trunk_len == T else None)
+    results = {trunk_len: trunk}
+    ck = trunk_dir / "checkpoints"
+    for b in sorted(at):
+        where = out if b == T else out / "curve" / f"steps{b}"
+        src = (ck, CheckpointManager.tag(at[b])) if at[b] > 0 else None
+        results[b] = run(b, where, src, export=out / "student" if b == T else None)
+        if b != T and topo.is_logger:
+            shutil.rmtree(where / "checkpoints", ignore_errors=True)
+    if topo.is_logger:
+        for s in set(at.values()) - {trunk_len}:  # the trunk's branch points: used
+            shutil.rmtree(ck / CheckpointManager.tag(s), ignore_errors=True)
+    curve = {"lengths": lengths, "tokens_per_step": tokens, "schedule": bc.optim.lr_schedule,
+             "points": [{"steps": b, "tokens": b * tokens, "val_loss": results[b].val_loss,
+                         "branched_at": at.get(b)} for b in lengths]}
+    summary = dataclasses.asdict(results[T])
+    if topo.is_logger:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        curve_file.write_text(json.dumps(curve, indent=1))
+        stamp_file.write_text(stamp + "\n")
+    topo.barrier()
+    return {**summary, "lm_curve": curve}
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -314,7 +389,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         if result.finished:
             teacher_loss = _teacher_val_loss(topo, source)
             if topo.is_logger:
-                result = compare(result, teacher_loss, baseline)
+                result = compare(result, teacher_loss, baseline, cfg.distill.mode, teacher_spent(cfg, data, result))
         source.close(finished=result.finished)
     finally:
         trainer.close()
@@ -365,12 +440,52 @@ def _teacher_val_loss(topo: Topology, source) -> Optional[float]:
     return box[0]
 
 
-def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict]) -> TrainResult:
+def teacher_spent(cfg: ExperimentConfig, data: PackedDataset, result: TrainResult) -> tuple[Optional[float], Optional[float]]:
+    """(teacher FLOPs spent on this run, the whole generation job's FLOPs): colocated, the forwards this
+    process counted; online, a forward of every trained token; offline, the same as its share of the
+    store, whose generation is a forward of every stored token (a document store's chunk prefixes not
+    counted). None where the teacher's shape or the store cannot be read here."""
+    c, mode = result.compute or {}, cfg.distill.mode
+    if mode == "colocated" or not c.get("student_flops_per_token"):
+        return c.get("teacher_flops"), None
+    tdir = teacher_export_dir(cfg)
+    try:
+        shape = model_shape(ModelConfig(path=str(tdir)) if (tdir / "config.json").is_file() else
+                            ModelConfig(preset=cfg.teacher.preset), data.vocab_size)
+    except (OSError, ValueError, KeyError):
+        return None, None
+    document = cfg.distill.teacher_context == "document"
+    per = shape.forward_flops((cfg.distill.teacher_seq_len or data.seq_len) if document else data.seq_len)
+    spent = per * c["student_flops"] / c["student_flops_per_token"]
+    if mode != "offline":
+        return spent, None
+    stored = 0
+    for m in [Path(cfg.distill.store)] + library_stores(cfg.distill.store):
+        try:
+            stored += json.loads((m / "manifest.json").read_text())["stats"]["tokens"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return spent, (per * stored if stored else None)
+
+
+def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict], mode: str = "none",
+            spent: tuple[Optional[float], Optional[float]] = (None, None)) -> TrainResult:
     """The distilled student against its teacher and its LM-only twin, on the same held-out samples.
-    pd_gain is the paper's relative improvement in loss, (LM - PD) / LM (> 0: distillation helped)."""
+    pd_gain is the paper's relative improvement in loss, (LM - PD) / LM (> 0: distillation helped). With
+    the twin's LM-only curve: the token multiplier (LM-only tokens matching the student's loss over its
+    own) and the compute balance (``spent``: teacher_spent's figures)."""
     lm = baseline["val_loss"] if baseline else None
-    return dataclasses.replace(result, teacher_val_loss=teacher_val_loss, lm_only_val_loss=lm,
-                               pd_gain=None if lm is None else (lm - result.val_loss) / lm)
+    result = dataclasses.replace(result, teacher_val_loss=teacher_val_loss, lm_only_val_loss=lm,
+                                 pd_gain=None if lm is None else (lm - result.val_loss) / lm)
+    curve = (baseline or {}).get("lm_curve")
+    if not curve or not math.isfinite(result.val_loss):
+        return result
+    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], result.val_loss, result.steps)
+    m["extend"] = curve["lengths"][-1] / result.steps
+    balance = (compute_balance(m["multiplier"], result.compute["student_flops"], mode, *spent)
+               if result.compute else None)
+    return dataclasses.replace(result, pd_token_multiplier=m["multiplier"], token_multiplier=m,
+                               compute_balance=balance)
 
 
 def report(cfg: ExperimentConfig, r: TrainResult, log: Log) -> None:
@@ -389,10 +504,14 @@ def report(cfg: ExperimentConfig, r: TrainResult, log: Log) -> None:
         ppl_gain = 1.0 - math.exp(r.val_loss - r.lm_only_val_loss)
         lines.append(f"  PD gain over LM-only pre-training: {r.pd_gain:+.2%} in loss, (LM - PD) / LM "
                      f"({ppl_gain:+.2%} in perplexity)")
+    if r.token_multiplier is not None:
+        lines.append("  " + describe_multiplier(r.token_multiplier, r.token_multiplier["extend"]))
+    if r.compute_balance is not None:
+        lines.append("  " + describe_balance(r.compute_balance))
     lines += [f"  TensorBoard: tensorboard --logdir {r.tensorboard_dir}", f"  student (HF format): {r.export_dir}"]
     log("\n".join(lines))
     scalars = {"eval/teacher_val_loss": r.teacher_val_loss, "eval/lm_only_val_loss": r.lm_only_val_loss,
-               "eval/pd_gain": r.pd_gain}
+               "eval/pd_gain": r.pd_gain, "eval/pd_token_multiplier": r.pd_token_multiplier}
     if any(v is not None for v in scalars.values()):
         tb = Monitor(True, Path(r.tensorboard_dir))
         tb.scalars(r.steps, scalars)

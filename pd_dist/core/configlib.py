@@ -199,6 +199,8 @@ def _coerce(key: str, value: Any, tp, meta=None) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, bool) and hasattr(tp, "from_bool"):  # a section's on/off shorthand
+            return tp.from_bool(value)
         if not isinstance(value, dict):
             fail(key, value, f"must be a mapping of {tp.__name__} fields")
         return build(tp, value, key)
@@ -306,9 +308,14 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
+        elif isinstance(nxt, bool):  # a section given as its on/off shorthand (`baseline: true`)
+            nxt = node[p] = {"enabled": nxt}
         elif not isinstance(nxt, dict):
             raise ConfigError(f"override {quote(dotted)}: {quote('.'.join(parts[:i + 1]))} is not a mapping")
         node = nxt
+    if isinstance(value, bool) and isinstance(node.get(parts[-1]), dict) and "enabled" in node[parts[-1]]:
+        node[parts[-1]]["enabled"] = value  # `baseline=true` over a written-out section keeps its other keys
+        return
     node[parts[-1]] = value
 
 

@@ -287,12 +287,17 @@ def lr_at(step: int, total_steps: int, cfg: LRConfig) -> float:
         p = (step - a) / span if span > 0 else 0.0
         return _lerp(lr_min, peak, 0.5 * (1.0 + math.cos(math.pi * p)))
     # wsd
-    decay = min(_round_steps(cfg.decay_frac, total_steps), total_steps - min(warmup, total_steps))
+    decay = wsd_decay_steps(total_steps, cfg)
     if decay > 0 and step >= total_steps - decay:
         p = (step - (total_steps - decay - 1)) / decay
         f = _decay_factor(p, cfg.decay_shape)
         return _lerp(lr_min, peak, f)
     return peak
+
+
+def wsd_decay_steps(total_steps: int, cfg: LRConfig) -> int:
+    """The wsd learning-rate schedule's decay length in a run of ``total_steps`` (see :func:`lr_at`)."""
+    return min(_round_steps(cfg.decay_frac, total_steps), total_steps - min(cfg.warmup_steps, total_steps))
 
 
 # ------------------------------------------------------------------------------ checkpoint state

@@ -249,11 +249,14 @@ class CheckpointManager:
             raise ResumeError(f"{self.root} already holds checkpoints: pass --resume to continue "
                                "that run, or choose another output_dir")
 
-    def load(self, engine) -> dict:
-        """Load the latest checkpoint into `engine`, restore the RNG, return the client state."""
-        if self.latest() is None:
+    def load(self, engine, tag: Optional[str] = None) -> dict:
+        """Load the latest checkpoint (or the one tagged ``tag``) into `engine`, restore the RNG, return
+        the client state."""
+        if tag is None and self.latest() is None:
             raise ResumeError(f"--resume: no checkpoint under {self.root}")
-        path, state = engine.load_checkpoint(str(self.root))
+        if tag is not None and not (self.root / tag).is_dir():
+            raise ResumeError(f"no checkpoint {tag} under {self.root}")
+        path, state = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise ResumeError(f"--resume: could not load the checkpoint in {self.root}")
         set_rng_state(state["rng"])

@@ -56,6 +56,12 @@ class TrainResult:
     pd_gain: Optional[float] = None
     # FLOPs per token and the run's totals (pd_dist.core.flops.ComputeMeter.summary)
     compute: Optional[dict] = None
+    # With an LM-only curve (baseline.points > 1): the LM-only tokens that match this student's held-out
+    # loss over its own (core.compute_gain.token_multiplier: the figure and how it was read), and the
+    # compute balance (compute_gain.compute_balance).
+    pd_token_multiplier: Optional[float] = None
+    token_multiplier: Optional[dict] = None
+    compute_balance: Optional[dict] = None
 
 
 def build_student(cfg: ExperimentConfig, topo: Topology, vocab_size: int, tokenizer_dir, bf16: bool,
@@ -89,13 +95,17 @@ class Trainer:
 
     `reports_as`: the source class whose figures this rank reports (a pipeline's non-last stages hold no
     source of their own; their per-step figures come from the last stage). `hooks`: step hooks
-    (pd_dist.train.hooks.StepHook), called at each step and micro-batch and closed by :meth:`close`."""
+    (pd_dist.train.hooks.StepHook), called at each step and micro-batch and closed by :meth:`close`.
+    `branch_from`: (checkpoints directory, tag) of another run of this config but for its length,
+    continued from there under this run's own schedule (the LM-only curve's decay branches; the caller
+    checks the schedules agree up to it). `save_at`: steps to checkpoint at besides train.save_every."""
 
     def __init__(self, cfg: ExperimentConfig, topo: Topology, data: PackedDataset, source: SignalSource,
                  run_name: str = "student", resume: bool | str = False,
                  reports_as: Optional[type[SignalSource]] = None,
                  objective_keys: Optional[dict] = None, resume_overrides: Sequence[str] = (),
-                 stop: Optional[StopSignals] = None, hooks: Sequence[StepHook] = ()):
+                 stop: Optional[StopSignals] = None, hooks: Sequence[StepHook] = (),
+                 branch_from: Optional[tuple[Path, str]] = None, save_at: Sequence[int] = ()):
         self.cfg, self.topo, self.data, self.source = cfg, topo, data, source
         self.hooks, self.finished = list(hooks), False
         self.reports = reports_as or type(source)
@@ -120,14 +130,22 @@ class Trainer:
         self.stop, self.stopped_by = stop, None
         if resume == "auto":  # resume when there is something to resume (a requeued job), else start
             resume = self.checkpoints.latest() is not None
-        if resume:
+        self.save_at = set(save_at)
+        if branch_from is not None:
+            self.checkpoints.refuse_overwrite()
+            trunk = CheckpointManager(Path(branch_from[0]), 0, topo, self.monitor.print)
+            state = trunk.load(self.engine, tag=branch_from[1])
+            # The trunk is this run but for its length: same data, order and objective.
+            self._check_resume({**state, "total_steps": cfg.train.steps}, (), record=False)
+            self.start_step, self.losses = state["step"], list(state.get("losses", []))
+        elif resume:
             early = self.checkpoints.peek()
             if early is not None:  # refused before DeepSpeed loads tensors (another model would not fit)
                 self._check_resume(early, resume_overrides, record=False)
             state = self.checkpoints.load(self.engine)
             self._check_resume(state, resume_overrides)
             self.start_step, self.losses = state["step"], list(state.get("losses", []))
-        else:
+        elif not resume:
             self.checkpoints.refuse_overwrite()
         t = cfg.train
         self.stop_at = min(t.steps, self.start_step + t.exit_after_steps) if t.exit_after_steps else t.steps
@@ -299,7 +317,7 @@ class Trainer:
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 self._eval_and_print(done, "eval")
                 timer.reset()
-            if t.save_every and done % t.save_every == 0 and done != t.steps:
+            if (t.save_every and done % t.save_every == 0 or done in self.save_at) and done != t.steps:
                 self.save(done)
                 timer.reset()
             if self.stop is not None and done < self.stop_at and self._agreed_stop():
