@@ -241,12 +241,7 @@ def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, 
     held-out losses of LM-only runs of several lengths (baseline.points, up to baseline.extend x the
     run's; None with one point) that the compute-equivalent gain is read from."""
     bc = baseline_run_config(cfg, data.path)
-    lengths = curve_lengths(bc.train.steps, cfg.baseline.extend, cfg.baseline.points, bc.optim.warmup_steps)
-    if len(lengths) > 1 and branch_step(bc.train.steps, bc.optim) is None:
-        if topo.is_logger:
-            log(f"[baseline] optim.lr_schedule {bc.optim.lr_schedule}: no LM-only curve (each of its points "
-                "would be a whole run of its own; wsd or constant share one trunk), so no token multiplier")
-        lengths = [bc.train.steps]
+    lengths = _lengths(cfg, topo, log)
     if lengths == [bc.train.steps]:
         summary = _cached_lm_run(bc, topo, data, Path(bc.output_dir) / "student", "baseline",
                                  f"pre-training the LM-only baseline: the same student on the same tokens, "
@@ -254,6 +249,17 @@ def obtain_baseline(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, 
                                  f"reusing the LM-only baseline in {bc.output_dir}", log, need_summary=True)
         return {**summary, "lm_curve": None}
     return _lm_curve(bc, lengths, topo, data, log)
+
+
+def _lengths(cfg: ExperimentConfig, topo: Topology, log: Log) -> list[int]:
+    """The LM-only curve's run lengths for cfg's baseline (just train.steps where there is no curve)."""
+    lengths = curve_lengths(cfg.train.steps, cfg.baseline.extend, cfg.baseline.points, cfg.optim.warmup_steps)
+    if len(lengths) > 1 and branch_step(cfg.train.steps, cfg.optim) is None:
+        if topo.is_logger:
+            log(f"[baseline] optim.lr_schedule {cfg.optim.lr_schedule}: no LM-only curve (each of its points "
+                "would be a whole run of its own; wsd or constant share one trunk), so no token multiplier")
+        return [cfg.train.steps]
+    return lengths
 
 
 def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: PackedDataset, log: Log) -> dict:
@@ -358,6 +364,14 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     if topo.role == "teacher":
         serve_teacher(cfg, topo, data, teacher_weights(cfg, topo, tdata or data, log=say), log=say, pair=pair)
         return None
+    if cfg.distill.mode == "none" and cfg.baseline and len(_lengths(cfg, topo, say)) > 1:
+        # An LM-only run with `baseline` on is its own twin and records its LM-only curve (a sweep's
+        # baselines: the points' token multipliers are read off it). Its parts are cached, not resumed.
+        s = _lm_curve(cfg, _lengths(cfg, topo, lambda *_: None), topo, data, say)
+        result = TrainResult(**{k: v for k, v in s.items() if k != "lm_curve"})
+        if topo.is_logger:
+            report(cfg, result, log=say)
+        return result
     ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, tdata or data, log=say),
                         log=say, pair=pair)
     reports_as = SOURCES[cfg.distill.mode]

@@ -47,7 +47,10 @@ def _tb_scalars(tb_dir) -> dict[str, float]:
 def test_baseline_gain_and_teacher_on_screen_in_summary_and_tensorboard(tmp_path, smoke_data,
                                                                       tiny_teacher_dir, colocated_2rank):
     out = tmp_path / "pd"
-    proc = launch(1, _over(out, smoke_data, tiny_teacher_dir, "distill.mode=colocated", "baseline=true"),
+    # baseline.extend 2: the LM-only curve runs to 12 steps, so the 6-step twin is a decay branched off
+    # the trunk, which the LM-only run below must equal step for step.
+    curve_keys = ("baseline=true", "baseline.extend=2")
+    proc = launch(1, _over(out, smoke_data, tiny_teacher_dir, "distill.mode=colocated", *curve_keys),
                   cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert "pre-training the LM-only baseline" in text
@@ -65,6 +68,22 @@ def test_baseline_gain_and_teacher_on_screen_in_summary_and_tensorboard(tmp_path
     assert tb["eval/pd_gain"] == pytest.approx(s["pd_gain"], rel=1e-5, abs=1e-7)
     assert tb["eval/teacher_val_loss"] == pytest.approx(s["teacher_val_loss"], rel=1e-6)
 
+    # The LM-only curve: runs of 2..12 steps, the twin among them; the multiplier read off it.
+    from pd_dist.core.compute_gain import curve_lengths, describe_multiplier, token_multiplier
+
+    curve = json.loads((out / "baseline" / "lm_curve.json").read_text())
+    assert curve["lengths"] == curve_lengths(6, 2.0, 8, warmup=1) == [p["steps"] for p in curve["points"]]
+    assert [p for p in curve["points"] if p["steps"] == 6][0]["val_loss"] == base["val_loss"]
+    assert [p["branched_at"] for p in curve["points"]][-1] is None  # the trunk
+    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], s["val_loss"], 6)
+    assert s["pd_token_multiplier"] == m["multiplier"] and s["token_multiplier"]["how"] == m["how"]
+    assert describe_multiplier(s["token_multiplier"], 2.0) in text
+    if m["multiplier"] is not None:
+        assert tb["eval/pd_token_multiplier"] == pytest.approx(m["multiplier"], rel=1e-6)
+    bal = s["compute_balance"]
+    assert bal["teacher_spent"] == s["compute"]["teacher_flops"] and bal["student_flops"] == s["compute"]["student_flops"]
+    assert "compute balance: student compute saved at equal loss" in text
+
     # The baseline is the same student on the same tokens: an LM-only run of the same config.
     lm = tmp_path / "lm"
     launch(1, _over(lm, smoke_data, tiny_teacher_dir, "distill.mode=none"), cwd=tmp_path)
@@ -73,7 +92,7 @@ def test_baseline_gain_and_teacher_on_screen_in_summary_and_tensorboard(tmp_path
 
     # Cached: a fresh distillation run over the same output_dir reuses it.
     shutil.rmtree(out / "checkpoints")
-    again = launch(1, _over(out, smoke_data, tiny_teacher_dir, "distill.mode=colocated", "baseline=true"),
+    again = launch(1, _over(out, smoke_data, tiny_teacher_dir, "distill.mode=colocated", *curve_keys),
                    cwd=tmp_path)
     assert "reusing the LM-only baseline" in again.stdout + again.stderr
     assert read_summary(out)["lm_only_val_loss"] == base["val_loss"]
@@ -93,6 +112,7 @@ def test_default_recipe_orders_teacher_pd_lm_on_two_ranks(tmp_path):
     distilled 3.84-3.89, LM-only 3.96-4.04, so the margins are far above the seed spread.)"""
     out = tmp_path / "run"
     over = [f"output_dir={out}", f"data.dir={tmp_path / 'data'}", "data.val_samples=32", "baseline=true",
+            "baseline.points=1",
             "teacher.pretrain_steps=400", "teacher.pretrain_lr=0.01", "teacher.pretrain_batch_size=16",
             "train.steps=120", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every=0",
             "train.save_every=0", "train.log_every=40", "optim.warmup_steps=10", "distill.mode=colocated"]

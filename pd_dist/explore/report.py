@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from pd_dist.core.compute_gain import token_multiplier
+
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -47,8 +49,34 @@ def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
             lm = _read(b / "eval.json").get("val_loss", _read(b / "summary.json").get("val_loss"))
         row["lm_only_val_loss"] = lm
         row["gain"] = (lm - row["val_loss"]) / lm if lm and row["val_loss"] is not None else None
+        row["multiplier"] = _multiplier(s, row["val_loss"], b)
         rows.append(row)
     return plan, rows
+
+
+def _multiplier(summary: dict, val_loss: Optional[float], baseline: Optional[Path]) -> Optional[dict]:
+    """The point's token multiplier (core.compute_gain.token_multiplier): its own, or read off its
+    baseline's LM-only curve (lm_curve.json) at the point's held-out loss; None without a curve."""
+    if summary.get("token_multiplier"):
+        return summary["token_multiplier"]
+    curve = _read(baseline / "lm_curve.json") if baseline is not None else {}
+    if not curve or val_loss is None or not summary.get("steps"):
+        return None
+    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], val_loss, summary["steps"])
+    return {**m, "extend": curve["lengths"][-1] / summary["steps"]}
+
+
+def _fmt_multiplier(ms: list[Optional[dict]]) -> str:
+    """The token multipliers of one setting's seeds: their mean (x), marked '(extrap.)' when any was
+    extrapolated beyond the LM-only curve; a bound when none could be read."""
+    ms = [m for m in ms if m]
+    vals = [m["multiplier"] for m in ms if m["multiplier"] is not None]
+    if vals:
+        extrap = " (extrap.)" if any(m["how"] == "extrapolated" for m in ms) else ""
+        return f"{statistics.mean(vals):.2f}x{extrap}"
+    if ms:
+        return ("< " if ms[0]["how"] == "below" else "> ") + f"{ms[0]['bound']:.2f}x"
+    return "—"
 
 
 def axis_rows(axis: str, rows: list[dict], plan: dict) -> list[dict]:
@@ -131,7 +159,9 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
         groups[key].append(r)
     tasks = sorted({t for r in rows for t in r["downstream"]})
     seeded = any(len(g) > 1 for g in groups.values())  # each run's gain is paired with its own LM-only twin
+    curves = any(r.get("multiplier") for r in rows)
     head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
+    head += ["token multiplier"] if curves else []
     head += ["paired gain: mean ± SE (seeds PD better)"] if seeded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = []
@@ -142,6 +172,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
         agree = _stats([r["agreement"] for r in rs])
         cells = [json.loads(key), len(rs), _fmt(*loss), _fmt(*gain, pct=True), _fmt(*agree)]
         cells += [_fmt(*_stats([r["downstream"].get(t) for r in rs])) for t in tasks]
+        cells += [_fmt_multiplier([r.get("multiplier") for r in rs])] if curves else []
         cells += [paired_gain([r["gain"] for r in rs])] if seeded else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if loss[0] is not None:

@@ -294,7 +294,7 @@ class Sweep:
         baselines: dict[str, Point] = {}
         for settings in spec.settings(self.oat_base):
             for seed in seeds:
-                over = {**spec.set, **settings, "train.seed": seed, "baseline": False}
+                over = {**spec.set, **settings, "train.seed": seed, "baseline.enabled": False}
                 try:
                     cfg = load_config(base_path, _overrides(over))
                 except ConfigError as e:
@@ -333,6 +333,8 @@ class Sweep:
     def _baseline(self, cfg: ExperimentConfig, seed: int) -> Point:
         b = copy.deepcopy(cfg)
         b.distill = dataclasses.replace(cfg.distill, mode="none", store=None, dump_logits=False)
+        # An LM-only run with `baseline` on records its own LM-only curve (the points' token multipliers).
+        b.baseline = dataclasses.replace(cfg.baseline, enabled=cfg.baseline.points > 1)
         name = f"lm-only-{_digest(self._student_key(b))}-seed{seed}"
         b.output_dir = str(self.out / "baselines" / name)
         return Point(name, "baseline", {}, seed, b)
