@@ -291,3 +291,44 @@ def test_the_dry_run_prints_the_layouts_compute_balance_and_warns_when_teacher_b
     assert "teacher-bound" not in out
     print_rank_map(load_config(None, []), 1, 1)
     assert "compute balance: each rank spends" in capsys.readouterr().out
+
+
+def test_roi_against_hand_arithmetic(tmp_path, capsys):
+    """9B teacher, 1B student, 100B tokens, 8 GPUs at 4e14 FLOP/s achieved, any split (not whole nodes):
+    - student training: 6 x 1e9 x 1e11 = 6e20 FLOPs / 4e14 = 1.5e6 s = 416.67 GPU-h;
+    - teacher forward: 2 x 9e9 x 1e11 = 1.8e21 / 4e14 = 4.5e6 s = 1250 GPU-h (colocated every run,
+      offline once);
+    - online: the ideal split N_t / 3N_s = 3 gives 6:2, both sides at 1.333e5 tok/s, so the run takes
+      1e11 / 1.333e5 = 7.5e5 s and its 6 teacher GPUs hold 6 x 7.5e5 / 3600 = 1250 GPU-h;
+    - a pilot's multiplier 1.4 saves 0.4 x 416.67 = 166.67 GPU-h per student; the generation's 1250
+      GPU-h break even after 1250 / 166.67 = 7.5, so 8 students;
+    - store: 1e11 tokens x 50 kept x 2.5 B = 1.25e13 B."""
+    from pd_dist.explore.plan import law_multiplier, make_roi
+
+    plan = make_plan(PlanInput(teacher_params=9e9, student_params=1e9, tokens=1e11, flops_per_gpu=4e14,
+                               gpus_per_node=8, nodes=1), whole_nodes=False)
+    r = make_roi(plan, students=4, pilot=1.4, pilot_source="runs/x")
+    assert r.student_gpu_h == pytest.approx(416.6667, rel=1e-6)
+    assert r.teacher_colocated_gpu_h == pytest.approx(1250) and r.teacher_offline_gpu_h == pytest.approx(1250)
+    assert (plan.teacher_gpus, plan.student_gpus) == (6, 2)
+    assert r.teacher_online_gpu_h == pytest.approx(1250, rel=1e-9)
+    assert r.saved_gpu_h[0] == pytest.approx(166.6667, rel=1e-6) and r.break_even_students == [8]
+    assert r.store_bytes == pytest.approx(1.25e13)
+    # The law's arithmetic: L = 1 + 1/D at D = 1 is 2; 25% less is 1.5 = 1 + 1/2: twice the data. 60%
+    # less (0.8) is below the floor E = 1: no amount of data reaches it.
+    law = {"E": 1.0, "A": 0.0, "B": 1.0, "alpha": 1.0, "beta": 1.0}
+    assert law_multiplier(0.25, 1.0, 1.0, law) == pytest.approx(2.0)
+    assert law_multiplier(0.6, 1.0, 1.0, law) is None
+    # Without a pilot: the paper's range, each end through Chinchilla's law, labelled as such.
+    r = make_roi(plan)
+    assert r.multipliers[0] < r.multipliers[1] and "Chinchilla" in r.source and "paper" in r.source
+    # The CLI: a pilot run's summary, every figure under the projection label; a run without one refused.
+    (tmp_path / "summary.json").write_text(json.dumps({"pd_token_multiplier": 1.4}))
+    args = ["--teacher", "9B", "--student", "1B", "--tokens", "100B", "--flops-per-gpu", "4e14", "--no-whole-nodes"]
+    assert main(args + ["--roi", "--pilot", str(tmp_path), "--students", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "projected (every figure below is a projection" in out and "1.40x (measured on the pilot run" in out
+    assert "8 student(s)" in out and "417 GPU-h per student" in out
+    (tmp_path / "summary.json").write_text(json.dumps({"pd_token_multiplier": None}))
+    assert main(args + ["--roi", "--pilot", str(tmp_path)]) == 2
+    assert "has no pd_token_multiplier" in capsys.readouterr().err

@@ -50,6 +50,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -307,6 +308,89 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+# The paper's gains of PD over LM-only (Peng et al. 2024: +1.6% to +8.0%, read here as relative loss
+# gains), turned into token multipliers through Chinchilla's fitted loss law L(N, D) = E + A/N^alpha +
+# B/D^beta (Hoffmann et al. 2022, approach 3) when no pilot run's measured multiplier is given.
+PAPER_GAINS = (0.016, 0.080)
+CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+
+
+def law_multiplier(gain: float, params: float, tokens: float, law: dict = CHINCHILLA) -> Optional[float]:
+    """The LM-only tokens, over ``tokens``, that bring a ``params`` model's loss under ``law`` down by the
+    relative ``gain``; None when no amount of data does (the gain goes below the law's floor at that
+    size)."""
+    lm = law["E"] + law["A"] / params ** law["alpha"] + law["B"] / tokens ** law["beta"]
+    data_term = lm * (1.0 - gain) - law["E"] - law["A"] / params ** law["alpha"]
+    if data_term <= 0:
+        return None
+    return (law["B"] / data_term) ** (1.0 / law["beta"]) / tokens
+
+
+@dataclass
+class ROI:
+    """`pd-dist plan --roi`: the projected cost and return of distilling one student (GPU-hours at the
+    plan's achieved FLOP/s per GPU), per teacher mode. Every figure is a projection."""
+    student_gpu_h: float  # 6 N_s D / F: the student's own training
+    teacher_colocated_gpu_h: float  # 2 N_t D / F, on the students' GPUs, every run
+    teacher_online_gpu_h: float  # the teacher ranks' GPUs for the run's wall time (busy or waiting)
+    teacher_offline_gpu_h: float  # the generation job, once: 2 N_t D / F
+    students: int  # students the offline store serves
+    store_bytes: float
+    multipliers: list[float | None]  # one (a pilot's) or the paper range's two
+    source: str  # where the multiplier comes from
+    saved_gpu_h: list[float | None]  # (multiplier - 1) x student_gpu_h, per multiplier
+    break_even_students: list[int | None]  # offline: generation / saved, rounded up
+
+
+def make_roi(plan: Plan, students: int = 1, pilot: Optional[float] = None, pilot_source: str = "") -> ROI:
+    """The ROI of ``plan``'s run: a pilot's measured multiplier, else the paper's range through Chinchilla's
+    law at the plan's student size and token budget."""
+    if students < 1:
+        raise ValueError(f"students must be >= 1, got {students}")
+    i, f = plan.inp, plan.inp.flops_per_gpu
+    hours = 3600.0
+    student = plan.student_flops_per_token * i.tokens / f / hours
+    teacher = plan.teacher_flops_per_token * i.tokens / f / hours
+    if pilot is not None:
+        mults, source = [pilot], f"measured on the pilot run {pilot_source} at its own size"
+    else:
+        mults = [law_multiplier(g, i.student_params, i.tokens) for g in PAPER_GAINS]
+        source = (f"the paper's gain range +{PAPER_GAINS[0]:.1%} to +{PAPER_GAINS[1]:.1%} in loss through "
+                  "Chinchilla's fitted loss law (Hoffmann et al. 2022) at this student size and budget")
+    saved = [None if m is None else (m - 1.0) * student for m in mults]
+    breaks = [math.ceil(teacher / x) if x is not None and x > 0 else None for x in saved]
+    return ROI(student, teacher, plan.teacher_gpus * plan.wall_time_s / hours, teacher, students,
+               plan.store_bytes, mults, source, saved, breaks)
+
+
+def format_roi(r: ROI) -> str:
+    """The ROI as labelled lines: each a projection with its source."""
+    def gh(x):
+        return "n/a" if x is None else f"{x:,.0f} GPU-h"
+
+    def mult(m):
+        return "unreachable by LM-only data at this size" if m is None else f"{m:.2f}x"
+
+    ms = " to ".join(mult(m) for m in r.multipliers)
+    saved = " to ".join(gh(x) for x in r.saved_gpu_h)
+    per_student = r.teacher_offline_gpu_h / r.students
+    rows = [
+        ("student training", f"{gh(r.student_gpu_h)} per student (6N_s x tokens)"),
+        ("teacher, colocated", f"{gh(r.teacher_colocated_gpu_h)} per student, every run (2N_t x tokens)"),
+        ("teacher, online", f"{gh(r.teacher_online_gpu_h)} per student (its ranks for the run's wall time)"),
+        ("teacher, offline", f"{gh(r.teacher_offline_gpu_h)} once; {gh(per_student)} per student over "
+                             f"{r.students} student(s)"),
+        ("offline store", _si(r.store_bytes, "B")),
+        ("token multiplier", f"{ms} ({r.source})"),
+        ("student compute saved", f"{saved} per student at equal loss ((multiplier - 1) x student training)"),
+        ("offline break-even", " to ".join("never" if n is None else f"{n} student(s)"
+                                           for n in r.break_even_students)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "projected (every figure below is a projection, with its source):\n" + "\n".join(
+        f"{k:<{w}}  {v}" for k, v in rows)
+
+
 def plan_to_dict(plan: Plan) -> dict:
     return dataclasses.asdict(plan)
 
@@ -353,7 +437,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only splits where student GPUs are a multiple of teacher GPUs (one-rank teacher "
                         "replicas, each serving the same number of students)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--roi", action="store_true",
+                   help="also project the return on the teacher's compute: GPU-hours per role and mode, the "
+                        "store, the token multiplier and the offline break-even (labelled projections)")
+    p.add_argument("--pilot", default=None, help="--roi: a finished run (or its summary.json) whose measured "
+                                                 "pd_token_multiplier replaces the paper's range")
+    p.add_argument("--students", default="1", help="--roi: students one offline store serves (default 1)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense peak TFLOPs; with --mfu it sets --flops-per-gpu (peak x mfu)")
+    p.add_argument("--mfu", type=float, default=0.4, help="--peak-tflops: the achieved fraction (default 0.4)")
     return p
+
+
+def pilot_multiplier(path: str) -> float:
+    """pd_token_multiplier of a finished run directory or its summary.json (ValueError, one line, if it
+    has none)."""
+    p = Path(path)
+    f = p / "summary.json" if p.is_dir() else p
+    try:
+        m = json.loads(f.read_text()).get("pd_token_multiplier")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--pilot {path}: cannot read {f} ({e})") from None
+    if m is None:
+        raise ValueError(f"--pilot {path}: {f} has no pd_token_multiplier (a run with baseline.points > 1 "
+                         "whose distilled loss the LM-only curve reaches)")
+    return float(m)
 
 
 def rank_map_main(argv: list[str]) -> int:
@@ -391,20 +499,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             tokens=parse_size(args.tokens), seq_len=_parse_int(args.seq_len, what="--seq-len"),
             top_k=_parse_int(args.top_k, what="--top-k"), mean_kept=args.mean_kept,
             gpus_per_node=_parse_int(args.gpus_per_node, what="--gpus-per-node"),
-            nodes=_parse_int(args.nodes, what="--nodes"), flops_per_gpu=args.flops_per_gpu,
+            nodes=_parse_int(args.nodes, what="--nodes"),
+            flops_per_gpu=args.peak_tflops * 1e12 * args.mfu if args.peak_tflops else args.flops_per_gpu,
             global_batch_tokens=_parse_int(args.global_batch_tokens, what="--global-batch-tokens"),
             vocab_size=vocab, bytes_per_entry=args.bytes_per_entry,
             store_bytes_per_entry=args.store_bytes_per_entry, wire_padded=args.wire_padded)
         plan = make_plan(inp, whole_nodes=args.whole_nodes, divisible=args.divisible)
+        if args.peak_tflops is not None and not (args.peak_tflops > 0 and 0 < args.mfu <= 1):
+            raise ValueError(f"--peak-tflops {args.peak_tflops} must be > 0 and --mfu {args.mfu} in (0, 1]")
+        roi = (make_roi(plan, _parse_int(args.students, what="--students"),
+                        pilot_multiplier(args.pilot) if args.pilot else None, args.pilot or "")
+               if args.roi else None)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except (_ArgError, ValueError) as e:
         print(f"pd-dist plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(plan_to_dict(plan), indent=2, sort_keys=True))
+        d = plan_to_dict(plan)
+        if roi is not None:
+            d["roi"] = dataclasses.asdict(roi)
+        print(json.dumps(d, indent=2, sort_keys=True))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan) + ("" if roi is None else "\n\n" + format_roi(roi)))
     return 0
 
 
@@ -423,7 +540,6 @@ def layout_balance(cfg, layout) -> str:
     vocab = cfg.data.vocab_size
     seq = cfg.data.seq_len
     student = model_shape(cfg.model, vocab).train_flops(seq)
-    from pathlib import Path
 
     known = cfg.teacher.path and (Path(cfg.teacher.path) / "config.json").is_file()
     tcfg = cfg.teacher if known else type(cfg.teacher)(preset=cfg.teacher.preset)
