@@ -226,9 +226,14 @@ class GenerateConfig:
         "distill.teacher_context document: stream positions per stored record (the unit a window is read "
         "in: a window of L tokens decodes about L + record_tokens of them; smaller records read faster "
         "and compress worse: 128 cost 2.1% more bytes per token than 256 on the default teacher)"))
+    fidelity_positions: int = field(default=512, metadata=doc(
+        "positions the job's closing line measures the stored signal's fidelity on (head mass, TV, KL both "
+        "ways, JSD against the teacher's full distribution, beside bytes per token; 0 = not measured)"))
 
     def validate(self, prefix: str) -> None:
         check_choices(self, prefix)
+        if not 0 <= self.fidelity_positions <= 1 << 20:
+            fail(f"{prefix}.fidelity_positions", self.fidelity_positions, "must be in [0, 2^20]")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:

@@ -48,6 +48,13 @@ def store(tmp_path_factory, smoke_data, tiny_teacher_dir):
     root = tmp_path_factory.mktemp("store") / "logits"
     proc = _launch_gen(2, _gen_over(root, smoke_data, tiny_teacher_dir), cwd=root.parent)
     assert "store complete" in proc.stdout + proc.stderr
+    # The closing line: the stored signal's fidelity on generate.fidelity_positions (512) positions, the
+    # figures store_fidelity gives on the same sample.
+    from pd_dist.teacher.fidelity import store_fidelity
+
+    f = store_fidelity(root, smoke_data, 512)
+    assert (f"fidelity on {f['positions']:,} positions: head mass {f['head_mass']:.4f}, TV {f['tv']:.4f}"
+            in proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
     return root
 
 

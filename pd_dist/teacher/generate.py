@@ -118,8 +118,24 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, w
             say(f"[generate] repaired {root}: rewrote {describe_repair(damage)}")
         else:
             say(f"[generate] store complete: {root} (pd-dist store info {root})")
+        closing_fidelity([root], data, cfg.generate.fidelity_positions, say)
     topo.barrier()
     return root
+
+
+def closing_fidelity(roots: list[Path], data: PackedDataset, positions: int, say) -> None:
+    """The generation job's closing line per store: the stored signal against the teacher's full
+    distribution on ``positions`` sampled positions (teacher.fidelity.store_fidelity), beside its bytes
+    per token; a line saying why where it cannot be measured."""
+    if positions <= 0:
+        return
+    from pd_dist.teacher.fidelity import store_fidelity
+
+    for root in roots:
+        try:
+            store_fidelity(root, data, positions, log=lambda line: say(f"[generate] {line}"))
+        except StoreError as e:
+            say(f"[generate] fidelity not measured: {e}")
 
 
 def _shards_to_write(root: Path, meta: StoreMeta, mine: list[int], topo: Topology) -> tuple[StoreFaults, bool]:
@@ -254,6 +270,7 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
                                           data, T, micro))
         return loaded[0]
 
+    written = []  # the stores this job wrote or repaired (the closing fidelity lines)
     for s, e in enumerate(data.sources):
         root, meta = source_store(cfg, data, s, ident, T, lib)
         N, R = meta.n_tokens, meta.seq_len  # a kept store's own record size
@@ -274,10 +291,12 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
                        barrier=topo.barrier, shards=set(damage.shards), compress=g.compress,
                        on_tokens=progress.add, info=False)
         el = time.perf_counter() - t0
+        written.append(root)
         say(f"[generate] source {e['label']} complete: {root} ({progress.done:,} tokens in {el:.1f}s on rank 0, "
             f"teacher context overhead {teacher().context_overhead:.3f}x)")
     if topo.dp_rank == 0:
         write_store_teacher_eval(lib, data, teacher_held_out_loss(teacher(), data, micro))
         say(f"[generate] document stores complete: {lib} ({len(data.sources)} source(s))")
+        closing_fidelity(written, data, cfg.generate.fidelity_positions, say)
     topo.barrier()
     return lib
