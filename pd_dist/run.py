@@ -262,11 +262,14 @@ def _lengths(cfg: ExperimentConfig, topo: Topology, log: Log) -> list[int]:
     return lengths
 
 
-def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: PackedDataset, log: Log) -> dict:
+def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: PackedDataset, log: Log,
+              resume: bool | str = False) -> dict:
     """The LM-only runs of ``lengths`` steps as one stable trunk (the longest) and a decay branched off it
     for each shorter one (core.compute_gain). The run of bc's own length is the twin, in bc.output_dir
     with its export; the others under <output_dir>/curve. Cached as a whole by the inputs and lengths;
-    the trunk's branch checkpoints are deleted once the branches ran."""
+    the trunk's branch checkpoints are deleted once the branches ran. The trunk keeps
+    train.exit_after_steps and continues with ``resume`` (an unfinished trunk returns its unfinished
+    summary and no curve); the decays, short, run whole."""
     out, T = Path(bc.output_dir), bc.train.steps
     trunk_len = lengths[-1]
     at = {b: check_shared_prefix(b, trunk_len, bc.optim) for b in lengths if b < trunk_len}
@@ -277,11 +280,13 @@ def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: Pa
             log(f"[baseline] reusing the LM-only baseline and its curve in {out}")
         return {**json.loads((out / "summary.json").read_text()), "lm_curve": json.loads(curve_file.read_text())}
     tokens = bc.train.global_batch_size * data.seq_len
+    trunk_dir = out if trunk_len == T else out / "curve" / "trunk"
+    resume = bool(resume) and CheckpointManager(trunk_dir / "checkpoints", 0, topo, log).latest() is not None
     if topo.is_logger:
-        log(f"[baseline] pre-training the LM-only baseline and its curve: the same student on the same tokens, "
-            f"held-out loss of runs of {', '.join(map(str, lengths))} steps (x{tokens:,} tokens; a {trunk_len}-step "
-            f"stable trunk and a decay off it for each shorter one), in {out}")
-        for d in (out / "checkpoints", out / "curve"):
+        log(f"[baseline] {'continuing' if resume else 'pre-training'} the LM-only baseline and its curve: the same "
+            f"student on the same tokens, held-out loss of runs of {', '.join(map(str, lengths))} steps "
+            f"(x{tokens:,} tokens; a {trunk_len}-step stable trunk and a decay off it for each shorter one), in {out}")
+        for d in ([] if resume else [out / "checkpoints", out / "curve"]):
             shutil.rmtree(d, ignore_errors=True)
     topo.barrier()
 
@@ -289,17 +294,23 @@ def _lm_curve(bc: ExperimentConfig, lengths: list[int], topo: Topology, data: Pa
         rc = copy.deepcopy(bc)
         rc.output_dir = str(where)
         rc.train = dataclasses.replace(bc.train, steps=steps, keep_checkpoints=0 if save_at else 1,
-                                       save_every=0, eval_every=0 if branch else bc.train.eval_every)
+                                       save_every=0 if branch else bc.train.save_every,
+                                       eval_every=0 if branch else bc.train.eval_every,
+                                       exit_after_steps=0 if branch else bc.train.exit_after_steps)
+        if branch and topo.is_logger:
+            shutil.rmtree(where / "checkpoints", ignore_errors=True)
+        topo.barrier()
         trainer = Trainer(rc, topo, data, NoTeacher(), run_name=f"baseline {steps}", branch_from=branch,
-                          save_at=save_at)
+                          save_at=save_at, resume=resume and not branch)
         try:
             return trainer.fit(export_dir=export)
         finally:
             trainer.close()
 
-    trunk_dir = out if trunk_len == T else out / "curve" / "trunk"
     trunk = run(trunk_len, trunk_dir, None, save_at=sorted({s for s in at.values() if s > 0}),
                 export=out / "student" if trunk_len == T else None)
+    if not trunk.finished:
+        return {**dataclasses.asdict(trunk), "lm_curve": None}
     results = {trunk_len: trunk}
     ck = trunk_dir / "checkpoints"
     for b in sorted(at):
@@ -367,10 +378,12 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     if cfg.distill.mode == "none" and cfg.baseline and len(_lengths(cfg, topo, say)) > 1:
         # An LM-only run with `baseline` on is its own twin and records its LM-only curve (a sweep's
         # baselines: the points' token multipliers are read off it). Its parts are cached, not resumed.
-        s = _lm_curve(cfg, _lengths(cfg, topo, lambda *_: None), topo, data, say)
+        s = _lm_curve(cfg, _lengths(cfg, topo, lambda *_: None), topo, data, say, resume=resume)
         result = TrainResult(**{k: v for k, v in s.items() if k != "lm_curve"})
-        if topo.is_logger:
+        if topo.is_logger and result.finished:
             report(cfg, result, log=say)
+        elif topo.is_logger:
+            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(s, indent=1))
         return result
     ctx = SourceContext(cfg, topo, data, device(), teacher=lambda: obtain_teacher(cfg, topo, tdata or data, log=say),
                         log=say, pair=pair)

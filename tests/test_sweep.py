@@ -236,6 +236,19 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
     rep = subprocess.run([pd_dist, "report", str(out)], capture_output=True, text=True,
                          cwd=tmp_path, env=env, check=True).stdout
     assert "## distill.loss" in rep and "best distill.loss:" in rep and "one run per setting" in rep
+    # The LM-only baseline recorded its curve (its own run continued across the interruption), and each
+    # setting's token multiplier is read off it at the point's held-out loss.
+    from pd_dist.core.compute_gain import token_multiplier
+    from pd_dist.explore.report import _fmt_multiplier
+
+    base_dir = Path(next(r["baseline_dir"] for r in runs.values() if r["kind"] == "pd"))
+    curve = json.loads((base_dir / "lm_curve.json").read_text())
+    assert curve["points"][-1]["steps"] == 6 and len(curve["points"]) >= 3
+    for r in runs.values():
+        if r["kind"] == "pd":
+            ev = json.loads((Path(r["dir"]) / "eval.json").read_text())["val_loss"]
+            m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], ev, 6)
+            assert f"| {_fmt_multiplier([m])} |" in rep, rep
     assert (out / "plots" / "gain_distill.loss.png").stat().st_size > 1000
     first = (out / "report.md").read_text()
     (out / "report.md").unlink()
