@@ -28,7 +28,9 @@ PRESETS: dict[str, tuple[int, int, int, int, int, bool]] = {
     "pd-6.8b": (4096, 12800, 28, 32, 8, False),
     # CPU-sized shapes: the embedded default run and the tests.
     "small-teacher": (256, 768, 4, 8, 2, False),
+    "medium-student": (192, 576, 3, 6, 2, False),
     "small-student": (128, 384, 2, 4, 2, False),
+    "mini-student": (64, 192, 2, 4, 2, False),
     "tiny-teacher": (64, 128, 2, 4, 2, False),
     "tiny-student": (32, 64, 2, 4, 2, False),
 }
