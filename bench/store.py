@@ -22,6 +22,10 @@ token at tau = 1, see pd_dist.store.codec):
     (format 3, records of --record-tokens positions), and format3_vs_format2, its ratio to format 2;
     format3_read_tokens_per_s: windows of seq_len read at random positions (each decodes the records it
     spans), and its ratio to format 2's sample reads;
+  * fidelity of each signal (top-0.95-50, top-0.95-100, sampled, head_tail) against the teacher's full
+    distribution on every position of --fidelity-samples samples, read back from its store: head mass,
+    TV, KL(p_hat || p), tail-smoothed KL(p || p_tail), JSD (pd_dist.core.fidelity), beside its bytes per
+    token, so truncation can be chosen by fidelity per byte;
   * read_tokens_per_s: tokens/s decoded by get_batch (batch 8) in a random sample order, one process
     (includes the crc32 check, zstd and the vectorized decode); read_vs_consume when
     --consume-tokens-per-s is given (the student's consumption rate).
@@ -45,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import emit, log  # noqa: E402
+from pd_dist.core.fidelity import mean_fidelity, signal_fidelity  # noqa: E402
 from pd_dist.core.logits import SignalSpec, sample_keys, truncate  # noqa: E402
 from pd_dist.store import LogitsStore, ShardWriter, StoreMeta, shard_ranges, store_info, write_manifest  # noqa: E402
 
@@ -180,6 +185,17 @@ def build_drawn_stores(root: Path, full: list[torch.Tensor], vocab: int, seq_len
     return out
 
 
+def fidelity_of(d: Path, full: list[torch.Tensor], samples: int) -> dict:
+    """The store's signal against the teacher's full distribution (pd_dist.core.fidelity), averaged over
+    every position of its first ``samples`` samples, read back from the store as training reads it."""
+    store = LogitsStore(d)
+    spec = store.meta.signal_spec
+    tau, loss_tau = float(getattr(spec, "temperature", 1.0)), float(spec.loss_temperature)
+    parts = [signal_fidelity(full[s], store.get_batch([s])[0].without_lse(), tau, loss_tau)
+             for s in range(min(samples, len(full)))]
+    return {k: round(v, 5) for k, v in mean_fidelity(parts).items()}
+
+
 def size_summary(d: Path) -> dict:
     info = store_info(d)
     tokens, kept = info["tokens"], info["kept_entries"]
@@ -278,6 +294,7 @@ def main() -> int:
     ap.add_argument("--consume-tokens-per-s", type=float, default=None,
                     help="the student's training consumption (tokens/s) to compare the read rate with")
     ap.add_argument("--skip-151k", action="store_true")
+    ap.add_argument("--fidelity-samples", type=int, default=16, help="samples the fidelity figures average over")
     ap.add_argument("--gen-samples", type=int, default=128, help="samples for the generation-overhead run")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -295,6 +312,8 @@ def main() -> int:
         stores = build_stores(root, full, src.vocab, src.seq_len, [(0.95, 50), (0.95, 100)], args.shard_size)
         drawn = build_drawn_stores(root, full, src.vocab, src.seq_len, args.shard_size)
         document = build_document_store(root, full, src.vocab, args.record_tokens, args.shard_size)
+        fidelity = {f"top{p}_{k}": fidelity_of(d, full, args.fidelity_samples) for (p, k), d in stores.items()}
+        fidelity.update({name: fidelity_of(d, full, args.fidelity_samples) for name, d in drawn.items()})
         del full
         log(f"stores written ({time.perf_counter() - t0:.1f}s)")
         for (p, k), d in stores.items():
@@ -307,6 +326,11 @@ def main() -> int:
                             "bytes_per_token": round(info["shard_bytes"] / info["tokens"], 3),
                             "kept_per_token_mean": round(info["kept_per_token"]["mean"], 2)}
             log(f"{name}: {result[name]}")
+        for name, f in fidelity.items():  # beside bytes per token: fidelity per byte
+            result[name]["fidelity"] = f
+            log(f"{name}: fidelity {f}, {result[name]['bytes_per_token']} B/token")
+        result["fidelity_setting"] = (f"every position of {min(args.fidelity_samples, len(src))} samples; p at the "
+                                      "signal's tau, p_hat as training targets it (pd_dist.core.fidelity)")
         result["sampled_bytes_per_token"] = result["sampled"]["bytes_per_token"]
         result["sampled_vs_top_p_k"] = round(result["sampled_bytes_per_token"]
                                              / result["top0.95_50"]["bytes_per_token"], 4)

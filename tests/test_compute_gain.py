@@ -107,3 +107,23 @@ def test_compute_balance_arithmetic():
     assert "no number of students" in describe_balance(b)
     b = compute_balance(None, 2e15, "online", 1e15)
     assert b["student_saved"] is None and b["net"] is None and math.isfinite(b["teacher_spent"])
+
+
+def test_baseline_section_and_its_shorthand(tmp_path):
+    """`baseline: true` is short for baseline.enabled; a key set over the shorthand keeps it on, and a
+    bool set over the written-out section keeps its other keys; bad values name the key."""
+    from pd_dist.config import load_config
+    from pd_dist.core.configlib import ConfigError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("baseline: true\n")
+    c = load_config(f, ["baseline.extend=2.5"])
+    assert c.baseline.enabled and c.baseline.extend == 2.5 and c.baseline.points == 8 and bool(c.baseline)
+    f.write_text("baseline: {enabled: true, extend: 3, points: 5}\n")
+    c = load_config(f, ["baseline=false"])
+    assert not c.baseline and (c.baseline.extend, c.baseline.points) == (3.0, 5)
+    assert not load_config(f, ["baseline=false"]).baseline.enabled
+    with pytest.raises(ConfigError, match="baseline.extend"):
+        load_config(f, ["baseline.extend=0.5"])
+    with pytest.raises(ConfigError, match="baseline.points"):
+        load_config(f, ["baseline.points=0"])
