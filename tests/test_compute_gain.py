@@ -127,3 +127,14 @@ def test_baseline_section_and_its_shorthand(tmp_path):
         load_config(f, ["baseline.extend=0.5"])
     with pytest.raises(ConfigError, match="baseline.points"):
         load_config(f, ["baseline.points=0"])
+
+
+def test_dry_run_states_the_curve_cost():
+    """The default: a 480-step trunk plus decays of 20% of 60, 120, ..., 420 steps (12 + 24 + ... + 84 =
+    336): 816 steps, 3.4x the 240-step twin."""
+    from pd_dist.config import load_config
+    from pd_dist.explore.plan import describe_curve_cost
+
+    assert "816 steps in all (3.40x the twin alone)" in describe_curve_cost(load_config())
+    assert "no LM-only curve" in describe_curve_cost(load_config(None, ["baseline.points=1"]))
+    assert "no LM-only curve" in describe_curve_cost(load_config(None, ["optim.lr_schedule=cosine"]))

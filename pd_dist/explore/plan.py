@@ -561,6 +561,19 @@ def layout_balance(cfg, layout) -> str:
     return line
 
 
+def describe_curve_cost(cfg) -> str:
+    """What the LM-only baseline and its curve cost, in LM-only runs of the run's own length."""
+    from pd_dist.core.compute_gain import branch_step, curve_lengths
+
+    T = cfg.train.steps
+    lengths = curve_lengths(T, cfg.baseline.extend, cfg.baseline.points, cfg.optim.warmup_steps)
+    if len(lengths) < 2 or branch_step(T, cfg.optim) is None:
+        return f"baseline: the LM-only twin ({T} steps), no LM-only curve (no token multiplier)"
+    steps = lengths[-1] + sum(b - branch_step(b, cfg.optim) for b in lengths[:-1])
+    return (f"baseline: the LM-only twin and its curve, runs of {', '.join(map(str, lengths))} steps: a "
+            f"{lengths[-1]}-step trunk and the decays, {steps} steps in all ({steps / T:.2f}x the twin alone)")
+
+
 def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     """The layout of a job of `nodes` x `per_node` ranks under `cfg`, checked and printed; nothing
     starts (`pd-dist plan --config`, `launch/pretrain_pd.py --dry-run`). ConfigError if impossible."""
@@ -575,6 +588,8 @@ def print_rank_map(cfg, nodes: int, per_node: int) -> int:
     layout = cfg.layout(world, [f"node{r // per_node}" for r in range(world)])
     print(format_layout(layout))
     print(layout_balance(cfg, layout))
+    if cfg.baseline:
+        print(describe_curve_cost(cfg))
     cfg.check_world(layout.dp)
     if cfg.distill.cross_tokenizer != "off":
         from pd_dist.data.tokenizer_pair import describe_pair
