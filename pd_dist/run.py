@@ -509,8 +509,14 @@ def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Op
         return result
     m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], result.val_loss, result.steps)
     m["extend"] = curve["lengths"][-1] / result.steps
-    balance = (compute_balance(m["multiplier"], result.compute["student_flops"], mode, *spent)
-               if result.compute else None)
+    balance = None
+    c = result.compute
+    if c and c.get("steps"):
+        # A resumed run's meter counted this launch's steps only: the run's totals at the same cost per step.
+        scale = result.steps / c["steps"]
+        teacher, generation = spent
+        balance = compute_balance(m["multiplier"], c["student_flops"] * scale, mode,
+                                  None if teacher is None else teacher * scale, generation)
     return dataclasses.replace(result, pd_token_multiplier=m["multiplier"], token_multiplier=m,
                                compute_balance=balance)
 
@@ -535,6 +541,12 @@ def report(cfg: ExperimentConfig, r: TrainResult, log: Log) -> None:
         lines.append("  " + describe_multiplier(r.token_multiplier, r.token_multiplier["extend"]))
     if r.compute_balance is not None:
         lines.append("  " + describe_balance(r.compute_balance))
+    c = r.compute or {}
+    if c.get("seconds") and cfg.distill.mode != "none":
+        what = {"colocated": "its forwards", "online": "its answers"}.get(cfg.distill.mode, "store reads")
+        lines.append(f"  measured on this rank: {c['seconds']:.1f}s of steps over {c['steps']} steps, "
+                     f"{c['signal_seconds']:.1f}s ({c['signal_seconds'] / c['seconds']:.0%}) of them waiting for the "
+                     f"teacher's signal ({what})")
     lines += [f"  TensorBoard: tensorboard --logdir {r.tensorboard_dir}", f"  student (HF format): {r.export_dir}"]
     log("\n".join(lines))
     scalars = {"eval/teacher_val_loss": r.teacher_val_loss, "eval/lm_only_val_loss": r.lm_only_val_loss,

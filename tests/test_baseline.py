@@ -83,6 +83,9 @@ def test_baseline_gain_and_teacher_on_screen_in_summary_and_tensorboard(tmp_path
     bal = s["compute_balance"]
     assert bal["teacher_spent"] == s["compute"]["teacher_flops"] and bal["student_flops"] == s["compute"]["student_flops"]
     assert "compute balance: student compute saved at equal loss" in text
+    c = s["compute"]
+    assert c["steps"] == 6 and 0 < c["signal_seconds"] < c["seconds"]
+    assert f"measured on this rank: {c['seconds']:.1f}s of steps over 6 steps" in text
 
     # The baseline is the same student on the same tokens: an LM-only run of the same config.
     lm = tmp_path / "lm"

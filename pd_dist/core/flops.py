@@ -81,12 +81,16 @@ class ComputeMeter:
         self.teacher_per_token = teacher.forward_flops(teacher_context) if teacher is not None else None
         self.ranks, self.peak = max(ranks, 1), peak_tflops
         self.student_flops = self.teacher_flops = 0.0
+        self.steps, self.seconds, self.signal_seconds = 0, 0.0, 0.0
 
     def step(self, tokens: float, seconds: float, teacher_tokens: float = 0.0, teacher_seconds: float = 0.0) -> dict:
         """Scalars of one step: ``tokens`` trained over all ranks in ``seconds``; this rank's teacher ran
         ``teacher_tokens`` in ``teacher_seconds`` of it."""
         s = tokens * self.per_token
         self.student_flops += s
+        self.steps += 1
+        self.seconds += seconds
+        self.signal_seconds += teacher_seconds
         out = {"perf/student_tflops": s / self.ranks / max(seconds, 1e-12) / 1e12}
         local = s / self.ranks
         if self.teacher_per_token is not None and teacher_tokens:
@@ -100,9 +104,13 @@ class ComputeMeter:
         return out
 
     def summary(self) -> dict:
-        """summary.json's ``compute``: FLOPs per token and the run's totals (a colocated teacher's
-        forwards measured from the tokens it ran; other teachers are not counted here)."""
+        """summary.json's ``compute``: FLOPs per token and the totals of this launch's ``steps`` (a
+        colocated teacher's forwards measured from the tokens it ran; other teachers are not counted
+        here), and its measured seconds: the steps', and of them those spent waiting for the teacher's
+        signal on this rank (colocated: the teacher's forwards; online: its answers; offline: the store's
+        reads)."""
         return {"student_flops_per_token": self.per_token, "student_flops": self.student_flops,
                 "teacher_flops_per_token": self.teacher_per_token,
                 "teacher_flops": self.teacher_flops if self.teacher_per_token is not None else None,
-                "peak_tflops": self.peak}
+                "peak_tflops": self.peak, "steps": self.steps, "seconds": self.seconds,
+                "signal_seconds": self.signal_seconds}
