@@ -416,7 +416,7 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         if result.finished:
             teacher_loss = _teacher_val_loss(topo, source)
             if topo.is_logger:
-                result = compare(result, teacher_loss, baseline, cfg.distill.mode, teacher_spent(cfg, data, result))
+                result = compare(result, teacher_loss, baseline, cfg.distill.mode, teacher_spent(cfg, data.vocab_size, data.seq_len, result.compute))
         source.close(finished=result.finished)
     finally:
         trainer.close()
@@ -467,22 +467,23 @@ def _teacher_val_loss(topo: Topology, source) -> Optional[float]:
     return box[0]
 
 
-def teacher_spent(cfg: ExperimentConfig, data: PackedDataset, result: TrainResult) -> tuple[Optional[float], Optional[float]]:
+def teacher_spent(cfg: ExperimentConfig, vocab_size: int, seq_len: int, compute: Optional[dict]
+                  ) -> tuple[Optional[float], Optional[float]]:
     """(teacher FLOPs spent on this run, the whole generation job's FLOPs): colocated, the forwards this
     process counted; online, a forward of every trained token; offline, the same as its share of the
     store, whose generation is a forward of every stored token (a document store's chunk prefixes not
     counted). None where the teacher's shape or the store cannot be read here."""
-    c, mode = result.compute or {}, cfg.distill.mode
+    c, mode = compute or {}, cfg.distill.mode
     if mode == "colocated" or not c.get("student_flops_per_token"):
         return c.get("teacher_flops"), None
     tdir = teacher_export_dir(cfg)
     try:
         shape = model_shape(ModelConfig(path=str(tdir)) if (tdir / "config.json").is_file() else
-                            ModelConfig(preset=cfg.teacher.preset), data.vocab_size)
+                            ModelConfig(preset=cfg.teacher.preset), vocab_size)
     except (OSError, ValueError, KeyError):
         return None, None
     document = cfg.distill.teacher_context == "document"
-    per = shape.forward_flops((cfg.distill.teacher_seq_len or data.seq_len) if document else data.seq_len)
+    per = shape.forward_flops((cfg.distill.teacher_seq_len or seq_len) if document else seq_len)
     spent = per * c["student_flops"] / c["student_flops_per_token"]
     if mode != "offline":
         return spent, None

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from pd_dist.core.compute_gain import token_multiplier
+from pd_dist.core.compute_gain import compute_balance, token_multiplier
 
 
 def _read(path: Path) -> dict:
@@ -50,6 +50,7 @@ def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
         row["lm_only_val_loss"] = lm
         row["gain"] = (lm - row["val_loss"]) / lm if lm and row["val_loss"] is not None else None
         row["multiplier"] = _multiplier(s, row["val_loss"], b)
+        row["balance"] = _balance(d, s, row["multiplier"])
         rows.append(row)
     return plan, rows
 
@@ -64,6 +65,38 @@ def _multiplier(summary: dict, val_loss: Optional[float], baseline: Optional[Pat
         return None
     m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], val_loss, summary["steps"])
     return {**m, "extend": curve["lengths"][-1] / summary["steps"]}
+
+
+def _balance(run_dir: Path, summary: dict, m: Optional[dict]) -> Optional[dict]:
+    """The point's compute balance (core.compute_gain.compute_balance): its own, or formed here from its
+    resolved config and compute figures and the multiplier read off its baseline's curve."""
+    if summary.get("compute_balance"):
+        return summary["compute_balance"]
+    c = summary.get("compute") or {}
+    if m is None or not c.get("steps") or not (run_dir / "config.yaml").is_file():
+        return None
+    from pd_dist.config import load_config
+    from pd_dist.run import teacher_spent
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except Exception:  # a config of another version: no balance rather than no report
+        return None
+    scale = summary["steps"] / c["steps"]
+    spent, generation = teacher_spent(cfg, cfg.data.vocab_size, cfg.data.seq_len, c)
+    return compute_balance(m["multiplier"], c["student_flops"] * scale, cfg.distill.mode,
+                           None if spent is None else spent * scale, generation)
+
+
+def _fmt_balance(bs: list[Optional[dict]]) -> str:
+    """One setting's compute balance (its first seed): saved against spent, and the offline break-even."""
+    b = next((x for x in bs if x), None)
+    if b is None or b["student_saved"] is None:
+        return "—"
+    cell = f"{b['student_saved'] / 1e12:.3g} / {b['teacher_spent'] / 1e12:.3g}" if b["teacher_spent"] else "—"
+    if b["break_even_students"]:
+        cell += f"; break-even {b['break_even_students']} students"
+    return cell
 
 
 def _fmt_multiplier(ms: list[Optional[dict]]) -> str:
@@ -161,7 +194,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
     seeded = any(len(g) > 1 for g in groups.values())  # each run's gain is paired with its own LM-only twin
     curves = any(r.get("multiplier") for r in rows)
     head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
-    head += ["token multiplier"] if curves else []
+    head += ["token multiplier", "TFLOPs saved / teacher's"] if curves else []
     head += ["paired gain: mean ± SE (seeds PD better)"] if seeded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = []
@@ -172,7 +205,8 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
         agree = _stats([r["agreement"] for r in rs])
         cells = [json.loads(key), len(rs), _fmt(*loss), _fmt(*gain, pct=True), _fmt(*agree)]
         cells += [_fmt(*_stats([r["downstream"].get(t) for r in rs])) for t in tasks]
-        cells += [_fmt_multiplier([r.get("multiplier") for r in rs])] if curves else []
+        cells += [_fmt_multiplier([r.get("multiplier") for r in rs]),
+                  _fmt_balance([r.get("balance") for r in rs])] if curves else []
         cells += [paired_gain([r["gain"] for r in rs])] if seeded else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         if loss[0] is not None:
