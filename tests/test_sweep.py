@@ -249,7 +249,7 @@ def test_sweep_runs_resumes_evaluates_and_reports(tmp_path, smoke_data, tiny_tea
             ev = json.loads((Path(r["dir"]) / "eval.json").read_text())["val_loss"]
             m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], ev, 6)
             assert f"| {_fmt_multiplier([m])} |" in rep, rep
-    assert "TFLOPs saved / teacher's" in rep and "break-even" in rep  # offline points: the store's generation
+    assert "TFLOPs saved / teacher's" in rep
     assert (out / "plots" / "gain_distill.loss.png").stat().st_size > 1000
     first = (out / "report.md").read_text()
     (out / "report.md").unlink()
