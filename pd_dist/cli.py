@@ -161,6 +161,9 @@ def store_main(argv: list[str]) -> int:
         "(head mass, TV, KL both ways, JSD; pd_dist.core.fidelity), recomputed by the store's teacher; needs --data"))
     p.add_argument("--data", default=None, help="--fidelity: the prepared data directory the store was written from")
     p.add_argument("--positions", type=int, default=2048, help="--fidelity: positions sampled (default 2048)")
+    p.add_argument("--teacher", default=None, help=(
+        "--fidelity: the teacher's directory (default: where the manifest records it; needed for a teacher "
+        "pre-trained by pd-dist, recorded by name; checked against the manifest's weights hash)"))
     args = p.parse_args(argv)
     if args.fidelity and (args.action != "info" or not args.data):
         p.error("--fidelity goes with info and needs --data DIR (the prepared data the store was written from)")
@@ -197,7 +200,7 @@ def store_main(argv: list[str]) -> int:
             data = PackedDataset(args.data)
             for info, path in zip(infos, paths):
                 try:
-                    info["fidelity"] = store_fidelity(path, data, args.positions)
+                    info["fidelity"] = store_fidelity(path, data, args.positions, teacher=args.teacher)
                 except StoreError as e:  # a library: the stores of sources the data does not hold are skipped
                     if len(paths) == 1:
                         raise

@@ -4,6 +4,7 @@ run against the stored signal, and the refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -407,6 +408,13 @@ def test_store_fidelity_of_a_document_store_recomputes_the_teachers_distribution
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert 0.5 < got["head_mass"] < 1.0 and got["tv"] > 0 and got["bytes_per_token"] > 0
+    # the teacher named explicitly (what the generation job passes: a teacher pre-trained by pd-dist is
+    # recorded by name only), and one that is not there
+    from pd_dist.store import StoreError
+
+    assert store_fidelity(root, tdata, positions=240, seed=5, teacher=cross.teacher_dir) == got
+    with pytest.raises(StoreError, match="nowhere"):
+        store_fidelity(root, tdata, positions=24, teacher=Path(cross.teacher_dir).parent / "nowhere")
     # the CLI: info with the fidelity figures, and a one-line refusal without --data
     cli = [sys.executable, "-m", "pd_dist.cli", "store", "info", str(root), "--json"]
     out = subprocess.run(cli + ["--fidelity", "--data", str(tdata.path), "--positions", "48"],

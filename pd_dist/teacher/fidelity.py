@@ -22,14 +22,16 @@ from pd_dist.store.reader import LogitsStore, store_info
 
 
 def store_fidelity(root, data: PackedDataset, positions: int = 2048, seed: int = 0,
-                   log: Callable[[str], None] = lambda *_: None) -> dict:
+                   log: Callable[[str], None] = lambda *_: None, teacher=None) -> dict:
     """Mean fidelity metrics of the store at ``root`` over about ``positions`` positions drawn with
     ``seed``, with the store's bytes per token. ``data``: the prepared data the store was written from
     (a window store's data fingerprint, or a document store's source among the data's sources).
-    StoreError, in one line, when the teacher or the data is not the store's."""
+    ``teacher``: the teacher's directory (default: where the manifest records it; a teacher pre-trained
+    by pd-dist is recorded by name). StoreError, in one line, when the teacher or the data is not the
+    store's."""
     store = LogitsStore(root)
     meta = store.meta
-    path = Path(meta.teacher.get("name", ""))
+    path = Path(teacher) if teacher is not None else Path(meta.teacher.get("name", ""))
     if not (path / "config.json").is_file():
         raise StoreError(f"{root}: its teacher {path} is not readable here (the manifest records where it was)")
     if model_identity(path, str(path))["weights_hash"] != meta.teacher.get("weights_hash"):

@@ -118,22 +118,22 @@ def run_generation(cfg: ExperimentConfig, topo: Topology, data: PackedDataset, w
             say(f"[generate] repaired {root}: rewrote {describe_repair(damage)}")
         else:
             say(f"[generate] store complete: {root} (pd-dist store info {root})")
-        closing_fidelity([root], data, cfg.generate.fidelity_positions, say)
+        closing_fidelity([root], data, cfg.generate.fidelity_positions, say, weights.path)
     topo.barrier()
     return root
 
 
-def closing_fidelity(roots: list[Path], data: PackedDataset, positions: int, say) -> None:
+def closing_fidelity(roots: list[Path], data: PackedDataset, positions: int, say, teacher: Optional[str]) -> None:
     """The generation job's closing line per store: the stored signal against the teacher's full
-    distribution on ``positions`` sampled positions (teacher.fidelity.store_fidelity), beside its bytes
-    per token; a line saying why where it cannot be measured."""
+    distribution on ``positions`` sampled positions (teacher.fidelity.store_fidelity, with the job's own
+    ``teacher`` directory), beside its bytes per token; a line saying why where it cannot be measured."""
     if positions <= 0:
         return
     from pd_dist.teacher.fidelity import store_fidelity
 
     for root in roots:
         try:
-            store_fidelity(root, data, positions, log=lambda line: say(f"[generate] {line}"))
+            store_fidelity(root, data, positions, log=lambda line: say(f"[generate] {line}"), teacher=teacher)
         except StoreError as e:
             say(f"[generate] fidelity not measured: {e}")
 
@@ -297,6 +297,6 @@ def run_document_generation(cfg: ExperimentConfig, topo: Topology, data: PackedD
     if topo.dp_rank == 0:
         write_store_teacher_eval(lib, data, teacher_held_out_loss(teacher(), data, micro))
         say(f"[generate] document stores complete: {lib} ({len(data.sources)} source(s))")
-        closing_fidelity(written, data, cfg.generate.fidelity_positions, say)
+        closing_fidelity(written, data, cfg.generate.fidelity_positions, say, weights.path)
     topo.barrier()
     return lib
