@@ -49,3 +49,24 @@ def test_paired_gain_is_mean_and_standard_error_over_seeds():
     lines, _ = axis_table("k", rows)
     assert lines[0].endswith("paired gain: mean ± SE (seeds PD better) |")
     assert lines[2].endswith(f"{paired_gain([0.01, 0.03])} |") and lines[3].endswith("-1.00% (0/1) |")
+
+
+def test_table_shows_each_settings_teacher_multiplier_and_balance_when_they_differ():
+    """A teacher-size axis: each setting's own teacher loss (not one mean over different teachers), its
+    token multiplier and its compute balance in TFLOPs with the offline break-even."""
+    from pd_dist.core.compute_gain import compute_balance
+    from pd_dist.explore.report import axis_table
+
+    bal = compute_balance(1.5, 2e12, "offline", 1e12, 4.5e12)  # saves 1e12: break-even after 5 students
+    rows = [{"settings": {"t": "small"}, "val_loss": 5.0, "gain": 0.04, "agreement": 0.6, "downstream": {},
+             "teacher_val_loss": 4.6, "multiplier": {"multiplier": 1.5, "how": "interpolated", "bound": None},
+             "balance": bal},
+            {"settings": {"t": "big"}, "val_loss": 5.2, "gain": 0.01, "agreement": 0.5, "downstream": {},
+             "teacher_val_loss": 4.8, "multiplier": {"multiplier": None, "how": "below", "bound": 0.25},
+             "balance": None}]
+    lines, _ = axis_table("t", rows)
+    assert "teacher val loss" in lines[0] and "token multiplier" in lines[0]
+    assert lines[2] == "| small | 1 | 5.0000 | +4.00% | 0.6000 | 4.6000 | 1.50x | 1 / 1; break-even 5 students |"
+    assert lines[3].endswith("| 4.8000 | < 0.25x | — |")
+    same = [dict(r, teacher_val_loss=4.7) for r in rows]
+    assert "teacher val loss" not in axis_table("t", same)[0][0]

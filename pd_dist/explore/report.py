@@ -193,7 +193,10 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
     tasks = sorted({t for r in rows for t in r["downstream"]})
     seeded = any(len(g) > 1 for g in groups.values())  # each run's gain is paired with its own LM-only twin
     curves = any(r.get("multiplier") for r in rows)
+    teachers = _stats([r.get("teacher_val_loss") for r in rows])
+    several = teachers[0] is not None and teachers[1] >= 1e-6
     head = ["setting", "runs", "val loss (spread)", "gain over LM-only", "top-1 agreement"] + [f"{t} acc" for t in tasks]
+    head += ["teacher val loss"] if several else []
     head += ["token multiplier", "TFLOPs saved / teacher's"] if curves else []
     head += ["paired gain: mean ± SE (seeds PD better)"] if seeded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -205,6 +208,7 @@ def axis_table(axis: str, rows: list[dict]) -> tuple[list[str], Optional[str]]:
         agree = _stats([r["agreement"] for r in rs])
         cells = [json.loads(key), len(rs), _fmt(*loss), _fmt(*gain, pct=True), _fmt(*agree)]
         cells += [_fmt(*_stats([r["downstream"].get(t) for r in rs])) for t in tasks]
+        cells += [_fmt(*_stats([r.get("teacher_val_loss") for r in rs]))] if several else []
         cells += [_fmt_multiplier([r.get("multiplier") for r in rs]),
                   _fmt_balance([r.get("balance") for r in rs])] if curves else []
         cells += [paired_gain([r["gain"] for r in rs])] if seeded else []
@@ -341,8 +345,10 @@ def write_report(sweep_dir: str | Path, with_plots: bool = True) -> Path:
              "against each run's LM-only baseline (same student, tokens and seed); spread = max - min.",
              "Recomputed from the run directories by `pd-dist report`."]
     teacher = _stats([r["teacher_val_loss"] for r in rows])
-    if teacher[0] is not None:
+    if teacher[0] is not None and teacher[1] < 1e-6:
         lines.append(f"Teacher held-out loss: {teacher[0]:.4f}.")
+    elif teacher[0] is not None:  # several teachers: each setting's own, in its table
+        lines.append("Teachers differ: each setting's teacher held-out loss is in its table.")
     summaries = []
     for axis in axes or ["(base)"]:
         lines += ["", f"## {axis}", ""]
