@@ -12,6 +12,7 @@ than the larger of their spreads.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -89,13 +90,16 @@ def _balance(run_dir: Path, summary: dict, m: Optional[dict]) -> Optional[dict]:
 
 
 def _fmt_balance(bs: list[Optional[dict]]) -> str:
-    """One setting's compute balance (its first seed): saved against spent, and the offline break-even."""
-    b = next((x for x in bs if x), None)
-    if b is None or b["student_saved"] is None:
+    """One setting's compute balance, the mean over its seeds: student TFLOPs saved against the teacher's
+    spent, and the offline store's break-even (its generation over the mean saving, rounded up)."""
+    bs = [b for b in bs if b and b["student_saved"] is not None and b["teacher_spent"] is not None]
+    if not bs:
         return "—"
-    cell = f"{b['student_saved'] / 1e12:.3g} / {b['teacher_spent'] / 1e12:.3g}" if b["teacher_spent"] else "—"
-    if b["break_even_students"]:
-        cell += f"; break-even {b['break_even_students']} students"
+    saved, spent = statistics.mean(b["student_saved"] for b in bs), statistics.mean(b["teacher_spent"] for b in bs)
+    cell = f"{saved / 1e12:.3g} / {spent / 1e12:.3g}"
+    gen = bs[0]["generation_flops"]
+    if bs[0]["mode"] == "offline" and gen and saved > 0:
+        cell += f"; break-even {math.ceil(gen / saved)} students"
     return cell
 
 
