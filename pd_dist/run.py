@@ -33,13 +33,14 @@ from pd_dist.cluster.bridge import STARTUP_TIMEOUT_S
 from pd_dist.cluster.topology import Topology
 from pd_dist.config import BaselineConfig, ExperimentConfig
 from pd_dist.core.compute_gain import (branch_step, check_shared_prefix, compute_balance, curve_lengths,
-                                       describe_balance, describe_multiplier, token_multiplier)
+                                       curve_multiplier, describe_balance, describe_multiplier)
 from pd_dist.core.configlib import to_dict
 from pd_dist.core.monitor import Monitor
 from pd_dist.core.runtime import StopSignals, device, set_threads
 from pd_dist.data import DataError, PackedDataset, prepare_data
 from pd_dist.models import (ModelConfig, build_model, check_same_tokenizer, model_shape, tokenizer_hash,
                             weights_digest)
+from pd_dist.store import StoreError, store_info
 from pd_dist.store.library import library_stores
 from pd_dist.signals.sources import SOURCES, NoTeacher, SourceContext, build_source
 from pd_dist.teacher.crosstok import CrossTokenizer
@@ -375,10 +376,11 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
     if topo.role == "teacher":
         serve_teacher(cfg, topo, data, teacher_weights(cfg, topo, tdata or data, log=say), log=say, pair=pair)
         return None
-    if cfg.distill.mode == "none" and cfg.baseline and len(_lengths(cfg, topo, say)) > 1:
+    lengths = _lengths(cfg, topo, say) if cfg.distill.mode == "none" and cfg.baseline else []
+    if len(lengths) > 1:
         # An LM-only run with `baseline` on is its own twin and records its LM-only curve (a sweep's
-        # baselines: the points' token multipliers are read off it). Its parts are cached, not resumed.
-        s = _lm_curve(cfg, _lengths(cfg, topo, lambda *_: None), topo, data, say, resume=resume)
+        # baselines: the points' token multipliers are read off it). Its trunk resumes; its decays rerun.
+        s = _lm_curve(cfg, lengths, topo, data, say, resume=resume)
         result = TrainResult(**{k: v for k, v in s.items() if k != "lm_curve"})
         if topo.is_logger and result.finished:
             report(cfg, result, log=say)
@@ -416,7 +418,9 @@ def _run_experiment(cfg, topo, resume, log, resume_overrides, stop) -> Optional[
         if result.finished:
             teacher_loss = _teacher_val_loss(topo, source)
             if topo.is_logger:
-                result = compare(result, teacher_loss, baseline, cfg.distill.mode, teacher_spent(cfg, data.vocab_size, data.seq_len, result.compute))
+                done = result
+                result = compare(result, teacher_loss, baseline, lambda m: run_balance(
+                    cfg, data.vocab_size, data.seq_len, done.steps, done.compute, m))
         source.close(finished=result.finished)
     finally:
         trainer.close()
@@ -488,38 +492,42 @@ def teacher_spent(cfg: ExperimentConfig, vocab_size: int, seq_len: int, compute:
     if mode != "offline":
         return spent, None
     stored = 0
-    for m in [Path(cfg.distill.store)] + library_stores(cfg.distill.store):
+    for path in library_stores(cfg.distill.store) or [cfg.distill.store]:
         try:
-            stored += json.loads((m / "manifest.json").read_text())["stats"]["tokens"]
-        except (OSError, ValueError, KeyError, TypeError):
+            stored += store_info(path)["tokens"]
+        except StoreError:
             pass
     return spent, (per * stored if stored else None)
 
 
-def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict], mode: str = "none",
-            spent: tuple[Optional[float], Optional[float]] = (None, None)) -> TrainResult:
+def run_balance(cfg: ExperimentConfig, vocab_size: int, seq_len: int, steps: int, compute: Optional[dict],
+                multiplier: Optional[float]) -> Optional[dict]:
+    """The compute balance (core.compute_gain.compute_balance) of a run of ``steps`` steps with the figures
+    ``compute`` (summary.json's) and token ``multiplier``; None without compute figures. A resumed run's
+    meter counted its last launch's steps only: the run's totals are taken at the same cost per step."""
+    if not compute or not compute.get("steps"):
+        return None
+    scale = steps / compute["steps"]
+    teacher, generation = teacher_spent(cfg, vocab_size, seq_len, compute)
+    return compute_balance(multiplier, compute["student_flops"] * scale, cfg.distill.mode,
+                           None if teacher is None else teacher * scale, generation)
+
+
+def compare(result: TrainResult, teacher_val_loss: Optional[float], baseline: Optional[dict],
+            balance: Callable[[Optional[float]], Optional[dict]] = lambda m: None) -> TrainResult:
     """The distilled student against its teacher and its LM-only twin, on the same held-out samples.
     pd_gain is the paper's relative improvement in loss, (LM - PD) / LM (> 0: distillation helped). With
     the twin's LM-only curve: the token multiplier (LM-only tokens matching the student's loss over its
-    own) and the compute balance (``spent``: teacher_spent's figures)."""
+    own) and the compute balance, ``balance(multiplier)`` (run_balance for this run)."""
     lm = baseline["val_loss"] if baseline else None
     result = dataclasses.replace(result, teacher_val_loss=teacher_val_loss, lm_only_val_loss=lm,
                                  pd_gain=None if lm is None else (lm - result.val_loss) / lm)
     curve = (baseline or {}).get("lm_curve")
     if not curve or not math.isfinite(result.val_loss):
         return result
-    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], result.val_loss, result.steps)
-    m["extend"] = curve["lengths"][-1] / result.steps
-    balance = None
-    c = result.compute
-    if c and c.get("steps"):
-        # A resumed run's meter counted this launch's steps only: the run's totals at the same cost per step.
-        scale = result.steps / c["steps"]
-        teacher, generation = spent
-        balance = compute_balance(m["multiplier"], c["student_flops"] * scale, mode,
-                                  None if teacher is None else teacher * scale, generation)
+    m = curve_multiplier(curve, result.val_loss, result.steps)
     return dataclasses.replace(result, pd_token_multiplier=m["multiplier"], token_multiplier=m,
-                               compute_balance=balance)
+                               compute_balance=balance(m["multiplier"]))
 
 
 def report(cfg: ExperimentConfig, r: TrainResult, log: Log) -> None:

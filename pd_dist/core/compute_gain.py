@@ -114,6 +114,13 @@ def token_multiplier(curve: Sequence[tuple[int, float]], loss: float, steps: int
     return {"multiplier": lm / steps, "lm_steps": lm, "how": "extrapolated", "bound": bound}
 
 
+def curve_multiplier(curve: dict, loss: float, steps: int) -> dict:
+    """:func:`token_multiplier` read off an LM-only curve as the runs record it (lm_curve.json: its
+    ``points`` and ``lengths``), with ``extend``: how far the curve reaches, in multiples of ``steps``."""
+    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], loss, steps)
+    return {**m, "extend": curve["lengths"][-1] / steps}
+
+
 def describe_multiplier(m: dict, extend: float) -> str:
     """One line for a run's closing lines: the multiplier, how it was read, and what it means."""
     how = m["how"]

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from pd_dist.core.compute_gain import compute_balance, token_multiplier
+from pd_dist.core.compute_gain import curve_multiplier
 
 
 def _read(path: Path) -> dict:
@@ -64,8 +64,7 @@ def _multiplier(summary: dict, val_loss: Optional[float], baseline: Optional[Pat
     curve = _read(baseline / "lm_curve.json") if baseline is not None else {}
     if not curve or val_loss is None or not summary.get("steps"):
         return None
-    m = token_multiplier([(p["steps"], p["val_loss"]) for p in curve["points"]], val_loss, summary["steps"])
-    return {**m, "extend": curve["lengths"][-1] / summary["steps"]}
+    return curve_multiplier(curve, val_loss, summary["steps"])
 
 
 def _balance(run_dir: Path, summary: dict, m: Optional[dict]) -> Optional[dict]:
@@ -73,20 +72,17 @@ def _balance(run_dir: Path, summary: dict, m: Optional[dict]) -> Optional[dict]:
     resolved config and compute figures and the multiplier read off its baseline's curve."""
     if summary.get("compute_balance"):
         return summary["compute_balance"]
-    c = summary.get("compute") or {}
-    if m is None or not c.get("steps") or not (run_dir / "config.yaml").is_file():
+    if m is None or not (run_dir / "config.yaml").is_file():
         return None
     from pd_dist.config import load_config
-    from pd_dist.run import teacher_spent
+    from pd_dist.run import run_balance
 
     try:
         cfg = load_config(run_dir / "config.yaml")
     except Exception:  # a config of another version: no balance rather than no report
         return None
-    scale = summary["steps"] / c["steps"]
-    spent, generation = teacher_spent(cfg, cfg.data.vocab_size, cfg.data.seq_len, c)
-    return compute_balance(m["multiplier"], c["student_flops"] * scale, cfg.distill.mode,
-                           None if spent is None else spent * scale, generation)
+    return run_balance(cfg, cfg.data.vocab_size, cfg.data.seq_len, summary["steps"], summary.get("compute"),
+                       m["multiplier"])
 
 
 def _fmt_balance(bs: list[Optional[dict]]) -> str:
